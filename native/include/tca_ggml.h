@@ -1,0 +1,46 @@
+// tca_ggml — the project's own C API, for what llama.h lacks.
+//
+// llama.h's public structs are never changed (llama-cpp-python binds them by layout);
+// everything the project adds is an additive tca_* function declared here.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TCA_API __attribute__((visibility("default")))
+
+// version of this library and of the pinned upstream it was built from
+TCA_API const char * tca_version(void);
+TCA_API const char * tca_upstream_version(void);
+
+// sizeof / offsetof of llama.h structs as this library was compiled: the Python
+// bindings check their declarations against these at import (name: "llama_model_params",
+// "llama_context_params", "llama_batch", "llama_chat_message", "llama_sampler_chain_params";
+// field: NULL for sizeof). Returns -1 for an unknown name.
+TCA_API int64_t tca_abi_layout(const char * struct_name, const char * field);
+
+// Validate a GGUF header without loading tensors: magic, version, key/value section and
+// tensor infos, and that every tensor's data lies inside the file. Returns 0 when sane;
+// otherwise nonzero with a message in err (NUL-terminated, truncated to err_len).
+TCA_API int tca_gguf_check(const char * path, char * err, size_t err_len);
+
+// Self-test of the CPU backend's matrix multiplication (guards against the AMX-path
+// crash on these machines): multiplies an (n x k) weight of the given ggml type
+// (0 = f32, 1 = f16, 8 = q8_0, 12 = q4_K) by a (k x m) f32 input through the
+// CPU backend and returns the max abs error vs a double-precision reference on the
+// dequantized weight, or a negative value on failure.
+TCA_API double tca_selftest_matmul(int type, int n, int k, int m, int n_threads);
+
+struct llama_context;
+
+// Bytes held by a context, summed over backends: model weights, context memory (the KV
+// cache / TCA retention cache), compute buffers. Any pointer may be NULL.
+TCA_API void tca_context_memory(const struct llama_context * ctx, uint64_t * model, uint64_t * context, uint64_t * compute);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,716 @@
+"""`tca_ggml.Llama`: the common surface of `llama_cpp.Llama`, on our own native library.
+
+Same names and defaults as llama-cpp-python 0.3.36 for what is implemented; unknown
+keyword arguments raise `TypeError` (llama-cpp-python swallows them silently).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+from . import _native
+from .errors import (ContextError, ContextOverflowError, DecodeError, ModelLoadError,
+                     TCAConfigError, TokenizeError)
+
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+LLAMA_FLASH_ATTN_TYPE_DISABLED = 0
+LLAMA_FLASH_ATTN_TYPE_ENABLED = 1
+LLAMA_LOAD_MODE_NONE = 0
+LLAMA_LOAD_MODE_MMAP = 1
+LLAMA_LOAD_MODE_MLOCK = 2
+LLAMA_LOAD_MODE_MMAP_MLOCK = 3
+
+# ggml_type values accepted for type_k / type_v (same integers as llama_cpp.GGML_TYPE_*)
+GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1 = 0, 1, 2, 3
+GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_Q8_0, GGML_TYPE_BF16 = 6, 7, 8, 30
+_KV_TYPES = {GGML_TYPE_F32: "f32", GGML_TYPE_F16: "f16", GGML_TYPE_Q4_0: "q4_0", GGML_TYPE_Q4_1: "q4_1",
+             GGML_TYPE_Q5_0: "q5_0", GGML_TYPE_Q5_1: "q5_1", GGML_TYPE_Q8_0: "q8_0", GGML_TYPE_BF16: "bf16"}
+
+
+@dataclass
+class Timings:
+    """What the last completion cost (wall clock, seconds)."""
+    prompt_tokens: int = 0        # tokens evaluated for the prompt (after prefix reuse)
+    prompt_cached: int = 0        # prompt tokens reused from the previous call
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def _check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {v}")
+    return v
+
+
+class Llama:
+    """Load a GGUF model and generate text, llama-cpp-python style.
+
+    >>> llm = Llama("model.gguf", n_ctx=4096)
+    >>> llm("Q: 2+2=? A:", max_tokens=8, temperature=0)["choices"][0]["text"]
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        # model params
+        n_gpu_layers: int = 0,
+        main_gpu: int = 0,
+        vocab_only: bool = False,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+        # context params
+        seed: int = LLAMA_DEFAULT_SEED,
+        n_ctx: int = 512,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        n_threads: Optional[int] = None,
+        n_threads_batch: Optional[int] = None,
+        rope_freq_base: float = 0.0,
+        rope_freq_scale: float = 0.0,
+        offload_kqv: bool = True,
+        flash_attn: bool = False,
+        type_k: Optional[int] = None,
+        type_v: Optional[int] = None,
+        no_perf: bool = False,
+        last_n_tokens_size: int = 64,
+        chat_format: Optional[str] = None,
+        verbose: bool = True,
+        # tca_ggml additions
+        progress: Union[bool, Callable[[float], Optional[bool]], None] = None,
+        tca: bool = False,
+        tca_density: Optional[float] = None,
+        tca_block: Optional[int] = None,
+        tca_window: Optional[int] = None,
+        tca_alpha: Optional[float] = None,
+    ):
+        self._model = None
+        self._ctx = None
+        self._batch = None
+        self._closed = False
+        self.verbose = bool(verbose)
+        _native.set_verbose(self.verbose)
+        L = _native.lib()
+        ffi = _native.ffi
+        self._L, self._ffi = L, ffi
+
+        # ---- parameter validation (clear errors before any native call) ----
+        if not isinstance(model_path, (str, os.PathLike)):
+            raise TypeError(f"model_path must be a str or PathLike, got {type(model_path).__name__}")
+        self.model_path = os.fspath(model_path)
+        _check_int("n_ctx", n_ctx, 0, 1 << 24)
+        _check_int("n_batch", n_batch, 1, 1 << 24)
+        _check_int("n_ubatch", n_ubatch, 1, 1 << 24)
+        _check_int("n_gpu_layers", n_gpu_layers, -1)
+        _check_int("seed", seed, 0, 0xFFFFFFFF)
+        _check_int("last_n_tokens_size", last_n_tokens_size, 0)
+        if n_threads is not None:
+            _check_int("n_threads", n_threads, 1, 4096)
+        if n_threads_batch is not None:
+            _check_int("n_threads_batch", n_threads_batch, 1, 4096)
+        for name, t in (("type_k", type_k), ("type_v", type_v)):
+            if t is not None and t not in _KV_TYPES:
+                raise ValueError(f"{name}={t!r} is not a supported KV cache type "
+                                 f"({', '.join(f'{k}={v}' for k, v in _KV_TYPES.items())})")
+        if chat_format is not None and not isinstance(chat_format, str):
+            raise TypeError("chat_format must be a str or None")
+        self.chat_format = chat_format
+        self.tca_config = self._tca_config(tca, tca_density, tca_block, tca_window, tca_alpha)
+
+        # ---- the file, before upstream sees it ----
+        if not os.path.exists(self.model_path):
+            raise ModelLoadError(f"model file not found: {self.model_path}")
+        if os.path.isdir(self.model_path):
+            raise ModelLoadError(f"model path is a directory: {self.model_path}")
+        err = ffi.new("char[512]")
+        if L.tca_gguf_check(self.model_path.encode(), err, 512) != 0:
+            raise ModelLoadError(f"{self.model_path}: {ffi.string(err).decode('utf-8', 'replace')}")
+
+        # ---- model ----
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        mp.main_gpu = main_gpu
+        mp.vocab_only = bool(vocab_only)
+        mp.load_mode = {(True, False): LLAMA_LOAD_MODE_MMAP, (True, True): LLAMA_LOAD_MODE_MMAP_MLOCK,
+                        (False, False): LLAMA_LOAD_MODE_NONE, (False, True): LLAMA_LOAD_MODE_MLOCK}[
+            (bool(use_mmap), bool(use_mlock))]
+        progress_cb = self._make_progress(progress)
+        pending: list = []
+        if progress_cb is not None:
+            @ffi.callback("bool(float, void *)")
+            def _progress(p, _ud):
+                try:
+                    r = progress_cb(float(p))
+                    return r is None or bool(r)
+                except BaseException as e:  # re-raised below; loading is aborted
+                    pending.append(e)
+                    return False
+            mp.progress_callback = _progress
+        _native.take_errors()
+        t0 = time.perf_counter()
+        model = L.llama_model_load_from_file(self.model_path.encode(), mp)
+        self.load_s = time.perf_counter() - t0
+        if pending:
+            if model != ffi.NULL:
+                L.llama_model_free(model)
+            raise pending[0]
+        _native.pop_pending_exception()
+        if model == ffi.NULL:
+            raise ModelLoadError(f"failed to load model {self.model_path}: "
+                                 f"{_native.take_errors() or 'rejected by the loader'}")
+        self._model = model
+        self._vocab = L.llama_model_get_vocab(model)
+        self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        self._metadata = None
+        if vocab_only:
+            self._n_ctx = 0
+            return
+
+        # ---- context ----
+        self.n_threads = n_threads or max(multiprocessing.cpu_count() // 2, 1)
+        self.n_threads_batch = n_threads_batch or multiprocessing.cpu_count()
+        cp = L.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_batch
+        cp.n_ubatch = min(n_ubatch, n_batch)
+        cp.n_threads = self.n_threads
+        cp.n_threads_batch = self.n_threads_batch
+        cp.rope_freq_base = rope_freq_base
+        cp.rope_freq_scale = rope_freq_scale
+        cp.offload_kqv = bool(offload_kqv)
+        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.no_perf = bool(no_perf)
+        if type_k is not None:
+            cp.type_k = type_k
+        if type_v is not None:
+            cp.type_v = type_v
+        self._apply_tca(cp)
+        ctx = L.llama_init_from_model(model, cp)
+        if ctx == ffi.NULL:
+            raise ContextError(f"failed to create a context (n_ctx={n_ctx}, n_batch={n_batch}, "
+                               f"type_k={type_k}, type_v={type_v}): "
+                               f"{_native.take_errors() or 'see the log with verbose=True'}")
+        self._ctx = ctx
+        self._n_ctx = L.llama_n_ctx(ctx)
+        self.n_batch = L.llama_n_batch(ctx)
+        self.n_ubatch = L.llama_n_ubatch(ctx)
+        self._seed = seed
+        self.last_n_tokens_size = last_n_tokens_size
+        self._batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self._tokens: List[int] = []  # tokens currently in the KV cache, in order
+        self.timings = Timings()
+
+    # ------------------------------------------------------------------ TCA switches
+    @staticmethod
+    def _tca_config(tca, density, block, window, alpha):
+        if not isinstance(tca, bool):
+            raise TypeError("tca must be a bool")
+        if density is not None and not (isinstance(density, (int, float)) and 0.0 < float(density) <= 1.0):
+            raise ValueError(f"tca_density must be in (0, 1], got {density!r}")
+        for name, v in (("tca_block", block), ("tca_window", window)):
+            if v is not None:
+                _check_int(name, v, 1, 1 << 20)
+        if block is not None and block & (block - 1):
+            raise ValueError(f"tca_block must be a power of two, got {block}")
+        if window is not None and block is not None and window % block:
+            raise ValueError(f"tca_window ({window}) must be a multiple of tca_block ({block})")
+        if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
+            raise ValueError(f"tca_alpha must be in [0, 1], got {alpha!r}")
+        if not tca and any(v is not None for v in (density, block, window, alpha)):
+            raise TCAConfigError("tca_density/tca_block/tca_window/tca_alpha need tca=True")
+        return {"enabled": tca, "density": density, "block": block, "window": window, "alpha": alpha}
+
+    def _apply_tca(self, cp) -> None:
+        if not self.tca_config["enabled"]:
+            return
+        raise TCAConfigError("tca=True: the TCA attention path is not available in this build yet")
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Free the context and the model (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        L, ffi = self._L, self._ffi
+        if self._batch is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            L.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            L.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _live(self):
+        if self._closed:
+            raise ContextError("this Llama has been closed")
+        if self._ctx is None:
+            raise ContextError("no context (vocab_only=True)")
+        return self._ctx
+
+    # ------------------------------------------------------------------ properties
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    def n_embd(self) -> int:
+        return self._L.llama_model_n_embd(self._model)
+
+    def token_bos(self) -> int:
+        return self._L.llama_vocab_bos(self._vocab)
+
+    def token_eos(self) -> int:
+        return self._L.llama_vocab_eos(self._vocab)
+
+    @property
+    def metadata(self) -> Dict[str, Any]:
+        """All GGUF key/value pairs, arrays included (as lists)."""
+        if self._metadata is None:
+            from .gguf_util import read_metadata
+            self._metadata = read_metadata(self.model_path)
+        return self._metadata
+
+    def memory_bytes(self) -> Dict[str, int]:
+        """Bytes held now: model weights, context memory (KV cache), compute buffers."""
+        ffi = self._ffi
+        m, c, k = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        self._L.tca_context_memory(self._live(), m, c, k)
+        return {"model": int(m[0]), "kv": int(c[0]), "compute": int(k[0])}
+
+    # ------------------------------------------------------------------ tokens
+    def tokenize(self, text: Union[bytes, str], add_bos: bool = True, special: bool = False) -> List[int]:
+        if isinstance(text, str):
+            text = text.encode("utf-8")
+        if not isinstance(text, (bytes, bytearray)):
+            raise TypeError("text must be bytes or str")
+        L, ffi = self._L, self._ffi
+        n_max = len(text) + 8
+        buf = ffi.new("llama_token[]", n_max)
+        n = L.llama_tokenize(self._vocab, bytes(text), len(text), buf, n_max, bool(add_bos), bool(special))
+        if n < 0:
+            n_max = -n
+            buf = ffi.new("llama_token[]", n_max)
+            n = L.llama_tokenize(self._vocab, bytes(text), len(text), buf, n_max, bool(add_bos), bool(special))
+        if n < 0:
+            raise TokenizeError(f"tokenization failed ({n})")
+        return list(buf[0:n])
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        L, ffi = self._L, self._ffi
+        buf = ffi.new("char[]", 64)
+        n = L.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ffi.new("char[]", -n)
+            n = L.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+        if n < 0:
+            raise TokenizeError(f"cannot convert token {token} to text")
+        return ffi.buffer(buf, n)[:]
+
+    def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None,
+                   special: bool = False) -> bytes:
+        for t in tokens:
+            if not (0 <= int(t) < self._n_vocab):
+                raise TokenizeError(f"token id {t} out of range [0, {self._n_vocab})")
+        if prev_tokens:
+            full = self.detokenize(list(prev_tokens) + list(tokens), special=special)
+            prev = self.detokenize(prev_tokens, special=special)
+            return full[len(prev):]
+        return b"".join(self._piece(int(t), special) for t in tokens)
+
+    # ------------------------------------------------------------------ evaluation
+    def reset(self) -> None:
+        """Forget the KV cache."""
+        ctx = self._live()
+        self._L.llama_memory_clear(self._L.llama_get_memory(ctx), True)
+        self._tokens = []
+
+    def _decode(self, tokens: List[int], start_pos: int, want_last_logits: bool = True) -> None:
+        L, ffi = self._L, self._ffi
+        ctx = self._live()
+        b = self._batch
+        for off in range(0, len(tokens), self.n_batch):
+            chunk = tokens[off: off + self.n_batch]
+            n = len(chunk)
+            b.n_tokens = n
+            for i, t in enumerate(chunk):
+                b.token[i] = t
+                b.pos[i] = start_pos + off + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = 0
+            if want_last_logits and off + n == len(tokens):
+                b.logits[n - 1] = 1
+            rc = L.llama_decode(ctx, b)
+            _native.pop_pending_exception()
+            if rc != 0:
+                # keep our token mirror consistent with what the cache holds
+                self._sync_tokens_after_failure()
+                raise DecodeError(f"llama_decode failed with code {rc}: {_native.take_errors()}")
+            self._tokens.extend(chunk)
+
+    def _sync_tokens_after_failure(self) -> None:
+        L = self._L
+        pmax = L.llama_memory_seq_pos_max(L.llama_get_memory(self._ctx), 0)
+        self._tokens = self._tokens[: max(pmax + 1, 0)]
+
+    def eval_prompt(self, tokens: List[int]) -> int:
+        """Make the cache hold exactly `tokens` with logits for the last one; reuse the
+        longest common prefix with what is cached. Returns the number of reused tokens."""
+        L = self._L
+        ctx = self._live()
+        if not tokens:
+            raise ValueError("empty prompt")
+        if len(tokens) > self._n_ctx:
+            raise ContextOverflowError(
+                f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
+        for t in tokens:
+            if not (0 <= t < self._n_vocab):
+                raise TokenizeError(f"token id {t} out of range [0, {self._n_vocab})")
+        n_common = 0
+        for a, b in zip(self._tokens, tokens):
+            if a != b:
+                break
+            n_common += 1
+        n_common = min(n_common, len(tokens) - 1)  # always re-evaluate the last token for its logits
+        if n_common < len(self._tokens):
+            mem = L.llama_get_memory(ctx)
+            if not L.llama_memory_seq_rm(mem, 0, n_common, -1):
+                L.llama_memory_clear(mem, True)
+                n_common = 0
+            self._tokens = self._tokens[:n_common]
+        self._decode(tokens[n_common:], n_common)
+        return n_common
+
+    def _logits_last(self):
+        import numpy as np
+        ptr = self._L.llama_get_logits_ith(self._ctx, -1)
+        if ptr == self._ffi.NULL:
+            raise DecodeError("no logits available")
+        return np.frombuffer(self._ffi.buffer(ptr, 4 * self._n_vocab), dtype=np.float32).copy()
+
+    def eval_logits(self, tokens: List[int]):
+        """Evaluate `tokens` from an empty cache and return the last token's logits (numpy)."""
+        self.reset()
+        self.eval_prompt(tokens)
+        return self._logits_last()
+
+    def _make_sampler(self, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
+                      frequency_penalty, presence_penalty, seed):
+        L, ffi = self._L, self._ffi
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
+            self._n_vocab, self.last_n_tokens_size, repeat_penalty, frequency_penalty, presence_penalty))
+        seed = self._seed if seed is None else seed
+        if temperature < 0.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
+        elif temperature == 0.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        else:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(top_k))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_typical(typical_p, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(top_p, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(min_p, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(temperature))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
+        return chain
+
+    def generate_tokens(self, tokens: List[int], max_tokens: int, *, temperature: float = 0.8,
+                        top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                        typical_p: float = 1.0, repeat_penalty: float = 1.0,
+                        frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                        seed: Optional[int] = None) -> Iterator[int]:
+        """Yield sampled token ids after `tokens` until EOG or `max_tokens` (<= 0: until the
+        context is full). The prompt must fit in the context."""
+        L = self._L
+        ctx = self._live()
+        t0 = time.perf_counter()
+        cached = self.eval_prompt(list(tokens))
+        t1 = time.perf_counter()
+        self.timings = Timings(prompt_tokens=len(tokens) - cached, prompt_cached=cached, prefill_s=t1 - t0)
+        limit = self._n_ctx - len(tokens)
+        if max_tokens is not None and max_tokens > 0:
+            limit = min(limit, max_tokens)
+        smpl = self._make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
+                                  frequency_penalty, presence_penalty, seed)
+        try:
+            for t in self._tokens[-self.last_n_tokens_size:] if self.last_n_tokens_size else []:
+                L.llama_sampler_accept(smpl, t)
+            n = 0
+            self._stop_reason = "length"
+            td = time.perf_counter()
+            while n < limit:
+                tok = L.llama_sampler_sample(smpl, ctx, -1)
+                L.llama_sampler_accept(smpl, tok)
+                if L.llama_vocab_is_eog(self._vocab, tok):
+                    self._stop_reason = "eog"
+                    return
+                n += 1
+                yield tok
+                if n >= limit or len(self._tokens) >= self._n_ctx:
+                    return
+                self._decode([tok], len(self._tokens))
+                self.timings.decode_tokens = n
+                self.timings.decode_s = time.perf_counter() - td
+        finally:
+            L.llama_sampler_free(smpl)
+
+    # ------------------------------------------------------------------ completions
+    def create_completion(
+        self,
+        prompt: Union[str, List[int]],
+        suffix: Optional[str] = None,
+        max_tokens: Optional[int] = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        logprobs: Optional[int] = None,
+        echo: bool = False,
+        stop: Optional[Union[str, List[str]]] = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
+        stream: bool = False,
+        seed: Optional[int] = None,
+        model: Optional[str] = None,
+    ):
+        """Generate text from a prompt; OpenAI-style dict, or an iterator of chunks if stream."""
+        if suffix is not None:
+            raise ValueError("suffix (infill) is not supported by tca_ggml")
+        if logprobs is not None:
+            raise ValueError("logprobs is not supported by tca_ggml")
+        if max_tokens is not None:
+            _check_int("max_tokens", max_tokens)
+        if not isinstance(temperature, (int, float)):
+            raise TypeError("temperature must be a number")
+        _check_int("top_k", top_k)
+        if seed is not None:
+            _check_int("seed", seed, 0, 0xFFFFFFFF)
+        if repeat_penalty <= 0:
+            raise ValueError("repeat_penalty must be > 0")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = [s for s in stops if s]
+        if isinstance(prompt, str):
+            tokens = self.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        elif isinstance(prompt, (list, tuple)):
+            tokens = [int(t) for t in prompt]
+        else:
+            raise TypeError("prompt must be a str or a list of token ids")
+        if not tokens:
+            raise ValueError("empty prompt")
+        if len(tokens) > self._n_ctx:
+            raise ContextOverflowError(
+                f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
+        cid = f"cmpl-{uuid.uuid4()}"
+        created = int(time.time())
+        model_name = model or self.model_path
+        gen = self._completion_text(tokens, max_tokens, stops, dict(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, seed=seed))
+        prompt_text = self.detokenize(tokens).decode("utf-8", "replace") if echo else ""
+
+        def chunk(text, finish):
+            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+        if stream:
+            def _stream():
+                if echo:
+                    yield chunk(prompt_text, None)
+                for piece, finish in gen:
+                    yield chunk(piece, finish)
+            return _stream()
+        text, finish, n_gen = "", None, 0
+        for piece, fin in gen:
+            text += piece
+            finish = fin or finish
+        out = chunk(prompt_text + text, finish)
+        out["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": self._last_n_generated,
+                        "total_tokens": len(tokens) + self._last_n_generated}
+        return out
+
+    def _completion_text(self, tokens, max_tokens, stops, sampling):
+        """Yield (text_delta, finish_reason) pairs; text is released only when it is complete
+        UTF-8 and cannot be the start of a stop string. The last pair carries the reason."""
+        self._last_n_generated = 0
+        pending = b""     # bytes not yet valid UTF-8
+        held = ""         # decoded text held back because it may start a stop string
+        finish = "length"
+        for tok in self.generate_tokens(tokens, max_tokens, **sampling):
+            self._last_n_generated += 1
+            pending += self._piece(tok)
+            try:
+                new = pending.decode("utf-8")
+                pending = b""
+            except UnicodeDecodeError as e:
+                if e.reason == "unexpected end of data" and len(pending) - e.start < 4:
+                    new, pending = pending[:e.start].decode("utf-8"), pending[e.start:]
+                else:
+                    new, pending = pending.decode("utf-8", "replace"), b""
+            held += new
+            cut = min((held.find(s) for s in stops if s in held), default=-1)
+            if cut >= 0:
+                if held[:cut]:
+                    yield held[:cut], None
+                held, finish = "", "stop"
+                break
+            keep = 0
+            for s in stops:
+                for k in range(min(len(s) - 1, len(held)), 0, -1):
+                    if held.endswith(s[:k]):
+                        keep = max(keep, k)
+                        break
+            if len(held) > keep:
+                yield held[:len(held) - keep], None
+                held = held[len(held) - keep:]
+        else:
+            finish = "stop" if self._stop_reason == "eog" else "length"
+        tail = held + (pending.decode("utf-8", "replace") if pending else "")
+        if finish == "stop" and held == "" and not pending:
+            tail = ""
+        yield tail, finish
+
+    def __call__(self, prompt, **kwargs):
+        return self.create_completion(prompt, **kwargs)
+
+    # ------------------------------------------------------------------ chat
+    def chat_template(self) -> Optional[str]:
+        p = self._L.llama_model_chat_template(self._model, self._ffi.NULL)
+        return None if p == self._ffi.NULL else self._ffi.string(p).decode("utf-8", "replace")
+
+    def apply_chat_template(self, messages: List[Dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render messages with the GGUF's chat template, as llama.cpp's
+        llama_chat_apply_template does (built-in template recognition)."""
+        L, ffi = self._L, self._ffi
+        tmpl = self.chat_template()
+        if self.chat_format is not None:
+            tmpl = self.chat_format
+        if tmpl is None:
+            raise ValueError("the model has no chat template; pass chat_format='chatml' (or another "
+                             "llama.cpp built-in template name)")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        keep = []
+        arr = ffi.new("llama_chat_message[]", len(messages))
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i} must be a dict with 'role' and a str 'content'")
+            r, c = ffi.new("char[]", m["role"].encode()), ffi.new("char[]", m["content"].encode())
+            keep += [r, c]
+            arr[i].role, arr[i].content = r, c
+        t = tmpl.encode()
+        size = 4096 + sum(len(m["content"]) * 2 for m in messages)
+        buf = ffi.new("char[]", size)
+        n = L.llama_chat_apply_template(t, arr, len(messages), add_generation_prompt, buf, size)
+        if n > size:
+            buf = ffi.new("char[]", n + 1)
+            n = L.llama_chat_apply_template(t, arr, len(messages), add_generation_prompt, buf, n + 1)
+        if n < 0:
+            raise ValueError("llama.cpp does not recognise this model's chat template; "
+                             "pass chat_format= with a built-in template name (e.g. 'chatml')")
+        return ffi.buffer(buf, n)[:].decode("utf-8", "replace")
+
+    def create_chat_completion(self, messages: List[Dict[str, str]], temperature: float = 0.2,
+                               top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+                               typical_p: float = 1.0, stream: bool = False,
+                               stop: Optional[Union[str, List[str]]] = None, seed: Optional[int] = None,
+                               max_tokens: Optional[int] = None, presence_penalty: float = 0.0,
+                               frequency_penalty: float = 0.0, repeat_penalty: float = 1.0,
+                               model: Optional[str] = None):
+        prompt = self.apply_chat_template(messages, add_generation_prompt=True)
+        tokens = self.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        bos = self.token_bos()
+        if self._L.llama_vocab_get_add_bos(self._vocab) and (not tokens or tokens[0] != bos):
+            tokens = [bos] + tokens
+        res = self.create_completion(tokens, max_tokens=max_tokens, temperature=temperature,
+                                     top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
+                                     stop=stop, stream=stream, seed=seed, presence_penalty=presence_penalty,
+                                     frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
+                                     model=model)
+        cid = f"chatcmpl-{uuid.uuid4()}"
+        if stream:
+            def _stream():
+                first = True
+                for ch in res:
+                    c = ch["choices"][0]
+                    delta = {"role": "assistant", "content": c["text"]} if first else {"content": c["text"]}
+                    first = False
+                    yield {"id": cid, "object": "chat.completion.chunk", "created": ch["created"],
+                           "model": ch["model"], "choices": [{"index": 0, "delta": delta,
+                                                               "logprobs": None,
+                                                               "finish_reason": c["finish_reason"]}]}
+            return _stream()
+        c = res["choices"][0]
+        return {"id": cid, "object": "chat.completion", "created": res["created"], "model": res["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": c["text"]},
+                             "logprobs": None, "finish_reason": c["finish_reason"]}],
+                "usage": res["usage"]}
+
+    # ------------------------------------------------------------------ progress
+    @staticmethod
+    def _make_progress(progress):
+        if progress is None or progress is False:
+            return None
+        if callable(progress):
+            return progress
+        if progress is True:
+            try:
+                from tqdm import tqdm  # optional
+                bar = tqdm(total=100, desc="loading model", unit="%")
+                state = {"last": 0}
+
+                def cb(p):
+                    v = int(p * 100)
+                    bar.update(v - state["last"])
+                    state["last"] = v
+                    if v >= 100:
+                        bar.close()
+                return cb
+            except ImportError:
+                import sys
+                state = {"last": -1}
+
+                def cb(p):
+                    v = int(p * 20)
+                    if v != state["last"]:
+                        state["last"] = v
+                        sys.stderr.write(f"\rloading model [{'#' * v}{'.' * (20 - v)}] {int(p * 100):3d}%")
+                        if v == 20:
+                            sys.stderr.write("\n")
+                return cb
+        raise TypeError("progress must be None, a bool, or a callable(progress: float)")

@@ -272,6 +272,10 @@ class Llama:
         except Exception:
             pass
 
+    def _check_open(self):
+        if self._closed or self._model is None:
+            raise ContextError("this Llama has been closed")
+
     def _live(self):
         if self._closed:
             raise ContextError("this Llama has been closed")
@@ -312,6 +316,7 @@ class Llama:
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, text: Union[bytes, str], add_bos: bool = True, special: bool = False) -> List[int]:
+        self._check_open()
         if isinstance(text, str):
             text = text.encode("utf-8")
         if not isinstance(text, (bytes, bytearray)):
@@ -329,6 +334,7 @@ class Llama:
         return list(buf[0:n])
 
     def _piece(self, token: int, special: bool = False) -> bytes:
+        self._check_open()
         L, ffi = self._L, self._ffi
         buf = ffi.new("char[]", 64)
         n = L.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
@@ -509,6 +515,7 @@ class Llama:
         model: Optional[str] = None,
     ):
         """Generate text from a prompt; OpenAI-style dict, or an iterator of chunks if stream."""
+        self._live()
         if suffix is not None:
             raise ValueError("suffix (infill) is not supported by tca_ggml")
         if logprobs is not None:
@@ -610,6 +617,7 @@ class Llama:
 
     # ------------------------------------------------------------------ chat
     def chat_template(self) -> Optional[str]:
+        self._check_open()
         p = self._L.llama_model_chat_template(self._model, self._ffi.NULL)
         return None if p == self._ffi.NULL else self._ffi.string(p).decode("utf-8", "replace")
 

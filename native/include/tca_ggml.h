@@ -41,6 +41,14 @@ struct llama_context;
 // cache / TCA retention cache), compute buffers. Any pointer may be NULL.
 TCA_API void tca_context_memory(const struct llama_context * ctx, uint64_t * model, uint64_t * context, uint64_t * compute);
 
+struct ggml_tensor;
+
+// For eval callbacks (calibration capture): a tensor's name, shape and type; and its data
+// converted to f32 (f32/f16/bf16, contiguous; any backend). Return 0 on success.
+TCA_API int tca_tensor_meta(const struct ggml_tensor * t, char * name, size_t name_len, int64_t * ne4, int32_t * type);
+TCA_API const char * tca_tensor_op(const struct ggml_tensor * t);  // ggml_op_name of the op that made t
+TCA_API int tca_tensor_get_f32(const struct ggml_tensor * t, float * dst, int64_t n_elements);
+
 #ifdef __cplusplus
 }
 #endif

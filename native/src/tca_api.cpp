@@ -165,3 +165,33 @@ extern "C" void tca_context_memory(const llama_context * ctx, uint64_t * model, 
     if (context) *context = c;
     if (compute) *compute = k;
 }
+
+extern "C" int tca_tensor_meta(const ggml_tensor * t, char * name, size_t name_len, int64_t * ne4, int32_t * type) {
+    if (!t) return -1;
+    if (name && name_len) snprintf(name, name_len, "%s", t->name);
+    if (ne4) for (int i = 0; i < 4; ++i) ne4[i] = t->ne[i];
+    if (type) *type = (int32_t) t->type;
+    return 0;
+}
+
+extern "C" int tca_tensor_get_f32(const ggml_tensor * t, float * dst, int64_t n) {
+    if (!t || !dst) return -1;
+    if (ggml_nelements(t) != n) return -2;
+    if (!ggml_is_contiguous(t)) return -3;
+    if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_BF16) return -4;
+    if (!t->buffer && !t->data) return -5;
+    std::vector<uint8_t> raw(ggml_nbytes(t));
+    if (t->buffer) {
+        ggml_backend_tensor_get(t, raw.data(), 0, raw.size());
+    } else {
+        memcpy(raw.data(), t->data, raw.size());
+    }
+    if (t->type == GGML_TYPE_F32) {
+        memcpy(dst, raw.data(), raw.size());
+    } else {
+        ggml_get_type_traits(t->type)->to_float(raw.data(), dst, n);
+    }
+    return 0;
+}
+
+extern "C" const char * tca_tensor_op(const ggml_tensor * t) { return t ? ggml_op_name(t->op) : ""; }

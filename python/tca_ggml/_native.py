@@ -185,6 +185,23 @@ double tca_selftest_matmul(int type, int n, int k, int m, int n_threads);
 int tca_tensor_meta(void * t, char * name, size_t name_len, int64_t * ne4, int32_t * type);
 const char * tca_tensor_op(void * t);
 int tca_tensor_get_f32(void * t, float * dst, int64_t n_elements);
+struct tca_params {
+    uint32_t block; uint32_t window; uint32_t n_sink; float alpha;
+    uint32_t n_k; const uint32_t * k_values;
+    uint32_t n_layer; const uint32_t * n_head_kv;
+    const float * p; int32_t forced;
+};
+struct llama_context * tca_init_from_model(struct llama_model * model, struct llama_context_params params,
+                                           const struct tca_params * tp, char * err, size_t err_len);
+struct tca_stats {
+    int32_t active; uint32_t n_layers; uint32_t n_seen; uint32_t frontier;
+    uint64_t bytes_alloc; uint64_t bytes_dense; uint64_t rows_kept; uint64_t rows_cap;
+    uint64_t n_compactions; double t_compact_ms;
+};
+int tca_get_stats(const struct llama_context * ctx, struct tca_stats * out);
+int64_t tca_get_head_stats(const struct llama_context * ctx, int32_t * layer, uint32_t * kv_head,
+                           uint32_t * len, uint32_t * cap, float * coverage, int64_t n_max);
+int64_t tca_get_head_positions(const struct llama_context * ctx, int32_t il, uint32_t kv_head, int32_t * pos, int64_t n_max);
 void tca_context_memory(const struct llama_context * ctx, uint64_t * model, uint64_t * context, uint64_t * compute);
 """
 

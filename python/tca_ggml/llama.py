@@ -49,6 +49,24 @@ class Timings:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
+def forced_budget(density: float, k_values) -> "np.ndarray":
+    """A uniform budget with expected kept share `density` of each aged block: a mix of the
+    two powers of two around density*b (one-hot when it is one)."""
+    import numpy as np
+    k = np.asarray(k_values, dtype=np.float64)
+    b = k.max()
+    t = min(max(density * b, k.min()), b)
+    p = np.zeros(k.size)
+    hi = int(np.searchsorted(k, t))
+    if k[hi] == t:
+        p[hi] = 1.0
+    else:
+        lo = hi - 1
+        w = (t - k[lo]) / (k[hi] - k[lo])
+        p[hi], p[lo] = w, 1.0 - w
+    return p
+
+
 def _check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -217,7 +235,16 @@ class Llama:
             self._eval_cb = _eval_cb
             cp.cb_eval = _eval_cb
         self._apply_tca(cp)
-        ctx = L.llama_init_from_model(model, cp)
+        if self._tp is not None:
+            err = ffi.new("char[1024]")
+            ctx = L.tca_init_from_model(model, cp, self._tp, err, 1024)
+            if ctx == ffi.NULL:
+                msg = ffi.string(err).decode("utf-8", "replace")
+                L.llama_model_free(model)
+                self._model = None
+                raise TCAConfigError(f"cannot create a TCA context: {msg or _native.take_errors()}")
+        else:
+            ctx = L.llama_init_from_model(model, cp)
         if ctx == ffi.NULL:
             raise ContextError(f"failed to create a context (n_ctx={n_ctx}, n_batch={n_batch}, "
                                f"type_k={type_k}, type_v={type_v}): "
@@ -252,10 +279,100 @@ class Llama:
             raise TCAConfigError("tca_density/tca_block/tca_window/tca_alpha need tca=True")
         return {"enabled": tca, "density": density, "block": block, "window": window, "alpha": alpha}
 
+    def _tca_params(self):
+        """Build the native tca_params from the GGUF's budgets (or a forced density)."""
+        import numpy as np
+        from . import reference
+        from .gguf_meta import TCAMetadataError, read_budgets, read_model_shape
+        c = self.tca_config
+        ffi = self._ffi
+        try:
+            budgets = read_budgets(self.model_path)
+        except TCAMetadataError as e:
+            raise TCAConfigError(f"invalid TCA metadata in {self.model_path}: {e}") from e
+        except ValueError as e:
+            raise ModelLoadError(f"{self.model_path}: {e}") from e
+        if c["density"] is not None:
+            _, n_layer, n_head_kv = read_model_shape(self.model_path)
+            block = c["block"] or (budgets.block_size if budgets else 128)
+            window = c["window"] if c["window"] is not None else (budgets.window if budgets else 4096)
+            k_values = np.array([1 << i for i in range(int(block).bit_length())], dtype=np.uint32)
+            p = forced_budget(float(c["density"]), k_values)
+            H = int(sum(n_head_kv))
+            P = np.tile(p, (H, 1)).astype(np.float32)
+            n_sink = budgets.n_sink if budgets else 4
+            alpha = c["alpha"] if c["alpha"] is not None else (budgets.alpha if budgets else 0.5)
+            forced = 1
+            self.tca_label = f"forced density {float(c['density']):g} (uncalibrated)"
+        else:
+            if budgets is None:
+                raise TCAConfigError(
+                    f"{self.model_path} has no TCA calibration (tca.* metadata). Calibrate it once with "
+                    f"`tca-ggml calibrate MODEL.gguf -o MODEL.tca.gguf`, or pass tca_density=X for an "
+                    f"uncalibrated uniform budget (benchmarks only)")
+            if c["block"] is not None and c["block"] != budgets.block_size:
+                raise TCAConfigError(f"tca_block={c['block']} differs from the calibrated block size "
+                                     f"{budgets.block_size}; recalibrate, or use tca_density")
+            block, k_values = budgets.block_size, np.asarray(budgets.k_values, dtype=np.uint32)
+            window = c["window"] if c["window"] is not None else budgets.window
+            n_layer, n_head_kv = budgets.n_layer, list(budgets.n_head_kv)
+            P = np.asarray(budgets.p, dtype=np.float32)
+            n_sink, forced = budgets.n_sink, 0
+            alpha = c["alpha"] if c["alpha"] is not None else budgets.alpha
+            self.tca_label = f"calibrated ({budgets.calib_text_name}, {budgets.calib_n_tokens} tokens, tau {budgets.tau:g})"
+        if window % block:
+            raise ValueError(f"tca_window ({window}) must be a multiple of the block size ({block})")
+        keep = {"k": np.ascontiguousarray(k_values, dtype=np.uint32),
+                "h": np.ascontiguousarray(n_head_kv, dtype=np.uint32),
+                "p": np.ascontiguousarray(P.reshape(-1), dtype=np.float32)}
+        tp = ffi.new("struct tca_params *")
+        tp.block, tp.window, tp.n_sink, tp.alpha = int(block), int(window), int(n_sink), float(alpha)
+        tp.n_k = keep["k"].size
+        tp.k_values = ffi.cast("const uint32_t *", keep["k"].ctypes.data)
+        tp.n_layer = int(n_layer)
+        tp.n_head_kv = ffi.cast("const uint32_t *", keep["h"].ctypes.data)
+        tp.p = ffi.cast("const float *", keep["p"].ctypes.data)
+        tp.forced = forced
+        self._tca_keep = keep
+        return tp
+
     def _apply_tca(self, cp) -> None:
-        if not self.tca_config["enabled"]:
-            return
-        raise TCAConfigError("tca=True: the TCA attention path is not available in this build yet")
+        self.tca_label = "dense (upstream)"
+        self._tp = self._tca_params() if self.tca_config["enabled"] else None
+
+    def tca_retained_positions(self, layer: int, kv_head: int):
+        """Positions (ascending, numpy int32) that (layer, kv_head) still holds."""
+        import numpy as np
+        L, ffi = self._L, self._ffi
+        ctx = self._live()
+        n = L.tca_get_head_positions(ctx, layer, kv_head, ffi.NULL, 0)
+        if n < 0:
+            raise ValueError(f"no TCA retention for layer {layer}, KV head {kv_head}")
+        out = np.zeros(n, np.int32)
+        if n:
+            L.tca_get_head_positions(ctx, layer, kv_head, ffi.cast("int32_t *", out.ctypes.data), n)
+        return out
+
+    def tca_stats(self) -> Dict[str, Any]:
+        """TCA statistics of this context: whether TCA is active, retained rows per (layer,
+        KV head), bytes allocated vs dense, and the coverage of the last compaction's query."""
+        import numpy as np
+        L, ffi = self._L, self._ffi
+        ctx = self._live()
+        st = ffi.new("struct tca_stats *")
+        L.tca_get_stats(ctx, st)
+        n = L.tca_get_head_stats(ctx, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 0)
+        layer = np.zeros(n, np.int32); head = np.zeros(n, np.uint32); ln = np.zeros(n, np.uint32)
+        cap = np.zeros(n, np.uint32); cov = np.zeros(n, np.float32)
+        if n:
+            L.tca_get_head_stats(ctx, ffi.cast("int32_t *", layer.ctypes.data), ffi.cast("uint32_t *", head.ctypes.data),
+                                 ffi.cast("uint32_t *", ln.ctypes.data), ffi.cast("uint32_t *", cap.ctypes.data),
+                                 ffi.cast("float *", cov.ctypes.data), n)
+        return {"active": bool(st.active), "label": self.tca_label, "n_seen": int(st.n_seen),
+                "frontier": int(st.frontier), "bytes_alloc": int(st.bytes_alloc), "bytes_dense": int(st.bytes_dense),
+                "rows_kept": int(st.rows_kept), "rows_cap": int(st.rows_cap),
+                "n_compactions": int(st.n_compactions), "t_compact_ms": float(st.t_compact_ms),
+                "layer": layer, "kv_head": head, "retained": ln, "capacity": cap, "coverage": cov}
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:

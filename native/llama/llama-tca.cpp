@@ -1,0 +1,598 @@
+// tca_ggml — TCA retention memory and graph integration (see llama-tca.h, docs/design.md §3).
+#include "llama-tca.h"
+
+#include "llama-batch.h"
+#include "llama-cparams.h"
+#include "llama-impl.h"
+#include "llama-io.h"
+#include "llama-model.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+
+// ------------------------------------------------------------------------ hand-over
+static thread_local const llama_tca_config * g_tca_pending = nullptr;
+
+void llama_tca_set_pending(const llama_tca_config * cfg) { g_tca_pending = cfg; }
+const llama_tca_config * llama_tca_get_pending() { return g_tca_pending; }
+
+llama_memory_i * llama_tca_memory_create(const llama_model & model, const llama_memory_params & params,
+                                         const llama_cparams & cparams) {
+    const llama_tca_config * cfg = g_tca_pending;
+    if (!cfg) {
+        return nullptr;
+    }
+    if (cparams.n_seq_max != 1) {
+        throw std::runtime_error("TCA: only one sequence per context is supported (n_seq_max = 1)");
+    }
+    if (!cparams.causal_attn) {
+        throw std::runtime_error("TCA: non-causal attention cannot use TCA");
+    }
+    if (cparams.n_ctx_seq <= cfg->window + cfg->block) {
+        LLAMA_LOG_INFO("%s: TCA: n_ctx %u <= window + block (%u): every token stays in the window, "
+                       "using upstream's dense KV cache (identical, no overhead)\n",
+                       __func__, cparams.n_ctx_seq, cfg->window + cfg->block);
+        return nullptr;
+    }
+    return new llama_tca_memory(model, *cfg, params.type_k, params.type_v, cparams.n_ctx_seq, cparams.n_ubatch);
+}
+
+// ------------------------------------------------------------------------ memory
+static uint32_t head_capacity(const std::vector<float> & p, const std::vector<uint32_t> & kv,
+                              uint32_t block, uint32_t window, uint32_t n_sink, uint32_t n_ctx, uint32_t n_ubatch) {
+    double t = 0.0;
+    for (size_t i = 0; i < kv.size(); ++i) t += (double) kv[i] * p[i];
+    const double n_blocks = std::ceil((double) n_ctx / block);
+    // kept tokens of N aged blocks <= N*t + b/2 (assign_k rounding); + live region
+    // (< w + b) + one ubatch appended before the next compaction + sinks
+    const double need = std::ceil(n_blocks * t) + block + (double) window + block + n_ubatch + n_sink;
+    return (uint32_t) std::min<double>(n_ctx, need);
+}
+
+llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_config & cfg_, ggml_type type_k_,
+                                   ggml_type type_v_, uint32_t n_ctx_, uint32_t n_ubatch_)
+    : cfg(cfg_), n_ctx(n_ctx_), n_ubatch(n_ubatch_), type_k(type_k_), type_v(type_v_) {
+    const auto & hp = model.hparams;
+    const uint32_t n_layer = hp.n_layer();
+    const size_t n_k = cfg.k_values.size();
+    if (cfg.n_head_kv.size() != n_layer) {
+        throw std::runtime_error("TCA: tca.n_layer (" + std::to_string(cfg.n_head_kv.size()) +
+                                 ") does not match the model's " + std::to_string(n_layer) + " layers");
+    }
+    size_t H = 0;
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        if (cfg.n_head_kv[il] != hp.n_head_kv(il)) {
+            throw std::runtime_error("TCA: tca.n_head_kv[" + std::to_string(il) + "] = " + std::to_string(cfg.n_head_kv[il]) +
+                                     " but the model has " + std::to_string(hp.n_head_kv(il)));
+        }
+        H += cfg.n_head_kv[il];
+    }
+    if (cfg.p.size() != H * n_k) {
+        throw std::runtime_error("TCA: tca.budget.p has " + std::to_string(cfg.p.size()) + " values, expected " +
+                                 std::to_string(H * n_k));
+    }
+    if (hp.is_swa_any()) {
+        throw std::runtime_error("TCA: sliding-window models use llama_kv_cache_iswa; not served by TCA");
+    }
+
+    ggml_backend_buffer_type_t buft = ggml_backend_cpu_buffer_type();
+    size_t h_base = 0;
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        const uint32_t nkv = hp.n_head_kv(il);
+        if (!hp.has_kv(il) || nkv == 0) {
+            h_base += nkv;
+            continue;
+        }
+        layer_t L;
+        L.il = (int32_t) il;
+        L.n_head = hp.n_head(il);
+        L.n_head_kv = nkv;
+        L.d_k = hp.n_embd_head_k(il);
+        L.d_v = hp.n_embd_head_v(il);
+        if (L.n_head % nkv != 0) {
+            throw std::runtime_error("TCA: n_head not a multiple of n_head_kv in layer " + std::to_string(il));
+        }
+        L.heads.resize(nkv);
+        uint32_t off = 0;
+        for (uint32_t g = 0; g < nkv; ++g) {
+            auto & h = L.heads[g];
+            h.p.assign(cfg.p.begin() + (h_base + g) * n_k, cfg.p.begin() + (h_base + g + 1) * n_k);
+            h.cap = head_capacity(h.p, cfg.k_values, cfg.block, cfg.window, cfg.n_sink, n_ctx, n_ubatch);
+            h.off = off;
+            off += h.cap;
+        }
+        L.cap_total = off;
+        L.len_before.assign(nkv, 0);
+        h_base += nkv;
+
+        ggml_init_params ip = { 4 * ggml_tensor_overhead(), nullptr, true };
+        ggml_context * ctx = ggml_init(ip);
+        if (!ctx) throw std::runtime_error("TCA: ggml_init failed");
+        ctxs.emplace_back(ctx);
+        L.k = ggml_new_tensor_2d(ctx, type_k, L.d_k, L.cap_total);
+        L.v = ggml_new_tensor_2d(ctx, type_v, L.d_v, L.cap_total);
+        L.q_last = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, L.d_k, L.n_head);
+        ggml_format_name(L.k, "tca_k_l%d", il);
+        ggml_format_name(L.v, "tca_v_l%d", il);
+        ggml_format_name(L.q_last, "tca_qlast_l%d", il);
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+        if (!buf) throw std::runtime_error("TCA: failed to allocate the retention cache for layer " + std::to_string(il));
+        ggml_backend_buffer_clear(buf, 0);
+        bufs.emplace_back(buf);
+
+        bytes_dense += (uint64_t) ggml_row_size(type_k, L.d_k) * nkv * n_ctx +
+                       (uint64_t) ggml_row_size(type_v, L.d_v) * nkv * n_ctx;
+        map_il[(int32_t) il] = layers.size();
+        layers.push_back(std::move(L));
+    }
+    size_t total = 0;
+    for (auto & b : bufs) total += ggml_backend_buffer_get_size(b.get());
+    LLAMA_LOG_INFO("%s: TCA retention cache: %zu layers, %.2f MiB (dense KV would be %.2f MiB, %.1f%%), "
+                   "b=%u w=%u sinks=%u alpha=%.2f%s\n", __func__, layers.size(), total / 1048576.0,
+                   bytes_dense / 1048576.0, 100.0 * total / std::max<double>(1.0, (double) bytes_dense),
+                   cfg.block, cfg.window, cfg.n_sink, cfg.alpha, cfg.forced ? " [forced density, uncalibrated]" : "");
+}
+
+llama_memory_context_ptr llama_tca_memory::init_batch(llama_batch_allocr & balloc, uint32_t n_ub, bool embd_all) {
+    GGML_UNUSED(embd_all);
+    balloc.split_reset();
+    std::vector<llama_ubatch> ubatches;
+    uint32_t next = n_seen;
+    while (true) {
+        auto ub = balloc.split_simple(n_ub);
+        if (ub.n_tokens == 0) break;
+        for (uint32_t i = 0; i < ub.n_tokens; ++i) {
+            if (ub.n_seq_id[i] != 1 || ub.seq_id[i][0] != 0) {
+                LLAMA_LOG_ERROR("%s: TCA: only sequence 0 is supported\n", __func__);
+                return std::make_unique<llama_tca_memory_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
+            }
+            if ((uint32_t) ub.pos[i] != next) {
+                LLAMA_LOG_ERROR("%s: TCA: tokens must be appended in order (got position %d, expected %u); "
+                                "use seq_rm to truncate first\n", __func__, ub.pos[i], next);
+                return std::make_unique<llama_tca_memory_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
+            }
+            ++next;
+        }
+        ubatches.push_back(std::move(ub));
+    }
+    if (balloc.get_n_used() < balloc.get_n_tokens()) {
+        return std::make_unique<llama_tca_memory_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
+    }
+    if (next > n_ctx) {
+        LLAMA_LOG_ERROR("%s: TCA: %u tokens exceed the context of %u\n", __func__, next, n_ctx);
+        return std::make_unique<llama_tca_memory_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
+    }
+    return std::make_unique<llama_tca_memory_context>(this, std::move(ubatches));
+}
+
+llama_memory_context_ptr llama_tca_memory::init_full() {
+    return std::make_unique<llama_tca_memory_context>(this);
+}
+
+llama_memory_context_ptr llama_tca_memory::init_update(llama_context * lctx, bool optimize) {
+    GGML_UNUSED(lctx);
+    GGML_UNUSED(optimize);
+    return std::make_unique<llama_tca_memory_context>(LLAMA_MEMORY_STATUS_NO_UPDATE);
+}
+
+bool llama_tca_memory::reserve_ubatch(const llama_ubatch & ub) {
+    for (auto & L : layers) {
+        for (uint32_t g = 0; g < L.n_head_kv; ++g) {
+            auto & h = L.heads[g];
+            if (h.len + ub.n_tokens > h.cap) {
+                LLAMA_LOG_ERROR("%s: TCA: head %u of layer %d is full (%u + %u > %u)\n", __func__, g, L.il,
+                                h.len, ub.n_tokens, h.cap);
+                return false;
+            }
+        }
+    }
+    for (auto & L : layers) {
+        for (uint32_t g = 0; g < L.n_head_kv; ++g) {
+            auto & h = L.heads[g];
+            L.len_before[g] = h.len;
+            for (uint32_t i = 0; i < ub.n_tokens; ++i) h.pos.push_back(ub.pos[i]);
+            h.len += ub.n_tokens;
+        }
+    }
+    n_seen += ub.n_tokens;
+    pending = true;
+    pending_decode = ub.n_tokens == 1;
+    return true;
+}
+
+void llama_tca_memory::compact_pending() {
+    if (!pending) return;
+    pending = false;
+    const uint32_t n_aged = n_seen > cfg.window ? (n_seen - cfg.window) / cfg.block : 0;
+    if (n_aged == 0) return;
+    if (pending_decode && n_aged * cfg.block <= frontier) return;
+    const int64_t t0 = ggml_time_us();
+    for (auto & L : layers) compact_layer(L);
+    frontier = n_aged * cfg.block;
+    ++n_compactions;
+    t_compact_us += (double) (ggml_time_us() - t0);
+}
+
+void llama_tca_memory::compact_layer(layer_t & L) {
+    if (L.scale == 0.0f) L.scale = 1.0f / std::sqrt((float) L.d_k);
+    const uint32_t b = cfg.block;
+    const uint32_t F = (n_seen > cfg.window ? (n_seen - cfg.window) / b : 0) * b;
+    const uint32_t G = L.n_head / L.n_head_kv;
+    const size_t rk = ggml_row_size(type_k, L.d_k);
+    const size_t rv = ggml_row_size(type_v, L.d_v);
+    const auto * tk = ggml_get_type_traits(type_k);
+    const float * q = (const float *) L.q_last->data;
+    const size_t n_k = cfg.k_values.size();
+    std::vector<uint32_t> k_desc(cfg.k_values.rbegin(), cfg.k_values.rend());
+
+    std::vector<float> krow(L.d_k);
+    std::vector<double> s, logit;
+    for (uint32_t g = 0; g < L.n_head_kv; ++g) {
+        auto & h = L.heads[g];
+        const uint32_t n = h.len;
+        if (n == 0) continue;
+        char * kbase = (char *) L.k->data + (size_t) h.off * rk;
+        char * vbase = (char *) L.v->data + (size_t) h.off * rv;
+        // 1. pooled importance of q_last over every retained row of this head
+        s.assign(n, 0.0);
+        logit.resize((size_t) G * n);
+        for (uint32_t r = 0; r < n; ++r) {
+            const char * row = kbase + (size_t) r * rk;
+            if (type_k == GGML_TYPE_F32) {
+                memcpy(krow.data(), row, L.d_k * sizeof(float));
+            } else {
+                tk->to_float(row, krow.data(), L.d_k);
+            }
+            for (uint32_t j = 0; j < G; ++j) {
+                const float * qh = q + (size_t) (g * G + j) * L.d_k;
+                double dot = 0.0;
+                for (uint32_t c = 0; c < L.d_k; ++c) dot += (double) qh[c] * krow[c];
+                logit[(size_t) j * n + r] = dot * L.scale;
+            }
+        }
+        for (uint32_t j = 0; j < G; ++j) {
+            double * lg = logit.data() + (size_t) j * n;
+            double mx = -std::numeric_limits<double>::infinity();
+            for (uint32_t r = 0; r < n; ++r) mx = std::max(mx, lg[r]);
+            double sum = 0.0;
+            for (uint32_t r = 0; r < n; ++r) { lg[r] = std::exp(lg[r] - mx); sum += lg[r]; }
+            for (uint32_t r = 0; r < n; ++r) s[r] += lg[r] / sum / G;
+        }
+        // 2. candidate blocks: non-sink rows with pos < F, grouped by block (rows ascending)
+        struct blk { uint32_t r0, r1; double m, sq, h; uint32_t k; };
+        std::vector<blk> blocks;
+        for (uint32_t r = 0; r < n; ++r) {
+            const int32_t p = h.pos[r];
+            if (p < (int32_t) cfg.n_sink || p >= (int32_t) F) continue;
+            const uint32_t id = (uint32_t) p / b;
+            if (blocks.empty() || (uint32_t) h.pos[blocks.back().r0] / b != id) {
+                blocks.push_back({r, r + 1, 0.0, 0.0, 0.0, 0});
+            } else {
+                blocks.back().r1 = r + 1;
+            }
+            blocks.back().m += s[r];
+            blocks.back().sq += s[r] * s[r];
+        }
+        if (blocks.empty()) continue;
+        double M = 0.0;
+        for (auto & bl : blocks) M = std::max(M, bl.m);
+        for (auto & bl : blocks) {
+            const double c = bl.m > 0 ? 1.0 - bl.sq / (bl.m * bl.m) : 0.0;
+            bl.h = (1.0 - cfg.alpha) * (M > 0 ? bl.m / M : 0.0) + cfg.alpha * c;
+        }
+        // 3. rank (h desc, ties lower block first) and assign k from the head's budget
+        std::vector<uint32_t> order(blocks.size());
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t c) { return blocks[a].h > blocks[c].h; });
+        std::vector<double> cum(n_k);
+        double acc = 0.0;
+        for (size_t i = 0; i < n_k; ++i) { acc += h.p[n_k - 1 - i]; cum[i] = acc; }
+        const double N = (double) blocks.size();
+        for (size_t r = 0; r < order.size(); ++r) {
+            const double u = (r + 0.5) / N;
+            uint32_t kk = k_desc.back();
+            for (size_t i = 0; i < n_k; ++i) if (u < cum[i]) { kk = k_desc[i]; break; }
+            blocks[order[r]].k = kk;
+        }
+        // 4. keep the top-k rows of each block by s (ties: lower position first)
+        std::vector<uint8_t> keep(n, 1);
+        std::vector<uint32_t> idx;
+        double evicted = 0.0;
+        for (auto & bl : blocks) {
+            const uint32_t cnt = bl.r1 - bl.r0;
+            if (bl.k >= cnt) continue;
+            idx.resize(cnt);
+            std::iota(idx.begin(), idx.end(), bl.r0);
+            std::stable_sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t c) { return s[a] > s[c]; });
+            for (uint32_t i = bl.k; i < cnt; ++i) { keep[idx[i]] = 0; evicted += s[idx[i]]; }
+        }
+        // compact in place (rows only move towards the front)
+        uint32_t w = 0;
+        for (uint32_t r = 0; r < n; ++r) {
+            if (!keep[r]) continue;
+            if (w != r) {
+                memcpy(kbase + (size_t) w * rk, kbase + (size_t) r * rk, rk);
+                memcpy(vbase + (size_t) w * rv, vbase + (size_t) r * rv, rv);
+                h.pos[w] = h.pos[r];
+            }
+            ++w;
+        }
+        h.n_evicted += n - w;
+        h.len = w;
+        h.pos.resize(w);
+        h.coverage = (float) (1.0 - evicted);
+    }
+}
+
+void llama_tca_memory::clear(bool data) {
+    for (auto & L : layers) {
+        for (auto & h : L.heads) { h.len = 0; h.pos.clear(); h.coverage = 1.0f; h.n_evicted = 0; }
+    }
+    if (data) for (auto & b : bufs) ggml_backend_buffer_clear(b.get(), 0);
+    n_seen = 0;
+    frontier = 0;
+    pending = false;
+}
+
+bool llama_tca_memory::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    if (seq_id > 0) return false;
+    compact_pending();
+    if (p0 < 0) p0 = 0;
+    if (p1 < 0) p1 = std::numeric_limits<llama_pos>::max();
+    if (p1 < (llama_pos) n_seen) {
+        LLAMA_LOG_ERROR("%s: TCA: only truncation (removing [p0, end)) is supported, not [%d, %d)\n", __func__, p0, p1);
+        return false;
+    }
+    if (p0 == 0) { clear(false); return true; }
+    if ((uint32_t) p0 >= n_seen) return true;
+    for (auto & L : layers) {
+        for (auto & h : L.heads) {
+            uint32_t w = 0;
+            while (w < h.len && h.pos[w] < p0) ++w;
+            h.len = w;
+            h.pos.resize(w);
+        }
+    }
+    n_seen = (uint32_t) p0;
+    frontier = std::min(frontier, (n_seen > cfg.window ? (n_seen - cfg.window) / cfg.block : 0) * cfg.block);
+    return true;
+}
+
+void llama_tca_memory::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos, llama_pos) {
+    if (src != dst) LLAMA_LOG_ERROR("%s: TCA: sequence copy is not supported (single sequence)\n", __func__);
+}
+void llama_tca_memory::seq_keep(llama_seq_id seq_id) {
+    if (seq_id != 0) LLAMA_LOG_ERROR("%s: TCA: only sequence 0 exists\n", __func__);
+}
+void llama_tca_memory::seq_add(llama_seq_id, llama_pos, llama_pos, llama_pos shift) {
+    if (shift != 0) LLAMA_LOG_ERROR("%s: TCA: position shifts (context shift) are not supported\n", __func__);
+}
+void llama_tca_memory::seq_div(llama_seq_id, llama_pos, llama_pos, int d) {
+    if (d != 1) LLAMA_LOG_ERROR("%s: TCA: position division is not supported\n", __func__);
+}
+llama_pos llama_tca_memory::seq_pos_min(llama_seq_id seq_id) const {
+    return (seq_id == 0 && n_seen > 0) ? 0 : -1;
+}
+llama_pos llama_tca_memory::seq_pos_max(llama_seq_id seq_id) const {
+    return (seq_id == 0 && n_seen > 0) ? (llama_pos) n_seen - 1 : -1;
+}
+
+std::map<ggml_backend_buffer_type_t, size_t> llama_tca_memory::memory_breakdown() const {
+    std::map<ggml_backend_buffer_type_t, size_t> ret;
+    for (const auto & b : bufs) ret[ggml_backend_buffer_get_type(b.get())] += ggml_backend_buffer_get_size(b.get());
+    return ret;
+}
+
+static const uint32_t TCA_STATE_MAGIC = 0x31414354; // "TCA1"
+
+void llama_tca_memory::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
+    GGML_UNUSED(flags);
+    const_cast<llama_tca_memory *>(this)->compact_pending();
+    const uint32_t magic = TCA_STATE_MAGIC;
+    const uint32_t n_layers = (seq_id <= 0) ? (uint32_t) layers.size() : 0;
+    const uint32_t seen = (seq_id <= 0) ? n_seen : 0;
+    io.write(&magic, sizeof(magic));
+    io.write(&seen, sizeof(seen));
+    io.write(&frontier, sizeof(frontier));
+    io.write(&n_layers, sizeof(n_layers));
+    for (uint32_t i = 0; i < n_layers; ++i) {
+        const auto & L = layers[i];
+        io.write(&L.il, sizeof(L.il));
+        io.write(&L.n_head_kv, sizeof(L.n_head_kv));
+        const size_t rk = ggml_row_size(type_k, L.d_k), rv = ggml_row_size(type_v, L.d_v);
+        for (const auto & h : L.heads) {
+            io.write(&h.len, sizeof(h.len));
+            io.write(h.pos.data(), h.len * sizeof(int32_t));
+            if (h.len) {
+                io.write_tensor(L.k, (size_t) h.off * rk, (size_t) h.len * rk);
+                io.write_tensor(L.v, (size_t) h.off * rv, (size_t) h.len * rv);
+            }
+        }
+    }
+}
+
+void llama_tca_memory::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
+    GGML_UNUSED(flags);
+    if (seq_id > 0) throw std::runtime_error("TCA: only sequence 0 exists");
+    uint32_t magic = 0, seen = 0, fr = 0, n_layers = 0;
+    io.read(&magic, sizeof(magic));
+    if (magic != TCA_STATE_MAGIC) throw std::runtime_error("TCA: state was not written by a TCA context");
+    io.read(&seen, sizeof(seen));
+    io.read(&fr, sizeof(fr));
+    io.read(&n_layers, sizeof(n_layers));
+    if (n_layers != 0 && n_layers != layers.size()) throw std::runtime_error("TCA: state has a different layer count");
+    if (seen > n_ctx) throw std::runtime_error("TCA: state holds more tokens than this context");
+    clear(false);
+    for (uint32_t i = 0; i < n_layers; ++i) {
+        auto & L = layers[i];
+        int32_t il = 0; uint32_t nkv = 0;
+        io.read(&il, sizeof(il));
+        io.read(&nkv, sizeof(nkv));
+        if (il != L.il || nkv != L.n_head_kv) throw std::runtime_error("TCA: state layer layout mismatch");
+        const size_t rk = ggml_row_size(type_k, L.d_k), rv = ggml_row_size(type_v, L.d_v);
+        for (auto & h : L.heads) {
+            uint32_t len = 0;
+            io.read(&len, sizeof(len));
+            if (len > h.cap) throw std::runtime_error("TCA: state does not fit this context's budgets");
+            h.pos.resize(len);
+            io.read(h.pos.data(), len * sizeof(int32_t));
+            h.len = len;
+            if (len) {
+                io.read_tensor(L.k, (size_t) h.off * rk, (size_t) len * rk);
+                io.read_tensor(L.v, (size_t) h.off * rv, (size_t) len * rv);
+            }
+        }
+    }
+    n_seen = seen;
+    frontier = fr;
+}
+
+// ------------------------------------------------------------------------ memory context
+llama_tca_memory_context::llama_tca_memory_context(llama_memory_status s) : status(s) {}
+llama_tca_memory_context::llama_tca_memory_context(llama_tca_memory * m) : mem(m), is_full(true), status(LLAMA_MEMORY_STATUS_SUCCESS) {}
+llama_tca_memory_context::llama_tca_memory_context(llama_tca_memory * m, std::vector<llama_ubatch> ubs)
+    : mem(m), status(LLAMA_MEMORY_STATUS_SUCCESS), ubatches(std::move(ubs)) {}
+
+bool llama_tca_memory_context::next() {
+    if (++i_next >= ubatches.size()) return false;
+    return true;
+}
+
+bool llama_tca_memory_context::apply() {
+    if (is_full || !mem) return true;
+    mem->compact_pending();  // the previous ubatch has been computed by now
+    return mem->reserve_ubatch(ubatches[i_next]);
+}
+
+const llama_ubatch & llama_tca_memory_context::get_ubatch() const {
+    GGML_ASSERT(!ubatches.empty());
+    return ubatches[i_next];
+}
+
+llama_memory_status llama_tca_memory_context::get_status() const { return status; }
+
+// ------------------------------------------------------------------------ graph
+namespace {
+class llm_graph_input_attn_tca : public llm_graph_input_attn_kv {
+public:
+    llm_graph_input_attn_tca(const llama_hparams & hp, const llama_cparams & cp, const llama_tca_memory_context * t)
+        : llm_graph_input_attn_kv(hp, cp, nullptr), tctx(t) {}
+
+    struct per_layer { int32_t il; ggml_tensor * kpos; ggml_tensor * meta; ggml_tensor * idx; };
+
+    void set_input(const llama_ubatch * ub) override {
+        const llama_tca_memory * mem = tctx->mem;
+        if (qpos) {
+            GGML_ASSERT(ggml_backend_buffer_is_host(qpos->buffer));
+            int32_t * d = (int32_t *) qpos->data;
+            for (uint32_t i = 0; i < ub->n_tokens; ++i) d[i] = ub->pos[i];
+        }
+        for (const auto & pl : layers) {
+            const auto * L = mem->layer(pl.il);
+            GGML_ASSERT(L);
+            int32_t * kp = (int32_t *) pl.kpos->data;
+            int32_t * mt = (int32_t *) pl.meta->data;
+            int64_t * ix = (int64_t *) pl.idx->data;
+            std::fill(kp, kp + L->cap_total, std::numeric_limits<int32_t>::max());
+            for (uint32_t g = 0; g < L->n_head_kv; ++g) {
+                const auto & h = L->heads[g];
+                // during graph reserve nothing was placed: pretend the ubatch lands at the start
+                const uint32_t before = tctx->is_full ? 0 : L->len_before[g];
+                const uint32_t len = tctx->is_full ? std::min<uint32_t>(h.cap, ub->n_tokens) : h.len;
+                for (uint32_t r = 0; r < len && !tctx->is_full; ++r) kp[h.off + r] = h.pos[r];
+                mt[2 * g] = (int32_t) h.off;
+                mt[2 * g + 1] = (int32_t) len;
+                for (uint32_t t = 0; t < ub->n_tokens; ++t) {
+                    ix[(size_t) t * L->n_head_kv + g] = (int64_t) h.off + std::min<uint32_t>(before + t, h.cap - 1);
+                }
+            }
+        }
+    }
+
+    bool can_reuse(const llm_graph_params & params) override { GGML_UNUSED(params); return false; }
+
+    const llama_tca_memory_context * tctx;
+    ggml_tensor * qpos = nullptr;
+    std::vector<per_layer> layers;
+};
+}  // namespace
+
+llm_graph_input_attn_kv * llama_tca_build_attn_inp(const llm_graph_context & g) {
+    const auto * t = dynamic_cast<const llama_tca_memory_context *>(g.mctx);
+    if (!t) return nullptr;
+    auto inp = std::make_unique<llm_graph_input_attn_tca>(g.hparams, g.cparams, t);
+    inp->qpos = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, g.n_tokens);
+    ggml_set_input(inp->qpos);
+    ggml_set_name(inp->qpos, "tca_qpos");
+    return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
+}
+
+ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_attn_kv * inp_base,
+                                   ggml_tensor * wo, ggml_tensor * wo_b, ggml_tensor * wo_s,
+                                   ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
+                                   ggml_tensor * kq_b, ggml_tensor * sinks, float kq_scale, int il) {
+    auto * inp = dynamic_cast<llm_graph_input_attn_tca *>(inp_base);
+    if (!inp) return nullptr;
+    if (kq_b || sinks) {
+        throw std::runtime_error("TCA: attention with a KQ bias or sinks is not supported by TCA");
+    }
+    llama_tca_memory * mem = inp->tctx->mem;
+    auto * L = mem->layer(il);
+    if (!L) throw std::runtime_error("TCA: layer " + std::to_string(il) + " has no retention cache");
+    L->scale = kq_scale;
+    ggml_context * ctx0 = g.ctx0;
+    ggml_cgraph * gf = g.gf;
+    const int64_t n_tokens = q_cur->ne[2];
+    const int64_t nkv = L->n_head_kv;
+
+    ggml_build_forward_expand(gf, q_cur);
+    ggml_build_forward_expand(gf, v_cur);
+    ggml_build_forward_expand(gf, k_cur);
+
+    llm_graph_input_attn_tca::per_layer pl;
+    pl.il = il;
+    pl.kpos = ggml_new_tensor_1d(ctx0, GGML_TYPE_I32, L->cap_total);
+    pl.meta = ggml_new_tensor_1d(ctx0, GGML_TYPE_I32, 2 * nkv);
+    pl.idx  = ggml_new_tensor_1d(ctx0, GGML_TYPE_I64, nkv * n_tokens);
+    ggml_set_input(pl.kpos);
+    ggml_set_input(pl.meta);
+    ggml_set_input(pl.idx);
+    inp->layers.push_back(pl);
+
+    // store this ubatch's K/V rows into each head's region
+    ggml_tensor * kc = ggml_is_contiguous(k_cur) ? k_cur : ggml_cont(ctx0, k_cur);
+    ggml_tensor * vc = ggml_is_contiguous(v_cur) ? v_cur : ggml_cont(ctx0, v_cur);
+    kc = ggml_reshape_2d(ctx0, kc, L->d_k, nkv * n_tokens);
+    vc = ggml_reshape_2d(ctx0, vc, L->d_v, nkv * n_tokens);
+    ggml_tensor * k_all = ggml_set_rows(ctx0, L->k, kc, pl.idx);
+    ggml_tensor * v_all = ggml_set_rows(ctx0, L->v, vc, pl.idx);
+    ggml_build_forward_expand(gf, k_all);
+    ggml_build_forward_expand(gf, v_all);
+
+    // keep the ubatch's last query for the compaction that follows this ubatch
+    ggml_tensor * q_last = ggml_view_2d(ctx0, q_cur, q_cur->ne[0], q_cur->ne[1], q_cur->nb[1],
+                                        (size_t) (n_tokens - 1) * q_cur->nb[2]);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx0, q_last, L->q_last));
+
+    ggml_tensor * q = ggml_cont(ctx0, ggml_permute(ctx0, q_cur, 0, 2, 1, 3));  // [d, n_tokens, n_head]
+    if (q->type != GGML_TYPE_F32) q = ggml_cast(ctx0, q, GGML_TYPE_F32);
+    ggml_tensor * cur = ggml_tca_attn(ctx0, q, k_all, v_all, pl.kpos, pl.meta, inp->qpos, (int) nkv, kq_scale);
+    g.cb(cur, "kqv_out", il);
+    cur = ggml_reshape_2d(ctx0, cur, cur->ne[0] * cur->ne[1], cur->ne[2]);
+
+    if (wo) {
+        cur = g.build_lora_mm(wo, cur, wo_s);
+    }
+    if (wo_b) {
+        cur = ggml_add(ctx0, cur, wo_b);
+    }
+    return cur;
+}

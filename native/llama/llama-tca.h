@@ -1,0 +1,143 @@
+// tca_ggml — TCA retention memory and graph integration for llama.cpp.
+//
+// llama_tca_memory is a llama_memory_i beside llama.cpp's KV caches: per layer and per KV
+// head a *ragged* retained list (sinks, compacted tokens of aged blocks, and the exact live
+// window), sized from the head's calibrated budget instead of n_ctx x all heads. After each
+// ubatch (prefill) or when a block leaves the window (decode), the blocks that aged are
+// re-selected with the ubatch's last query (docs/design.md §3) and compacted in place.
+//
+// It is chosen by llama_model::create_memory (patch 0002) when a TCA configuration has been
+// handed over for this context (tca_init_from_model), and build_attn dispatches to
+// llama_tca_build_attn for it (patch 0002), so every architecture that uses the standard
+// attention path gets TCA without touching its model file.
+#pragma once
+
+#include "llama-memory.h"
+#include "llama-graph.h"
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct llama_model;
+struct llama_cparams;
+class llama_tca_memory;
+
+// Budgets and switches, as validated from the GGUF's tca.* keys (or a forced density).
+struct llama_tca_config {
+    uint32_t block  = 128;
+    uint32_t window = 4096;
+    uint32_t n_sink = 4;
+    float    alpha  = 0.5f;
+    std::vector<uint32_t> k_values;   // ascending, 1 .. block
+    std::vector<uint32_t> n_head_kv;  // per layer (as calibrated)
+    std::vector<float>    p;          // [sum(n_head_kv) x k_values.size()], layer-major
+    bool forced = false;              // uniform forced density (uncalibrated, for benchmarks)
+};
+
+// Hand-over from tca_init_from_model to llama_model::create_memory (same thread).
+void llama_tca_set_pending(const llama_tca_config * cfg);
+const llama_tca_config * llama_tca_get_pending();
+
+// Called by llama_model::create_memory for models on the plain llama_kv_cache path.
+// Returns nullptr when no TCA was requested; throws std::runtime_error when it was but
+// cannot be honoured (the context creation then fails with that message).
+llama_memory_i * llama_tca_memory_create(const llama_model & model, const llama_memory_params & params,
+                                         const llama_cparams & cparams);
+
+// Graph hooks (patched into llm_graph_context::build_attn_inp_kv / build_attn).
+llm_graph_input_attn_kv * llama_tca_build_attn_inp(const llm_graph_context & g);
+ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_attn_kv * inp,
+                                   ggml_tensor * wo, ggml_tensor * wo_b, ggml_tensor * wo_s,
+                                   ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
+                                   ggml_tensor * kq_b, ggml_tensor * sinks, float kq_scale, int il);
+
+class llama_tca_memory_context : public llama_memory_context_i {
+public:
+    explicit llama_tca_memory_context(llama_memory_status status);
+    llama_tca_memory_context(llama_tca_memory * mem);  // full (graph reserve)
+    llama_tca_memory_context(llama_tca_memory * mem, std::vector<llama_ubatch> ubatches);
+
+    bool next() override;
+    bool apply() override;
+    const llama_ubatch & get_ubatch() const override;
+    llama_memory_status get_status() const override;
+
+    llama_tca_memory * mem = nullptr;
+    bool is_full = false;
+
+private:
+    llama_memory_status status;
+    std::vector<llama_ubatch> ubatches;
+    size_t i_next = 0;
+};
+
+class llama_tca_memory : public llama_memory_i {
+public:
+    struct head_t {
+        uint32_t off = 0, cap = 0, len = 0;
+        std::vector<int32_t> pos;  // ascending positions of rows [0, len)
+        std::vector<float> p;      // budget over k_values
+        float coverage = 1.0f;     // pooled q_last mass kept at the last compaction
+        uint32_t n_evicted = 0;
+    };
+    struct layer_t {
+        int32_t il = -1;
+        uint32_t n_head = 0, n_head_kv = 0, d_k = 0, d_v = 0, cap_total = 0;
+        float scale = 0.0f;        // kq_scale seen at graph build
+        ggml_tensor * k = nullptr; // [d_k, cap_total] type_k
+        ggml_tensor * v = nullptr; // [d_v, cap_total] type_v
+        ggml_tensor * q_last = nullptr; // [d_k, n_head] f32: last query of the last ubatch
+        std::vector<head_t> heads;
+        std::vector<uint32_t> len_before; // per head, rows before the current ubatch
+    };
+
+    llama_tca_memory(const llama_model & model, const llama_tca_config & cfg, ggml_type type_k,
+                     ggml_type type_v, uint32_t n_ctx, uint32_t n_ubatch);
+    ~llama_tca_memory() override = default;
+
+    llama_memory_context_ptr init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) override;
+    llama_memory_context_ptr init_full() override;
+    llama_memory_context_ptr init_update(llama_context * lctx, bool optimize) override;
+    bool get_can_shift() const override { return false; }
+
+    void clear(bool data) override;
+    bool seq_rm  (llama_seq_id seq_id, llama_pos p0, llama_pos p1) override;
+    void seq_cp  (llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) override;
+    void seq_keep(llama_seq_id seq_id) override;
+    void seq_add (llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) override;
+    void seq_div (llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) override;
+    llama_pos seq_pos_min(llama_seq_id seq_id) const override;
+    llama_pos seq_pos_max(llama_seq_id seq_id) const override;
+    std::map<ggml_backend_buffer_type_t, size_t> memory_breakdown() const override;
+    void state_write(llama_io_write_i & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) const override;
+    void state_read (llama_io_read_i  & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) override;
+
+    // called by the memory context
+    bool reserve_ubatch(const llama_ubatch & ub);   // before a ubatch's graph is built
+    void compact_pending();                          // after the previous ubatch was computed
+
+    layer_t * layer(int32_t il) { auto it = map_il.find(il); return it == map_il.end() ? nullptr : &layers[it->second]; }
+    const layer_t * layer(int32_t il) const { auto it = map_il.find(il); return it == map_il.end() ? nullptr : &layers[it->second]; }
+
+    const llama_tca_config cfg;
+    const uint32_t n_ctx;
+    const uint32_t n_ubatch;
+    ggml_type type_k, type_v;
+    std::vector<layer_t> layers;
+    std::map<int32_t, size_t> map_il;
+    uint32_t n_seen = 0;          // tokens of the sequence held (positions 0 .. n_seen-1)
+    uint32_t frontier = 0;        // F: blocks before it have been selected
+    bool pending = false;         // a ubatch ran since the last compaction
+    bool pending_decode = false;  // ... and it was a single token
+    uint64_t bytes_dense = 0;     // what upstream's cache would allocate for the same n_ctx
+    uint64_t n_compactions = 0;
+    double t_compact_us = 0.0;
+
+private:
+    void compact_layer(layer_t & L);
+    std::vector<ggml_context_ptr> ctxs;
+    std::vector<ggml_backend_buffer_ptr> bufs;
+};

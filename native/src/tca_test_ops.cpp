@@ -1,0 +1,252 @@
+// tca_ggml — test and benchmark entry points for the GGML_OP_TCA_ATTN operator
+// (tests/test_op_tca_attn.py, native/bench_tca_attn.py). Not part of the public API in
+// tca_ggml.h; every argument is validated so that bad input returns an error code
+// instead of reaching a GGML_ASSERT.
+//
+// Array layouts (C order, ggml's memory order):
+//   q    [n_head][n_tokens][d]     (ggml tensor [d, n_tokens, n_head])
+//   k, v [n_slots][d]              f32 here; stored in the graph as kv_type
+//   kpos [n_slots], qpos [n_tokens], meta [2*n_head_kv] (head_off, head_len pairs)
+//   out  [n_tokens][n_head][d]     (ggml tensor [d, n_head, n_tokens])
+#include "ggml.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <ctime>
+#include <limits>
+#include <random>
+#include <vector>
+
+#define TCA_TEST_API extern "C" __attribute__((visibility("default")))
+
+enum {
+    TCA_TEST_OK         =  0,
+    TCA_TEST_E_NULL     = -1,  // a required pointer is NULL
+    TCA_TEST_E_SHAPE    = -2,  // a size is out of range or inconsistent
+    TCA_TEST_E_TYPE     = -3,  // kv_type unsupported (or d not a multiple of its block size)
+    TCA_TEST_E_META     = -4,  // a head range lies outside [0, n_slots)
+    TCA_TEST_E_SCALE    = -5,  // scale not finite
+    TCA_TEST_E_ALLOC    = -6,  // ggml context / backend could not be created
+    TCA_TEST_E_COMPUTE  = -7,  // graph compute failed
+};
+
+static bool tca_test_type_ok(int kv_type, int64_t d) {
+    switch (kv_type) {
+        case GGML_TYPE_F32:
+        case GGML_TYPE_F16:
+            return true;
+        case GGML_TYPE_Q8_0:
+            return d % ggml_blck_size(GGML_TYPE_Q8_0) == 0;
+        default:
+            return false;
+    }
+}
+
+// store n_rows rows of d floats as kv_type into dst (ggml_row_size(type, d) bytes a row)
+static void tca_test_store_rows(ggml_type type, const float * src, void * dst, int64_t d, int64_t n_rows) {
+    if (n_rows == 0) {
+        return;
+    }
+    if (type == GGML_TYPE_F32) {
+        memcpy(dst, src, (size_t) (d*n_rows)*sizeof(float));
+    } else if (type == GGML_TYPE_F16) {
+        ggml_fp32_to_fp16_row(src, (ggml_fp16_t *) dst, d*n_rows);
+    } else {
+        ggml_quantize_chunk(type, src, dst, 0, n_rows, d, nullptr);
+    }
+}
+
+TCA_TEST_API int tca_test_tca_attn_dequant(int kv_type, int d, int n_rows, const float * src, float * dst) {
+    if (d <= 0 || n_rows < 0 || (int64_t) d*n_rows > (int64_t(1) << 32)) return TCA_TEST_E_SHAPE;
+    if (!tca_test_type_ok(kv_type, d)) return TCA_TEST_E_TYPE;
+    if (n_rows == 0) return TCA_TEST_OK;
+    if (!src || !dst) return TCA_TEST_E_NULL;
+    const ggml_type type = (ggml_type) kv_type;
+    std::vector<uint8_t> buf(ggml_row_size(type, d)*(size_t) n_rows);
+    tca_test_store_rows(type, src, buf.data(), d, n_rows);
+    if (type == GGML_TYPE_F32) {
+        memcpy(dst, buf.data(), buf.size());
+    } else {
+        ggml_get_type_traits(type)->to_float(buf.data(), dst, (int64_t) d*n_rows);
+    }
+    return TCA_TEST_OK;
+}
+
+namespace {
+
+struct tca_test_graph {
+    ggml_context * ctx = nullptr;
+    ggml_cgraph  * gf  = nullptr;
+    ggml_tensor  * out = nullptr;
+    ~tca_test_graph() { if (ctx) ggml_free(ctx); }
+};
+
+int tca_test_check(int d, int n_head, int n_head_kv, int n_tokens, int n_slots, int kv_type,
+                   const float * q, const float * k, const float * v, const int32_t * kpos,
+                   const int32_t * meta, const int32_t * qpos, float scale, int n_threads) {
+    if (d <= 0 || d > 4096 || n_head <= 0 || n_head > 4096 || n_head_kv <= 0 || n_head % n_head_kv != 0 ||
+        n_tokens <= 0 || n_tokens > (1 << 20) || n_slots < 0 || n_slots > (1 << 26) ||
+        n_threads <= 0 || n_threads > 512) {
+        return TCA_TEST_E_SHAPE;
+    }
+    if ((int64_t) d*n_head*n_tokens > (int64_t(1) << 32) || (int64_t) d*n_slots > (int64_t(1) << 32)) {
+        return TCA_TEST_E_SHAPE;
+    }
+    if (!tca_test_type_ok(kv_type, d)) return TCA_TEST_E_TYPE;
+    if (!std::isfinite(scale)) return TCA_TEST_E_SCALE;
+    if (!q || !meta || !qpos) return TCA_TEST_E_NULL;
+    if (n_slots > 0 && (!k || !v || !kpos)) return TCA_TEST_E_NULL;
+    for (int g = 0; g < n_head_kv; ++g) {
+        const int64_t off = meta[2*g], len = meta[2*g + 1];
+        if (off < 0 || len < 0 || off + len > n_slots) return TCA_TEST_E_META;
+    }
+    return TCA_TEST_OK;
+}
+
+// builds q/k/v/kpos/meta/qpos and the op; the inputs are filled from the arrays
+int tca_test_build(tca_test_graph & G, int d, int n_head, int n_head_kv, int n_tokens, int n_slots, int kv_type,
+                   const float * q, const float * k, const float * v, const int32_t * kpos,
+                   const int32_t * meta, const int32_t * qpos, float scale) {
+    const ggml_type type = (ggml_type) kv_type;
+    const size_t bytes = sizeof(float)*(size_t) d*n_head*n_tokens*2        // q, out
+                       + 2*ggml_row_size(type, d)*(size_t) n_slots           // k, v
+                       + sizeof(int32_t)*((size_t) n_slots + 2*n_head_kv + n_tokens)
+                       + 16*ggml_tensor_overhead() + ggml_graph_overhead() + 64*1024;
+    ggml_init_params ip = { bytes, nullptr, false };
+    G.ctx = ggml_init(ip);
+    if (!G.ctx) return TCA_TEST_E_ALLOC;
+
+    ggml_tensor * tq  = ggml_new_tensor_3d(G.ctx, GGML_TYPE_F32, d, n_tokens, n_head);
+    ggml_tensor * tk  = ggml_new_tensor_2d(G.ctx, type, d, n_slots);
+    ggml_tensor * tv  = ggml_new_tensor_2d(G.ctx, type, d, n_slots);
+    ggml_tensor * tkp = ggml_new_tensor_1d(G.ctx, GGML_TYPE_I32, n_slots);
+    ggml_tensor * tm  = ggml_new_tensor_1d(G.ctx, GGML_TYPE_I32, 2*n_head_kv);
+    ggml_tensor * tqp = ggml_new_tensor_1d(G.ctx, GGML_TYPE_I32, n_tokens);
+    if (!tq || !tk || !tv || !tkp || !tm || !tqp) return TCA_TEST_E_ALLOC;
+
+    if (q) memcpy(tq->data, q, ggml_nbytes(tq));
+    if (k) tca_test_store_rows(type, k, tk->data, d, n_slots);
+    if (v) tca_test_store_rows(type, v, tv->data, d, n_slots);
+    if (kpos && n_slots > 0) memcpy(tkp->data, kpos, ggml_nbytes(tkp));
+    memcpy(tm->data, meta, ggml_nbytes(tm));
+    if (qpos) memcpy(tqp->data, qpos, ggml_nbytes(tqp));
+
+    G.out = ggml_tca_attn(G.ctx, tq, tk, tv, tkp, tm, tqp, n_head_kv, scale);
+    G.gf  = ggml_new_graph(G.ctx);
+    ggml_build_forward_expand(G.gf, G.out);
+    return TCA_TEST_OK;
+}
+
+} // namespace
+
+TCA_TEST_API int tca_test_tca_attn(int d, int n_head, int n_head_kv, int n_tokens, int n_slots, int kv_type,
+                                   const float * q, const float * k, const float * v, const int32_t * kpos,
+                                   const int32_t * meta, const int32_t * qpos, float scale, int n_threads,
+                                   float * out) {
+    int rc = tca_test_check(d, n_head, n_head_kv, n_tokens, n_slots, kv_type, q, k, v, kpos, meta, qpos, scale, n_threads);
+    if (rc != TCA_TEST_OK) return rc;
+    if (!out) return TCA_TEST_E_NULL;
+
+    tca_test_graph G;
+    rc = tca_test_build(G, d, n_head, n_head_kv, n_tokens, n_slots, kv_type, q, k, v, kpos, meta, qpos, scale);
+    if (rc != TCA_TEST_OK) return rc;
+
+    // poison the result: every element the op fails to write stays NaN
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    float * o = (float *) G.out->data;
+    for (int64_t i = 0, n = ggml_nelements(G.out); i < n; ++i) o[i] = nan;
+
+    ggml_backend_t be = ggml_backend_cpu_init();
+    if (!be) return TCA_TEST_E_ALLOC;
+    ggml_backend_cpu_set_n_threads(be, n_threads);
+    const ggml_status st = ggml_backend_graph_compute(be, G.gf);
+    ggml_backend_free(be);
+    if (st != GGML_STATUS_SUCCESS) return TCA_TEST_E_COMPUTE;
+
+    memcpy(out, G.out->data, ggml_nbytes(G.out));
+    return TCA_TEST_OK;
+}
+
+// Benchmark: seconds per graph compute (best of reps, after one warm-up), random data,
+// every KV head holding n_kv rows and every query seeing all of them. cpu_time != 0
+// measures the process CPU time instead of wall time (meaningful with n_threads = 1 on a
+// loaded machine: idle or spinning workers would count otherwise).
+//   which = 0: ggml_tca_attn (k/v [d, n_head_kv*n_kv] of kv_type)
+//   which = 1: upstream ggml_flash_attn_ext on the same shapes (k/v [d, n_kv, n_head_kv],
+//              an all-zero f16 mask [n_kv, n_tokens])
+// Returns a negative value on bad arguments or failure.
+TCA_TEST_API double tca_test_bench_attn(int which, int d, int n_head, int n_head_kv, int n_tokens, int n_kv,
+                                        int kv_type, int n_threads, int reps, int cpu_time) {
+    if (which < 0 || which > 1 || reps <= 0 || n_kv <= 0 || n_head_kv <= 0 || (int64_t) n_kv*n_head_kv > (1 << 26)) return -2.0;
+    const int n_slots = n_kv*n_head_kv;
+    std::vector<int32_t> meta(2*(size_t) std::max(n_head_kv, 0)), qpos(std::max(n_tokens, 0)), kpos(n_slots);
+    for (int g = 0; g < n_head_kv; ++g) { meta[2*g] = g*n_kv; meta[2*g + 1] = n_kv; }
+    for (int j = 0; j < n_slots; ++j) kpos[j] = j % n_kv;
+    for (int t = 0; t < n_tokens; ++t) qpos[t] = n_kv + t;
+    const float scale = 1.0f/std::sqrt((float) std::max(d, 1));
+    if (d <= 0 || d > 4096 || n_head <= 0 || n_head > 4096 || n_tokens <= 0 || n_tokens > (1 << 20)) return -2.0;
+    std::mt19937 rng(42);
+    std::normal_distribution<float> N(0.f, 1.f);
+    std::vector<float> Q((size_t) d*n_head*n_tokens), K((size_t) d*n_slots), V((size_t) d*n_slots);
+    for (auto & x : Q) x = N(rng);
+    for (auto & x : K) x = N(rng);
+    for (auto & x : V) x = N(rng);
+    if (tca_test_check(d, n_head, n_head_kv, n_tokens, n_slots, kv_type, Q.data(), K.data(), V.data(),
+                       kpos.data(), meta.data(), qpos.data(), scale, n_threads) != TCA_TEST_OK) {
+        return -2.0;
+    }
+
+    tca_test_graph G;
+    if (which == 0) {
+        if (tca_test_build(G, d, n_head, n_head_kv, n_tokens, n_slots, kv_type, Q.data(), K.data(), V.data(),
+                           kpos.data(), meta.data(), qpos.data(), scale) != TCA_TEST_OK) {
+            return -3.0;
+        }
+    } else {
+        const ggml_type type = (ggml_type) kv_type;
+        const size_t bytes = sizeof(float)*(size_t) d*n_head*n_tokens*2 + 2*ggml_row_size(type, d)*(size_t) n_slots
+                           + sizeof(ggml_fp16_t)*(size_t) n_kv*n_tokens + 16*ggml_tensor_overhead()
+                           + ggml_graph_overhead() + 64*1024;
+        ggml_init_params ip = { bytes, nullptr, false };
+        G.ctx = ggml_init(ip);
+        if (!G.ctx) return -3.0;
+        ggml_tensor * tq = ggml_new_tensor_3d(G.ctx, GGML_TYPE_F32, d, n_tokens, n_head);
+        ggml_tensor * tk = ggml_new_tensor_3d(G.ctx, type, d, n_kv, n_head_kv);
+        ggml_tensor * tv = ggml_new_tensor_3d(G.ctx, type, d, n_kv, n_head_kv);
+        ggml_tensor * tm = ggml_new_tensor_2d(G.ctx, GGML_TYPE_F16, n_kv, n_tokens);
+        memcpy(tq->data, Q.data(), ggml_nbytes(tq));
+        tca_test_store_rows(type, K.data(), tk->data, d, n_slots);
+        tca_test_store_rows(type, V.data(), tv->data, d, n_slots);
+        memset(tm->data, 0, ggml_nbytes(tm));  // f16 +0.0
+        G.out = ggml_flash_attn_ext(G.ctx, tq, tk, tv, tm, scale, 0.0f, 0.0f);
+        G.gf  = ggml_new_graph(G.ctx);
+        ggml_build_forward_expand(G.gf, G.out);
+    }
+
+    ggml_backend_t be = ggml_backend_cpu_init();
+    if (!be) return -3.0;
+    ggml_backend_cpu_set_n_threads(be, n_threads);
+    double best = std::numeric_limits<double>::infinity();
+    auto now = [cpu_time]() {
+        if (cpu_time) {
+            timespec ts;
+            clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+            return (double) ts.tv_sec + 1e-9*(double) ts.tv_nsec;
+        }
+        return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+    };
+    for (int r = 0; r <= reps; ++r) {
+        const double t0 = now();
+        const ggml_status st = ggml_backend_graph_compute(be, G.gf);
+        const double t1 = now();
+        if (st != GGML_STATUS_SUCCESS) { ggml_backend_free(be); return -4.0; }
+        if (r > 0) best = std::min(best, t1 - t0);
+    }
+    ggml_backend_free(be);
+    return best;
+}

@@ -95,6 +95,23 @@ TCA_API int64_t tca_get_head_stats(const struct llama_context * ctx, int32_t * l
 // retained positions of one (layer, KV head), ascending; returns their count (-1: no such head / no TCA)
 TCA_API int64_t tca_get_head_positions(const struct llama_context * ctx, int32_t il, uint32_t kv_head, int32_t * pos, int64_t n_max);
 
+// llama_model_quantize (= llama-quantize) with the common knobs; 0 on success.
+TCA_API int tca_quantize(const char * src, const char * dst, int ftype, int allow_requantize, int n_threads);
+
+// ---- the native reader of tca.* metadata ----------------------------------------------
+struct tca_budgets {
+    uint32_t version, block, window, n_sink;
+    float tau, alpha;
+    uint32_t n_k;  uint32_t * k_values;
+    uint32_t n_grid; float * grid_mu; float * grid_sigma;
+    uint32_t n_layer; uint32_t * n_head_kv;
+    uint32_t n_heads; int32_t * candidate; float * p /* n_heads x n_k */; float * density; float * coverage;
+    char text_name[256]; char text_sha256[80]; uint32_t n_tokens; char tool[128];
+};
+// 0: read and valid; 1: the file has no tca.* keys; -1: error, err names the key.
+TCA_API int  tca_budgets_read(const char * path, struct tca_budgets * out, char * err, size_t err_len);
+TCA_API void tca_budgets_free(struct tca_budgets * b);
+
 #ifdef __cplusplus
 }
 #endif

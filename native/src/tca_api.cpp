@@ -195,3 +195,18 @@ extern "C" int tca_tensor_get_f32(const ggml_tensor * t, float * dst, int64_t n)
 }
 
 extern "C" const char * tca_tensor_op(const ggml_tensor * t) { return t ? ggml_op_name(t->op) : ""; }
+
+extern "C" int tca_quantize(const char * src, const char * dst, int ftype, int allow_requantize, int n_threads) {
+    // llama_model_quantize (the code behind llama-quantize): it copies every metadata
+    // key/value of the source, tca.* budgets included.
+    if (!src || !dst) return -1;
+    llama_model_quantize_params qp = llama_model_quantize_default_params();
+    qp.ftype = (llama_ftype) ftype;
+    qp.allow_requantize = allow_requantize != 0;
+    qp.nthread = n_threads;
+    try {
+        return (int) llama_model_quantize(src, dst, &qp);
+    } catch (...) {
+        return -2;
+    }
+}

@@ -202,6 +202,18 @@ int tca_get_stats(const struct llama_context * ctx, struct tca_stats * out);
 int64_t tca_get_head_stats(const struct llama_context * ctx, int32_t * layer, uint32_t * kv_head,
                            uint32_t * len, uint32_t * cap, float * coverage, int64_t n_max);
 int64_t tca_get_head_positions(const struct llama_context * ctx, int32_t il, uint32_t kv_head, int32_t * pos, int64_t n_max);
+struct tca_budgets {
+    uint32_t version, block, window, n_sink;
+    float tau, alpha;
+    uint32_t n_k;  uint32_t * k_values;
+    uint32_t n_grid; float * grid_mu; float * grid_sigma;
+    uint32_t n_layer; uint32_t * n_head_kv;
+    uint32_t n_heads; int32_t * candidate; float * p; float * density; float * coverage;
+    char text_name[256]; char text_sha256[80]; uint32_t n_tokens; char tool[128];
+};
+int  tca_budgets_read(const char * path, struct tca_budgets * out, char * err, size_t err_len);
+void tca_budgets_free(struct tca_budgets * b);
+int tca_quantize(const char * src, const char * dst, int ftype, int allow_requantize, int n_threads);
 void tca_context_memory(const struct llama_context * ctx, uint64_t * model, uint64_t * context, uint64_t * compute);
 """
 

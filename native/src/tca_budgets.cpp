@@ -1,0 +1,135 @@
+// tca_ggml — the native reader of a GGUF's tca.* budgets (docs/design.md §2).
+//
+// Used by tools that have no Python (patched llama-bench etc.) and, in tests, to check that
+// what the Python writer stores is what the native side reads. Every failure names the key.
+#include "tca_ggml.h"
+
+#include "gguf.h"
+#include "llama.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace {
+struct reader {
+    gguf_context * g;
+    char * err;
+    size_t n;
+    int fail(const char * key, const std::string & msg) {
+        if (err && n) snprintf(err, n, "%s: %s", key, msg.c_str());
+        return -1;
+    }
+    int64_t find(const char * key) { return gguf_find_key(g, key); }
+    int u32(const char * key, uint32_t & v) {
+        const int64_t id = find(key);
+        if (id < 0) return fail(key, "missing");
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_UINT32) return fail(key, "expected u32");
+        v = gguf_get_val_u32(g, id);
+        return 0;
+    }
+    int f32(const char * key, float & v) {
+        const int64_t id = find(key);
+        if (id < 0) return fail(key, "missing");
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_FLOAT32) return fail(key, "expected f32");
+        v = gguf_get_val_f32(g, id);
+        if (!std::isfinite(v)) return fail(key, "not finite");
+        return 0;
+    }
+    int str(const char * key, char * dst, size_t cap) {
+        const int64_t id = find(key);
+        if (id < 0) return fail(key, "missing");
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_STRING) return fail(key, "expected a string");
+        snprintf(dst, cap, "%s", gguf_get_val_str(g, id));
+        return 0;
+    }
+    template <typename T>
+    int arr(const char * key, gguf_type t, size_t want, T ** out) {
+        const int64_t id = find(key);
+        if (id < 0) return fail(key, "missing");
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(g, id) != t)
+            return fail(key, std::string("expected an array of ") + gguf_type_name(t));
+        const size_t got = gguf_get_arr_n(g, id);
+        if (got > (1u << 24)) return fail(key, "array too large (" + std::to_string(got) + ")");
+        if (want != (size_t) -1 && got != want)
+            return fail(key, "length " + std::to_string(got) + ", expected " + std::to_string(want));
+        *out = (T *) calloc(got ? got : 1, sizeof(T));
+        if (!*out) return fail(key, "out of memory");
+        memcpy(*out, gguf_get_arr_data(g, id), got * sizeof(T));
+        return (int) 0;
+    }
+    size_t arr_n(const char * key) { const int64_t id = find(key); return id < 0 ? 0 : gguf_get_arr_n(g, id); }
+};
+}  // namespace
+
+extern "C" void tca_budgets_free(tca_budgets * b) {
+    if (!b) return;
+    free(b->k_values); free(b->grid_mu); free(b->grid_sigma); free(b->n_head_kv);
+    free(b->candidate); free(b->p); free(b->density); free(b->coverage);
+    memset(b, 0, sizeof(*b));
+}
+
+extern "C" int tca_budgets_read(const char * path, tca_budgets * out, char * err, size_t err_len) {
+    if (!out) return -1;
+    memset(out, 0, sizeof(*out));
+    if (err && err_len) err[0] = 0;
+    if (!path) { if (err && err_len) snprintf(err, err_len, "path is NULL"); return -1; }
+    gguf_init_params ip = { true, nullptr };
+    gguf_context * g = gguf_init_from_file(path, ip);
+    if (!g) { if (err && err_len) snprintf(err, err_len, "%s: not a readable GGUF", path); return -1; }
+    reader r{g, err, err_len};
+    int rc = 0;
+    auto done = [&](int code) { if (code < 0) tca_budgets_free(out); gguf_free(g); return code; };
+    if (r.find("tca.version") < 0) return done(1);
+    if ((rc = r.u32("tca.version", out->version))) return done(rc);
+    if (out->version != 1) return done(r.fail("tca.version", "unknown version " + std::to_string(out->version)));
+    if ((rc = r.u32("tca.block_size", out->block))) return done(rc);
+    if (out->block == 0 || (out->block & (out->block - 1)) || out->block > 4096) return done(r.fail("tca.block_size", "not a power of two in [1, 4096]"));
+    if ((rc = r.u32("tca.window", out->window))) return done(rc);
+    if (out->window % out->block) return done(r.fail("tca.window", "not a multiple of tca.block_size"));
+    if ((rc = r.u32("tca.n_sink", out->n_sink))) return done(rc);
+    if ((rc = r.f32("tca.tau", out->tau))) return done(rc);
+    if (!(out->tau > 0 && out->tau <= 1)) return done(r.fail("tca.tau", "outside (0, 1]"));
+    if ((rc = r.f32("tca.alpha", out->alpha))) return done(rc);
+    if (!(out->alpha >= 0 && out->alpha <= 1)) return done(r.fail("tca.alpha", "outside [0, 1]"));
+    out->n_k = 0;
+    for (uint32_t k = 1; k <= out->block; k <<= 1) ++out->n_k;
+    if ((rc = r.arr("tca.k_values", GGUF_TYPE_UINT32, out->n_k, &out->k_values))) return done(rc);
+    for (uint32_t i = 0; i < out->n_k; ++i) if (out->k_values[i] != (1u << i)) return done(r.fail("tca.k_values", "must be 1, 2, 4, ..., block_size"));
+    out->n_grid = (uint32_t) r.arr_n("tca.grid.mu");
+    if ((rc = r.arr("tca.grid.mu", GGUF_TYPE_FLOAT32, (size_t) -1, &out->grid_mu))) return done(rc);
+    if ((rc = r.arr("tca.grid.sigma", GGUF_TYPE_FLOAT32, out->n_grid, &out->grid_sigma))) return done(rc);
+    if ((rc = r.u32("tca.n_layer", out->n_layer))) return done(rc);
+    if (out->n_layer == 0 || out->n_layer > 4096) return done(r.fail("tca.n_layer", "out of range"));
+    if ((rc = r.arr("tca.n_head_kv", GGUF_TYPE_UINT32, out->n_layer, &out->n_head_kv))) return done(rc);
+    uint64_t H = 0;
+    for (uint32_t il = 0; il < out->n_layer; ++il) {
+        if (out->n_head_kv[il] > 4096) return done(r.fail("tca.n_head_kv", "out of range"));
+        H += out->n_head_kv[il];
+    }
+    if (H == 0 || H * out->n_k > (1u << 24)) return done(r.fail("tca.n_head_kv", "no heads or too many"));
+    out->n_heads = (uint32_t) H;
+    if ((rc = r.arr("tca.budget.candidate", GGUF_TYPE_INT32, H, &out->candidate))) return done(rc);
+    if ((rc = r.arr("tca.budget.p", GGUF_TYPE_FLOAT32, H * out->n_k, &out->p))) return done(rc);
+    if ((rc = r.arr("tca.budget.density", GGUF_TYPE_FLOAT32, H, &out->density))) return done(rc);
+    if ((rc = r.arr("tca.coverage", GGUF_TYPE_FLOAT32, H, &out->coverage))) return done(rc);
+    for (uint64_t h = 0; h < H; ++h) {
+        if (out->candidate[h] < -1 || out->candidate[h] >= (int32_t) out->n_grid) return done(r.fail("tca.budget.candidate", "index out of range"));
+        double s = 0;
+        for (uint32_t i = 0; i < out->n_k; ++i) {
+            const float v = out->p[h * out->n_k + i];
+            if (!std::isfinite(v) || v < 0) return done(r.fail("tca.budget.p", "negative or not finite"));
+            s += v;
+        }
+        if (std::fabs(s - 1.0) > 1e-3) return done(r.fail("tca.budget.p", "a row does not sum to 1"));
+        if (!std::isfinite(out->density[h]) || out->density[h] <= 0 || out->density[h] > 1) return done(r.fail("tca.budget.density", "outside (0, 1]"));
+        if (!std::isfinite(out->coverage[h]) || out->coverage[h] < 0 || out->coverage[h] > 1) return done(r.fail("tca.coverage", "outside [0, 1]"));
+    }
+    if ((rc = r.str("tca.calib.text_name", out->text_name, sizeof(out->text_name)))) return done(rc);
+    if ((rc = r.str("tca.calib.text_sha256", out->text_sha256, sizeof(out->text_sha256)))) return done(rc);
+    if ((rc = r.u32("tca.calib.n_tokens", out->n_tokens))) return done(rc);
+    if ((rc = r.str("tca.calib.tool", out->tool, sizeof(out->tool)))) return done(rc);
+    return done(0);
+}

@@ -1,9 +1,13 @@
-"""`tca-ggml` command line: calibrate, inspect, strip.
+"""`tca-ggml` command line: calibrate, inspect, strip, eval.
 
     tca-ggml calibrate MODEL.gguf -o MODEL.tca.gguf [--text FILE] [--ctx N] [--tau 0.9]
                        [--alpha 0.5] [--block 128] [--window 4096] [--threads N]
     tca-ggml inspect MODEL.gguf [--json] [--plot out.png]
     tca-ggml strip MODEL.gguf -o OUT.gguf
+    tca-ggml bench -m MODEL.gguf [-p 4096,8192] [-n 32] [-d 0] [-r 1] [-o md|json] [--density X]
+    tca-ggml eval -m MODEL.gguf [--quick] [--json OUT.json] [--md OUT.md] [--plot-dir DIR]
+                  [--lengths 1024,2048,...] [--depths 0,0.25,0.5,0.75,1] [--tasks niah,ruler,kl]
+                  [--tca-density X] [--tca-window W] [--tca-block B] [--seed 0] [--threads N]
 """
 from __future__ import annotations
 
@@ -93,6 +97,20 @@ def _cmd_strip(a) -> int:
     return 0
 
 
+def _cmd_bench(a) -> int:
+    from . import bench
+    return bench.main_cli(a)
+
+
+def _cmd_eval(a) -> int:
+    from . import evaluate
+    try:
+        return evaluate.run_from_args(a)
+    except RuntimeError as e:  # a failed download or decode mid-run: not bad input
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tca-ggml", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,13 +134,38 @@ def main(argv=None) -> int:
     s.add_argument("model")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("-f", "--force", action="store_true")
+    e = sub.add_parser("eval", help="quality of TCA vs dense: NIAH, RULER-style tasks, logit KL, coverage")
+    e.add_argument("-m", "--model", required=True, help="GGUF file (or a model name from `python -m tca_ggml.models list`)")
+    e.add_argument("--quick", action="store_true",
+                   help="tiny run (< 2 min on 2 cores, default model): lengths 768,1536, depths 0,0.5,1, number "
+                        "needle, RULER niah_multikey+vt and KL (16 positions) at 1536; w=256 b=64 unless given")
+    e.add_argument("--json", metavar="OUT.json", help="write all results (answers included)")
+    e.add_argument("--md", metavar="OUT.md", help="write the markdown tables")
+    e.add_argument("--plot-dir", metavar="DIR", help="PNG: NIAH heatmaps (dense, TCA, difference), KL, coverage")
+    e.add_argument("--lengths", help="prompt lengths in tokens, comma-separated (default 1024,2048,4096,8192)")
+    e.add_argument("--depths", help="needle depths in [0, 1], comma-separated (default 0,0.25,0.5,0.75,1)")
+    e.add_argument("--tasks", help="comma-separated: niah,ruler,kl (default all), or single RULER tasks "
+                                   "niah_single,niah_multikey,niah_multivalue,vt,cwe")
+    e.add_argument("--needles", help="NIAH needle kinds: number,key,fact (default all; --quick: number)")
+    e.add_argument("--kl-positions", type=int, help="positions scored for KL per length (default 64; --quick 16)")
+    e.add_argument("--tca-density", type=float, help="forced uniform budget X (uncalibrated) instead of the GGUF's")
+    e.add_argument("--tca-window", type=int)
+    e.add_argument("--tca-block", type=int)
+    e.add_argument("--flash-attn", action="store_true", help="dense arm with flash attention")
+    e.add_argument("--n-ctx", type=int, help="context of both arms (default: longest length + answer tokens)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, help="threads of both arms (default: all cores)")
+    bn = sub.add_parser("bench", help="speed and memory: TCA vs upstream dense, side by side (llama-bench style)")
+    from . import bench as _bench
+    _bench.add_arguments(bn)
     a = ap.parse_args(argv)
     from .errors import TCAError
     try:
         if a.cmd in ("calibrate", "inspect", "strip") and not os.path.exists(a.model):
             print(f"error: model not found: {a.model}", file=sys.stderr)
             return 2
-        return {"calibrate": _cmd_calibrate, "inspect": _cmd_inspect, "strip": _cmd_strip}[a.cmd](a)
+        return {"calibrate": _cmd_calibrate, "inspect": _cmd_inspect, "strip": _cmd_strip,
+                "eval": _cmd_eval, "bench": _cmd_bench}[a.cmd](a)
     except (TCAError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

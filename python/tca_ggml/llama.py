@@ -152,6 +152,9 @@ class Llama:
             raise TypeError("chat_format must be a str or None")
         self.chat_format = chat_format
         self.tca_config = self._tca_config(tca, tca_density, tca_block, tca_window, tca_alpha)
+        if tca and n_gpu_layers != 0:
+            raise TCAConfigError("tca=True runs on the CPU backend only in this version (the CUDA kernels "
+                                 "are not written yet); use n_gpu_layers=0, or tca=False on the GPU")
 
         # ---- the file, before upstream sees it ----
         if not os.path.exists(self.model_path):

@@ -1,0 +1,226 @@
+"""`tca-ggml bench`: speed and memory, TCA against upstream dense attention, side by side.
+
+    tca-ggml bench -m MODEL [-p 4096,8192] [-n 32] [-d 0] [-r 1] [-o md|json]
+                   [--density X] [--tca-window W] [--tca-block B] [--threads N] [--dense-fa 1]
+
+llama-bench conventions: -p prompt lengths (prefill, time to first token), -n generated
+tokens (decode), -d depth (tokens already in the context before the timed prompt), -r
+repetitions. Each repetition runs the dense arm and the TCA arm one after the other
+(interleaved), each in a fresh worker process of the same build, so peak memory is per arm.
+
+Both arms are the same libtca_ggml.so. The dense arm never touches TCA code: without
+tca=True the context is created by upstream's llama_init_from_model, create_memory returns
+upstream's llama_kv_cache (patch 0002 only adds a branch taken when a TCA configuration was
+handed over), and build_attn runs upstream's path (the hook returns nullptr for a
+non-TCA input). The prompt is real text (Paul Graham's essays).
+
+With --density X the TCA arm uses a forced uniform budget (uncalibrated, labelled so);
+otherwise the GGUF's calibrated budgets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def _worker(a) -> dict:
+    import resource
+    from . import texts
+    from .llama import Llama
+    kw = {}
+    if a.arm == "tca":
+        kw = dict(tca=True)
+        if a.density is not None:
+            kw["tca_density"] = a.density
+        if a.tca_window is not None:
+            kw["tca_window"] = a.tca_window
+        if a.tca_block is not None:
+            kw["tca_block"] = a.tca_block
+    n_ctx = a.depth + a.prompt + a.gen + 8
+    flash = bool(a.dense_fa) if a.arm == "dense" else False
+    llm = Llama(a.model, n_ctx=n_ctx, n_batch=a.batch, n_ubatch=a.batch, n_threads=a.threads,
+                n_threads_batch=a.threads, flash_attn=flash, verbose=False, **kw)
+    try:
+        toks = llm.tokenize(texts.haystack((a.depth + a.prompt) * 6).encode(), add_bos=True)
+        if len(toks) < a.depth + a.prompt:
+            raise SystemExit("error: not enough text for the requested length")
+        toks = toks[: a.depth + a.prompt]
+        if a.depth:
+            llm.eval_prompt(toks[: a.depth])
+        t0 = time.perf_counter()
+        llm._decode(toks[a.depth:], a.depth)
+        t1 = time.perf_counter()
+        gen = 0
+        td = time.perf_counter()
+        tok = int(llm._logits_last().argmax())
+        for _ in range(a.gen):
+            llm._decode([tok], len(llm._tokens))
+            tok = int(llm._logits_last().argmax())
+            gen += 1
+        t2 = time.perf_counter()
+        mem = llm.memory_bytes()
+        st = llm.tca_stats()
+        return {"arm": a.arm, "label": llm.tca_label, "active": st["active"], "prompt": a.prompt, "depth": a.depth,
+                "gen": gen, "ttft_s": t1 - t0, "prefill_tps": a.prompt / (t1 - t0),
+                "decode_tps": gen / (t2 - td) if gen else 0.0, "kv_bytes": mem["kv"],
+                "kv_dense_bytes": st["bytes_dense"] if st["active"] else mem["kv"],
+                "rows_kept": st["rows_kept"], "t_compact_ms": st["t_compact_ms"],
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "n_ctx": llm.n_ctx(), "threads": llm.n_threads}
+    finally:
+        llm.close()
+
+
+def _run_arm(a, arm, prompt) -> dict:
+    cmd = [sys.executable, "-m", "tca_ggml.bench", "--worker", "--arm", arm, "-m", a.model, "--prompt", str(prompt),
+           "--gen", str(a.n), "--depth", str(a.d), "--batch", str(a.batch), "--dense-fa", str(a.dense_fa)]
+    if a.threads:
+        cmd += ["--threads", str(a.threads)]
+    if a.density is not None:
+        cmd += ["--density", str(a.density)]
+    if a.tca_window is not None:
+        cmd += ["--tca-window", str(a.tca_window)]
+    if a.tca_block is not None:
+        cmd += ["--tca-block", str(a.tca_block)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{arm} arm failed at p={prompt}: {r.stderr.strip()[-800:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def run(a) -> list:
+    rows = []
+    for p in a.p:
+        res = {"dense": [], "tca": []}
+        for _ in range(a.r):
+            for arm in ("dense", "tca"):
+                res[arm].append(_run_arm(a, arm, p))
+                print(f"[bench] p={p} {arm}: prefill {res[arm][-1]['prefill_tps']:.1f} t/s, "
+                      f"decode {res[arm][-1]['decode_tps']:.2f} t/s", file=sys.stderr)
+        d, t = res["dense"], res["tca"]
+        row = {"prompt": p, "depth": a.d, "gen": a.n, "reps": a.r, "tca_label": t[0]["label"],
+               "tca_active": t[0]["active"],
+               "dense_ttft_s": _median([x["ttft_s"] for x in d]), "tca_ttft_s": _median([x["ttft_s"] for x in t]),
+               "dense_prefill_tps": _median([x["prefill_tps"] for x in d]),
+               "tca_prefill_tps": _median([x["prefill_tps"] for x in t]),
+               "dense_decode_tps": _median([x["decode_tps"] for x in d]),
+               "tca_decode_tps": _median([x["decode_tps"] for x in t]),
+               "dense_kv_bytes": d[0]["kv_bytes"], "tca_kv_bytes": t[0]["kv_bytes"],
+               "dense_peak_rss": max(x["peak_rss_bytes"] for x in d), "tca_peak_rss": max(x["peak_rss_bytes"] for x in t),
+               "tca_compact_ms": _median([x["t_compact_ms"] for x in t]), "threads": d[0]["threads"],
+               "dense_fa": bool(a.dense_fa)}
+        row["prefill_ratio"] = row["tca_prefill_tps"] / row["dense_prefill_tps"]
+        row["decode_ratio"] = row["tca_decode_tps"] / row["dense_decode_tps"] if row["dense_decode_tps"] else 0.0
+        row["kv_ratio"] = row["tca_kv_bytes"] / row["dense_kv_bytes"]
+        rows.append(row)
+    return rows
+
+
+def to_markdown(rows, model) -> str:
+    mib = 1 << 20
+    out = [f"model: {os.path.basename(model)}; TCA: {rows[0]['tca_label'] if rows else ''}; dense: upstream "
+           f"{'flash' if rows and rows[0]['dense_fa'] else 'non-flash'} attention; threads {rows[0]['threads'] if rows else ''}",
+           "",
+           "| p | depth | dense prefill t/s | TCA prefill t/s | ratio | dense TTFT s | TCA TTFT s | dense decode t/s | TCA decode t/s | ratio | dense KV MiB | TCA KV MiB | KV ratio | dense peak RSS MiB | TCA peak RSS MiB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['prompt']} | {r['depth']} | {r['dense_prefill_tps']:.1f} | {r['tca_prefill_tps']:.1f} | "
+                   f"**{r['prefill_ratio']:.2f}x** | {r['dense_ttft_s']:.1f} | {r['tca_ttft_s']:.1f} | "
+                   f"{r['dense_decode_tps']:.2f} | {r['tca_decode_tps']:.2f} | **{r['decode_ratio']:.2f}x** | "
+                   f"{r['dense_kv_bytes'] / mib:.0f} | {r['tca_kv_bytes'] / mib:.0f} | {r['kv_ratio']:.2f} | "
+                   f"{r['dense_peak_rss'] / mib:.0f} | {r['tca_peak_rss'] / mib:.0f} |")
+    return "\n".join(out)
+
+
+def _ints(s):
+    try:
+        v = [int(x) for x in str(s).split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+    if not v or min(v) <= 0:
+        raise argparse.ArgumentTypeError("lengths must be positive")
+    return v
+
+
+def add_arguments(ap) -> None:
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("-p", type=_ints, default=[4096], help="prompt lengths (comma-separated)")
+    ap.add_argument("-n", type=int, default=32, help="generated tokens")
+    ap.add_argument("-d", type=int, default=0, help="depth before the timed prompt")
+    ap.add_argument("-r", type=int, default=1, help="repetitions (median reported)")
+    ap.add_argument("-o", choices=["md", "json"], default="md")
+    ap.add_argument("--density", type=float, default=None, help="forced uniform TCA density (uncalibrated)")
+    ap.add_argument("--tca-window", type=int, default=None)
+    ap.add_argument("--tca-block", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--dense-fa", type=int, default=1, choices=[0, 1], help="dense arm with flash attention (upstream's faster CPU path)")
+
+
+def main_cli(a) -> int:
+    if not os.path.exists(a.model):
+        print(f"error: model not found: {a.model}", file=sys.stderr)
+        return 2
+    if a.density is not None and not 0 < a.density <= 1:
+        print("error: --density must be in (0, 1]", file=sys.stderr)
+        return 2
+    if a.n < 0 or a.d < 0 or a.r < 1:
+        print("error: -n and -d must be >= 0, -r >= 1", file=sys.stderr)
+        return 2
+    from .gguf_meta import read_budgets
+    try:
+        from .gguf_util import read_metadata
+        md = read_metadata(a.model)
+        arch = md.get("general.architecture")
+        n_ctx_train = int(md.get(f"{arch}.context_length", 0))
+    except Exception as e:  # noqa: BLE001
+        print(f"error: cannot read {a.model}: {e}", file=sys.stderr)
+        return 2
+    for p in a.p:
+        if n_ctx_train and a.d + p + a.n > n_ctx_train:
+            print(f"error: depth + prompt + generated = {a.d + p + a.n} exceeds the model's context {n_ctx_train}",
+                  file=sys.stderr)
+            return 2
+    if a.density is None and read_budgets(a.model) is None:
+        print(f"error: {a.model} is not calibrated; run `tca-ggml calibrate` or pass --density X (forced)",
+              file=sys.stderr)
+        return 2
+    try:
+        rows = run(a)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if a.o == "json":
+        print(json.dumps({"model": a.model, "rows": rows}, indent=1))
+    else:
+        print(to_markdown(rows, a.model))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="tca-ggml bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--arm", choices=["dense", "tca"], help=argparse.SUPPRESS)
+    ap.add_argument("--prompt", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--gen", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)
+    add_arguments(ap)
+    a = ap.parse_args(argv)
+    if a.worker:
+        print(json.dumps(_worker(a)))
+        return 0
+    return main_cli(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

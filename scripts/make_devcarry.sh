@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Pack the prepared (pinned + patched) upstream tree, trimmed to what the build needs, into
+# .devcarry/upstream.tgz (~5 MB) for machines without network (the lent GPU machine): there,
+#   mkdir -p /tmp/up && tar xzf .devcarry/upstream.tgz -C /tmp/up
+#   cmake -S . -B build/cuda -DTCA_UPSTREAM_DIR=/tmp/up -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90a
+set -euo pipefail
+cd "$(dirname "$0")/.."
+src=$(python3 native/upstream.py prepare)
+tmp=$(mktemp -d)
+mkdir -p "$tmp/examples" .devcarry
+( cd "$src" && cp -r CMakeLists.txt cmake ggml src include vendor licenses LICENSE .tca_ggml_stamp "$tmp/" && cp -r examples/simple "$tmp/examples/" )
+tar czf .devcarry/upstream.tgz -C "$tmp" .
+rm -rf "$tmp"
+ls -la .devcarry/upstream.tgz

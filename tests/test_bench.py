@@ -1,0 +1,45 @@
+"""`tca-ggml bench`: runs both arms side by side and reports ratios; rejects bad input.
+(Speed itself is never asserted here: benchmarks are not timed tests.)"""
+import argparse
+import json
+
+import pytest
+
+from tca_ggml import bench
+
+
+def _args(model, **kw):
+    ap = argparse.ArgumentParser()
+    bench.add_arguments(ap)
+    argv = ["-m", model]
+    for k, v in kw.items():
+        argv += [k, str(v)]
+    return ap.parse_args(argv)
+
+
+def test_bench_runs_both_arms(default_model, capsys):
+    a = _args(default_model, **{"-p": "700", "-n": "2", "--density": "0.5", "--tca-window": "256",
+                                "--tca-block": "64", "--threads": "2", "-o": "json"})
+    assert bench.main_cli(a) == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["rows"]
+    assert row["prompt"] == 700 and row["tca_active"]
+    assert "forced density 0.5 (uncalibrated)" in row["tca_label"]
+    for k in ("dense_prefill_tps", "tca_prefill_tps", "dense_decode_tps", "tca_decode_tps"):
+        assert row[k] > 0
+    assert row["prefill_ratio"] == pytest.approx(row["tca_prefill_tps"] / row["dense_prefill_tps"])
+    assert 0 < row["kv_ratio"] < 1.0  # at n_ctx ~ 710 with w=256 the retention is smaller
+    md = bench.to_markdown(out["rows"], default_model)
+    assert "forced density 0.5 (uncalibrated)" in md and "| 700 |" in md
+
+
+def test_bench_bad_input(default_model, tmp_path, capsys):
+    assert bench.main_cli(_args(str(tmp_path / "missing.gguf"))) == 2
+    assert "not found" in capsys.readouterr().err
+    assert bench.main_cli(_args(default_model, **{"-p": "40000", "--density": "0.2"})) == 2
+    assert "exceeds the model's context" in capsys.readouterr().err
+    assert bench.main_cli(_args(default_model, **{"-p": "1000"})) == 2  # uncalibrated, no --density
+    assert "not calibrated" in capsys.readouterr().err
+    assert bench.main_cli(_args(default_model, **{"--density": "1.5"})) == 2
+    with pytest.raises(SystemExit):
+        _args(default_model, **{"-p": "abc"})

@@ -7,9 +7,16 @@
    layer are captured *after RoPE* (the tensors named `Qcur-L` / `Kcur-L` in llama.cpp's
    graph) by llama.cpp's eval callback, the way llama-imatrix collects its statistics,
    and stored as float16 (n x heads x d per layer: 8K tokens of the default model = 200 MB).
-2. For each (layer, KV head): the selection of design §3 is simulated once with the last
-   query over the whole text for every candidate budget of the grid, and the coverage is
-   measured over probe queries, blockwise (`reference.coverage_of_kept`): no L x L matrix.
+2. For each (layer, KV head) and every candidate budget of the grid, the selection of
+   design §3 is simulated and the coverage measured over probe queries, blockwise (no L x L
+   matrix). Two modes:
+   * "chunked" (default): the prefill inference runs -- ubatches of `ubatch` tokens, all
+     aged blocks re-selected with each ubatch's last query, evictions final; a probe is
+     scored against the set retained after its own ubatch's compaction
+     (`reference.calibrate_head_chunked`);
+   * "single": one selection with the last query over the whole text, every probe scored
+     against that one set (`reference.calibrate_head`, the paper's setting).
+   The mode is recorded in `tca.calib.tool`, e.g. "tca_ggml 0.1.0 (chunked, ubatch 512)".
 3. The sparsest candidate reaching tau wins (dense if none), and everything is written as
    `tca.*` metadata into a byte-for-byte streamed copy of the GGUF.
 """
@@ -112,11 +119,23 @@ def capture_qk(model_path: str, tokens: list, n_threads: Optional[int] = None,
     return Capture(Q, K, n)
 
 
+def calib_tool_string(mode: str, ubatch: int = 512) -> str:
+    """Provenance recorded in `tca.calib.tool`: the tool, its version and the simulation mode."""
+    how = f"chunked, ubatch {int(ubatch)}" if mode == "chunked" else "single-shot"
+    return f"tca_ggml {__version__} ({how})"
+
+
 def calibrate(model_path: str, out_path: Optional[str] = None, text: Optional[str] = None,
               text_name: Optional[str] = None, n_ctx: int = 8192, tau: float = 0.9,
               alpha: float = 0.5, block: int = 128, window: int = 4096, n_sink: int = 4,
-              n_threads: Optional[int] = None, progress: bool = True, overwrite: bool = False):
-    """Calibrate `model_path`; write `out_path` (if given); return the TCABudgets."""
+              n_threads: Optional[int] = None, progress: bool = True, overwrite: bool = False,
+              mode: str = "chunked", ubatch: int = 512):
+    """Calibrate `model_path`; write `out_path` (if given); return the TCABudgets.
+
+    ``mode``: "chunked" (default) simulates the per-ubatch re-selection inference runs,
+    with ubatches of ``ubatch`` tokens (use the n_ubatch of inference, llama.cpp's default
+    is 512); "single" simulates one selection with the last query (``ubatch`` unused).
+    """
     from .gguf_meta import TCABudgets, read_model_shape, write_calibrated
     from .llama import Llama
     if block <= 0 or block & (block - 1):
@@ -127,6 +146,11 @@ def calibrate(model_path: str, out_path: Optional[str] = None, text: Optional[st
         raise CalibrationError(f"--tau must be in (0, 1], got {tau}")
     if not 0.0 <= alpha <= 1.0:
         raise CalibrationError(f"--alpha must be in [0, 1], got {alpha}")
+    if mode not in ("chunked", "single"):
+        raise CalibrationError(f"mode must be 'chunked' or 'single', got {mode!r}")
+    if isinstance(ubatch, bool) or not isinstance(ubatch, (int, np.integer)) or ubatch < 1:
+        raise CalibrationError(f"ubatch must be a positive integer, got {ubatch!r}")
+    ubatch = int(ubatch)
     if text is None:
         text_name, text = default_text()
     text_name = text_name or "custom"
@@ -153,10 +177,14 @@ def calibrate(model_path: str, out_path: Optional[str] = None, text: Optional[st
         nh, nkv = Q.shape[1], K.shape[1]
         G = nh // nkv
         for g in range(nkv):
-            c, p, dsty, cov = reference.calibrate_head(
-                Q[:, g * G:(g + 1) * G, :].astype(np.float32), K[:, g, :].astype(np.float32), tau=tau,
-                block_size=block, window=window, n_sink=n_sink, alpha=alpha, mu=mu, sigma=sigma,
-                k_values=k_values)
+            Qg = Q[:, g * G:(g + 1) * G, :].astype(np.float32)
+            Kg = K[:, g, :].astype(np.float32)
+            kw = dict(tau=tau, block_size=block, window=window, n_sink=n_sink, alpha=alpha, mu=mu,
+                      sigma=sigma, k_values=k_values)
+            if mode == "chunked":
+                c, p, dsty, cov = reference.calibrate_head_chunked(Qg, Kg, ubatch=ubatch, **kw)
+            else:
+                c, p, dsty, cov = reference.calibrate_head(Qg, Kg, **kw)
             cands.append(c); ps.append(p); dens.append(dsty); covs.append(cov)
         if progress:
             sys.stderr.write(f"\r[calibrate] selection simulated for layer {il + 1}/{n_layer} "
@@ -169,7 +197,7 @@ def calibrate(model_path: str, out_path: Optional[str] = None, text: Optional[st
         p=np.array(ps, dtype=np.float32), density=np.array(dens, dtype=np.float32),
         coverage=np.array(covs, dtype=np.float32), calib_text_name=text_name,
         calib_text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        calib_n_tokens=len(tokens), n_sink=n_sink, calib_tool=f"tca_ggml {__version__}")
+        calib_n_tokens=len(tokens), n_sink=n_sink, calib_tool=calib_tool_string(mode, ubatch))
     budgets.validate(model_n_layer=n_layer_m, model_n_head_kv=n_head_kv_m)
     budgets.timings = {"dense_pass_s": t_pass, "selection_s": time.perf_counter() - t1}
     if out_path is not None:

@@ -31,7 +31,7 @@ def _cmd_calibrate(a) -> int:
     t0 = time.perf_counter()
     b = calibrate.calibrate(a.model, a.output, text=text, text_name=name, n_ctx=a.ctx, tau=a.tau,
                             alpha=a.alpha, block=a.block, window=a.window, n_threads=a.threads,
-                            overwrite=a.force)
+                            overwrite=a.force, mode=a.mode, ubatch=a.ubatch)
     dt = time.perf_counter() - t0
     _print_table(b)
     print(f"\ncalibrated {a.model} -> {a.output} in {dt:.0f} s "
@@ -125,6 +125,9 @@ def main(argv=None) -> int:
     c.add_argument("--block", type=int, default=128)
     c.add_argument("--window", type=int, default=4096)
     c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--mode", choices=["chunked", "single"], default="chunked",
+                   help="chunked: replay llama.cpp's per-ubatch re-selection (default); single: one selection with the last query")
+    c.add_argument("--ubatch", type=int, default=512, help="ubatch size the chunked mode replays")
     c.add_argument("-f", "--force", action="store_true", help="overwrite the output")
     i = sub.add_parser("inspect", help="show a GGUF's TCA budgets")
     i.add_argument("model")

@@ -56,8 +56,8 @@ def haystack(n_chars: int) -> str:
     s = essays
     while len(s) < n_chars:
         s += "\n\n" + essays
-    cut = s.rfind("\n\n", 0, n_chars)
-    return s[: cut if cut > n_chars // 2 else n_chars]
+    cut = s.rfind("\n", 0, n_chars)  # a line boundary close to n_chars (essays use single newlines)
+    return s[: cut if cut >= n_chars * 0.95 else n_chars]
 
 
 def plant(text: str, needle: str, depth: float) -> str:

@@ -3,6 +3,11 @@
 ggml_flash_attn_ext on the same shapes (dense: every query sees every row).
 
     TCA_GGML_LIB=build/op/libtca_ggml.so python3 native/bench_tca_attn.py [--fa]
+    TCA_GGML_LIB=build/cuda/libtca_ggml.so python3 native/bench_tca_attn.py --backend CUDA0 --fa
+
+With --backend the graph runs on that ggml backend (tca_test_bench_attn_backend): each compute
+holds --ops copies of the op (launch/sync overhead amortised) and the time is per op; K/V stay
+resident, so small K/V partly hit the GPU's L2 (both ops alike).
 
 Defaults: d=64, n_head=14, n_head_kv=2, 512 queries over 8192 rows per KV head, f16 K/V,
 2 threads. Prints milliseconds per graph compute (best of --reps after a warm-up), wall
@@ -40,23 +45,31 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--fa", action="store_true", help="also time ggml_flash_attn_ext")
+    ap.add_argument("--backend", default=None, help="ggml backend name (CUDA0, CPU, ...); default: CPU as before")
+    ap.add_argument("--ops", type=int, default=20, help="op copies per graph with --backend")
     ap.add_argument("--cpu-time", action="store_true",
                     help="process CPU time instead of wall time (use with --threads 1 on a loaded machine)")
     a = ap.parse_args()
     ffi = cffi.FFI()
     ffi.cdef("double tca_test_bench_attn(int which, int d, int n_head, int n_head_kv, int n_tokens, "
-             "int n_kv, int kv_type, int n_threads, int reps, int cpu_time);")
+             "int n_kv, int kv_type, int n_threads, int reps, int cpu_time);"
+             "double tca_test_bench_attn_backend(const char * backend, int which, int d, int n_head, int n_head_kv, "
+             "int n_tokens, int n_kv, int kv_type, int n_threads, int reps, int n_ops);")
     lib = ffi.dlopen(lib_path())
     shape = (a.d, a.n_head, a.n_head_kv, a.n_tokens, a.n_kv, TYPES[a.type], a.threads, a.reps, int(a.cpu_time))
     flops = 4.0 * a.d * a.n_head * a.n_tokens * a.n_kv
     for which, name in ((0, "ggml_tca_attn"), (1, "ggml_flash_attn_ext")):
         if which == 1 and not a.fa:
             continue
-        t = lib.tca_test_bench_attn(which, *shape)
+        if a.backend:
+            t = lib.tca_test_bench_attn_backend(a.backend.encode(), which, *shape[:-1], a.ops)
+        else:
+            t = lib.tca_test_bench_attn(which, *shape)
         if t < 0:
             raise SystemExit(f"{name}: error {t}")
         print(f"{name:20s} d={a.d} n_head={a.n_head} n_head_kv={a.n_head_kv} n_tokens={a.n_tokens} "
-              f"n_kv={a.n_kv} {a.type} threads={a.threads}: {t * 1e3:8.2f} ms {'cpu' if a.cpu_time else 'wall'} "
+              f"n_kv={a.n_kv} {a.type} {a.backend or f'threads={a.threads}'}: {t * 1e3:8.3f} ms "
+              f"{'cpu' if a.cpu_time else 'wall'} "
               f"({flops / t / 1e9:.1f} GFLOP/s)")
     return 0
 

@@ -11,4 +11,8 @@ mkdir -p "$tmp/examples" .devcarry
 ( cd "$src" && cp -r CMakeLists.txt cmake ggml src include vendor licenses LICENSE .tca_ggml_stamp "$tmp/" && cp -r examples/simple "$tmp/examples/" )
 tar czf .devcarry/upstream.tgz -C "$tmp" .
 rm -rf "$tmp"
-ls -la .devcarry/upstream.tgz
+# the lent machine's python 3.12 has numpy and pytest but no cffi
+mkdir -p .devcarry/wheels
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .devcarry/wheels cffi pycparser || true
+ls -la .devcarry/upstream.tgz .devcarry/wheels

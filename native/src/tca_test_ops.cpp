@@ -10,6 +10,7 @@
 //   out  [n_tokens][n_head][d]     (ggml tensor [d, n_head, n_tokens])
 #include "ggml.h"
 #include "ggml-backend.h"
+#include "ggml-alloc.h"
 #include "ggml-cpu.h"
 
 #include <algorithm>
@@ -33,6 +34,8 @@ enum {
     TCA_TEST_E_SCALE    = -5,  // scale not finite
     TCA_TEST_E_ALLOC    = -6,  // ggml context / backend could not be created
     TCA_TEST_E_COMPUTE  = -7,  // graph compute failed
+    TCA_TEST_E_BACKEND  = -10, // no backend of that name in this build / on this machine
+    TCA_TEST_E_UNSUPP   = -11, // the backend does not support this node (supports_op)
 };
 
 static bool tca_test_type_ok(int kv_type, int64_t d) {
@@ -249,4 +252,165 @@ TCA_TEST_API double tca_test_bench_attn(int which, int d, int n_head, int n_head
     }
     ggml_backend_free(be);
     return best;
+}
+
+// ------------------------------------------------------------------------------------------
+// The same op on a named backend ("CPU", "CUDA0", ...): inputs uploaded into a buffer of that
+// backend, the output poisoned with NaN first. Same arguments and return codes as
+// tca_test_tca_attn, plus TCA_TEST_E_BACKEND (no such backend) and TCA_TEST_E_UNSUPP
+// (ggml_backend_supports_op says no). n_threads only matters for CPU backends.
+namespace {
+
+struct tca_test_backend_graph {
+    ggml_backend_t        be  = nullptr;
+    ggml_context        * ctx = nullptr;
+    ggml_backend_buffer_t buf = nullptr;
+    ggml_cgraph         * gf  = nullptr;
+    ~tca_test_backend_graph() {
+        if (buf) ggml_backend_buffer_free(buf);
+        if (ctx) ggml_free(ctx);
+        if (be)  ggml_backend_free(be);
+    }
+};
+
+int tca_test_backend_open(tca_test_backend_graph & B, const char * backend, int n_threads, size_t n_tensors) {
+    ggml_backend_dev_t dev = ggml_backend_dev_by_name(backend);
+    if (!dev) return TCA_TEST_E_BACKEND;
+    B.be = ggml_backend_dev_init(dev, nullptr);
+    if (!B.be) return TCA_TEST_E_BACKEND;
+    if (ggml_backend_is_cpu(B.be)) ggml_backend_cpu_set_n_threads(B.be, n_threads);
+    ggml_init_params ip = { n_tensors*ggml_tensor_overhead() + ggml_graph_overhead() + 64*1024, nullptr, true };
+    B.ctx = ggml_init(ip);
+    return B.ctx ? TCA_TEST_OK : TCA_TEST_E_ALLOC;
+}
+
+// uploads n_rows rows of d floats, stored as t->type
+void tca_test_upload_rows(ggml_tensor * t, const float * src, int64_t d, int64_t n_rows) {
+    if (n_rows == 0 || !src) return;
+    std::vector<uint8_t> tmp(ggml_nbytes(t));
+    tca_test_store_rows(t->type, src, tmp.data(), d, n_rows);
+    ggml_backend_tensor_set(t, tmp.data(), 0, tmp.size());
+}
+
+} // namespace
+
+TCA_TEST_API int tca_test_tca_attn_backend(const char * backend, int d, int n_head, int n_head_kv, int n_tokens,
+                                           int n_slots, int kv_type, const float * q, const float * k,
+                                           const float * v, const int32_t * kpos, const int32_t * meta,
+                                           const int32_t * qpos, float scale, int n_threads, float * out) {
+    if (!backend) return TCA_TEST_E_NULL;
+    int rc = tca_test_check(d, n_head, n_head_kv, n_tokens, n_slots, kv_type, q, k, v, kpos, meta, qpos, scale, n_threads);
+    if (rc != TCA_TEST_OK) return rc;
+    if (!out) return TCA_TEST_E_NULL;
+
+    tca_test_backend_graph B;
+    rc = tca_test_backend_open(B, backend, n_threads, 16);
+    if (rc != TCA_TEST_OK) return rc;
+
+    const ggml_type type = (ggml_type) kv_type;
+    ggml_tensor * tq  = ggml_new_tensor_3d(B.ctx, GGML_TYPE_F32, d, n_tokens, n_head);
+    ggml_tensor * tk  = ggml_new_tensor_2d(B.ctx, type, d, n_slots);
+    ggml_tensor * tv  = ggml_new_tensor_2d(B.ctx, type, d, n_slots);
+    ggml_tensor * tkp = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, n_slots);
+    ggml_tensor * tm  = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, 2*n_head_kv);
+    ggml_tensor * tqp = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, n_tokens);
+    ggml_tensor * to  = ggml_tca_attn(B.ctx, tq, tk, tv, tkp, tm, tqp, n_head_kv, scale);
+    if (!ggml_backend_supports_op(B.be, to)) return TCA_TEST_E_UNSUPP;
+    B.gf = ggml_new_graph(B.ctx);
+    ggml_build_forward_expand(B.gf, to);
+    B.buf = ggml_backend_alloc_ctx_tensors(B.ctx, B.be);
+    if (!B.buf) return TCA_TEST_E_ALLOC;
+
+    ggml_backend_tensor_set(tq, q, 0, ggml_nbytes(tq));
+    tca_test_upload_rows(tk, k, d, n_slots);
+    tca_test_upload_rows(tv, v, d, n_slots);
+    if (n_slots > 0) ggml_backend_tensor_set(tkp, kpos, 0, ggml_nbytes(tkp));
+    ggml_backend_tensor_set(tm, meta, 0, ggml_nbytes(tm));
+    ggml_backend_tensor_set(tqp, qpos, 0, ggml_nbytes(tqp));
+    {
+        std::vector<float> nan(ggml_nelements(to), std::numeric_limits<float>::quiet_NaN());
+        ggml_backend_tensor_set(to, nan.data(), 0, ggml_nbytes(to));
+    }
+
+    if (ggml_backend_graph_compute(B.be, B.gf) != GGML_STATUS_SUCCESS) return TCA_TEST_E_COMPUTE;
+    ggml_backend_tensor_get(to, out, 0, ggml_nbytes(to));
+    return TCA_TEST_OK;
+}
+
+// Benchmark on a named backend: seconds per op (best of reps graph computes, after one warm-up,
+// each graph holding n_ops independent copies of the op on the same inputs, so that launch and
+// synchronisation costs are amortised; the inputs stay resident, i.e. partly in the GPU's L2
+// for small K/V). Shapes and data as tca_test_bench_attn:
+//   which = 0: ggml_tca_attn, which = 1: ggml_flash_attn_ext (k/v [d, n_kv, n_head_kv], zero f16 mask).
+// Returns -10 (no backend), -11 (unsupported), other negatives on bad arguments or failure.
+TCA_TEST_API double tca_test_bench_attn_backend(const char * backend, int which, int d, int n_head, int n_head_kv,
+                                                int n_tokens, int n_kv, int kv_type, int n_threads, int reps,
+                                                int n_ops) {
+    if (!backend || which < 0 || which > 1 || reps <= 0 || n_ops <= 0 || n_ops > 256 || n_kv <= 0 ||
+        n_head_kv <= 0 || (int64_t) n_kv*n_head_kv > (1 << 26)) return -2.0;
+    if (d <= 0 || d > 4096 || n_head <= 0 || n_head > 4096 || n_tokens <= 0 || n_tokens > (1 << 20)) return -2.0;
+    const int n_slots = n_kv*n_head_kv;
+    std::vector<int32_t> meta(2*(size_t) n_head_kv), qpos(n_tokens), kpos(n_slots);
+    for (int g = 0; g < n_head_kv; ++g) { meta[2*g] = g*n_kv; meta[2*g + 1] = n_kv; }
+    for (int j = 0; j < n_slots; ++j) kpos[j] = j % n_kv;
+    for (int t = 0; t < n_tokens; ++t) qpos[t] = n_kv + t;
+    const float scale = 1.0f/std::sqrt((float) d);
+    std::mt19937 rng(42);
+    std::normal_distribution<float> N(0.f, 1.f);
+    std::vector<float> Q((size_t) d*n_head*n_tokens), K((size_t) d*n_slots), V((size_t) d*n_slots);
+    for (auto & x : Q) x = N(rng);
+    for (auto & x : K) x = N(rng);
+    for (auto & x : V) x = N(rng);
+    if (tca_test_check(d, n_head, n_head_kv, n_tokens, n_slots, kv_type, Q.data(), K.data(), V.data(),
+                       kpos.data(), meta.data(), qpos.data(), scale, std::max(n_threads, 1)) != TCA_TEST_OK) {
+        return -2.0;
+    }
+
+    tca_test_backend_graph B;
+    const int rc = tca_test_backend_open(B, backend, std::max(n_threads, 1), 8 + (size_t) n_ops);
+    if (rc != TCA_TEST_OK) return (double) rc;
+    const ggml_type type = (ggml_type) kv_type;
+    ggml_tensor * tq = ggml_new_tensor_3d(B.ctx, GGML_TYPE_F32, d, n_tokens, n_head);
+    ggml_tensor * tk = nullptr, * tv = nullptr, * tkp = nullptr, * tm = nullptr, * tqp = nullptr, * tmask = nullptr;
+    std::vector<ggml_tensor *> outs;
+    if (which == 0) {
+        tk  = ggml_new_tensor_2d(B.ctx, type, d, n_slots);
+        tv  = ggml_new_tensor_2d(B.ctx, type, d, n_slots);
+        tkp = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, n_slots);
+        tm  = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, 2*n_head_kv);
+        tqp = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, n_tokens);
+        for (int r = 0; r < n_ops; ++r) outs.push_back(ggml_tca_attn(B.ctx, tq, tk, tv, tkp, tm, tqp, n_head_kv, scale));
+    } else {
+        tk    = ggml_new_tensor_3d(B.ctx, type, d, n_kv, n_head_kv);
+        tv    = ggml_new_tensor_3d(B.ctx, type, d, n_kv, n_head_kv);
+        tmask = ggml_new_tensor_2d(B.ctx, GGML_TYPE_F16, n_kv, n_tokens);
+        for (int r = 0; r < n_ops; ++r) outs.push_back(ggml_flash_attn_ext(B.ctx, tq, tk, tv, tmask, scale, 0.0f, 0.0f));
+    }
+    if (!ggml_backend_supports_op(B.be, outs[0])) return (double) TCA_TEST_E_UNSUPP;
+    B.gf = ggml_new_graph(B.ctx);
+    for (ggml_tensor * o : outs) ggml_build_forward_expand(B.gf, o);
+    B.buf = ggml_backend_alloc_ctx_tensors(B.ctx, B.be);
+    if (!B.buf) return -3.0;
+
+    ggml_backend_tensor_set(tq, Q.data(), 0, ggml_nbytes(tq));
+    tca_test_upload_rows(tk, K.data(), d, n_slots);
+    tca_test_upload_rows(tv, V.data(), d, n_slots);
+    if (which == 0) {
+        ggml_backend_tensor_set(tkp, kpos.data(), 0, ggml_nbytes(tkp));
+        ggml_backend_tensor_set(tm, meta.data(), 0, ggml_nbytes(tm));
+        ggml_backend_tensor_set(tqp, qpos.data(), 0, ggml_nbytes(tqp));
+    } else {
+        std::vector<uint8_t> zero(ggml_nbytes(tmask), 0);  // f16 +0.0
+        ggml_backend_tensor_set(tmask, zero.data(), 0, zero.size());
+    }
+
+    double best = std::numeric_limits<double>::infinity();
+    for (int r = 0; r <= reps; ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        const ggml_status st = ggml_backend_graph_compute(B.be, B.gf);  // synchronous
+        const auto t1 = std::chrono::steady_clock::now();
+        if (st != GGML_STATUS_SUCCESS) return -4.0;
+        if (r > 0) best = std::min(best, std::chrono::duration<double>(t1 - t0).count());
+    }
+    return best/n_ops;
 }

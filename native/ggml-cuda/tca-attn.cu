@@ -1,0 +1,1081 @@
+// tca_ggml — CUDA kernels of GGML_OP_TCA_ATTN.
+//
+// Semantics (ggml.h, as the CPU kernel native/ggml-cpu/tca-attn.cpp): for query head h (KV head
+// g = h / (n_head/n_head_kv)) and token t,
+//   o = softmax(scale * q . K_j) V  over the rows j in [meta[2g], meta[2g] + meta[2g+1]) with
+//   kpos[j] <= qpos[t];  o = 0 when no row is visible.
+//
+// A CTA owns one KV head g, a range of g's query heads and a tile of tokens (the "queries" of
+// the CTA: heads x tokens), so that every K/V row it brings into shared memory serves all of
+// them. It walks the head's rows in chunks (skipping chunks no query of the CTA can see) with an
+// online softmax in f32 (running max m, running sum l, unnormalised accumulator). The rows of a
+// head can be split over several CTAs (blockIdx.y, split-K / flash-decoding): each split then
+// writes (m, l, acc) and tca_attn_combine merges them, so that one decode query still fills
+// the GPU. The head ranges live in device memory (meta), so the split is decided on the host
+// from n_slots / n_head_kv and each split takes its share of the head's actual chunks.
+//
+// Two kernels:
+//  - tca_attn_ffma: f32 FMA everywhere (K/V dequantised to f32 in shared memory). Used for f32
+//    K/V (exact f32, like the CPU) and for few queries per KV head (decode).
+//  - tca_attn_mma:  tensor cores (mma.sync m16n8k16 f16 x f16 -> f32, Ampere+), for f16 / q8_0
+//    K/V with many queries (prefill). 4 warps x 16 queries; q, K (q8_0 dequantised) and the
+//    probabilities P are rounded to f16 for the products (as upstream's flash attention does),
+//    scores, softmax and accumulators are f32.
+// TCA_CUDA_ATTN=ffma|mma (environment, read per call) forces one kernel (tests, benchmarks).
+#include "tca-attn.cuh"
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#define TCA_NT 128  // threads per CTA (4 warps)
+
+namespace {
+
+struct tca_args {
+    const char * q;
+    const char * k;
+    const char * v;
+    const int  * kpos;
+    const int  * meta;
+    const int  * qpos;
+    float      * dst;       // [D, n_head, T]
+    float      * part_acc;  // [nsplit][T][n_head][D]   (nsplit > 1)
+    float2     * part_ml;   // [nsplit][T][n_head] (m, l)
+    int          T;
+    int          n_head;
+    int          n_head_kv;
+    int          n_slots;
+    int          hs;        // query heads per CTA
+    int          nhs;       // head ranges per KV head
+    int          tt;        // tokens per CTA
+    int          nsplit;
+    size_t       q_nb1;
+    size_t       q_nb2;
+    size_t       k_nb1;
+    size_t       v_nb1;
+    float        scale;
+};
+
+__device__ __forceinline__ float tca_warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o, 32));
+    }
+    return x;
+}
+
+__device__ __forceinline__ float tca_warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        x += __shfl_xor_sync(0xffffffff, x, o, 32);
+    }
+    return x;
+}
+
+__device__ __forceinline__ int tca_warp_min_i(int x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        x = min(x, __shfl_xor_sync(0xffffffff, x, o, 32));
+    }
+    return x;
+}
+
+__device__ __forceinline__ int tca_warp_max_i(int x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        x = max(x, __shfl_xor_sync(0xffffffff, x, o, 32));
+    }
+    return x;
+}
+
+// the CTA of blockIdx.x: KV head g, its first query head h0 and count nh, first token t0 and count ntk
+struct tca_cta {
+    int g, h0, nh, t0, ntk;
+};
+
+__device__ __forceinline__ tca_cta tca_cta_of(const tca_args & a) {
+    int bx = blockIdx.x;
+    const int hr = bx % a.nhs;
+    bx /= a.nhs;
+    tca_cta c;
+    c.g = bx % a.n_head_kv;
+    const int tile = bx / a.n_head_kv;
+    const int G = a.n_head / a.n_head_kv;
+    c.h0  = c.g*G + hr*a.hs;
+    c.nh  = min(a.hs, G - hr*a.hs);
+    c.t0  = tile*a.tt;
+    c.ntk = min(a.tt, a.T - c.t0);
+    return c;
+}
+
+// rows [off, off + len) of the head, clamped to the slots (the CPU asserts this instead)
+__device__ __forceinline__ void tca_head_rows(const tca_args & a, int g, int & off, int & len) {
+    off = a.meta[2*g];
+    len = a.meta[2*g + 1];
+    off = min(max(off, 0), a.n_slots);
+    len = min(max(len, 0), a.n_slots - off);
+}
+
+// the chunks [c0, c1) of this split
+__device__ __forceinline__ void tca_split_chunks(int len, int C, int nsplit, int & c0, int & c1) {
+    const int nchunk = (len + C - 1)/C;
+    const int per    = (nchunk + nsplit - 1)/nsplit;
+    c0 = min(nchunk, (int) blockIdx.y*per);
+    c1 = min(nchunk, c0 + per);
+}
+
+// ------------------------------------------------------------------------------------------
+// FFMA kernel
+// ------------------------------------------------------------------------------------------
+template <int D, int NQ>
+struct tca_ffma_cfg {
+    static constexpr int C   = 32;                // rows per chunk (one per lane in phase A)
+    static constexpr int DP  = D + 4;             // padded row (floats): conflict-free float4 columns
+    static constexpr int DT  = D/4;               // threads covering one output row (float4 each)
+    static constexpr int NG  = TCA_NT/DT;         // thread groups in the P.V phase
+    static constexpr int NGQ = NQ/8 < 1 ? 1 : (NQ/8 > NG ? NG : NQ/8);  // groups over queries
+    static constexpr int QPT = NQ/NGQ;            // queries per thread
+    static constexpr int NGR = NG/NGQ;            // groups over rows (reduced at the end)
+    // shared memory, in floats
+    static constexpr int OFF_Q  = 0;              // Qs [NQ][DP]
+    static constexpr int OFF_K  = OFF_Q  + NQ*DP; // Ks [C][DP]
+    static constexpr int OFF_V  = OFF_K  + C*DP;  // Vs [C][DP]
+    static constexpr int OFF_SP = OFF_V  + C*DP;  // Sp [4][NQ][C]  partial scores (4 slices of D)
+    static constexpr int OFF_P  = OFF_SP + 4*NQ*C;// Ps [NQ][C]     probabilities
+    static constexpr int OFF_M  = OFF_P  + NQ*C;  // running max
+    static constexpr int OFF_L  = OFF_M  + NQ;    // running sum
+    static constexpr int OFF_MS = OFF_L  + NQ;    // rescale factor of the current chunk
+    static constexpr int OFF_KP = OFF_MS + NQ;    // int kpos of the chunk [C]
+    static constexpr int OFF_QP = OFF_KP + C;     // int qpos of each query [NQ]
+    static constexpr int OFF_QV = OFF_QP + NQ;    // int query valid [NQ]
+    static constexpr int NF     = OFF_QV + NQ;
+    static constexpr size_t SMEM = (size_t) NF*sizeof(float);
+
+    static_assert(D % 16 == 0 && TCA_NT % DT == 0, "unsupported head size");
+    static_assert(NQ % NGQ == 0 && NG % NGQ == 0, "bad query split");
+    static_assert((NGR - 1)*NQ*D <= 2*C*DP, "row-group reduction does not fit in Ks+Vs");
+};
+
+// One chunk of C rows of K or V: every global load of the chunk is issued first (load()), then
+// converted and written to shared memory (store_f32 / store_f16), so that a chunk costs one
+// memory round trip. Units of 16 bytes (f32: 4 values, f16: 8 values) or, for q8_0, pairs of
+// blocks (68 bytes = 17 aligned words: rows hold an even number of 34-byte blocks, so a pair
+// starts 4-byte aligned). Rows [nc, C) read as zero (their probabilities are 0, and 0 * garbage
+// could be NaN).
+__device__ __forceinline__ uint32_t tca_pack_h2(const float lo, const float hi) {
+    const half2 h = __floats2half2_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &h, sizeof(u));
+    return u;
+}
+
+__device__ __forceinline__ float tca_q8_val(const uint32_t (&w)[17], const int byte) {
+    return (float) (int8_t) (w[byte >> 2] >> (8*(byte & 3)));
+}
+
+template <int D, int TYPE, int C>
+struct tca_tile {
+    static constexpr bool Q8  = TYPE == GGML_TYPE_Q8_0;
+    static constexpr int  VPU = TYPE == GGML_TYPE_F32 ? 4 : 8;  // values per 16-byte unit
+    static constexpr int  UPR = Q8 ? D/(2*QK8_0) : D/VPU;       // units per row
+    static constexpr int  NU  = C*UPR;
+    static constexpr int  IT  = (NU + TCA_NT - 1)/TCA_NT;
+    static constexpr int  W   = Q8 ? 17 : 4;                     // 32-bit words per unit
+    static_assert(!Q8 || D % (2*QK8_0) == 0, "q8_0 rows of an even number of blocks");
+
+    uint32_t w[IT][W];
+
+    __device__ __forceinline__ void load(const char * __restrict__ src, const size_t nb1, const int nc) {
+#pragma unroll
+        for (int it = 0; it < IT; ++it) {
+            const int  e  = threadIdx.x + it*TCA_NT;
+            const int  r  = e / UPR;
+            const int  c  = e % UPR;
+            const bool ok = (NU % TCA_NT == 0 || e < NU) && r < nc;
+            if constexpr (Q8) {
+                const uint32_t * p = (const uint32_t *) (src + (size_t) r*nb1 + c*(2*sizeof(block_q8_0)));
+#pragma unroll
+                for (int k = 0; k < W; ++k) {
+                    w[it][k] = ok ? p[k] : 0u;
+                }
+            } else {
+                uint4 x = make_uint4(0u, 0u, 0u, 0u);
+                if (ok) {
+                    x = *(const uint4 *) (src + (size_t) r*nb1 + c*16);
+                }
+                w[it][0] = x.x; w[it][1] = x.y; w[it][2] = x.z; w[it][3] = x.w;
+            }
+        }
+    }
+
+    // -> f32 rows of stride DP floats
+    template <int DP>
+    __device__ __forceinline__ void store_f32(float * __restrict__ dst) const {
+#pragma unroll
+        for (int it = 0; it < IT; ++it) {
+            const int e = threadIdx.x + it*TCA_NT;
+            if (NU % TCA_NT != 0 && e >= NU) {
+                continue;
+            }
+            const int r = e / UPR;
+            const int c = e % UPR;
+            if constexpr (Q8) {
+                float * o = dst + r*DP + c*2*QK8_0;
+                const float d0 = __half2float(__ushort_as_half((unsigned short) (w[it][0] & 0xffffu)));
+                const float d1 = __half2float(__ushort_as_half((unsigned short) (w[it][8] >> 16)));
+#pragma unroll
+                for (int m = 0; m < QK8_0/4; ++m) {
+                    *(float4 *) (o + 4*m) = make_float4(d0*tca_q8_val(w[it], 2 + 4*m + 0), d0*tca_q8_val(w[it], 2 + 4*m + 1),
+                                                        d0*tca_q8_val(w[it], 2 + 4*m + 2), d0*tca_q8_val(w[it], 2 + 4*m + 3));
+                    *(float4 *) (o + QK8_0 + 4*m) = make_float4(d1*tca_q8_val(w[it], 36 + 4*m + 0), d1*tca_q8_val(w[it], 36 + 4*m + 1),
+                                                                d1*tca_q8_val(w[it], 36 + 4*m + 2), d1*tca_q8_val(w[it], 36 + 4*m + 3));
+                }
+            } else if constexpr (TYPE == GGML_TYPE_F32) {
+                *(uint4 *) (dst + r*DP + c*4) = make_uint4(w[it][0], w[it][1], w[it][2], w[it][3]);
+            } else {
+                float f[8];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const float2 h = __half22float2(__halves2half2(__ushort_as_half((unsigned short) (w[it][k] & 0xffffu)),
+                                                                   __ushort_as_half((unsigned short) (w[it][k] >> 16))));
+                    f[2*k + 0] = h.x;
+                    f[2*k + 1] = h.y;
+                }
+                *(float4 *) (dst + r*DP + c*8 + 0) = make_float4(f[0], f[1], f[2], f[3]);
+                *(float4 *) (dst + r*DP + c*8 + 4) = make_float4(f[4], f[5], f[6], f[7]);
+            }
+        }
+    }
+
+    // -> f16 rows of stride DH halves (f16 / q8_0)
+    template <int DH>
+    __device__ __forceinline__ void store_f16(half * __restrict__ dst) const {
+#pragma unroll
+        for (int it = 0; it < IT; ++it) {
+            const int e = threadIdx.x + it*TCA_NT;
+            if (NU % TCA_NT != 0 && e >= NU) {
+                continue;
+            }
+            const int r = e / UPR;
+            const int c = e % UPR;
+            if constexpr (Q8) {
+                uint4 * o = (uint4 *) (dst + r*DH + c*2*QK8_0);
+                const float d0 = __half2float(__ushort_as_half((unsigned short) (w[it][0] & 0xffffu)));
+                const float d1 = __half2float(__ushort_as_half((unsigned short) (w[it][8] >> 16)));
+#pragma unroll
+                for (int m = 0; m < QK8_0/8; ++m) {
+                    uint4 x;
+                    x.x = tca_pack_h2(d0*tca_q8_val(w[it], 2 + 8*m + 0), d0*tca_q8_val(w[it], 2 + 8*m + 1));
+                    x.y = tca_pack_h2(d0*tca_q8_val(w[it], 2 + 8*m + 2), d0*tca_q8_val(w[it], 2 + 8*m + 3));
+                    x.z = tca_pack_h2(d0*tca_q8_val(w[it], 2 + 8*m + 4), d0*tca_q8_val(w[it], 2 + 8*m + 5));
+                    x.w = tca_pack_h2(d0*tca_q8_val(w[it], 2 + 8*m + 6), d0*tca_q8_val(w[it], 2 + 8*m + 7));
+                    o[m] = x;
+                    x.x = tca_pack_h2(d1*tca_q8_val(w[it], 36 + 8*m + 0), d1*tca_q8_val(w[it], 36 + 8*m + 1));
+                    x.y = tca_pack_h2(d1*tca_q8_val(w[it], 36 + 8*m + 2), d1*tca_q8_val(w[it], 36 + 8*m + 3));
+                    x.z = tca_pack_h2(d1*tca_q8_val(w[it], 36 + 8*m + 4), d1*tca_q8_val(w[it], 36 + 8*m + 5));
+                    x.w = tca_pack_h2(d1*tca_q8_val(w[it], 36 + 8*m + 6), d1*tca_q8_val(w[it], 36 + 8*m + 7));
+                    o[QK8_0/8 + m] = x;
+                }
+            } else {
+                static_assert(Q8 || TYPE == GGML_TYPE_F16, "f16 tiles: f16 or q8_0 K/V");
+                *(uint4 *) (dst + r*DH + c*8) = make_uint4(w[it][0], w[it][1], w[it][2], w[it][3]);
+            }
+        }
+    }
+};
+
+// the CTA's queries -> shared memory rows of stride LD (f32 or f16), zero for the padding
+// queries; loads issued in batches (scalar: q may be any contiguous view)
+template <int NQ, int D, int LD, bool F16, typename T>
+__device__ __forceinline__ void tca_load_q(const tca_args & a, const tca_cta & cta, T * __restrict__ dst) {
+    constexpr int N  = NQ*D;
+    constexpr int QB = N/TCA_NT < 8 ? (N/TCA_NT < 1 ? 1 : N/TCA_NT) : 8;
+    for (int e0 = 0; e0 < N; e0 += QB*TCA_NT) {
+        float x[QB];
+#pragma unroll
+        for (int b = 0; b < QB; ++b) {
+            const int e  = e0 + b*TCA_NT + threadIdx.x;
+            const int i  = e / D;
+            const int c  = e % D;
+            const int hh = i / a.tt;
+            const int tk = i % a.tt;
+            x[b] = 0.0f;
+            if (e < N && hh < cta.nh && tk < cta.ntk) {
+                x[b] = *(const float *) (a.q + (size_t) (cta.t0 + tk)*a.q_nb1 + (size_t) (cta.h0 + hh)*a.q_nb2 + c*sizeof(float));
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < QB; ++b) {
+            const int e = e0 + b*TCA_NT + threadIdx.x;
+            if (e < N) {
+                if constexpr (F16) {
+                    dst[(e / D)*LD + e % D] = __float2half(x[b]);
+                } else {
+                    dst[(e / D)*LD + e % D] = x[b];
+                }
+            }
+        }
+    }
+}
+
+// query i of the CTA <-> (head h0 + i / tt, token t0 + i % tt)
+template <int D, int NQ, int TYPE>
+__global__ void __launch_bounds__(TCA_NT) tca_attn_ffma(const tca_args a) {
+    using cfg = tca_ffma_cfg<D, NQ>;
+    constexpr int C  = cfg::C;
+    constexpr int DP = cfg::DP;
+
+    extern __shared__ float4 tca_smem_f4[];
+    float * sm  = (float *) tca_smem_f4;
+    float * Qs  = sm + cfg::OFF_Q;
+    float * Ks  = sm + cfg::OFF_K;
+    float * Vs  = sm + cfg::OFF_V;
+    float * Sp  = sm + cfg::OFF_SP;
+    float * Ps  = sm + cfg::OFF_P;
+    float * Ms  = sm + cfg::OFF_M;
+    float * Ls  = sm + cfg::OFF_L;
+    float * MSs = sm + cfg::OFF_MS;
+    int   * kps = (int *) (sm + cfg::OFF_KP);
+    int   * qps = (int *) (sm + cfg::OFF_QP);
+    int   * qvs = (int *) (sm + cfg::OFF_QV);
+
+    const int tid  = threadIdx.x;
+    const int lane = tid % 32;
+    const int w    = tid / 32;
+
+    const tca_cta cta = tca_cta_of(a);
+
+    // the head's rows, this split's chunks, the first chunk's positions (loads issued early)
+    int off, len;
+    tca_head_rows(a, cta.g, off, len);
+    int ch0, ch1;
+    tca_split_chunks(len, C, a.nsplit, ch0, ch1);
+    int kp_cur = (ch0 < ch1 && lane < len - ch0*C) ? a.kpos[off + ch0*C + lane] : INT_MAX;
+
+    // queries -> shared memory
+    tca_load_q<NQ, D, DP, false>(a, cta, Qs);
+    for (int i = tid; i < NQ; i += TCA_NT) {
+        const int  hh    = i / a.tt;
+        const int  tk    = i % a.tt;
+        const bool valid = hh < cta.nh && tk < cta.ntk;
+        qvs[i] = valid;
+        qps[i] = valid ? a.qpos[cta.t0 + tk] : 0;
+        Ms[i]  = -INFINITY;
+        Ls[i]  = 0.0f;
+        MSs[i] = 1.0f;
+    }
+    __syncthreads();
+
+    int qmax = INT_MIN;
+    bool any_valid = false;
+#pragma unroll
+    for (int i = 0; i < NQ; ++i) {
+        if (qvs[i]) {
+            qmax = max(qmax, qps[i]);
+            any_valid = true;
+        }
+    }
+    if (!any_valid) {
+        ch1 = ch0;
+    }
+
+    // P.V mapping: thread -> (query group zq, row group zr, float4 column c4)
+    const int z  = tid / cfg::DT;
+    const int c4 = tid % cfg::DT;
+    const int zq = z % cfg::NGQ;
+    const int zr = z / cfg::NGQ;
+
+    float acc[cfg::QPT][4];
+#pragma unroll
+    for (int u = 0; u < cfg::QPT; ++u) {
+        acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0.0f;
+    }
+
+    int kp_nxt = INT_MAX;
+    for (int ch = ch0; ch < ch1; ++ch, kp_cur = kp_nxt) {
+        const int r0 = ch*C;
+        const int nc = min(C, len - r0);
+        // the next chunk's positions, one chunk ahead
+        kp_nxt = (ch + 1 < ch1 && lane < len - r0 - C) ? a.kpos[off + r0 + C + lane] : INT_MAX;
+
+        // every warp has the chunk's positions: CTA-uniform skip without a barrier
+        const int kp   = kp_cur;
+        const int kmin = tca_warp_min_i(kp);
+        if (kmin > qmax) {
+            continue;  // no query of the CTA sees any row of the chunk: states unchanged
+        }
+        if (w == 0) {
+            kps[lane] = kp;
+        }
+        {
+            tca_tile<D, TYPE, C> tk, tv;
+            tk.load(a.k + (size_t) (off + r0)*a.k_nb1, a.k_nb1, nc);
+            tv.load(a.v + (size_t) (off + r0)*a.v_nb1, a.v_nb1, nc);
+            tk.template store_f32<DP>(Ks);
+            tv.template store_f32<DP>(Vs);
+        }
+        __syncthreads();
+
+        // phase A: warp w, lane j: partial q_i . K_j over the w-th quarter of the dims
+        {
+            float s[NQ];
+#pragma unroll
+            for (int i = 0; i < NQ; ++i) {
+                s[i] = 0.0f;
+            }
+            const float * kr = Ks + lane*DP + w*(D/4);
+            const float * qr = Qs + w*(D/4);
+#pragma unroll 4
+            for (int c = 0; c < D/4; c += 4) {
+                const float4 kk = *(const float4 *) (kr + c);
+#pragma unroll
+                for (int i = 0; i < NQ; ++i) {
+                    const float4 qq = *(const float4 *) (qr + i*DP + c);
+                    s[i] = fmaf(qq.x, kk.x, s[i]);
+                    s[i] = fmaf(qq.y, kk.y, s[i]);
+                    s[i] = fmaf(qq.z, kk.z, s[i]);
+                    s[i] = fmaf(qq.w, kk.w, s[i]);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < NQ; ++i) {
+                Sp[(w*NQ + i)*C + lane] = s[i];
+            }
+        }
+        __syncthreads();
+
+        // phase A2: one warp per query, lane j: mask, online softmax
+        for (int i = w; i < NQ; i += 4) {
+            if (!qvs[i]) {
+                Ps[i*C + lane] = 0.0f;
+                if (lane == 0) {
+                    MSs[i] = 1.0f;
+                }
+                continue;
+            }
+            const float sc = (Sp[(0*NQ + i)*C + lane] + Sp[(1*NQ + i)*C + lane] +
+                              Sp[(2*NQ + i)*C + lane] + Sp[(3*NQ + i)*C + lane])*a.scale;
+            const bool  vis = lane < nc && kps[lane] <= qps[i];
+            const float x   = vis ? sc : -INFINITY;
+            const float mc  = tca_warp_max(x);
+            const float mo  = Ms[i];
+            const float mn  = fmaxf(mo, mc);
+            const float mu  = mn == -INFINITY ? 0.0f : mn;
+            const float p   = vis ? expf(x - mu) : 0.0f;
+            const float sum = tca_warp_sum(p);
+            Ps[i*C + lane] = p;
+            if (lane == 0) {
+                const float ms = expf(mo - mu);  // 0 when mo == -inf
+                MSs[i] = ms;
+                Ls[i]  = Ls[i]*ms + sum;
+                Ms[i]  = mn;
+            }
+        }
+        __syncthreads();
+
+        // phase B: acc = acc*ms + P V over this thread's row group
+        {
+#pragma unroll
+            for (int u = 0; u < cfg::QPT; ++u) {
+                const float ms = MSs[zq*cfg::QPT + u];
+                acc[u][0] *= ms; acc[u][1] *= ms; acc[u][2] *= ms; acc[u][3] *= ms;
+            }
+            for (int j = zr; j < nc; j += cfg::NGR) {
+                const float4 vv = *(const float4 *) (Vs + j*DP + 4*c4);
+#pragma unroll
+                for (int u = 0; u < cfg::QPT; ++u) {
+                    const float p = Ps[(zq*cfg::QPT + u)*C + j];
+                    acc[u][0] = fmaf(p, vv.x, acc[u][0]);
+                    acc[u][1] = fmaf(p, vv.y, acc[u][1]);
+                    acc[u][2] = fmaf(p, vv.z, acc[u][2]);
+                    acc[u][3] = fmaf(p, vv.w, acc[u][3]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    // reduce the row groups (Ks..Vs reused)
+    if constexpr (cfg::NGR > 1) {
+        float * red = Ks;
+        __syncthreads();
+        if (zr > 0) {
+#pragma unroll
+            for (int u = 0; u < cfg::QPT; ++u) {
+                *(float4 *) (red + ((zr - 1)*NQ + zq*cfg::QPT + u)*D + 4*c4) =
+                    make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
+            }
+        }
+        __syncthreads();
+        if (zr == 0) {
+            for (int r = 1; r < cfg::NGR; ++r) {
+#pragma unroll
+                for (int u = 0; u < cfg::QPT; ++u) {
+                    const float4 o = *(const float4 *) (red + ((r - 1)*NQ + zq*cfg::QPT + u)*D + 4*c4);
+                    acc[u][0] += o.x; acc[u][1] += o.y; acc[u][2] += o.z; acc[u][3] += o.w;
+                }
+            }
+        }
+    }
+    if (zr != 0) {
+        return;
+    }
+#pragma unroll
+    for (int u = 0; u < cfg::QPT; ++u) {
+        const int i = zq*cfg::QPT + u;
+        if (!qvs[i]) {
+            continue;
+        }
+        const int h = cta.h0 + i / a.tt;
+        const int t = cta.t0 + i % a.tt;
+        const float l = Ls[i];
+        if (a.nsplit == 1) {
+            const float inv = l > 0.0f ? 1.0f/l : 0.0f;
+            *(float4 *) (a.dst + ((size_t) t*a.n_head + h)*D + 4*c4) =
+                make_float4(acc[u][0]*inv, acc[u][1]*inv, acc[u][2]*inv, acc[u][3]*inv);
+        } else {
+            const size_t row = ((size_t) blockIdx.y*a.T + t)*a.n_head + h;
+            *(float4 *) (a.part_acc + row*D + 4*c4) = make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
+            if (c4 == 0) {
+                a.part_ml[row] = make_float2(Ms[i], l);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// tensor-core kernel (f16 / q8_0 K/V)
+// ------------------------------------------------------------------------------------------
+template <int D>
+struct tca_mma_cfg {
+    static constexpr int C  = D <= 128 ? 64 : 32;  // rows per chunk
+    static constexpr int NQ = 16*(TCA_NT/32);      // 16 queries per warp
+    static constexpr int DH = D + 8;               // padded row (halves): conflict-free ldmatrix
+    static constexpr size_t SMEM = (size_t) (NQ + 2*C)*DH*sizeof(half) + C*sizeof(int);
+    static_assert(D % 16 == 0 && C % 16 == 0, "bad tile");
+};
+
+#if defined(AMPERE_MMA_AVAILABLE)
+__device__ __forceinline__ void tca_ldmatrix_x4(uint32_t (&r)[4], const half * p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+}
+
+__device__ __forceinline__ void tca_ldmatrix_x4_trans(uint32_t (&r)[4], const half * p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+}
+
+// c (16x8 f32) += a (16x16 f16, row) * b (16x8 f16, col)
+__device__ __forceinline__ void tca_mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t b0, const uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif // AMPERE_MMA_AVAILABLE
+
+template <int D, int TYPE>
+__global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
+#if defined(AMPERE_MMA_AVAILABLE)
+    using cfg = tca_mma_cfg<D>;
+    constexpr int C  = cfg::C;
+    constexpr int NQ = cfg::NQ;
+    constexpr int DH = cfg::DH;
+
+    extern __shared__ float4 tca_smem_f4[];
+    half * Qh  = (half *) tca_smem_f4;
+    half * Kh  = Qh + NQ*DH;
+    half * Vh  = Kh + C*DH;
+    int  * kps = (int *) (Vh + C*DH);
+
+    const int tid  = threadIdx.x;
+    const int lane = tid % 32;
+    const int w    = tid / 32;
+    const int gid  = lane / 4;  // fragment row
+    const int tig  = lane % 4;  // fragment column pair
+
+    const tca_cta cta = tca_cta_of(a);
+
+    // the head's rows, this split's chunks, the first chunk's positions (loads issued early)
+    int off, len;
+    tca_head_rows(a, cta.g, off, len);
+    int ch0, ch1;
+    tca_split_chunks(len, C, a.nsplit, ch0, ch1);
+    int ka_cur = (ch0 < ch1 && lane < len - ch0*C) ? a.kpos[off + ch0*C + lane] : INT_MAX;
+    int kb_cur = (C > 32 && ch0 < ch1 && lane + 32 < len - ch0*C) ? a.kpos[off + ch0*C + lane + 32] : INT_MAX;
+
+    // queries -> f16 shared memory (zero for the padding queries)
+    tca_load_q<NQ, D, DH, true>(a, cta, Qh);
+
+    // this thread's two query rows i0 = 16w + gid, i1 = i0 + 8
+    const int  i0 = 16*w + gid;
+    const int  i1 = i0 + 8;
+    const bool v0 = i0 / a.tt < cta.nh && i0 % a.tt < cta.ntk;
+    const bool v1 = i1 / a.tt < cta.nh && i1 % a.tt < cta.ntk;
+    const int  qp0 = v0 ? a.qpos[cta.t0 + i0 % a.tt] : INT_MIN;
+    const int  qp1 = v1 ? a.qpos[cta.t0 + i1 % a.tt] : INT_MIN;
+    const bool warp_active = __any_sync(0xffffffff, v0 || v1);
+    const int  qmax_w = tca_warp_max_i(max(v0 ? qp0 : INT_MIN, v1 ? qp1 : INT_MIN));
+    const int  qmin_w = tca_warp_min_i(min(v0 ? qp0 : INT_MAX, v1 ? qp1 : INT_MAX));
+
+    // the CTA's latest query position (every warp computes it: no barrier needed)
+    int  qmax = INT_MIN;
+    bool any_valid = false;
+    for (int i = lane; i < NQ; i += 32) {
+        if (i / a.tt < cta.nh && i % a.tt < cta.ntk) {
+            qmax = max(qmax, a.qpos[cta.t0 + i % a.tt]);
+            any_valid = true;
+        }
+    }
+    qmax      = tca_warp_max_i(qmax);
+    any_valid = __any_sync(0xffffffff, any_valid);
+    if (!any_valid) {
+        ch1 = ch0;
+    }
+
+    float acc[D/8][4];
+#pragma unroll
+    for (int n = 0; n < D/8; ++n) {
+        acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    }
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+
+    int ka_nxt = INT_MAX, kb_nxt = INT_MAX;
+    for (int ch = ch0; ch < ch1; ++ch, ka_cur = ka_nxt, kb_cur = kb_nxt) {
+        const int r0 = ch*C;
+        const int nc = min(C, len - r0);
+        // the next chunk's positions, one chunk ahead
+        ka_nxt = (ch + 1 < ch1 && lane < len - r0 - C) ? a.kpos[off + r0 + C + lane] : INT_MAX;
+        kb_nxt = (C > 32 && ch + 1 < ch1 && lane + 32 < len - r0 - C) ? a.kpos[off + r0 + C + lane + 32] : INT_MAX;
+
+        const int ka = ka_cur;
+        const int kb = kb_cur;
+        const int kmin = tca_warp_min_i(min(ka, kb));
+        if (kmin > qmax) {
+            continue;  // CTA-uniform
+        }
+        const int kmax = tca_warp_max_i(max(lane < nc ? ka : INT_MIN, (C > 32 && lane + 32 < nc) ? kb : INT_MIN));
+        if (w == 0) {
+            kps[lane] = ka;
+            if (C > 32) {
+                kps[lane + 32] = kb;
+            }
+        }
+        {
+            tca_tile<D, TYPE, C> tk, tv;
+            tk.load(a.k + (size_t) (off + r0)*a.k_nb1, a.k_nb1, nc);
+            tv.load(a.v + (size_t) (off + r0)*a.v_nb1, a.v_nb1, nc);
+            tk.template store_f16<DH>(Kh);
+            tv.template store_f16<DH>(Vh);
+        }
+        __syncthreads();
+
+        if (warp_active && kmin <= qmax_w) {
+            // S = Q K^T: 16 queries x C rows
+            float S[C/8][4];
+#pragma unroll
+            for (int n = 0; n < C/8; ++n) {
+                S[n][0] = S[n][1] = S[n][2] = S[n][3] = 0.0f;
+            }
+#pragma unroll
+            for (int kk = 0; kk < D/16; ++kk) {
+                uint32_t qa[4];
+                tca_ldmatrix_x4(qa, Qh + (16*w + (lane % 8) + 8*((lane / 8) % 2))*DH + 16*kk + 8*(lane / 16));
+#pragma unroll
+                for (int np = 0; np < C/16; ++np) {
+                    uint32_t kb4[4];
+                    tca_ldmatrix_x4(kb4, Kh + (16*np + (lane % 8) + 8*(lane / 16))*DH + 16*kk + 8*((lane / 8) % 2));
+                    tca_mma(S[2*np + 0], qa, kb4[0], kb4[1]);
+                    tca_mma(S[2*np + 1], qa, kb4[2], kb4[3]);
+                }
+            }
+
+            // mask + online softmax (rows i0: S[.][0..1], i1: S[.][2..3]; columns 8n + 2 tig + {0, 1})
+            const bool full = nc == C && kmax <= qmin_w;
+            float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < C/8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = 8*n + 2*tig + e;
+                    float x0 = S[n][e]*a.scale;
+                    float x1 = S[n][2 + e]*a.scale;
+                    if (!full) {
+                        const int  kpj = kps[j];
+                        const bool ok  = j < nc;
+                        x0 = (v0 && ok && kpj <= qp0) ? x0 : -INFINITY;
+                        x1 = (v1 && ok && kpj <= qp1) ? x1 : -INFINITY;
+                    }
+                    S[n][e]     = x0;
+                    S[n][2 + e] = x1;
+                    mx0 = fmaxf(mx0, x0);
+                    mx1 = fmaxf(mx1, x1);
+                }
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1, 32));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2, 32));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1, 32));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2, 32));
+            const float mn0 = fmaxf(m0, mx0);
+            const float mn1 = fmaxf(m1, mx1);
+            const float mu0 = mn0 == -INFINITY ? 0.0f : mn0;
+            const float mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+            const float ms0 = expf(m0 - mu0);
+            const float ms1 = expf(m1 - mu1);
+            float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+            for (int n = 0; n < C/8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    S[n][e]     = expf(S[n][e]     - mu0);  // exp(-inf) = 0
+                    S[n][2 + e] = expf(S[n][2 + e] - mu1);
+                    s0 += S[n][e];
+                    s1 += S[n][2 + e];
+                }
+            }
+            s0 += __shfl_xor_sync(0xffffffff, s0, 1, 32);
+            s0 += __shfl_xor_sync(0xffffffff, s0, 2, 32);
+            s1 += __shfl_xor_sync(0xffffffff, s1, 1, 32);
+            s1 += __shfl_xor_sync(0xffffffff, s1, 2, 32);
+            l0 = l0*ms0 + s0;
+            l1 = l1*ms1 + s1;
+            m0 = mn0;
+            m1 = mn1;
+#pragma unroll
+            for (int n = 0; n < D/8; ++n) {
+                acc[n][0] *= ms0; acc[n][1] *= ms0;
+                acc[n][2] *= ms1; acc[n][3] *= ms1;
+            }
+
+            // acc += P V: P (16 x C) from the S registers, V via ldmatrix.trans
+#pragma unroll
+            for (int kk = 0; kk < C/16; ++kk) {
+                uint32_t pa[4];
+                pa[0] = tca_pack_h2(S[2*kk + 0][0], S[2*kk + 0][1]);
+                pa[1] = tca_pack_h2(S[2*kk + 0][2], S[2*kk + 0][3]);
+                pa[2] = tca_pack_h2(S[2*kk + 1][0], S[2*kk + 1][1]);
+                pa[3] = tca_pack_h2(S[2*kk + 1][2], S[2*kk + 1][3]);
+#pragma unroll
+                for (int np = 0; np < D/16; ++np) {
+                    uint32_t vb[4];
+                    tca_ldmatrix_x4_trans(vb, Vh + (16*kk + (lane % 8) + 8*((lane / 8) % 2))*DH + 16*np + 8*(lane / 16));
+                    tca_mma(acc[2*np + 0], pa, vb[0], vb[1]);
+                    tca_mma(acc[2*np + 1], pa, vb[2], vb[3]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    // output: row i0 <- acc[.][0..1], row i1 <- acc[.][2..3]; columns 8n + 2 tig + {0, 1}
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int   i  = r == 0 ? i0 : i1;
+        const bool  vi = r == 0 ? v0 : v1;
+        const float l  = r == 0 ? l0 : l1;
+        const float m  = r == 0 ? m0 : m1;
+        if (!vi) {
+            continue;
+        }
+        const int h = cta.h0 + i / a.tt;
+        const int t = cta.t0 + i % a.tt;
+        if (a.nsplit == 1) {
+            const float inv = l > 0.0f ? 1.0f/l : 0.0f;
+            float * o = a.dst + ((size_t) t*a.n_head + h)*D;
+#pragma unroll
+            for (int n = 0; n < D/8; ++n) {
+                *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[n][2*r + 0]*inv, acc[n][2*r + 1]*inv);
+            }
+        } else {
+            const size_t row = ((size_t) blockIdx.y*a.T + t)*a.n_head + h;
+            float * o = a.part_acc + row*D;
+#pragma unroll
+            for (int n = 0; n < D/8; ++n) {
+                *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[n][2*r + 0], acc[n][2*r + 1]);
+            }
+            if (tig == 0) {
+                a.part_ml[row] = make_float2(m, l);
+            }
+        }
+    }
+#else
+    GGML_UNUSED(a);
+    NO_DEVICE_CODE;
+#endif // AMPERE_MMA_AVAILABLE
+}
+
+// ------------------------------------------------------------------------------------------
+// split combine: one CTA per (token, head), one thread per dim
+// ------------------------------------------------------------------------------------------
+__global__ void tca_attn_combine(const float * __restrict__ part_acc, const float2 * __restrict__ part_ml,
+                                 float * __restrict__ dst, const int nsplit, const int T, const int n_head, const int D) {
+    const size_t row = blockIdx.x;  // t*n_head + h
+    const int    c   = threadIdx.x;
+    const size_t stride = (size_t) T*n_head;
+
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; ++s) {
+        M = fmaxf(M, part_ml[s*stride + row].x);
+    }
+    float L = 0.0f, A = 0.0f;
+    if (M != -INFINITY) {
+        for (int s = 0; s < nsplit; ++s) {
+            const float2 ml = part_ml[s*stride + row];
+            const float  f  = expf(ml.x - M);  // 0 for an empty split (m = -inf)
+            L += ml.y*f;
+            A += part_acc[(s*stride + row)*D + c]*f;
+        }
+    }
+    dst[row*D + c] = L > 0.0f ? A/L : 0.0f;
+}
+
+// ------------------------------------------------------------------------------------------
+// host
+// ------------------------------------------------------------------------------------------
+template <int D, int NQ, int TYPE>
+void tca_launch_ffma(const tca_args & a, const dim3 grid, cudaStream_t stream) {
+    using cfg = tca_ffma_cfg<D, NQ>;
+    auto kernel = tca_attn_ffma<D, NQ, TYPE>;
+    CUDA_SET_SHARED_MEMORY_LIMIT(kernel, cfg::SMEM);
+    kernel<<<grid, TCA_NT, cfg::SMEM, stream>>>(a);
+}
+
+template <int D, int TYPE>
+void tca_launch_mma(const tca_args & a, const dim3 grid, cudaStream_t stream) {
+    using cfg = tca_mma_cfg<D>;
+    auto kernel = tca_attn_mma<D, TYPE>;
+    CUDA_SET_SHARED_MEMORY_LIMIT(kernel, cfg::SMEM);
+    kernel<<<grid, TCA_NT, cfg::SMEM, stream>>>(a);
+}
+
+template <int D, int TYPE>
+void tca_dispatch_ffma(const tca_args & a, const int NQ, const dim3 grid, cudaStream_t stream) {
+    switch (NQ) {
+        case 1:  tca_launch_ffma<D, 1, TYPE>(a, grid, stream); break;
+        case 4:  tca_launch_ffma<D, 4, TYPE>(a, grid, stream); break;
+        case 8:  tca_launch_ffma<D, 8, TYPE>(a, grid, stream); break;
+        case 32:
+            if constexpr (D <= 128) {
+                tca_launch_ffma<D, 32, TYPE>(a, grid, stream);
+                break;
+            }
+            GGML_ABORT("tca_attn: no 32-query FFMA kernel for D=%d", D);
+        default: GGML_ABORT("tca_attn: bad query tile %d", NQ);
+    }
+}
+
+template <int D>
+void tca_dispatch_d(const tca_args & a, const ggml_type type, const bool mma, const int NQ, const dim3 grid,
+                    cudaStream_t stream) {
+    switch (type) {
+        case GGML_TYPE_F32:
+            tca_dispatch_ffma<D, GGML_TYPE_F32>(a, NQ, grid, stream);
+            break;
+        case GGML_TYPE_F16:
+            if (mma) {
+                tca_launch_mma<D, GGML_TYPE_F16>(a, grid, stream);
+            } else {
+                tca_dispatch_ffma<D, GGML_TYPE_F16>(a, NQ, grid, stream);
+            }
+            break;
+        case GGML_TYPE_Q8_0:
+            if (mma) {
+                tca_launch_mma<D, GGML_TYPE_Q8_0>(a, grid, stream);
+            } else {
+                tca_dispatch_ffma<D, GGML_TYPE_Q8_0>(a, NQ, grid, stream);
+            }
+            break;
+        default:
+            GGML_ABORT("tca_attn: unsupported K/V type %s", ggml_type_name(type));
+    }
+}
+
+// largest shared memory any kernel for (D, type) may ask for
+size_t tca_max_smem(const int D, const ggml_type type) {
+    size_t s = 0;
+    switch (D) {
+        case 64:  s = std::max(tca_ffma_cfg<64, 32>::SMEM,  tca_mma_cfg<64>::SMEM);  break;
+        case 128: s = std::max(tca_ffma_cfg<128, 32>::SMEM, tca_mma_cfg<128>::SMEM); break;
+        case 256: s = std::max(tca_ffma_cfg<256, 8>::SMEM,  tca_mma_cfg<256>::SMEM); break;
+        default:  return SIZE_MAX;
+    }
+    GGML_UNUSED(type);
+    return s;
+}
+
+// FFMA query tile: the smallest of 1, 4, 8, 32 holding the KV head's queries (8 at most for D=256)
+int tca_ffma_nq(const int64_t nq_head, const int D) {
+    const int cap = D >= 256 ? 8 : 32;
+    int nq = nq_head <= 1 ? 1 : nq_head <= 4 ? 4 : nq_head <= 8 ? 8 : 32;
+    return std::min(nq, cap);
+}
+
+} // namespace
+
+bool ggml_cuda_op_tca_attn_supported(int device, const ggml_tensor * op) {
+#if defined(GGML_USE_HIP) || defined(GGML_USE_MUSA)
+    GGML_UNUSED_VARS(device, op);
+    return false;
+#else
+    const ggml_tensor * q    = op->src[0];
+    const ggml_tensor * k    = op->src[1];
+    const ggml_tensor * v    = op->src[2];
+    const ggml_tensor * kpos = op->src[3];
+    const ggml_tensor * meta = op->src[4];
+    const ggml_tensor * qpos = op->src[5];
+    if (!q || !k || !v || !kpos || !meta || !qpos) {
+        return false;
+    }
+    if (op->type != GGML_TYPE_F32 || q->type != GGML_TYPE_F32 || k->type != v->type) {
+        return false;
+    }
+    if (k->type != GGML_TYPE_F32 && k->type != GGML_TYPE_F16 && k->type != GGML_TYPE_Q8_0) {
+        return false;
+    }
+    if (kpos->type != GGML_TYPE_I32 || meta->type != GGML_TYPE_I32 || qpos->type != GGML_TYPE_I32) {
+        return false;
+    }
+    const int64_t D         = q->ne[0];
+    const int64_t T         = q->ne[1];
+    const int64_t n_head    = q->ne[2];
+    const int64_t n_slots   = k->ne[1];
+    const int64_t n_head_kv = ggml_get_op_params_i32(op, 0);
+    if (D != 64 && D != 128 && D != 256) {
+        return false;
+    }
+    if (q->ne[3] != 1 || k->ne[0] != D || k->ne[2] != 1 || k->ne[3] != 1 ||
+        v->ne[0] != D || v->ne[1] != n_slots || v->ne[2] != 1 || v->ne[3] != 1) {
+        return false;
+    }
+    if (op->ne[0] != D || op->ne[1] != n_head || op->ne[2] != T || op->ne[3] != 1) {
+        return false;
+    }
+    if (n_head_kv <= 0 || n_head % n_head_kv != 0) {
+        return false;
+    }
+    if (ggml_nelements(kpos) != n_slots || ggml_nelements(meta) != 2*n_head_kv || ggml_nelements(qpos) != T) {
+        return false;
+    }
+    for (const ggml_tensor * t : { q, k, v, kpos, meta, qpos, (const ggml_tensor *) op }) {
+        if (!ggml_is_contiguous(t)) {
+            return false;
+        }
+    }
+    // vector loads of K/V rows: 16-byte aligned rows for f32/f16, 4-byte for q8_0 (pairs of blocks)
+    const size_t align = k->type == GGML_TYPE_Q8_0 ? 4 : 16;
+    for (const ggml_tensor * t : { k, v }) {
+        if (t->view_src && t->view_offs % align != 0) {
+            return false;
+        }
+    }
+    // int indexing and grid limits
+    if (n_slots > INT_MAX/2 || T*n_head > INT_MAX/2 || T*n_head*D > (int64_t) INT_MAX*64) {
+        return false;
+    }
+    return ggml_cuda_info().devices[device].smpbo >= tca_max_smem((int) D, k->type);
+#endif
+}
+
+void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    const ggml_tensor * q    = dst->src[0];
+    const ggml_tensor * k    = dst->src[1];
+    const ggml_tensor * v    = dst->src[2];
+    const ggml_tensor * kpos = dst->src[3];
+    const ggml_tensor * meta = dst->src[4];
+    const ggml_tensor * qpos = dst->src[5];
+
+    const int64_t D         = q->ne[0];
+    const int64_t T         = q->ne[1];
+    const int64_t n_head    = q->ne[2];
+    const int64_t n_slots   = k->ne[1];
+    const int64_t n_head_kv = ggml_get_op_params_i32(dst, 0);
+    const float   scale     = ggml_get_op_params_f32(dst, 1);
+
+    GGML_ASSERT(ggml_cuda_op_tca_attn_supported(ctx.device, dst) && "tca_attn: unsupported on CUDA");
+    const size_t align = k->type == GGML_TYPE_Q8_0 ? 4 : 16;
+    GGML_ASSERT((uintptr_t) k->data % align == 0 && (uintptr_t) v->data % align == 0);
+    GGML_ASSERT((uintptr_t) dst->data % 16 == 0);
+
+    const int64_t G = n_head/n_head_kv;
+    const int     cc  = ggml_cuda_info().devices[ctx.device].cc;
+    const int     nsm = ggml_cuda_info().devices[ctx.device].nsm;
+
+    const char * force = getenv("TCA_CUDA_ATTN");
+    const bool   can_mma = (k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_Q8_0) && ampere_mma_available(cc);
+    bool mma = can_mma && G*T >= 16;
+    if (force && strcmp(force, "ffma") == 0) {
+        mma = false;
+    } else if (force && strcmp(force, "mma") == 0) {
+        mma = can_mma;
+    }
+
+    const int NQ = mma ? tca_mma_cfg<64>::NQ : tca_ffma_nq(G*T, (int) D);
+    const int C  = mma ? (D <= 128 ? 64 : 32) : 32;
+
+    // CTA tile: hs query heads of one KV head x tt tokens, hs*tt <= NQ
+    int64_t hs  = std::min<int64_t>(G, NQ);
+    const int64_t nhs = (G + hs - 1)/hs;
+    hs = (G + nhs - 1)/nhs;
+    const int64_t tt     = std::min<int64_t>(T, std::max<int64_t>(1, NQ/hs));
+    const int64_t ntiles = (T + tt - 1)/tt;
+    const int64_t base   = n_head_kv*nhs*ntiles;
+    GGML_ASSERT(hs*tt <= NQ && base <= INT_MAX);
+
+    // split the rows of a head when the tiles alone do not fill the GPU
+    int64_t nsplit = 1;
+    const int64_t target = (int64_t) nsm*(mma ? 2 : 4);
+    if (base < target && n_slots > 0) {
+        const int64_t rows   = (n_slots + n_head_kv - 1)/n_head_kv;  // rows per head (estimate)
+        const int64_t chunks = (rows + C - 1)/C;
+        nsplit = std::min<int64_t>((target + base - 1)/base, std::max<int64_t>(1, chunks/2));
+        nsplit = std::min<int64_t>(nsplit, 1024);
+    }
+
+    tca_args a;
+    a.q         = (const char *) q->data;
+    a.k         = (const char *) k->data;
+    a.v         = (const char *) v->data;
+    a.kpos      = (const int *) kpos->data;
+    a.meta      = (const int *) meta->data;
+    a.qpos      = (const int *) qpos->data;
+    a.dst       = (float *) dst->data;
+    a.part_acc  = nullptr;
+    a.part_ml   = nullptr;
+    a.T         = (int) T;
+    a.n_head    = (int) n_head;
+    a.n_head_kv = (int) n_head_kv;
+    a.n_slots   = (int) n_slots;
+    a.hs        = (int) hs;
+    a.nhs       = (int) nhs;
+    a.tt        = (int) tt;
+    a.nsplit    = (int) nsplit;
+    a.q_nb1     = q->nb[1];
+    a.q_nb2     = q->nb[2];
+    a.k_nb1     = k->nb[1];
+    a.v_nb1     = v->nb[1];
+    a.scale     = scale;
+
+    cudaStream_t stream = ctx.stream();
+    ggml_cuda_pool_alloc<float>  part_acc(ctx.pool());
+    ggml_cuda_pool_alloc<float2> part_ml(ctx.pool());
+    if (nsplit > 1) {
+        a.part_acc = part_acc.alloc(nsplit*T*n_head*D);
+        a.part_ml  = part_ml.alloc(nsplit*T*n_head);
+    }
+
+    const dim3 grid((unsigned) base, (unsigned) nsplit, 1);
+    switch (D) {
+        case 64:  tca_dispatch_d<64>(a, k->type, mma, NQ, grid, stream);  break;
+        case 128: tca_dispatch_d<128>(a, k->type, mma, NQ, grid, stream); break;
+        case 256: tca_dispatch_d<256>(a, k->type, mma, NQ, grid, stream); break;
+        default:  GGML_ABORT("tca_attn: unsupported head size %d", (int) D);
+    }
+    if (nsplit > 1) {
+        tca_attn_combine<<<(unsigned) (T*n_head), (unsigned) D, 0, stream>>>(a.part_acc, a.part_ml, a.dst,
+                                                                            (int) nsplit, (int) T, (int) n_head, (int) D);
+    }
+    CUDA_CHECK(cudaGetLastError());
+}

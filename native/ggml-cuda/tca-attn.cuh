@@ -1,0 +1,13 @@
+// tca_ggml — CUDA kernels of GGML_OP_TCA_ATTN (the op: native/patches/0001-ggml-tca-attn-op.patch,
+// CPU kernel: native/ggml-cpu/tca-attn.cpp). Compiled into upstream's ggml-cuda target by the
+// top-level CMakeLists.txt; native/patches/0003-ggml-cuda-tca-attn.patch dispatches to it.
+#pragma once
+
+#include "common.cuh"
+
+// dst = ggml_tca_attn(q, k, v, kpos, meta, qpos, n_head_kv, scale) on ctx's stream.
+void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+
+// true iff the kernels implement this node exactly (types, head size, layout, shared memory of
+// `device`); anything else stays on the CPU backend.
+bool ggml_cuda_op_tca_attn_supported(int device, const ggml_tensor * dst);

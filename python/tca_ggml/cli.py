@@ -8,6 +8,7 @@
     tca-ggml eval -m MODEL.gguf [--quick] [--json OUT.json] [--md OUT.md] [--plot-dir DIR]
                   [--lengths 1024,2048,...] [--depths 0,0.25,0.5,0.75,1] [--tasks niah,ruler,kl]
                   [--tca-density X] [--tca-window W] [--tca-block B] [--seed 0] [--threads N]
+                  [--needles number,key,fact] [--kl-positions M] [--n-ctx N] [--n-ubatch N] [--flash-attn]
 """
 from __future__ import annotations
 
@@ -156,6 +157,8 @@ def main(argv=None) -> int:
     e.add_argument("--tca-block", type=int)
     e.add_argument("--flash-attn", action="store_true", help="dense arm with flash attention")
     e.add_argument("--n-ctx", type=int, help="context of both arms (default: longest length + answer tokens)")
+    e.add_argument("--n-ubatch", type=int, help="ubatch of both arms (default 512); TCA selects with the last "
+                                                 "query of each ubatch, so a prompt in one ubatch is selected by its end")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, help="threads of both arms (default: all cores)")
     bn = sub.add_parser("bench", help="speed and memory: TCA vs upstream dense, side by side (llama-bench style)")

@@ -82,6 +82,7 @@ class EvalConfig:
     flash_attn: bool = False
     n_ctx: int = 0
     n_ctx_train: int = 0
+    n_ubatch: int = 512             # TCA selects with the last query of each ubatch
 
 
 def _resolve_model(model: str) -> str:
@@ -115,7 +116,8 @@ def make_config(model: str, *, quick: bool = False, lengths: Optional[Sequence[i
                 needles: Optional[Sequence[str]] = None, kl_positions: Optional[int] = None,
                 tca_density: Optional[float] = None, tca_window: Optional[int] = None,
                 tca_block: Optional[int] = None, seed: int = 0, threads: Optional[int] = None,
-                flash_attn: bool = False, n_ctx: Optional[int] = None) -> EvalConfig:
+                flash_attn: bool = False, n_ctx: Optional[int] = None,
+                n_ubatch: Optional[int] = None) -> EvalConfig:
     """Validate everything (before any model is run) and fill the defaults. Raises
     EvalInputError (a ValueError) with a clear message on bad input."""
     from .llama import Llama
@@ -173,6 +175,9 @@ def make_config(model: str, *, quick: bool = False, lengths: Optional[Sequence[i
         raise EvalInputError(f"threads must be a positive int, got {threads!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise EvalInputError(f"seed must be a non-negative int, got {seed!r}")
+    n_ubatch = 512 if n_ubatch is None else n_ubatch
+    if isinstance(n_ubatch, bool) or not isinstance(n_ubatch, int) or not 1 <= n_ubatch <= 65536:
+        raise EvalInputError(f"n_ubatch must be an int in [1, 65536], got {n_ubatch!r}")
 
     path = _resolve_model(model)
     # TCA switches: the same checks as Llama, before anything runs
@@ -232,7 +237,7 @@ def make_config(model: str, *, quick: bool = False, lengths: Optional[Sequence[i
                       kl_lengths=kl_lengths if "kl" in top else [], kl_positions=kl_positions,
                       tca_density=None if tca_density is None else float(tca_density),
                       tca_window=tca_window, tca_block=tca_block, seed=seed, threads=threads,
-                      flash_attn=bool(flash_attn), n_ctx=n_ctx, n_ctx_train=n_ctx_train)
+                      flash_attn=bool(flash_attn), n_ctx=n_ctx, n_ctx_train=n_ctx_train, n_ubatch=n_ubatch)
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -530,8 +535,8 @@ def _tca_snapshot(llm) -> Dict[str, Any]:
 
 
 def _arm_kwargs(cfg: EvalConfig, arm: str) -> Dict[str, Any]:
-    kw = dict(n_ctx=cfg.n_ctx, n_threads=cfg.threads, n_threads_batch=cfg.threads, seed=cfg.seed,
-              verbose=False)
+    kw = dict(n_ctx=cfg.n_ctx, n_batch=max(cfg.n_ubatch, 512), n_ubatch=cfg.n_ubatch, n_threads=cfg.threads,
+              n_threads_batch=cfg.threads, seed=cfg.seed, verbose=False)
     if arm == "dense":
         kw["flash_attn"] = cfg.flash_attn
     else:
@@ -628,13 +633,15 @@ def _assemble(cfg: EvalConfig, jobs, dense, tca) -> Dict[str, Any]:
                 "kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "kl_median": float(np.median(kl)),
                 "top1_agree": float((ld.argmax(-1) == lt.argmax(-1)).mean()),
                 "ppl_dense": float(np.exp(nll_d.mean())), "ppl_tca": float(np.exp(nll_t.mean())),
-                "kl_per_position": [float(x) for x in kl], "tca_kept": kept})
+                "kl_per_position": [float(x) for x in kl], "tca_kept": kept,
+                "seconds": {"dense": rd["seconds"], "tca": rt["seconds"]}})
             continue
         row = {"task": job.task, "length": job.length, "prompt_tokens": rd["prompt_tokens"],
                "expected": list(job.expected),
                "dense": {"answer": rd["answer"], "score": rd["score"]},
                "tca": {"answer": rt["answer"], "score": rt["score"]},
-               "delta": rt["score"] - rd["score"], "tca_kept": kept}
+               "delta": rt["score"] - rd["score"], "tca_kept": kept,
+               "seconds": {"dense": rd["seconds"], "tca": rt["seconds"]}}
         if job.task == "niah":
             row.update(depth=job.params["depth"], kind=job.params["kind"])
             res["niah"].append(row)
@@ -684,10 +691,10 @@ def to_markdown(res: Dict[str, Any]) -> str:
     out = [f"# TCA eval: {res['model']}", "",
            f"- dense: {a['dense']['label']} ({a['dense']['seconds']:.0f} s)",
            f"- TCA: {t['label']}{wb} ({t['seconds']:.0f} s)",
-           f"- n_ctx {c['n_ctx']}, {c['threads']} threads, seed {c['seed']}, greedy"
+           f"- n_ctx {c['n_ctx']}, n_ubatch {c['n_ubatch']}, {c['threads']} threads, seed {c['seed']}, greedy"
            f"{', quick' if c['quick'] else ''}; total {res.get('seconds_total', 0):.0f} s",
            "- kept = TCA's retained KV rows / dense rows after the prompt (1.00 = nothing evicted)", ""]
-    tl = "TCA" if not t["uncalibrated"] else f"TCA ({t['label']})"
+    tl = f"TCA: {t['label']}"
     if res["niah"]:
         out += ["## Needle in a haystack (exact match of the needle value)", "",
                 f"| length | depth | dense | {tl} | Δ | kept |", "|---:|---:|---:|---:|---:|---:|"]
@@ -718,7 +725,7 @@ def to_markdown(res: Dict[str, Any]) -> str:
                    f"**{100 * (s['ruler_tca'] - s['ruler_dense']):+.0f}** | |")
         out.append("")
     if res["kl"]:
-        out += ["## Logit fidelity on essays (last M positions, decoded token by token)", "",
+        out += [f"## Logit fidelity on essays (last M positions, decoded token by token), {tl}", "",
                 "| length | M | mean KL(dense‖TCA) | median KL | max KL | top-1 agree | ppl dense | ppl TCA | kept |",
                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for k in res["kl"]:
@@ -729,7 +736,7 @@ def to_markdown(res: Dict[str, Any]) -> str:
     cov = res["coverage"]
     if cov.get("per_layer"):
         pl = cov["per_layer"]
-        out += [f"## TCA coverage of the last compaction's query, per layer ({cov['n_runs_compacted']} runs)", "",
+        out += [f"## Coverage of the last compaction's query, per layer ({cov['n_runs_compacted']} runs), {tl}", "",
                 "| layer | " + " | ".join(str(p["layer"]) for p in pl) + " |",
                 "|---|" + "---:|" * len(pl),
                 "| mean | " + " | ".join(f"{p['mean']:.3f}" for p in pl) + " |",
@@ -858,7 +865,8 @@ def run_from_args(a) -> int:
         tasks=_names(a.tasks) if a.tasks else None,
         needles=_names(a.needles) if a.needles else None,
         kl_positions=a.kl_positions, tca_density=a.tca_density, tca_window=a.tca_window,
-        tca_block=a.tca_block, seed=a.seed, threads=a.threads, flash_attn=a.flash_attn, n_ctx=a.n_ctx)
+        tca_block=a.tca_block, seed=a.seed, threads=a.threads, flash_attn=a.flash_attn, n_ctx=a.n_ctx,
+        n_ubatch=a.n_ubatch)
     log = lambda m: print(m, file=sys.stderr, flush=True)
     res = run_eval(cfg, log=log)
     md = to_markdown(res)

@@ -65,6 +65,9 @@ def plant(text: str, needle: str, depth: float) -> str:
     if not 0.0 <= depth <= 1.0:
         raise ValueError("depth must be in [0, 1]")
     pos = int(len(text) * depth)
-    b = text.rfind("\n\n", 0, pos)
-    pos = 0 if b < 0 else b
-    return text[:pos] + ("\n\n" if pos else "") + needle + "\n\n" + text[pos:].lstrip("\n")
+    if pos >= len(text):
+        return text.rstrip() + "\n\n" + needle + "\n"
+    # the closest sentence or line boundary at or before pos (essays have few blank lines)
+    b = max(text.rfind(". ", 0, pos), text.rfind("\n", 0, pos))
+    pos = 0 if b < 0 else b + 1
+    return text[:pos] + ("\n" if pos else "") + needle + "\n" + text[pos:].lstrip(" ")

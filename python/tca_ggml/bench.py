@@ -32,9 +32,11 @@ def _worker(a) -> dict:
     from . import texts
     from .llama import Llama
     kw = {}
-    if a.arm == "tca":
+    if a.arm in ("tca", "forced"):
         kw = dict(tca=True)
-        if a.density is not None:
+        if a.arm == "forced":
+            kw["tca_density"] = a.also_density
+        elif a.density is not None:
             kw["tca_density"] = a.density
         if a.tca_window is not None:
             kw["tca_window"] = a.tca_window
@@ -82,6 +84,8 @@ def _run_arm(a, arm, prompt) -> dict:
         cmd += ["--threads", str(a.threads)]
     if a.density is not None:
         cmd += ["--density", str(a.density)]
+    if a.also_density is not None:
+        cmd += ["--also-density", str(a.also_density)]
     if a.tca_window is not None:
         cmd += ["--tca-window", str(a.tca_window)]
     if a.tca_block is not None:
@@ -100,9 +104,10 @@ def _median(xs):
 def run(a) -> list:
     rows = []
     for p in a.p:
-        res = {"dense": [], "tca": []}
+        arms = ("dense", "tca") + (("forced",) if a.also_density is not None else ())
+        res = {arm: [] for arm in arms}
         for _ in range(a.r):
-            for arm in ("dense", "tca"):
+            for arm in arms:
                 res[arm].append(_run_arm(a, arm, p))
                 print(f"[bench] p={p} {arm}: prefill {res[arm][-1]['prefill_tps']:.1f} t/s, "
                       f"decode {res[arm][-1]['decode_tps']:.2f} t/s", file=sys.stderr)
@@ -121,6 +126,16 @@ def run(a) -> list:
         row["prefill_ratio"] = row["tca_prefill_tps"] / row["dense_prefill_tps"]
         row["decode_ratio"] = row["tca_decode_tps"] / row["dense_decode_tps"] if row["dense_decode_tps"] else 0.0
         row["kv_ratio"] = row["tca_kv_bytes"] / row["dense_kv_bytes"]
+        if "forced" in res:
+            f = res["forced"]
+            row.update({"forced_label": f[0]["label"], "forced_ttft_s": _median([x["ttft_s"] for x in f]),
+                        "forced_prefill_tps": _median([x["prefill_tps"] for x in f]),
+                        "forced_decode_tps": _median([x["decode_tps"] for x in f]),
+                        "forced_kv_bytes": f[0]["kv_bytes"], "forced_peak_rss": max(x["peak_rss_bytes"] for x in f),
+                        "forced_compact_ms": _median([x["t_compact_ms"] for x in f])})
+            row["forced_prefill_ratio"] = row["forced_prefill_tps"] / row["dense_prefill_tps"]
+            row["forced_decode_ratio"] = row["forced_decode_tps"] / row["dense_decode_tps"] if row["dense_decode_tps"] else 0.0
+            row["forced_kv_ratio"] = row["forced_kv_bytes"] / row["dense_kv_bytes"]
         rows.append(row)
     return rows
 
@@ -138,6 +153,14 @@ def to_markdown(rows, model) -> str:
                    f"{r['dense_decode_tps']:.2f} | {r['tca_decode_tps']:.2f} | **{r['decode_ratio']:.2f}x** | "
                    f"{r['dense_kv_bytes'] / mib:.0f} | {r['tca_kv_bytes'] / mib:.0f} | {r['kv_ratio']:.2f} | "
                    f"{r['dense_peak_rss'] / mib:.0f} | {r['tca_peak_rss'] / mib:.0f} |")
+    if rows and "forced_label" in rows[0]:
+        out += ["", f"second TCA arm: {rows[0]['forced_label']}", "",
+                "| p | forced prefill t/s | ratio vs dense | forced decode t/s | ratio | forced KV MiB | KV ratio | peak RSS MiB |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            out.append(f"| {r['prompt']} | {r['forced_prefill_tps']:.1f} | **{r['forced_prefill_ratio']:.2f}x** | "
+                       f"{r['forced_decode_tps']:.2f} | **{r['forced_decode_ratio']:.2f}x** | {r['forced_kv_bytes'] / mib:.0f} | "
+                       f"{r['forced_kv_ratio']:.2f} | {r['forced_peak_rss'] / mib:.0f} |")
     return "\n".join(out)
 
 
@@ -159,6 +182,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("-r", type=int, default=1, help="repetitions (median reported)")
     ap.add_argument("-o", choices=["md", "json"], default="md")
     ap.add_argument("--density", type=float, default=None, help="forced uniform TCA density (uncalibrated)")
+    ap.add_argument("--also-density", type=float, default=None,
+                    help="add a third arm: forced uniform density X (uncalibrated), beside the calibrated one")
     ap.add_argument("--tca-window", type=int, default=None)
     ap.add_argument("--tca-block", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
@@ -170,9 +195,10 @@ def main_cli(a) -> int:
     if not os.path.exists(a.model):
         print(f"error: model not found: {a.model}", file=sys.stderr)
         return 2
-    if a.density is not None and not 0 < a.density <= 1:
-        print("error: --density must be in (0, 1]", file=sys.stderr)
-        return 2
+    for name, v in (("--density", a.density), ("--also-density", a.also_density)):
+        if v is not None and not 0 < v <= 1:
+            print(f"error: {name} must be in (0, 1]", file=sys.stderr)
+            return 2
     if a.n < 0 or a.d < 0 or a.r < 1:
         print("error: -n and -d must be >= 0, -r >= 1", file=sys.stderr)
         return 2
@@ -210,7 +236,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tca-ggml bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--arm", choices=["dense", "tca"], help=argparse.SUPPRESS)
+    ap.add_argument("--arm", choices=["dense", "tca", "forced"], help=argparse.SUPPRESS)
     ap.add_argument("--prompt", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--gen", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)

@@ -83,4 +83,14 @@ if [[ $steps == *bench* || $steps == *all* ]]; then
     timeout 60 python3 native/bench_tca_attn.py --backend CUDA0 --fa --reps 5 --d 128 --n-head 32 --n-head-kv 8 \
         --n-tokens 1 --n-kv 8192 --type f32 --ops 100 2>&1 | grep -v "^ggml_cuda_init\|Device 0" | tee -a $LOG
 fi
+if [[ $steps == *curve* ]]; then
+    # kernel-level forced-density curve: flash_attn_ext over n_ctx rows vs tca_attn over
+    # 4096 + p*(n_ctx - 4096) rows, 2048-query prefill ubatch and 1-query decode, 32K/64K/128K
+    say "== curve at $(el) s"
+    for d in 128 64; do
+        timeout ${CURVE_LIMIT:-300} python3 native/bench_tca_attn.py --backend CUDA0 --curve --d $d --n-head 32 \
+            --n-head-kv 8 --type f16 --reps 5 --json $OUT/curve_d$d.json 2>&1 | grep -v "^ggml_cuda_init\|Device 0" | tee -a $LOG
+        say "-- d=$d done at $(el) s"
+    done
+fi
 say "== done at $(el) s"

@@ -208,3 +208,20 @@ def test_forced_budget_shape():
     p = forced_budget(0.2, k)
     assert abs(p.sum() - 1) < 1e-12 and abs((p * k).sum() - 0.2 * 128) < 1e-9
     assert forced_budget(1.0, k)[-1] == 1.0
+
+
+def test_unsupported_sequence_operation_is_a_clear_error(default_model, prompt_tokens):
+    """The retention memory can truncate but not cut a hole: a clear ContextError, and the
+    context stays usable. Dense (upstream) accepts the same call."""
+    from tca_ggml import ContextError
+    with Llama(default_model, n_ctx=2048, n_threads=2, verbose=False, tca=True, tca_density=0.25,
+               tca_window=W, tca_block=B) as llm:
+        llm.eval_prompt(prompt_tokens[:800])
+        with pytest.raises(ContextError, match="truncation"):
+            llm.kv_cache_seq_rm(100, 200)
+        llm.kv_cache_seq_rm(700)  # truncation works
+        assert llm.tca_stats()["n_seen"] == 700
+        assert llm(prompt_tokens[:750], max_tokens=2, temperature=0)["choices"][0]["text"] is not None
+    with Llama(default_model, n_ctx=1024, n_threads=2, verbose=False) as llm:
+        llm.eval_prompt(prompt_tokens[:300])
+        llm.kv_cache_seq_rm(100, 200)

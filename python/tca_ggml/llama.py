@@ -492,6 +492,23 @@ class Llama:
         return b"".join(self._piece(int(t), special) for t in tokens)
 
     # ------------------------------------------------------------------ evaluation
+    def kv_cache_seq_rm(self, p0: int, p1: int = -1) -> None:
+        """Remove positions [p0, p1) of sequence 0 from the cache (p1 < 0: to the end), as
+        llama-cpp-python's ``_ctx.kv_cache_seq_rm``. Raises ContextError when the memory
+        refuses (the TCA retention memory supports truncation only: evicted tokens cannot be
+        re-inserted between kept ones)."""
+        ctx = self._live()
+        _check_int("p0", p0, 0)
+        _check_int("p1", p1)
+        if not self._L.llama_memory_seq_rm(self._L.llama_get_memory(ctx), 0, p0, p1):
+            raise ContextError(f"the KV cache cannot remove positions [{p0}, {p1}) "
+                               f"({'TCA supports truncation [p0, end) only' if self.tca_stats()['active'] else 'refused'})")
+        end = len(self._tokens) if p1 < 0 else min(p1, len(self._tokens))
+        if end >= len(self._tokens):
+            self._tokens = self._tokens[:p0]
+        else:
+            self._tokens = self._tokens[:p0] + self._tokens[end:]  # positions after p1 keep their ids
+
     def reset(self) -> None:
         """Forget the KV cache."""
         ctx = self._live()

@@ -55,7 +55,7 @@ def lib():
     if not path.exists():
         if os.environ.get("TCA_GGML_LIB"):
             pytest.fail(f"TCA_GGML_LIB={path} does not exist")
-        pytest.skip(f"native library not built ({path})")
+        pytest.fail(f"native library not built ({path}): the package must ship it")
     ffi = cffi.FFI()
     ffi.cdef(_CDEF)
     return ffi, ffi.dlopen(str(path))

@@ -494,7 +494,12 @@ extern "C" void ggml_compute_forward_tca_attn(const struct ggml_compute_params *
     float * M  = A  + TCA_QMAX*d;
     float * L  = M  + TCA_QMAX;
 
-    const int32_t * kp = (const int32_t *) kpos->data;
+    // kpos: i32, or f32 holding integer positions (the retention cache keeps it as f32 so that
+    // the graph can append rows with ggml_set_rows)
+    const bool      kp_f32 = kpos->type == GGML_TYPE_F32;
+    GGML_ASSERT(kp_f32 || kpos->type == GGML_TYPE_I32);
+    const int32_t * kp  = kp_f32 ? nullptr : (const int32_t *) kpos->data;
+    const float   * kpf = kp_f32 ? (const float *) kpos->data : nullptr;
     const int32_t * hm = (const int32_t *) meta->data;
     const int32_t * qp = (const int32_t *) qpos->data;
 
@@ -551,7 +556,13 @@ extern "C" void ggml_compute_forward_tca_attn(const struct ggml_compute_params *
 
         for (int64_t r0 = 0; r0 < len; r0 += TCA_C) {
             const int64_t   nc  = std::min(TCA_C, len - r0);
-            const int32_t * kpc = kp + off + r0;
+            int32_t         kpcv[TCA_C];
+            const int32_t * kpc = kp ? kp + off + r0 : kpcv;
+            if (kpf) {
+                for (int64_t j = 0; j < nc; ++j) {
+                    kpcv[j] = (int32_t) kpf[off + r0 + j];
+                }
+            }
 
             int32_t kmin = INT32_MAX, kmax = INT32_MIN;
             for (int64_t j = 0; j < nc; ++j) {
@@ -714,6 +725,101 @@ extern "C" void ggml_compute_forward_tca_attn(const struct ggml_compute_params *
             } else {
                 memset(o, 0, d*sizeof(float));
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- GGML_OP_TCA_SCORE
+//
+// s[r] = 1/G * sum over g's query heads h of softmax_r(scale * q_h . k_r), rows r of KV head g.
+// Dots, exponentials and sums in double, in row order (the host-side compaction of
+// native/llama/llama-tca.cpp does the same arithmetic, so both select the same rows).
+// Work: pass 1 splits the rows of all heads over the threads (logits into wdata), pass 2 (one
+// thread per query head) max and sum, pass 3 splits the rows again and pools.
+
+extern "C" size_t ggml_compute_forward_tca_score_work_size(const struct ggml_tensor * node, int n_tasks) {
+    const int64_t n_head  = node->src[0]->ne[1];
+    const int64_t n_slots = node->src[1]->ne[1];
+    const int64_t d       = node->src[0]->ne[0];
+    return sizeof(double)*(size_t) (n_head*n_slots + 2*n_head) + sizeof(float)*(size_t) (d + CACHE_LINE_SIZE_F32)*(size_t) n_tasks;
+}
+
+extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    const ggml_tensor * q    = dst->src[0];
+    const ggml_tensor * k    = dst->src[1];
+    const ggml_tensor * meta = dst->src[2];
+
+    const int64_t d         = q->ne[0];
+    const int64_t n_head    = q->ne[1];
+    const int64_t n_slots   = k->ne[1];
+    const int64_t n_head_kv = ggml_get_op_params_i32(dst, 0);
+    const double  scale     = ggml_get_op_params_f32(dst, 1);
+    const int64_t G         = n_head / n_head_kv;
+
+    GGML_ASSERT(dst->type == GGML_TYPE_F32 && q->type == GGML_TYPE_F32 && ggml_nelements(dst) == n_slots);
+    GGML_ASSERT(ggml_is_contiguous(q) && ggml_is_contiguous(k) && ggml_is_contiguous(meta));
+    GGML_ASSERT(n_head_kv > 0 && n_head % n_head_kv == 0 && k->ne[0] == d);
+
+    const int32_t * hm = (const int32_t *) meta->data;
+    for (int64_t g = 0; g < n_head_kv; ++g) {
+        GGML_ASSERT(hm[2*g] >= 0 && hm[2*g + 1] >= 0 && (int64_t) hm[2*g] + hm[2*g + 1] <= n_slots &&
+                    "tca_score: head range outside the K slots");
+    }
+
+    const int ith = params->ith;
+    const int nth = params->nth;
+
+    double * logit = (double *) params->wdata;          // [n_head][n_slots]
+    double * mx    = logit + n_head*n_slots;             // [n_head]
+    double * sum   = mx + n_head;                        // [n_head]
+    float  * krow  = (float *) (sum + n_head) + ith*(d + CACHE_LINE_SIZE_F32);
+    float  * out   = (float *) dst->data;
+
+    // pass 1: logits of every (query head of g, row of g)
+    const int64_t per = (n_slots + nth - 1)/nth;
+    const int64_t r_lo = std::min(n_slots, ith*per), r_hi = std::min(n_slots, r_lo + per);
+    for (int64_t g = 0; g < n_head_kv; ++g) {
+        const int64_t off = hm[2*g], len = hm[2*g + 1];
+        const int64_t a = std::max(r_lo, off), b = std::min(r_hi, off + len);
+        for (int64_t r = a; r < b; ++r) {
+            tca_to_f32(k->type, (const char *) k->data + r*k->nb[1], krow, d);
+            for (int64_t j = 0; j < G; ++j) {
+                const float * qh = (const float *) q->data + (g*G + j)*d;
+                double dot = 0.0;
+                for (int64_t c = 0; c < d; ++c) {
+                    dot += (double) qh[c]*krow[c];
+                }
+                logit[(g*G + j)*n_slots + r] = dot*scale;
+            }
+        }
+    }
+    ggml_barrier(params->threadpool);
+
+    // pass 2: max and sum per query head
+    for (int64_t h = ith; h < n_head; h += nth) {
+        const int64_t g = h / G, off = hm[2*g], len = hm[2*g + 1];
+        const double * lg = logit + h*n_slots + off;
+        double m = -INFINITY;
+        for (int64_t r = 0; r < len; ++r) m = std::max(m, lg[r]);
+        double s = 0.0;
+        for (int64_t r = 0; r < len; ++r) s += std::exp(lg[r] - m);
+        mx[h] = m;
+        sum[h] = s;
+    }
+    ggml_barrier(params->threadpool);
+
+    // pass 3: pooled probabilities (0 outside the heads' ranges)
+    for (int64_t r = r_lo; r < r_hi; ++r) out[r] = 0.0f;
+    for (int64_t g = 0; g < n_head_kv; ++g) {
+        const int64_t off = hm[2*g], len = hm[2*g + 1];
+        const int64_t a = std::max(r_lo, off), b = std::min(r_hi, off + len);
+        for (int64_t r = a; r < b; ++r) {
+            double s = 0.0;
+            for (int64_t j = 0; j < G; ++j) {
+                const int64_t h = g*G + j;
+                s += std::exp(logit[h*n_slots + r] - mx[h]) / sum[h] / (double) G;
+            }
+            out[r] = (float) s;
         }
     }
 }

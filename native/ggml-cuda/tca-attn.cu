@@ -913,6 +913,171 @@ int tca_ffma_nq(const int64_t nq_head, const int D) {
     return std::min(nq, cap);
 }
 
+__global__ void tca_f32_to_i32(const float * __restrict__ x, int * __restrict__ y, int n) {
+    const int i = blockIdx.x*blockDim.x + threadIdx.x;
+    if (i < n) {
+        y[i] = (int) x[i];
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// GGML_OP_TCA_SCORE: pooled attention probabilities of one query per head over the head's rows
+// ------------------------------------------------------------------------------------------
+struct tca_score_args {
+    const float * q;        // [D, n_head]
+    const char  * k;        // [D, n_slots] rows of k_nb1 bytes
+    const int   * meta;     // [2*n_head_kv]
+    float       * logit;    // [n_head, n_slots] scratch
+    float2      * ms;       // [n_head] (max, sum)
+    float       * dst;      // [n_slots]
+    int           n_head;
+    int           n_head_kv;
+    int           n_slots;
+    size_t        k_nb1;
+    float         scale;
+};
+
+// the KV head whose rows contain slot r, or -1
+__device__ __forceinline__ int tca_score_head_of(const tca_score_args & a, int r, int & off, int & len) {
+    for (int g = 0; g < a.n_head_kv; ++g) {
+        int o = min(max(a.meta[2*g], 0), a.n_slots);
+        int l = min(max(a.meta[2*g + 1], 0), a.n_slots - o);
+        if (r >= o && r < o + l) {
+            off = o;
+            len = l;
+            return g;
+        }
+    }
+    return -1;
+}
+
+// element c = lane + 32*i of row r, as f32 (q8_0: block i, quant lane)
+template <ggml_type T, int D>
+__device__ __forceinline__ void tca_score_load_row(const char * row, int lane, float (&x)[D/32]) {
+#pragma unroll
+    for (int i = 0; i < D/32; ++i) {
+        if constexpr (T == GGML_TYPE_F32) {
+            x[i] = ((const float *) row)[lane + 32*i];
+        } else if constexpr (T == GGML_TYPE_F16) {
+            x[i] = __half2float(((const half *) row)[lane + 32*i]);
+        } else {
+            const block_q8_0 * b = (const block_q8_0 *) row + i;
+            x[i] = __half2float(b->d) * (float) b->qs[lane];
+        }
+    }
+}
+
+// one warp per row: logits of every query head of the row's KV head
+template <ggml_type T, int D>
+__global__ void __launch_bounds__(128) tca_score_logits(const tca_score_args a) {
+    extern __shared__ float qs[];  // [n_head][D]
+    for (int i = threadIdx.x; i < a.n_head*D; i += blockDim.x) {
+        qs[i] = a.q[i];
+    }
+    __syncthreads();
+    const int lane = threadIdx.x % 32;
+    const int r    = blockIdx.x*(blockDim.x/32) + threadIdx.x/32;
+    if (r >= a.n_slots) {
+        return;
+    }
+    int off, len;
+    const int g = tca_score_head_of(a, r, off, len);
+    if (g < 0) {
+        return;
+    }
+    float x[D/32];
+    tca_score_load_row<T, D>(a.k + (size_t) r*a.k_nb1, lane, x);
+    const int G = a.n_head/a.n_head_kv;
+    for (int j = 0; j < G; ++j) {
+        const float * qh = qs + (g*G + j)*D;
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < D/32; ++i) {
+            dot = fmaf(qh[lane + 32*i], x[i], dot);
+        }
+        dot = tca_warp_sum(dot);
+        if (lane == 0) {
+            a.logit[(size_t) (g*G + j)*a.n_slots + r] = dot*a.scale;
+        }
+    }
+}
+
+// one CTA per query head: max and sum of exp over the head's rows
+__global__ void __launch_bounds__(256) tca_score_stats(const tca_score_args a) {
+    __shared__ float red[8];
+    const int h = blockIdx.x;
+    const int G = a.n_head/a.n_head_kv;
+    const int g = h/G;
+    const int off = min(max(a.meta[2*g], 0), a.n_slots);
+    const int len = min(max(a.meta[2*g + 1], 0), a.n_slots - off);
+    const float * lg = a.logit + (size_t) h*a.n_slots + off;
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+
+    float m = -INFINITY;
+    for (int r = threadIdx.x; r < len; r += blockDim.x) {
+        m = fmaxf(m, lg[r]);
+    }
+    m = tca_warp_max(m);
+    if (lane == 0) red[w] = m;
+    __syncthreads();
+    m = red[0];
+    for (int i = 1; i < 8; ++i) m = fmaxf(m, red[i]);
+    __syncthreads();
+
+    float s = 0.0f;
+    for (int r = threadIdx.x; r < len; r += blockDim.x) {
+        s += expf(lg[r] - m);
+    }
+    s = tca_warp_sum(s);
+    if (lane == 0) red[w] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.0f;
+        for (int i = 0; i < 8; ++i) t += red[i];
+        a.ms[h] = make_float2(m, t);
+    }
+}
+
+// one thread per slot: pooled probability (0 outside every head's rows)
+__global__ void tca_score_pool(const tca_score_args a) {
+    const int r = blockIdx.x*blockDim.x + threadIdx.x;
+    if (r >= a.n_slots) {
+        return;
+    }
+    int off, len;
+    const int g = tca_score_head_of(a, r, off, len);
+    float s = 0.0f;
+    if (g >= 0) {
+        const int G = a.n_head/a.n_head_kv;
+        for (int j = 0; j < G; ++j) {
+            const int    h  = g*G + j;
+            const float2 ms = a.ms[h];
+            s += expf(a.logit[(size_t) h*a.n_slots + r] - ms.x)/ms.y;
+        }
+        s /= (float) G;
+    }
+    a.dst[r] = s;
+}
+
+template <int D>
+void tca_score_launch(const tca_score_args & a, ggml_type type, cudaStream_t stream) {
+    const int    rows_per_cta = 4;  // 128 threads = 4 warps = 4 rows
+    const dim3   grid((unsigned) ((a.n_slots + rows_per_cta - 1)/rows_per_cta));
+    const size_t smem = (size_t) a.n_head*D*sizeof(float);
+    switch (type) {
+        case GGML_TYPE_F32:
+            CUDA_SET_SHARED_MEMORY_LIMIT((tca_score_logits<GGML_TYPE_F32, D>), (int) ggml_cuda_info().devices[ggml_cuda_get_device()].smpbo);
+            tca_score_logits<GGML_TYPE_F32, D><<<grid, 128, smem, stream>>>(a); break;
+        case GGML_TYPE_F16:
+            CUDA_SET_SHARED_MEMORY_LIMIT((tca_score_logits<GGML_TYPE_F16, D>), (int) ggml_cuda_info().devices[ggml_cuda_get_device()].smpbo);
+            tca_score_logits<GGML_TYPE_F16, D><<<grid, 128, smem, stream>>>(a); break;
+        case GGML_TYPE_Q8_0:
+            CUDA_SET_SHARED_MEMORY_LIMIT((tca_score_logits<GGML_TYPE_Q8_0, D>), (int) ggml_cuda_info().devices[ggml_cuda_get_device()].smpbo);
+            tca_score_logits<GGML_TYPE_Q8_0, D><<<grid, 128, smem, stream>>>(a); break;
+        default: GGML_ABORT("tca_score: unsupported K type");
+    }
+}
+
 } // namespace
 
 bool ggml_cuda_op_tca_attn_supported(int device, const ggml_tensor * op) {
@@ -935,7 +1100,8 @@ bool ggml_cuda_op_tca_attn_supported(int device, const ggml_tensor * op) {
     if (k->type != GGML_TYPE_F32 && k->type != GGML_TYPE_F16 && k->type != GGML_TYPE_Q8_0) {
         return false;
     }
-    if (kpos->type != GGML_TYPE_I32 || meta->type != GGML_TYPE_I32 || qpos->type != GGML_TYPE_I32) {
+    if ((kpos->type != GGML_TYPE_I32 && kpos->type != GGML_TYPE_F32) || meta->type != GGML_TYPE_I32 ||
+        qpos->type != GGML_TYPE_I32) {
         return false;
     }
     const int64_t D         = q->ne[0];
@@ -1038,7 +1204,17 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     a.q         = (const char *) q->data;
     a.k         = (const char *) k->data;
     a.v         = (const char *) v->data;
-    a.kpos      = (const int *) kpos->data;
+    // kpos as f32 (the retention cache's layout): converted to i32 once, on the stream
+    ggml_cuda_pool_alloc<int> kpos_i(ctx.pool());
+    if (kpos->type == GGML_TYPE_F32) {
+        kpos_i.alloc(std::max<int64_t>(n_slots, 1));
+        if (n_slots > 0) {
+            tca_f32_to_i32<<<(unsigned) ((n_slots + 255)/256), 256, 0, ctx.stream()>>>((const float *) kpos->data, kpos_i.get(), (int) n_slots);
+        }
+        a.kpos = kpos_i.get();
+    } else {
+        a.kpos = (const int *) kpos->data;
+    }
     a.meta      = (const int *) meta->data;
     a.qpos      = (const int *) qpos->data;
     a.dst       = (float *) dst->data;
@@ -1077,5 +1253,81 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
         tca_attn_combine<<<(unsigned) (T*n_head), (unsigned) D, 0, stream>>>(a.part_acc, a.part_ml, a.dst,
                                                                             (int) nsplit, (int) T, (int) n_head, (int) D);
     }
+    CUDA_CHECK(cudaGetLastError());
+}
+
+bool ggml_cuda_op_tca_score_supported(int device, const ggml_tensor * op) {
+#if defined(GGML_USE_HIP) || defined(GGML_USE_MUSA)
+    GGML_UNUSED_VARS(device, op);
+    return false;
+#else
+    const ggml_tensor * q    = op->src[0];
+    const ggml_tensor * k    = op->src[1];
+    const ggml_tensor * meta = op->src[2];
+    if (!q || !k || !meta || op->type != GGML_TYPE_F32 || q->type != GGML_TYPE_F32 || meta->type != GGML_TYPE_I32) {
+        return false;
+    }
+    if (k->type != GGML_TYPE_F32 && k->type != GGML_TYPE_F16 && k->type != GGML_TYPE_Q8_0) {
+        return false;
+    }
+    const int64_t D = q->ne[0], n_head = q->ne[1], n_slots = k->ne[1];
+    const int64_t n_head_kv = ggml_get_op_params_i32(op, 0);
+    if (D != 64 && D != 128 && D != 256) {
+        return false;
+    }
+    if (ggml_nelements(q) != D*n_head || k->ne[0] != D || k->ne[2] != 1 || k->ne[3] != 1 || ggml_nelements(op) != n_slots) {
+        return false;
+    }
+    if (n_head_kv <= 0 || n_head % n_head_kv != 0 || ggml_nelements(meta) != 2*n_head_kv) {
+        return false;
+    }
+    for (const ggml_tensor * t : { q, k, meta, (const ggml_tensor *) op }) {
+        if (!ggml_is_contiguous(t)) {
+            return false;
+        }
+    }
+    if (n_slots > INT_MAX/2 || n_head*n_slots > (int64_t) INT_MAX*16) {
+        return false;
+    }
+    return (size_t) ggml_cuda_info().devices[device].smpbo >= (size_t) (n_head*D*sizeof(float));
+#endif
+}
+
+void ggml_cuda_op_tca_score(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    const ggml_tensor * q    = dst->src[0];
+    const ggml_tensor * k    = dst->src[1];
+    const ggml_tensor * meta = dst->src[2];
+    GGML_ASSERT(ggml_cuda_op_tca_score_supported(ctx.device, dst) && "tca_score: unsupported on CUDA");
+
+    const int64_t D = q->ne[0], n_head = q->ne[1], n_slots = k->ne[1];
+
+    tca_score_args a;
+    a.q         = (const float *) q->data;
+    a.k         = (const char *) k->data;
+    a.meta      = (const int *) meta->data;
+    a.dst       = (float *) dst->data;
+    a.n_head    = (int) n_head;
+    a.n_head_kv = ggml_get_op_params_i32(dst, 0);
+    a.n_slots   = (int) n_slots;
+    a.k_nb1     = k->nb[1];
+    a.scale     = ggml_get_op_params_f32(dst, 1);
+    if (n_slots == 0) {
+        return;
+    }
+
+    cudaStream_t stream = ctx.stream();
+    ggml_cuda_pool_alloc<float>  logit(ctx.pool(), (size_t) n_head*n_slots);
+    ggml_cuda_pool_alloc<float2> ms(ctx.pool(), (size_t) n_head);
+    a.logit = logit.get();
+    a.ms    = ms.get();
+
+    switch (D) {
+        case 64:  tca_score_launch<64>(a, k->type, stream);  break;
+        case 128: tca_score_launch<128>(a, k->type, stream); break;
+        case 256: tca_score_launch<256>(a, k->type, stream); break;
+        default:  GGML_ABORT("tca_score: unsupported head size %d", (int) D);
+    }
+    tca_score_stats<<<(unsigned) n_head, 256, 0, stream>>>(a);
+    tca_score_pool<<<(unsigned) ((n_slots + 255)/256), 256, 0, stream>>>(a);
     CUDA_CHECK(cudaGetLastError());
 }

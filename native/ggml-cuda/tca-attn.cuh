@@ -11,3 +11,8 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
 // true iff the kernels implement this node exactly (types, head size, layout, shared memory of
 // `device`); anything else stays on the CPU backend.
 bool ggml_cuda_op_tca_attn_supported(int device, const ggml_tensor * dst);
+
+// dst = ggml_tca_score(q, k, meta, n_head_kv, scale) on ctx's stream (pooled probabilities of one
+// query per head over each KV head's rows: the importance used by the retention cache's selection).
+void ggml_cuda_op_tca_score(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+bool ggml_cuda_op_tca_score_supported(int device, const ggml_tensor * dst);

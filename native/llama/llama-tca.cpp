@@ -10,9 +10,11 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#include "ggml-alloc.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -42,7 +44,8 @@ llama_memory_i * llama_tca_memory_create(const llama_model & model, const llama_
                        __func__, cparams.n_ctx_seq, cfg->window + cfg->block);
         return nullptr;
     }
-    return new llama_tca_memory(model, *cfg, params.type_k, params.type_v, cparams.n_ctx_seq, cparams.n_ubatch);
+    return new llama_tca_memory(model, *cfg, params.type_k, params.type_v, cparams.n_ctx_seq, cparams.n_ubatch,
+                                cparams.offload_kqv);
 }
 
 // ------------------------------------------------------------------------ memory
@@ -58,7 +61,7 @@ static uint32_t head_capacity(const std::vector<float> & p, const std::vector<ui
 }
 
 llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_config & cfg_, ggml_type type_k_,
-                                   ggml_type type_v_, uint32_t n_ctx_, uint32_t n_ubatch_)
+                                   ggml_type type_v_, uint32_t n_ctx_, uint32_t n_ubatch_, bool offload)
     : cfg(cfg_), n_ctx(n_ctx_), n_ubatch(n_ubatch_), type_k(type_k_), type_v(type_v_) {
     const auto & hp = model.hparams;
     const uint32_t n_layer = hp.n_layer();
@@ -79,11 +82,13 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
         throw std::runtime_error("TCA: tca.budget.p has " + std::to_string(cfg.p.size()) + " values, expected " +
                                  std::to_string(H * n_k));
     }
+    if (n_ctx > (1u << 24)) {
+        throw std::runtime_error("TCA: n_ctx above 2^24 (positions are kept as exact f32)");
+    }
     if (hp.is_swa_any()) {
         throw std::runtime_error("TCA: sliding-window models use llama_kv_cache_iswa; not served by TCA");
     }
 
-    ggml_backend_buffer_type_t buft = ggml_backend_cpu_buffer_type();
     size_t h_base = 0;
     for (uint32_t il = 0; il < n_layer; ++il) {
         const uint32_t nkv = hp.n_head_kv(il);
@@ -113,20 +118,44 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
         L.len_before.assign(nkv, 0);
         h_base += nkv;
 
-        ggml_init_params ip = { 4 * ggml_tensor_overhead(), nullptr, true };
+        // the layer's device, as upstream's KV cache places it (offload_kqv)
+        ggml_backend_buffer_type_t buft = ggml_backend_cpu_buffer_type();
+        if (offload) {
+            buft = ggml_backend_dev_buffer_type(model.dev_layer(il));
+        }
+        L.buft = buft;
+        const size_t rk = ggml_row_size(type_k, L.d_k), rv = ggml_row_size(type_v, L.d_v);
+        if (rk % 4 || rv % 4) {
+            throw std::runtime_error("TCA: K/V rows of " + std::to_string(rk) + "/" + std::to_string(rv) +
+                                     " bytes are not a multiple of 4");
+        }
+        ggml_init_params ip = { 8 * ggml_tensor_overhead(), nullptr, true };
         ggml_context * ctx = ggml_init(ip);
-        if (!ctx) throw std::runtime_error("TCA: ggml_init failed");
+        ggml_context * ctx_alias = ggml_init(ip);
+        if (!ctx || !ctx_alias) throw std::runtime_error("TCA: ggml_init failed");
         ctxs.emplace_back(ctx);
+        ctxs.emplace_back(ctx_alias);
         L.k = ggml_new_tensor_2d(ctx, type_k, L.d_k, L.cap_total);
         L.v = ggml_new_tensor_2d(ctx, type_v, L.d_v, L.cap_total);
+        L.kpos = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, L.cap_total);
         L.q_last = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, L.d_k, L.n_head);
         ggml_format_name(L.k, "tca_k_l%d", il);
         ggml_format_name(L.v, "tca_v_l%d", il);
+        ggml_format_name(L.kpos, "tca_kpos_l%d", il);
         ggml_format_name(L.q_last, "tca_qlast_l%d", il);
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
         if (!buf) throw std::runtime_error("TCA: failed to allocate the retention cache for layer " + std::to_string(il));
         ggml_backend_buffer_clear(buf, 0);
         bufs.emplace_back(buf);
+        L.host = ggml_backend_buffer_is_host(buf);
+        L.k_raw = ggml_new_tensor_2d(ctx_alias, GGML_TYPE_F32, rk / 4, L.cap_total);
+        L.v_raw = ggml_new_tensor_2d(ctx_alias, GGML_TYPE_F32, rv / 4, L.cap_total);
+        ggml_format_name(L.k_raw, "tca_kraw_l%d", il);
+        ggml_format_name(L.v_raw, "tca_vraw_l%d", il);
+        if (ggml_backend_tensor_alloc(buf, L.k_raw, L.k->data) != GGML_STATUS_SUCCESS ||
+            ggml_backend_tensor_alloc(buf, L.v_raw, L.v->data) != GGML_STATUS_SUCCESS) {
+            throw std::runtime_error("TCA: failed to alias the retention cache of layer " + std::to_string(il));
+        }
 
         bytes_dense += (uint64_t) ggml_row_size(type_k, L.d_k) * nkv * n_ctx +
                        (uint64_t) ggml_row_size(type_v, L.d_v) * nkv * n_ctx;
@@ -135,8 +164,10 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
     }
     size_t total = 0;
     for (auto & b : bufs) total += ggml_backend_buffer_get_size(b.get());
-    LLAMA_LOG_INFO("%s: TCA retention cache: %zu layers, %.2f MiB (dense KV would be %.2f MiB, %.1f%%), "
-                   "b=%u w=%u sinks=%u alpha=%.2f%s\n", __func__, layers.size(), total / 1048576.0,
+    size_t n_dev = 0;
+    for (auto & L : layers) n_dev += L.host ? 0 : 1;
+    LLAMA_LOG_INFO("%s: TCA retention cache: %zu layers (%zu on a device), %.2f MiB (dense KV would be %.2f MiB, %.1f%%), "
+                   "b=%u w=%u sinks=%u alpha=%.2f%s\n", __func__, layers.size(), n_dev, total / 1048576.0,
                    bytes_dense / 1048576.0, 100.0 * total / std::max<double>(1.0, (double) bytes_dense),
                    cfg.block, cfg.window, cfg.n_sink, cfg.alpha, cfg.forced ? " [forced density, uncalibrated]" : "");
 }
@@ -215,33 +246,119 @@ void llama_tca_memory::compact_pending() {
     if (n_aged == 0) return;
     if (pending_decode && n_aged * cfg.block <= frontier) return;
     const int64_t t0 = ggml_time_us();
-    for (auto & L : layers) compact_layer(L);
+    if (sched) {
+        ggml_backend_sched_synchronize(sched);  // the last ubatch's graph wrote K/V/q_last
+    }
+    // TCA_GGML_COMPACT=graph: host layers too go through the device path's graphs (tests)
+    static const bool force_graph = [] { const char * e = getenv("TCA_GGML_COMPACT"); return e && !strcmp(e, "graph"); }();
+    std::map<ggml_backend_buffer_type_t, std::vector<layer_t *>> dev;
+    for (auto & L : layers) {
+        if (L.host && !force_graph) {
+            compact_layer_host(L);
+        } else {
+            dev[L.buft].push_back(&L);
+        }
+    }
+    for (auto & kv : dev) compact_device(kv.second);
     frontier = n_aged * cfg.block;
     ++n_compactions;
     t_compact_us += (double) (ggml_time_us() - t0);
 }
 
-void llama_tca_memory::compact_layer(layer_t & L) {
-    if (L.scale == 0.0f) L.scale = 1.0f / std::sqrt((float) L.d_k);
+void llama_tca_memory::select_head(head_t & h, const double * s, uint32_t F, std::vector<uint32_t> & kept) {
     const uint32_t b = cfg.block;
-    const uint32_t F = (n_seen > cfg.window ? (n_seen - cfg.window) / b : 0) * b;
+    const uint32_t n = h.len;
+    const size_t n_k = cfg.k_values.size();
+    kept.clear();
+    // candidate blocks: non-sink rows with pos < F, grouped by block (rows ascending)
+    struct blk { uint32_t r0, r1; double m, sq, h; uint32_t k; };
+    std::vector<blk> blocks;
+    for (uint32_t r = 0; r < n; ++r) {
+        const int32_t p = h.pos[r];
+        if (p < (int32_t) cfg.n_sink || p >= (int32_t) F) continue;
+        const uint32_t id = (uint32_t) p / b;
+        if (blocks.empty() || (uint32_t) h.pos[blocks.back().r0] / b != id) {
+            blocks.push_back({r, r + 1, 0.0, 0.0, 0.0, 0});
+        } else {
+            blocks.back().r1 = r + 1;
+        }
+        blocks.back().m += s[r];
+        blocks.back().sq += s[r] * s[r];
+    }
+    if (blocks.empty()) {
+        for (uint32_t r = 0; r < n; ++r) kept.push_back(r);
+        return;
+    }
+    double M = 0.0;
+    for (auto & bl : blocks) M = std::max(M, bl.m);
+    for (auto & bl : blocks) {
+        const double c = bl.m > 0 ? 1.0 - bl.sq / (bl.m * bl.m) : 0.0;
+        bl.h = (1.0 - cfg.alpha) * (M > 0 ? bl.m / M : 0.0) + cfg.alpha * c;
+    }
+    // rank (h desc, ties lower block first) and assign k from the head's budget
+    std::vector<uint32_t> order(blocks.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t c) { return blocks[a].h > blocks[c].h; });
+    std::vector<uint32_t> k_desc(cfg.k_values.rbegin(), cfg.k_values.rend());
+    std::vector<double> cum(n_k);
+    double acc = 0.0;
+    for (size_t i = 0; i < n_k; ++i) { acc += h.p[n_k - 1 - i]; cum[i] = acc; }
+    const double N = (double) blocks.size();
+    for (size_t r = 0; r < order.size(); ++r) {
+        const double u = (r + 0.5) / N;
+        uint32_t kk = k_desc.back();
+        for (size_t i = 0; i < n_k; ++i) if (u < cum[i]) { kk = k_desc[i]; break; }
+        blocks[order[r]].k = kk;
+    }
+    // keep the top-k rows of each block by s (ties: lower position first)
+    std::vector<uint8_t> keep(n, 1);
+    std::vector<uint32_t> idx;
+    double evicted = 0.0;
+    for (auto & bl : blocks) {
+        const uint32_t cnt = bl.r1 - bl.r0;
+        if (bl.k >= cnt) continue;
+        idx.resize(cnt);
+        std::iota(idx.begin(), idx.end(), bl.r0);
+        std::stable_sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t c) { return s[a] > s[c]; });
+        for (uint32_t i = bl.k; i < cnt; ++i) { keep[idx[i]] = 0; evicted += s[idx[i]]; }
+    }
+    uint32_t w = 0;
+    for (uint32_t r = 0; r < n; ++r) {
+        if (!keep[r]) continue;
+        kept.push_back(r);
+        h.pos[w++] = h.pos[r];
+    }
+    h.n_evicted += n - w;
+    h.len = w;
+    h.pos.resize(w);
+    h.coverage = (float) (1.0 - evicted);
+}
+
+static uint32_t aged_frontier(uint32_t n_seen, uint32_t window, uint32_t b) {
+    return (n_seen > window ? (n_seen - window) / b : 0) * b;
+}
+
+void llama_tca_memory::compact_layer_host(layer_t & L) {
+    if (L.scale == 0.0f) L.scale = 1.0f / std::sqrt((float) L.d_k);
+    const uint32_t F = aged_frontier(n_seen, cfg.window, cfg.block);
     const uint32_t G = L.n_head / L.n_head_kv;
     const size_t rk = ggml_row_size(type_k, L.d_k);
     const size_t rv = ggml_row_size(type_v, L.d_v);
     const auto * tk = ggml_get_type_traits(type_k);
     const float * q = (const float *) L.q_last->data;
-    const size_t n_k = cfg.k_values.size();
-    std::vector<uint32_t> k_desc(cfg.k_values.rbegin(), cfg.k_values.rend());
 
     std::vector<float> krow(L.d_k);
     std::vector<double> s, logit;
+    std::vector<uint32_t> kept;
     for (uint32_t g = 0; g < L.n_head_kv; ++g) {
         auto & h = L.heads[g];
         const uint32_t n = h.len;
         if (n == 0) continue;
         char * kbase = (char *) L.k->data + (size_t) h.off * rk;
         char * vbase = (char *) L.v->data + (size_t) h.off * rv;
-        // 1. pooled importance of q_last over every retained row of this head
+        float * pbase = (float *) L.kpos->data + h.off;
+        // pooled importance of q_last over every retained row of this head (the arithmetic of
+        // GGML_OP_TCA_SCORE's CPU kernel, in double)
         s.assign(n, 0.0);
         logit.resize((size_t) G * n);
         for (uint32_t r = 0; r < n; ++r) {
@@ -255,7 +372,7 @@ void llama_tca_memory::compact_layer(layer_t & L) {
                 const float * qh = q + (size_t) (g * G + j) * L.d_k;
                 double dot = 0.0;
                 for (uint32_t c = 0; c < L.d_k; ++c) dot += (double) qh[c] * krow[c];
-                logit[(size_t) j * n + r] = dot * L.scale;
+                logit[(size_t) j * n + r] = dot * (double) L.scale;
             }
         }
         for (uint32_t j = 0; j < G; ++j) {
@@ -266,70 +383,116 @@ void llama_tca_memory::compact_layer(layer_t & L) {
             for (uint32_t r = 0; r < n; ++r) { lg[r] = std::exp(lg[r] - mx); sum += lg[r]; }
             for (uint32_t r = 0; r < n; ++r) s[r] += lg[r] / sum / G;
         }
-        // 2. candidate blocks: non-sink rows with pos < F, grouped by block (rows ascending)
-        struct blk { uint32_t r0, r1; double m, sq, h; uint32_t k; };
-        std::vector<blk> blocks;
-        for (uint32_t r = 0; r < n; ++r) {
-            const int32_t p = h.pos[r];
-            if (p < (int32_t) cfg.n_sink || p >= (int32_t) F) continue;
-            const uint32_t id = (uint32_t) p / b;
-            if (blocks.empty() || (uint32_t) h.pos[blocks.back().r0] / b != id) {
-                blocks.push_back({r, r + 1, 0.0, 0.0, 0.0, 0});
-            } else {
-                blocks.back().r1 = r + 1;
-            }
-            blocks.back().m += s[r];
-            blocks.back().sq += s[r] * s[r];
-        }
-        if (blocks.empty()) continue;
-        double M = 0.0;
-        for (auto & bl : blocks) M = std::max(M, bl.m);
-        for (auto & bl : blocks) {
-            const double c = bl.m > 0 ? 1.0 - bl.sq / (bl.m * bl.m) : 0.0;
-            bl.h = (1.0 - cfg.alpha) * (M > 0 ? bl.m / M : 0.0) + cfg.alpha * c;
-        }
-        // 3. rank (h desc, ties lower block first) and assign k from the head's budget
-        std::vector<uint32_t> order(blocks.size());
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t c) { return blocks[a].h > blocks[c].h; });
-        std::vector<double> cum(n_k);
-        double acc = 0.0;
-        for (size_t i = 0; i < n_k; ++i) { acc += h.p[n_k - 1 - i]; cum[i] = acc; }
-        const double N = (double) blocks.size();
-        for (size_t r = 0; r < order.size(); ++r) {
-            const double u = (r + 0.5) / N;
-            uint32_t kk = k_desc.back();
-            for (size_t i = 0; i < n_k; ++i) if (u < cum[i]) { kk = k_desc[i]; break; }
-            blocks[order[r]].k = kk;
-        }
-        // 4. keep the top-k rows of each block by s (ties: lower position first)
-        std::vector<uint8_t> keep(n, 1);
-        std::vector<uint32_t> idx;
-        double evicted = 0.0;
-        for (auto & bl : blocks) {
-            const uint32_t cnt = bl.r1 - bl.r0;
-            if (bl.k >= cnt) continue;
-            idx.resize(cnt);
-            std::iota(idx.begin(), idx.end(), bl.r0);
-            std::stable_sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t c) { return s[a] > s[c]; });
-            for (uint32_t i = bl.k; i < cnt; ++i) { keep[idx[i]] = 0; evicted += s[idx[i]]; }
-        }
+        select_head(h, s.data(), F, kept);
         // compact in place (rows only move towards the front)
-        uint32_t w = 0;
-        for (uint32_t r = 0; r < n; ++r) {
-            if (!keep[r]) continue;
-            if (w != r) {
-                memcpy(kbase + (size_t) w * rk, kbase + (size_t) r * rk, rk);
-                memcpy(vbase + (size_t) w * rv, vbase + (size_t) r * rv, rv);
-                h.pos[w] = h.pos[r];
-            }
-            ++w;
+        for (uint32_t w = 0; w < kept.size(); ++w) {
+            const uint32_t r = kept[w];
+            if (w == r) continue;
+            memcpy(kbase + (size_t) w * rk, kbase + (size_t) r * rk, rk);
+            memcpy(vbase + (size_t) w * rv, vbase + (size_t) r * rv, rv);
+            pbase[w] = pbase[r];
         }
-        h.n_evicted += n - w;
-        h.len = w;
-        h.pos.resize(w);
-        h.coverage = (float) (1.0 - evicted);
     }
+}
+
+ggml_backend_t llama_tca_memory::backend_for(ggml_backend_buffer_type_t buft) {
+    auto it = backends.find(buft);
+    if (it != backends.end()) return it->second.get();
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+    if (!dev) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    ggml_backend_t be = dev ? ggml_backend_dev_init(dev, nullptr) : nullptr;
+    if (!be) throw std::runtime_error("TCA: cannot start a backend for the retention cache's device");
+    backends[buft].reset(be);
+    gallocs[buft].reset(ggml_gallocr_new(ggml_backend_get_default_buffer_type(be)));
+    return be;
+}
+
+// Selection and compaction of layers whose cache lives on a device: the importance is computed
+// there (GGML_OP_TCA_SCORE, one node per layer), read back (one float per retained row), ranked
+// on the host as for host layers, and the kept rows are moved on the device (get_rows into a
+// scratch tensor, set_rows back; K, V and kpos seen as f32 rows so that the bytes are copied).
+void llama_tca_memory::compact_device(const std::vector<layer_t *> & Ls) {
+    if (Ls.empty()) return;
+    ggml_backend_buffer_type_t buft = Ls[0]->buft;
+    ggml_backend_t be = backend_for(buft);
+    ggml_gallocr_t galloc = gallocs[buft].get();
+    const uint32_t F = aged_frontier(n_seen, cfg.window, cfg.block);
+    const size_t n_nodes = 8 * Ls.size() + 16;
+
+    // 1. scores
+    ggml_init_params ip = { ggml_tensor_overhead() * (8 * Ls.size() + 16) + ggml_graph_overhead_custom(n_nodes, false), nullptr, true };
+    ggml_context_ptr ctx{ggml_init(ip)};
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), n_nodes, false);
+    std::vector<ggml_tensor *> metas, scores;
+    for (layer_t * L : Ls) {
+        if (L->scale == 0.0f) L->scale = 1.0f / std::sqrt((float) L->d_k);
+        ggml_tensor * meta = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, 2 * L->n_head_kv);
+        ggml_set_input(meta);
+        ggml_tensor * sc = ggml_tca_score(ctx.get(), L->q_last, L->k, meta, (int) L->n_head_kv, L->scale);
+        ggml_set_output(sc);
+        ggml_build_forward_expand(gf, sc);
+        metas.push_back(meta);
+        scores.push_back(sc);
+    }
+    if (!ggml_gallocr_alloc_graph(galloc, gf)) throw std::runtime_error("TCA: cannot allocate the selection graph");
+    std::vector<int32_t> mt;
+    for (size_t i = 0; i < Ls.size(); ++i) {
+        mt.clear();
+        for (const auto & h : Ls[i]->heads) { mt.push_back((int32_t) h.off); mt.push_back((int32_t) h.len); }
+        ggml_backend_tensor_set(metas[i], mt.data(), 0, mt.size() * sizeof(int32_t));
+    }
+    if (ggml_backend_graph_compute(be, gf) != GGML_STATUS_SUCCESS) throw std::runtime_error("TCA: selection graph failed");
+
+    // 2. ranking on the host
+    std::vector<float> sf;
+    std::vector<double> sd;
+    std::vector<uint32_t> kept;
+    std::vector<std::vector<int32_t>> src(Ls.size());
+    std::vector<std::vector<int64_t>> dst(Ls.size());
+    for (size_t i = 0; i < Ls.size(); ++i) {
+        layer_t & L = *Ls[i];
+        uint32_t hi = 0;
+        for (const auto & h : L.heads) hi = std::max(hi, h.off + h.len);
+        sf.resize(hi);
+        if (hi) ggml_backend_tensor_get(scores[i], sf.data(), 0, (size_t) hi * sizeof(float));
+        for (auto & h : L.heads) {
+            if (h.len == 0) continue;
+            sd.assign(sf.begin() + h.off, sf.begin() + h.off + h.len);
+            select_head(h, sd.data(), F, kept);
+            for (uint32_t w = 0; w < kept.size(); ++w) {
+                if (kept[w] == w) continue;
+                src[i].push_back((int32_t) (h.off + kept[w]));
+                dst[i].push_back((int64_t) (h.off + w));
+            }
+        }
+    }
+
+    // 3. moves on the device
+    ggml_context_ptr ctx2{ggml_init(ip)};
+    ggml_cgraph * gm = ggml_new_graph_custom(ctx2.get(), n_nodes, false);
+    std::vector<std::pair<ggml_tensor *, ggml_tensor *>> idx(Ls.size(), {nullptr, nullptr});
+    bool any = false;
+    for (size_t i = 0; i < Ls.size(); ++i) {
+        if (src[i].empty()) continue;
+        any = true;
+        ggml_tensor * si = ggml_new_tensor_1d(ctx2.get(), GGML_TYPE_I32, (int64_t) src[i].size());
+        ggml_tensor * di = ggml_new_tensor_1d(ctx2.get(), GGML_TYPE_I64, (int64_t) dst[i].size());
+        ggml_set_input(si);
+        ggml_set_input(di);
+        idx[i] = {si, di};
+        for (ggml_tensor * raw : { Ls[i]->k_raw, Ls[i]->v_raw, Ls[i]->kpos }) {
+            ggml_tensor * tmp = ggml_get_rows(ctx2.get(), raw, si);
+            ggml_build_forward_expand(gm, ggml_set_rows(ctx2.get(), raw, tmp, di));
+        }
+    }
+    if (!any) return;
+    if (!ggml_gallocr_alloc_graph(galloc, gm)) throw std::runtime_error("TCA: cannot allocate the compaction graph");
+    for (size_t i = 0; i < Ls.size(); ++i) {
+        if (!idx[i].first) continue;
+        ggml_backend_tensor_set(idx[i].first, src[i].data(), 0, src[i].size() * sizeof(int32_t));
+        ggml_backend_tensor_set(idx[i].second, dst[i].data(), 0, dst[i].size() * sizeof(int64_t));
+    }
+    if (ggml_backend_graph_compute(be, gm) != GGML_STATUS_SUCCESS) throw std::runtime_error("TCA: compaction graph failed");
 }
 
 void llama_tca_memory::clear(bool data) {
@@ -448,6 +611,8 @@ void llama_tca_memory::state_read(llama_io_read_i & io, llama_seq_id seq_id, lla
             if (len) {
                 io.read_tensor(L.k, (size_t) h.off * rk, (size_t) len * rk);
                 io.read_tensor(L.v, (size_t) h.off * rv, (size_t) len * rv);
+                std::vector<float> pf(h.pos.begin(), h.pos.end());
+                ggml_backend_tensor_set(L.kpos, pf.data(), (size_t) h.off * sizeof(float), (size_t) len * sizeof(float));
             }
         }
     }
@@ -486,7 +651,7 @@ public:
     llm_graph_input_attn_tca(const llama_hparams & hp, const llama_cparams & cp, const llama_tca_memory_context * t)
         : llm_graph_input_attn_kv(hp, cp, nullptr), tctx(t) {}
 
-    struct per_layer { int32_t il; ggml_tensor * kpos; ggml_tensor * meta; ggml_tensor * idx; };
+    struct per_layer { int32_t il; ggml_tensor * pnew; ggml_tensor * meta; ggml_tensor * idx; };
 
     void set_input(const llama_ubatch * ub) override {
         const llama_tca_memory * mem = tctx->mem;
@@ -498,20 +663,21 @@ public:
         for (const auto & pl : layers) {
             const auto * L = mem->layer(pl.il);
             GGML_ASSERT(L);
-            int32_t * kp = (int32_t *) pl.kpos->data;
+            GGML_ASSERT(ggml_backend_buffer_is_host(pl.pnew->buffer) && ggml_backend_buffer_is_host(pl.meta->buffer) &&
+                        ggml_backend_buffer_is_host(pl.idx->buffer));
+            float   * pn = (float *) pl.pnew->data;
             int32_t * mt = (int32_t *) pl.meta->data;
             int64_t * ix = (int64_t *) pl.idx->data;
-            std::fill(kp, kp + L->cap_total, std::numeric_limits<int32_t>::max());
             for (uint32_t g = 0; g < L->n_head_kv; ++g) {
                 const auto & h = L->heads[g];
                 // during graph reserve nothing was placed: pretend the ubatch lands at the start
                 const uint32_t before = tctx->is_full ? 0 : L->len_before[g];
                 const uint32_t len = tctx->is_full ? std::min<uint32_t>(h.cap, ub->n_tokens) : h.len;
-                for (uint32_t r = 0; r < len && !tctx->is_full; ++r) kp[h.off + r] = h.pos[r];
                 mt[2 * g] = (int32_t) h.off;
                 mt[2 * g + 1] = (int32_t) len;
                 for (uint32_t t = 0; t < ub->n_tokens; ++t) {
                     ix[(size_t) t * L->n_head_kv + g] = (int64_t) h.off + std::min<uint32_t>(before + t, h.cap - 1);
+                    pn[(size_t) t * L->n_head_kv + g] = (float) ub->pos[t];
                 }
             }
         }
@@ -559,10 +725,10 @@ ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_
 
     llm_graph_input_attn_tca::per_layer pl;
     pl.il = il;
-    pl.kpos = ggml_new_tensor_1d(ctx0, GGML_TYPE_I32, L->cap_total);
+    pl.pnew = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, 1, nkv * n_tokens);
     pl.meta = ggml_new_tensor_1d(ctx0, GGML_TYPE_I32, 2 * nkv);
     pl.idx  = ggml_new_tensor_1d(ctx0, GGML_TYPE_I64, nkv * n_tokens);
-    ggml_set_input(pl.kpos);
+    ggml_set_input(pl.pnew);
     ggml_set_input(pl.meta);
     ggml_set_input(pl.idx);
     inp->layers.push_back(pl);
@@ -574,8 +740,10 @@ ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_
     vc = ggml_reshape_2d(ctx0, vc, L->d_v, nkv * n_tokens);
     ggml_tensor * k_all = ggml_set_rows(ctx0, L->k, kc, pl.idx);
     ggml_tensor * v_all = ggml_set_rows(ctx0, L->v, vc, pl.idx);
+    ggml_tensor * p_all = ggml_reshape_1d(ctx0, ggml_set_rows(ctx0, L->kpos, pl.pnew, pl.idx), L->cap_total);
     ggml_build_forward_expand(gf, k_all);
     ggml_build_forward_expand(gf, v_all);
+    ggml_build_forward_expand(gf, p_all);
 
     // keep the ubatch's last query for the compaction that follows this ubatch
     ggml_tensor * q_last = ggml_view_2d(ctx0, q_cur, q_cur->ne[0], q_cur->ne[1], q_cur->nb[1],
@@ -584,7 +752,7 @@ ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_
 
     ggml_tensor * q = ggml_cont(ctx0, ggml_permute(ctx0, q_cur, 0, 2, 1, 3));  // [d, n_tokens, n_head]
     if (q->type != GGML_TYPE_F32) q = ggml_cast(ctx0, q, GGML_TYPE_F32);
-    ggml_tensor * cur = ggml_tca_attn(ctx0, q, k_all, v_all, pl.kpos, pl.meta, inp->qpos, (int) nkv, kq_scale);
+    ggml_tensor * cur = ggml_tca_attn(ctx0, q, k_all, v_all, p_all, pl.meta, inp->qpos, (int) nkv, kq_scale);
     g.cb(cur, "kqv_out", il);
     cur = ggml_reshape_2d(ctx0, cur, cur->ne[0] * cur->ne[1], cur->ne[2]);
 

@@ -15,6 +15,9 @@
 #include "llama-memory.h"
 #include "llama-graph.h"
 
+#include "ggml-alloc.h"
+#include "ggml-cpp.h"
+
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -89,14 +92,18 @@ public:
         float scale = 0.0f;        // kq_scale seen at graph build
         ggml_tensor * k = nullptr; // [d_k, cap_total] type_k
         ggml_tensor * v = nullptr; // [d_v, cap_total] type_v
+        ggml_tensor * kpos = nullptr;   // [1, cap_total] f32: position of each row (exact integers)
         ggml_tensor * q_last = nullptr; // [d_k, n_head] f32: last query of the last ubatch
+        ggml_tensor * k_raw = nullptr;  // k and v seen as f32 rows of the same bytes (row moves on
+        ggml_tensor * v_raw = nullptr;  // the device: get_rows + set_rows copy bits)
+        ggml_backend_buffer_type_t buft = nullptr;
+        bool host = true;          // buffers in host memory: select and move on the host
         std::vector<head_t> heads;
         std::vector<uint32_t> len_before; // per head, rows before the current ubatch
     };
 
     llama_tca_memory(const llama_model & model, const llama_tca_config & cfg, ggml_type type_k,
-                     ggml_type type_v, uint32_t n_ctx, uint32_t n_ubatch);
-    ~llama_tca_memory() override = default;
+                     ggml_type type_v, uint32_t n_ctx, uint32_t n_ubatch, bool offload = false);
 
     llama_memory_context_ptr init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) override;
     llama_memory_context_ptr init_full() override;
@@ -136,8 +143,19 @@ public:
     uint64_t n_compactions = 0;
     double t_compact_us = 0.0;
 
+    // set by tca_init_from_model: the context's scheduler, synchronised before the retention
+    // cache is read or moved outside its graphs
+    ggml_backend_sched_t sched = nullptr;
+
 private:
-    void compact_layer(layer_t & L);
+    // keep mask of head h from its importance s[0..len): blocks, ranking, per-block top-k;
+    // updates pos/len/coverage/n_evicted and returns the kept rows (region-relative, ascending)
+    void select_head(head_t & h, const double * s, uint32_t F, std::vector<uint32_t> & kept);
+    void compact_layer_host(layer_t & L);
+    void compact_device(const std::vector<layer_t *> & Ls);
+    ggml_backend_t backend_for(ggml_backend_buffer_type_t buft);
     std::vector<ggml_context_ptr> ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;
+    std::map<ggml_backend_buffer_type_t, ggml_backend_ptr> backends;  // compaction backends
+    std::map<ggml_backend_buffer_type_t, ggml_gallocr_ptr> gallocs;
 };

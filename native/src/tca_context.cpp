@@ -78,6 +78,11 @@ extern "C" llama_context * tca_init_from_model(llama_model * model, llama_contex
         ctx = nullptr;
     }
     llama_tca_set_pending(nullptr);
+    if (ctx) {
+        if (auto * m = dynamic_cast<llama_tca_memory *>(llama_get_memory(ctx))) {
+            m->sched = ctx->get_sched();
+        }
+    }
     if (!ctx && err && err_len && !err[0]) fail(err, err_len, "context creation failed (see the log)");
     return ctx;
 }

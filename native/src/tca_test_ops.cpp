@@ -294,10 +294,12 @@ void tca_test_upload_rows(ggml_tensor * t, const float * src, int64_t d, int64_t
 
 } // namespace
 
-TCA_TEST_API int tca_test_tca_attn_backend(const char * backend, int d, int n_head, int n_head_kv, int n_tokens,
-                                           int n_slots, int kv_type, const float * q, const float * k,
-                                           const float * v, const int32_t * kpos, const int32_t * meta,
-                                           const int32_t * qpos, float scale, int n_threads, float * out) {
+// kpos_f32 != 0: kpos is given to the op as f32 (the retention cache's layout), same values
+TCA_TEST_API int tca_test_tca_attn_backend_ex(const char * backend, int d, int n_head, int n_head_kv, int n_tokens,
+                                              int n_slots, int kv_type, const float * q, const float * k,
+                                              const float * v, const int32_t * kpos, const int32_t * meta,
+                                              const int32_t * qpos, float scale, int n_threads, int kpos_f32,
+                                              float * out) {
     if (!backend) return TCA_TEST_E_NULL;
     int rc = tca_test_check(d, n_head, n_head_kv, n_tokens, n_slots, kv_type, q, k, v, kpos, meta, qpos, scale, n_threads);
     if (rc != TCA_TEST_OK) return rc;
@@ -311,7 +313,7 @@ TCA_TEST_API int tca_test_tca_attn_backend(const char * backend, int d, int n_he
     ggml_tensor * tq  = ggml_new_tensor_3d(B.ctx, GGML_TYPE_F32, d, n_tokens, n_head);
     ggml_tensor * tk  = ggml_new_tensor_2d(B.ctx, type, d, n_slots);
     ggml_tensor * tv  = ggml_new_tensor_2d(B.ctx, type, d, n_slots);
-    ggml_tensor * tkp = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, n_slots);
+    ggml_tensor * tkp = ggml_new_tensor_1d(B.ctx, kpos_f32 ? GGML_TYPE_F32 : GGML_TYPE_I32, n_slots);
     ggml_tensor * tm  = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, 2*n_head_kv);
     ggml_tensor * tqp = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, n_tokens);
     ggml_tensor * to  = ggml_tca_attn(B.ctx, tq, tk, tv, tkp, tm, tqp, n_head_kv, scale);
@@ -324,7 +326,15 @@ TCA_TEST_API int tca_test_tca_attn_backend(const char * backend, int d, int n_he
     ggml_backend_tensor_set(tq, q, 0, ggml_nbytes(tq));
     tca_test_upload_rows(tk, k, d, n_slots);
     tca_test_upload_rows(tv, v, d, n_slots);
-    if (n_slots > 0) ggml_backend_tensor_set(tkp, kpos, 0, ggml_nbytes(tkp));
+    if (n_slots > 0 && kpos_f32) {
+        for (int j = 0; j < n_slots; ++j) {
+            if (std::abs(kpos[j]) >= (1 << 24)) return TCA_TEST_E_SHAPE;  // not exact as f32
+        }
+        std::vector<float> kf(kpos, kpos + n_slots);
+        ggml_backend_tensor_set(tkp, kf.data(), 0, ggml_nbytes(tkp));
+    } else if (n_slots > 0) {
+        ggml_backend_tensor_set(tkp, kpos, 0, ggml_nbytes(tkp));
+    }
     ggml_backend_tensor_set(tm, meta, 0, ggml_nbytes(tm));
     ggml_backend_tensor_set(tqp, qpos, 0, ggml_nbytes(tqp));
     {
@@ -332,6 +342,51 @@ TCA_TEST_API int tca_test_tca_attn_backend(const char * backend, int d, int n_he
         ggml_backend_tensor_set(to, nan.data(), 0, ggml_nbytes(to));
     }
 
+    if (ggml_backend_graph_compute(B.be, B.gf) != GGML_STATUS_SUCCESS) return TCA_TEST_E_COMPUTE;
+    ggml_backend_tensor_get(to, out, 0, ggml_nbytes(to));
+    return TCA_TEST_OK;
+}
+
+TCA_TEST_API int tca_test_tca_attn_backend(const char * backend, int d, int n_head, int n_head_kv, int n_tokens,
+                                           int n_slots, int kv_type, const float * q, const float * k,
+                                           const float * v, const int32_t * kpos, const int32_t * meta,
+                                           const int32_t * qpos, float scale, int n_threads, float * out) {
+    return tca_test_tca_attn_backend_ex(backend, d, n_head, n_head_kv, n_tokens, n_slots, kv_type, q, k, v, kpos,
+                                        meta, qpos, scale, n_threads, 0, out);
+}
+
+// GGML_OP_TCA_SCORE on a named backend. q [n_head][d] (one query per head), k [n_slots][d] f32
+// stored as kv_type, meta [2*n_head_kv]; out [n_slots] (poisoned with NaN first).
+TCA_TEST_API int tca_test_tca_score_backend(const char * backend, int d, int n_head, int n_head_kv, int n_slots,
+                                            int kv_type, const float * q, const float * k, const int32_t * meta,
+                                            float scale, int n_threads, float * out) {
+    if (!backend) return TCA_TEST_E_NULL;
+    std::vector<int32_t> qpos(1, 0), kpos((size_t) std::max(n_slots, 0), 0);
+    int rc = tca_test_check(d, n_head, n_head_kv, 1, n_slots, kv_type, q, k, k, kpos.data(), meta, qpos.data(),
+                            scale, n_threads);
+    if (rc != TCA_TEST_OK) return rc;
+    if (!out || n_slots <= 0) return out ? TCA_TEST_E_SHAPE : TCA_TEST_E_NULL;
+
+    tca_test_backend_graph B;
+    rc = tca_test_backend_open(B, backend, n_threads, 8);
+    if (rc != TCA_TEST_OK) return rc;
+    const ggml_type type = (ggml_type) kv_type;
+    ggml_tensor * tq = ggml_new_tensor_2d(B.ctx, GGML_TYPE_F32, d, n_head);
+    ggml_tensor * tk = ggml_new_tensor_2d(B.ctx, type, d, n_slots);
+    ggml_tensor * tm = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, 2*n_head_kv);
+    ggml_tensor * to = ggml_tca_score(B.ctx, tq, tk, tm, n_head_kv, scale);
+    if (!ggml_backend_supports_op(B.be, to)) return TCA_TEST_E_UNSUPP;
+    B.gf = ggml_new_graph(B.ctx);
+    ggml_build_forward_expand(B.gf, to);
+    B.buf = ggml_backend_alloc_ctx_tensors(B.ctx, B.be);
+    if (!B.buf) return TCA_TEST_E_ALLOC;
+    ggml_backend_tensor_set(tq, q, 0, ggml_nbytes(tq));
+    tca_test_upload_rows(tk, k, d, n_slots);
+    ggml_backend_tensor_set(tm, meta, 0, ggml_nbytes(tm));
+    {
+        std::vector<float> nan(n_slots, std::numeric_limits<float>::quiet_NaN());
+        ggml_backend_tensor_set(to, nan.data(), 0, ggml_nbytes(to));
+    }
     if (ggml_backend_graph_compute(B.be, B.gf) != GGML_STATUS_SUCCESS) return TCA_TEST_E_COMPUTE;
     ggml_backend_tensor_get(to, out, 0, ggml_nbytes(to));
     return TCA_TEST_OK;

@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 src=$(python3 native/upstream.py prepare)
 tmp=$(mktemp -d)
 mkdir -p "$tmp/examples" .devcarry
-( cd "$src" && cp -r CMakeLists.txt cmake ggml src include vendor licenses LICENSE .tca_ggml_stamp "$tmp/" && cp -r examples/simple "$tmp/examples/" )
+# common/ and tools/ are for -DTCA_GGML_BUILD_TOOLS=ON (the patched llama-bench); tools/ui is the
+# server's web page, not needed by the build of llama-bench
+( cd "$src" && cp -r CMakeLists.txt cmake ggml src include vendor licenses LICENSE common tools .tca_ggml_stamp "$tmp/" && \
+  cp -r examples/simple "$tmp/examples/" )
 tar czf .devcarry/upstream.tgz -C "$tmp" .
 rm -rf "$tmp"
 # the lent machine's python 3.12 has numpy and pytest but no cffi

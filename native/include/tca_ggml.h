@@ -84,7 +84,8 @@ struct tca_stats {
     uint64_t rows_kept;        // rows held now, summed over layers and KV heads
     uint64_t rows_cap;         // rows allocated
     uint64_t n_compactions;
-    double   t_compact_ms;     // host time spent selecting + compacting
+    double   t_compact_ms;     // time spent selecting + compacting (device work included)
+    uint64_t bytes_device;     // of bytes_alloc, in device (non-host) buffers
 };
 TCA_API int tca_get_stats(const struct llama_context * ctx, struct tca_stats * out);  // 1 active, 0 not
 // per (layer, KV head): retained rows, capacity, coverage of q_last at the last compaction.
@@ -111,6 +112,18 @@ struct tca_budgets {
 // 0: read and valid; 1: the file has no tca.* keys; -1: error, err names the key.
 TCA_API int  tca_budgets_read(const char * path, struct tca_budgets * out, char * err, size_t err_len);
 TCA_API void tca_budgets_free(struct tca_budgets * b);
+
+// ---- forced (uncalibrated) budgets, for tools without Python ----------------------------
+// Fill *out with a uniform forced budget of expected kept share `density` of each aged block,
+// exactly as python forced_budget(): a mix of the two powers of two around density*block
+// (one-hot when density*block is one), the same for every (layer, KV head); k_values
+// 1, 2, 4, ..., block; n_head_kv from the model; n_sink 4, alpha 0.5, forced 1.
+// density in (0, 1]; block a power of two in [1, 4096]; window a multiple of block.
+// Returns 0 on success (free with tca_params_free); otherwise nonzero, *out zeroed and a
+// message in err. The result is what tca_init_from_model takes.
+TCA_API int  tca_params_forced(const struct llama_model * model, float density, uint32_t block, uint32_t window,
+                               struct tca_params * out, char * err, size_t err_len);
+TCA_API void tca_params_free(struct tca_params * p);  // only for params filled by tca_params_forced
 
 #ifdef __cplusplus
 }

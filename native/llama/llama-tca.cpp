@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -148,6 +149,27 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
         ggml_backend_buffer_clear(buf, 0);
         bufs.emplace_back(buf);
         L.host = ggml_backend_buffer_is_host(buf);
+        if (ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+            dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+            // the device must run the layer's TCA nodes itself: no silent fallback to the CPU
+            ggml_init_params tp = { 16 * ggml_tensor_overhead(), nullptr, true };
+            ggml_context_ptr tctx{ggml_init(tp)};
+            ggml_tensor * q  = ggml_new_tensor_3d(tctx.get(), GGML_TYPE_F32, L.d_k, n_ubatch, L.n_head);
+            ggml_tensor * kp = ggml_new_tensor_1d(tctx.get(), GGML_TYPE_F32, L.cap_total);
+            ggml_tensor * mt = ggml_new_tensor_1d(tctx.get(), GGML_TYPE_I32, 2 * nkv);
+            ggml_tensor * qp = ggml_new_tensor_1d(tctx.get(), GGML_TYPE_I32, n_ubatch);
+            ggml_tensor * at = ggml_tca_attn(tctx.get(), q, L.k, L.v, kp, mt, qp, (int) nkv, 1.0f);
+            ggml_tensor * sc = ggml_tca_score(tctx.get(), L.q_last, L.k, mt, (int) nkv, 1.0f);
+            if (L.d_k != L.d_v || type_k != type_v || !ggml_backend_dev_supports_op(dev, at) ||
+                !ggml_backend_dev_supports_op(dev, sc)) {
+                throw std::runtime_error(std::string("TCA: device ") + ggml_backend_dev_name(dev) +
+                                         " does not support TCA attention for layer " + std::to_string(il) +
+                                         " (head size " + std::to_string(L.d_k) + "/" + std::to_string(L.d_v) +
+                                         ", K " + ggml_type_name(type_k) + ", V " + ggml_type_name(type_v) +
+                                         "; supported: head size 64/128/256, K = V type f32/f16/q8_0); "
+                                         "use n_gpu_layers=0 or offload_kqv=False for TCA on the CPU");
+            }
+        }
         L.k_raw = ggml_new_tensor_2d(ctx_alias, GGML_TYPE_F32, rk / 4, L.cap_total);
         L.v_raw = ggml_new_tensor_2d(ctx_alias, GGML_TYPE_F32, rv / 4, L.cap_total);
         ggml_format_name(L.k_raw, "tca_kraw_l%d", il);
@@ -170,6 +192,19 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
                    "b=%u w=%u sinks=%u alpha=%.2f%s\n", __func__, layers.size(), n_dev, total / 1048576.0,
                    bytes_dense / 1048576.0, 100.0 * total / std::max<double>(1.0, (double) bytes_dense),
                    cfg.block, cfg.window, cfg.n_sink, cfg.alpha, cfg.forced ? " [forced density, uncalibrated]" : "");
+}
+
+// TCA_GGML_STATS=1: one line on stderr when the context goes (for tools that do not ask, e.g.
+// llama-bench): compactions and the time they took, device work included
+llama_tca_memory::~llama_tca_memory() {
+    const char * e = getenv("TCA_GGML_STATS");
+    if (e && *e && strcmp(e, "0") != 0) {
+        uint64_t kept = 0, cap = 0;
+        for (const auto & L : layers) for (const auto & h : L.heads) { kept += h.len; cap += h.cap; }
+        fprintf(stderr, "tca_stats: n_seen=%u compactions=%llu t_compact_ms=%.1f rows_kept=%llu rows_cap=%llu\n",
+                n_seen, (unsigned long long) n_compactions, t_compact_us / 1000.0, (unsigned long long) kept,
+                (unsigned long long) cap);
+    }
 }
 
 llama_memory_context_ptr llama_tca_memory::init_batch(llama_batch_allocr & balloc, uint32_t n_ub, bool embd_all) {
@@ -245,10 +280,10 @@ void llama_tca_memory::compact_pending() {
     const uint32_t n_aged = n_seen > cfg.window ? (n_seen - cfg.window) / cfg.block : 0;
     if (n_aged == 0) return;
     if (pending_decode && n_aged * cfg.block <= frontier) return;
-    const int64_t t0 = ggml_time_us();
     if (sched) {
         ggml_backend_sched_synchronize(sched);  // the last ubatch's graph wrote K/V/q_last
     }
+    const int64_t t0 = ggml_time_us();  // after the sync: the ubatch's own compute is not counted
     // TCA_GGML_COMPACT=graph: host layers too go through the device path's graphs (tests)
     static const bool force_graph = [] { const char * e = getenv("TCA_GGML_COMPACT"); return e && !strcmp(e, "graph"); }();
     std::map<ggml_backend_buffer_type_t, std::vector<layer_t *>> dev;

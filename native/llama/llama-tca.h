@@ -105,6 +105,8 @@ public:
     llama_tca_memory(const llama_model & model, const llama_tca_config & cfg, ggml_type type_k,
                      ggml_type type_v, uint32_t n_ctx, uint32_t n_ubatch, bool offload = false);
 
+    ~llama_tca_memory() override;
+
     llama_memory_context_ptr init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) override;
     llama_memory_context_ptr init_full() override;
     llama_memory_context_ptr init_update(llama_context * lctx, bool optimize) override;

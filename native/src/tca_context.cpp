@@ -5,6 +5,7 @@
 #include "llama-context.h"
 #include "llama-model.h"
 #include "llama-tca.h"
+#include "ggml-backend.h"
 
 #include <cmath>
 #include <cstdio>
@@ -105,7 +106,10 @@ extern "C" int tca_get_stats(const llama_context * ctx, tca_stats * out) {
     out->n_layers = (uint32_t) m->layers.size();
     out->n_seen = m->n_seen;
     out->frontier = m->frontier;
-    for (const auto & kv : m->memory_breakdown()) out->bytes_alloc += kv.second;
+    for (const auto & kv : m->memory_breakdown()) {
+        out->bytes_alloc += kv.second;
+        if (!ggml_backend_buft_is_host(kv.first)) out->bytes_device += kv.second;
+    }
     out->bytes_dense = m->bytes_dense;
     out->n_compactions = m->n_compactions;
     out->t_compact_ms = m->t_compact_us / 1000.0;

@@ -196,7 +196,7 @@ struct llama_context * tca_init_from_model(struct llama_model * model, struct ll
 struct tca_stats {
     int32_t active; uint32_t n_layers; uint32_t n_seen; uint32_t frontier;
     uint64_t bytes_alloc; uint64_t bytes_dense; uint64_t rows_kept; uint64_t rows_cap;
-    uint64_t n_compactions; double t_compact_ms;
+    uint64_t n_compactions; double t_compact_ms; uint64_t bytes_device;
 };
 int tca_get_stats(const struct llama_context * ctx, struct tca_stats * out);
 int64_t tca_get_head_stats(const struct llama_context * ctx, int32_t * layer, uint32_t * kv_head,

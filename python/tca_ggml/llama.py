@@ -152,9 +152,6 @@ class Llama:
             raise TypeError("chat_format must be a str or None")
         self.chat_format = chat_format
         self.tca_config = self._tca_config(tca, tca_density, tca_block, tca_window, tca_alpha)
-        if tca and n_gpu_layers != 0:
-            raise TCAConfigError("tca=True runs on the CPU backend only in this version (the CUDA kernels "
-                                 "are not written yet); use n_gpu_layers=0, or tca=False on the GPU")
 
         # ---- the file, before upstream sees it ----
         if not os.path.exists(self.model_path):
@@ -375,6 +372,7 @@ class Llama:
                 "frontier": int(st.frontier), "bytes_alloc": int(st.bytes_alloc), "bytes_dense": int(st.bytes_dense),
                 "rows_kept": int(st.rows_kept), "rows_cap": int(st.rows_cap),
                 "n_compactions": int(st.n_compactions), "t_compact_ms": float(st.t_compact_ms),
+                "bytes_device": int(st.bytes_device),
                 "layer": layer, "kv_head": head, "retained": ln, "capacity": cap, "coverage": cov}
 
     # ------------------------------------------------------------------ lifecycle

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU suite in one device call (issues 5/6): build (CUDA, sm_90a) + the CUDA tests + the
+# side-by-side benchmark with the patched llama-bench (TCA vs upstream flash attention, same
+# build, same random-weight model of a real shape, same run). Tables and logs under $OUT.
+#
+# Here:   bash scripts/make_devcarry.sh          (pinned+patched upstream, cffi wheels -> .devcarry/)
+# There:  bash scripts/gpu_suite.sh build test   (first call, ~6 min)
+#         bash scripts/gpu_suite.sh bench8b      (later calls; the build stays while the machine is warm)
+# Steps: build, test, bench1b, bench8b, benchq8 (8B with q8_0 K/V), smoke (a quick 1B/8K check).
+set -u
+cd "$(dirname "$0")/.."
+T0=$(date +%s)
+el() { echo $(( $(date +%s) - T0 )); }
+LOG=$OUT/log
+say() { echo "$@" | tee -a "$LOG"; }
+steps=${*:-build test}
+export PATH=$PATH:/usr/local/cuda/bin
+say "== $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader) | $(nproc) cores | steps: $steps"
+
+# python: the machine's numpy/pytest, carried cffi/pycparser
+if ! python3 -c "import cffi" 2>/dev/null; then
+    python3 - <<'PY'
+import glob, zipfile
+for w in glob.glob(".devcarry/wheels/cffi-*.whl") + glob.glob(".devcarry/wheels/pycparser-*.whl"):
+    zipfile.ZipFile(w).extractall("/tmp/pydeps")
+PY
+fi
+export PYTHONPATH=$PWD/python:/tmp/pydeps
+export TCA_GGML_LIB=$PWD/build/cuda/libtca_ggml.so
+
+if [[ " $steps " == *" build "* ]]; then
+    mkdir -p /tmp/up && tar xzf .devcarry/upstream.tgz -C /tmp/up
+    if [ ! -f build/cuda/CMakeCache.txt ]; then
+        cmake -S . -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DTCA_UPSTREAM_DIR=/tmp/up -DGGML_CUDA=on \
+              -DCMAKE_CUDA_ARCHITECTURES=90a -DTCA_GGML_BUILD_TOOLS=ON > $OUT/cmake.log 2>&1 || { tail -40 $OUT/cmake.log | tee -a $LOG; exit 1; }
+    fi
+    timeout ${BUILD_LIMIT:-420} ninja -C build/cuda -k 0 -j16 tca_ggml tca-llama-bench > $OUT/build.log 2>&1
+    rc=$?
+    say "== build rc=$rc at $(el) s"
+    if [ $rc -ne 0 ]; then grep -E -A8 "error|FAILED" $OUT/build.log | head -80 | tee -a $LOG; exit 1; fi
+fi
+
+if [[ " $steps " == *" test "* ]]; then
+    say "== CUDA op tests at $(el) s"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_op_tca_attn_cuda.py tests/test_op_tca_score.py 2>&1 | tail -6 | tee -a $LOG
+    say "== end-to-end TCA CUDA vs CPU at $(el) s"
+    timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/test_tca_cuda_e2e.py 2>&1 | grep -E "NMSE|passed|failed|Error|error|assert" | tail -30 | tee -a $LOG
+fi
+
+BENCH=build/cuda/tca-llama-bench
+mk() {  # shape n_layer file
+    [ -f "$3" ] || python3 -m tca_ggml.random_model --shape "$1" --wtype q8_0 -o "$3" > /dev/null || exit 1
+}
+bench() {  # name model args...
+    local name=$1 model=$2; shift 2
+    say "-- $name at $(el) s: tca-llama-bench $*"
+    TCA_GGML_STATS=1 timeout ${BENCH_LIMIT:-560} $BENCH -m "$model" -fa 1 -ub 2048 -b 2048 -ngl 99 -r 1 "$@" -o md \
+        > $OUT/$name.md 2> $OUT/$name.err
+    say "   rc=$? at $(el) s"; cat $OUT/$name.md | tee -a $LOG; grep tca_stats $OUT/$name.err | tee -a $LOG
+}
+if [[ " $steps " == *" smoke "* ]]; then
+    mk llama-3.2-1b 16 /tmp/l1b.gguf
+    bench smoke1b /tmp/l1b.gguf -p 8192 -n 32 -tca 0,0.2
+fi
+if [[ " $steps " == *" bench1b "* ]]; then
+    mk llama-3.2-1b 16 /tmp/l1b.gguf
+    bench pp1b /tmp/l1b.gguf -p 8192,32768,65536,131072 -n 0 -tca 0,0.39,0.2,0.1
+    bench tg1b /tmp/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.39,0.2,0.1
+fi
+if [[ " $steps " == *" bench8b "* ]]; then
+    mk llama-3.1-8b 32 /tmp/l8b.gguf
+    bench pp8b /tmp/l8b.gguf -p 8192,32768,131072 -n 0 -tca 0,0.39,0.2,0.1
+    bench tg8b /tmp/l8b.gguf -p 0 -n 64 -d 131072 -tca 0,0.39,0.2,0.1
+fi
+if [[ " $steps " == *" benchq8 "* ]]; then
+    mk llama-3.1-8b 32 /tmp/l8b.gguf
+    bench q8_8b /tmp/l8b.gguf -p 131072 -n 64 -ctk q8_0 -ctv q8_0 -tca 0,0.2
+fi
+say "== done at $(el) s"

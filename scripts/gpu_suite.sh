@@ -17,14 +17,12 @@ steps=${*:-build test}
 export PATH=$PATH:/usr/local/cuda/bin
 say "== $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader) | $(nproc) cores | steps: $steps"
 
-# python: the machine's numpy/pytest, carried cffi/pycparser
-if ! python3 -c "import cffi" 2>/dev/null; then
-    python3 - <<'PY'
+# python: the machine's numpy/pytest; the carried wheels (cffi, gguf and their needs) behind them
+python3 - <<'PY'
 import glob, zipfile
-for w in glob.glob(".devcarry/wheels/cffi-*.whl") + glob.glob(".devcarry/wheels/pycparser-*.whl"):
+for w in glob.glob(".devcarry/wheels/*.whl"):
     zipfile.ZipFile(w).extractall("/tmp/pydeps")
 PY
-fi
 export PYTHONPATH=$PWD/python:/tmp/pydeps
 export TCA_GGML_LIB=$PWD/build/cuda/libtca_ggml.so
 
@@ -44,7 +42,7 @@ if [[ " $steps " == *" test "* ]]; then
     say "== CUDA op tests at $(el) s"
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_op_tca_attn_cuda.py tests/test_op_tca_score.py 2>&1 | tail -6 | tee -a $LOG
     say "== end-to-end TCA CUDA vs CPU at $(el) s"
-    timeout 300 python3 -X faulthandler -m pytest -q -s -x -p no:cacheprovider tests/test_tca_cuda_e2e.py > $OUT/e2e.log 2>&1
+    timeout ${E2E_LIMIT:-300} python3 -X faulthandler -m pytest -q -s -x -p no:cacheprovider tests/test_tca_cuda_e2e.py > $OUT/e2e.log 2>&1
     grep -E "NMSE|passed|failed|Error|error|assert|File" $OUT/e2e.log | tail -40 | tee -a $LOG
 fi
 
@@ -76,5 +74,13 @@ fi
 if [[ " $steps " == *" benchq8 "* ]]; then
     mk llama-3.1-8b 32 /tmp/l8b.gguf
     bench q8_8b /tmp/l8b.gguf -p 131072 -n 64 -ctk q8_0 -ctv q8_0 -tca 0,0.2
+fi
+if [[ " $steps " == *" final "* ]]; then  # the headline rows inside one call after a cold build
+    mk llama-3.1-8b 32 /dev/shm/l8b.gguf
+    BENCH_LIMIT=170 bench pp8b_128k /dev/shm/l8b.gguf -p 131072 -n 0 -tca 0,0.2,0.1 --no-warmup
+    BENCH_LIMIT=120 bench tg8b_128k /dev/shm/l8b.gguf -p 0 -n 64 -d 131072 -tca 0,0.1
+    rm -f /dev/shm/l8b.gguf
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    BENCH_LIMIT=90 bench pp1b_128k /dev/shm/l1b.gguf -p 131072 -n 0 -tca 0,0.39,0.2,0.1 --no-warmup
 fi
 say "== done at $(el) s"

@@ -14,8 +14,9 @@ mkdir -p "$tmp/examples" .devcarry
   cp -r examples/simple "$tmp/examples/" )
 tar czf .devcarry/upstream.tgz -C "$tmp" .
 rm -rf "$tmp"
-# the lent machine's python 3.12 has numpy and pytest but no cffi
+# the lent machine's python 3.12 has numpy and pytest but no cffi / gguf
 mkdir -p .devcarry/wheels
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .devcarry/wheels cffi pycparser || true
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .devcarry/wheels cffi pycparser \
+    gguf==0.19.0 pyyaml tqdm requests urllib3 idna certifi charset-normalizer || true
 ls -la .devcarry/upstream.tgz .devcarry/wheels

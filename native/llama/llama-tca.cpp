@@ -20,6 +20,8 @@
 #include <limits>
 #include <numeric>
 #include <stdexcept>
+#include <atomic>
+#include <thread>
 
 // ------------------------------------------------------------------------ hand-over
 static thread_local const llama_tca_config * g_tca_pending = nullptr;
@@ -369,6 +371,24 @@ void llama_tca_memory::select_head(head_t & h, const double * s, uint32_t F, std
     h.coverage = (float) (1.0 - evicted);
 }
 
+// fn(i) for i in [0, n) on up to hardware_concurrency threads (selection is per KV head and
+// independent; it runs between two graph computes, so the cores are otherwise idle)
+template <typename F>
+static void tca_parallel_for(size_t n, F && fn) {
+    static const size_t n_hw = std::max<size_t>(1, std::min<size_t>(32, std::thread::hardware_concurrency()));
+    const size_t nt = std::min(n_hw, n);
+    if (nt <= 1) {
+        for (size_t i = 0; i < n; ++i) fn(i);
+        return;
+    }
+    std::atomic<size_t> next{0};
+    auto work = [&]() { for (size_t i; (i = next.fetch_add(1)) < n;) fn(i); };
+    std::vector<std::thread> th;
+    for (size_t t = 1; t < nt; ++t) th.emplace_back(work);
+    work();
+    for (auto & t : th) t.join();
+}
+
 static uint32_t aged_frontier(uint32_t n_seen, uint32_t window, uint32_t b) {
     return (n_seen > window ? (n_seen - window) / b : 0) * b;
 }
@@ -382,13 +402,14 @@ void llama_tca_memory::compact_layer_host(layer_t & L) {
     const auto * tk = ggml_get_type_traits(type_k);
     const float * q = (const float *) L.q_last->data;
 
-    std::vector<float> krow(L.d_k);
-    std::vector<double> s, logit;
-    std::vector<uint32_t> kept;
-    for (uint32_t g = 0; g < L.n_head_kv; ++g) {
+    tca_parallel_for(L.n_head_kv, [&](size_t gi) {
+        const uint32_t g = (uint32_t) gi;
+        std::vector<float> krow(L.d_k);
+        std::vector<double> s, logit;
+        std::vector<uint32_t> kept;
         auto & h = L.heads[g];
         const uint32_t n = h.len;
-        if (n == 0) continue;
+        if (n == 0) return;
         char * kbase = (char *) L.k->data + (size_t) h.off * rk;
         char * vbase = (char *) L.v->data + (size_t) h.off * rv;
         float * pbase = (float *) L.kpos->data + h.off;
@@ -427,7 +448,7 @@ void llama_tca_memory::compact_layer_host(layer_t & L) {
             memcpy(vbase + (size_t) w * rv, vbase + (size_t) r * rv, rv);
             pbase[w] = pbase[r];
         }
-    }
+    });
 }
 
 ggml_backend_t llama_tca_memory::backend_for(ggml_backend_buffer_type_t buft) {
@@ -478,28 +499,35 @@ void llama_tca_memory::compact_device(const std::vector<layer_t *> & Ls) {
     }
     if (ggml_backend_graph_compute(be, gf) != GGML_STATUS_SUCCESS) throw std::runtime_error("TCA: selection graph failed");
 
-    // 2. ranking on the host
-    std::vector<float> sf;
-    std::vector<double> sd;
-    std::vector<uint32_t> kept;
-    std::vector<std::vector<int32_t>> src(Ls.size());
-    std::vector<std::vector<int64_t>> dst(Ls.size());
+    // 2. ranking on the host, one KV head per task
+    std::vector<std::vector<float>> sf(Ls.size());
+    struct task { size_t i; head_t * h; std::vector<int32_t> src; std::vector<int64_t> dst; };
+    std::vector<task> tasks;
     for (size_t i = 0; i < Ls.size(); ++i) {
         layer_t & L = *Ls[i];
         uint32_t hi = 0;
         for (const auto & h : L.heads) hi = std::max(hi, h.off + h.len);
-        sf.resize(hi);
-        if (hi) ggml_backend_tensor_get(scores[i], sf.data(), 0, (size_t) hi * sizeof(float));
-        for (auto & h : L.heads) {
-            if (h.len == 0) continue;
-            sd.assign(sf.begin() + h.off, sf.begin() + h.off + h.len);
-            select_head(h, sd.data(), F, kept);
-            for (uint32_t w = 0; w < kept.size(); ++w) {
-                if (kept[w] == w) continue;
-                src[i].push_back((int32_t) (h.off + kept[w]));
-                dst[i].push_back((int64_t) (h.off + w));
-            }
+        sf[i].resize(hi);
+        if (hi) ggml_backend_tensor_get(scores[i], sf[i].data(), 0, (size_t) hi * sizeof(float));
+        for (auto & h : L.heads) if (h.len) tasks.push_back({i, &h, {}, {}});
+    }
+    tca_parallel_for(tasks.size(), [&](size_t ti) {
+        task & t = tasks[ti];
+        head_t & h = *t.h;
+        std::vector<double> sd(sf[t.i].begin() + h.off, sf[t.i].begin() + h.off + h.len);
+        std::vector<uint32_t> kept;
+        select_head(h, sd.data(), F, kept);
+        for (uint32_t w = 0; w < kept.size(); ++w) {
+            if (kept[w] == w) continue;
+            t.src.push_back((int32_t) (h.off + kept[w]));
+            t.dst.push_back((int64_t) (h.off + w));
         }
+    });
+    std::vector<std::vector<int32_t>> src(Ls.size());
+    std::vector<std::vector<int64_t>> dst(Ls.size());
+    for (auto & t : tasks) {
+        src[t.i].insert(src[t.i].end(), t.src.begin(), t.src.end());
+        dst[t.i].insert(dst[t.i].end(), t.dst.begin(), t.dst.end());
     }
 
     // 3. moves on the device

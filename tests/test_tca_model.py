@@ -278,3 +278,28 @@ def test_graph_compaction_equals_host_compaction(default_model, prompt_tokens, t
     nmse = float(((lh - lg) ** 2).sum() / (lh ** 2).sum())
     print(f"graph vs host compaction: {n_same}/{n_all} rows equal, logits NMSE {nmse:.2e}")
     assert nmse <= 1e-6 if n_same == n_all else nmse <= 1e-3, nmse
+
+
+def test_quantized_kv_cache(tmp_path):
+    """q8_0 K/V: upstream requires flash attention for a quantized V cache; a TCA context
+    turns it on by itself (its own attention reads q8_0 directly), and at full density it
+    matches upstream's dense q8_0 cache with flash attention (random-weight model, 2 layers)."""
+    from tca_ggml.random_model import write_random_gguf
+    path = tmp_path / "rm.gguf"
+    write_random_gguf(path, "llama-3.2-1b", "q8_0", seed=3, n_layer=2)
+    toks = [1] + np.random.default_rng(0).integers(300, 5000, size=1499).tolist()
+    out = {}
+    for name, kw in (("dense", dict(flash_attn=True)), ("tca1", dict(tca=True, tca_density=1.0)),
+                     ("tca25", dict(tca=True, tca_density=0.25))):
+        if "tca" in kw:
+            kw.update(tca_window=W, tca_block=B)
+        with Llama(str(path), n_ctx=2048, n_batch=512, n_threads=2, verbose=False, type_k=8, type_v=8, **kw) as llm:
+            out[name] = (llm.eval_logits(toks), llm.tca_stats())
+    nm = lambda a, b: float(((a - b) ** 2).sum() / (b ** 2).sum())  # noqa: E731
+    assert out["tca1"][1]["active"] and out["tca25"][1]["rows_kept"] < out["tca1"][1]["rows_kept"]
+    # upstream's CPU flash attention quantizes q to q8_0 for its dot products with a q8_0 K;
+    # TCA dequantizes K and keeps q in f32: the two differ by that rounding (NMSE ~7e-4)
+    print(f"q8_0 KV: TCA full density vs dense NMSE {nm(out['tca1'][0], out['dense'][0]):.2e}, "
+          f"forced 0.25 {nm(out['tca25'][0], out['dense'][0]):.2e}")
+    assert nm(out["tca1"][0], out["dense"][0]) < 2e-3
+    assert nm(out["tca25"][0], out["dense"][0]) > 10 * nm(out["tca1"][0], out["dense"][0])

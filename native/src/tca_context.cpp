@@ -6,6 +6,7 @@
 #include "llama-model.h"
 #include "llama-tca.h"
 #include "ggml-backend.h"
+#include "ggml.h"
 
 #include <cmath>
 #include <cstdio>
@@ -70,6 +71,12 @@ extern "C" llama_context * tca_init_from_model(llama_model * model, llama_contex
     if (!model) { fail(err, err_len, "model is NULL"); return nullptr; }
     llama_tca_config cfg;
     if (validate(model, tp, cfg, err, err_len)) return nullptr;
+    // upstream refuses a quantized V cache without flash attention; TCA's own attention reads
+    // quantized V directly, and a context that falls back to the dense cache needs flash
+    // attention for it anyway
+    if (ggml_is_quantized(params.type_v) && params.flash_attn_type == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
+        params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    }
     llama_tca_set_pending(&cfg);
     llama_context * ctx = nullptr;
     try {

@@ -164,6 +164,10 @@ def main(argv=None) -> int:
     bn = sub.add_parser("bench", help="speed and memory: TCA vs upstream dense, side by side (llama-bench style)")
     from . import bench as _bench
     _bench.add_arguments(bn)
+    rm = sub.add_parser("make-random", help="write a random-weight GGUF of a real model shape (kernel-speed "
+                                             "benchmarks only: quality is never judged on it)")
+    from . import random_model as _rm
+    _rm.add_arguments(rm)
     a = ap.parse_args(argv)
     from .errors import TCAError
     try:
@@ -171,7 +175,7 @@ def main(argv=None) -> int:
             print(f"error: model not found: {a.model}", file=sys.stderr)
             return 2
         return {"calibrate": _cmd_calibrate, "inspect": _cmd_inspect, "strip": _cmd_strip,
-                "eval": _cmd_eval, "bench": _cmd_bench}[a.cmd](a)
+                "eval": _cmd_eval, "bench": _cmd_bench, "make-random": _rm.main_cli}[a.cmd](a)
     except (TCAError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -303,3 +303,35 @@ def test_quantized_kv_cache(tmp_path):
           f"forced 0.25 {nm(out['tca25'][0], out['dense'][0]):.2e}")
     assert nm(out["tca1"][0], out["dense"][0]) < 2e-3
     assert nm(out["tca25"][0], out["dense"][0]) > 10 * nm(out["tca1"][0], out["dense"][0])
+
+
+def test_decode_compresses_only_the_block_leaving_the_window(tmp_path):
+    """TCA-SPEC's decode rule, in C: during decode a compaction touches only the block(s) that
+    just left the window, each cut to floor(t) tokens (t = the head's expected tokens per block);
+    every older block keeps exactly what the prefill's last selection left it."""
+    import math
+    from tca_ggml.random_model import write_random_gguf
+    path = tmp_path / "rm.gguf"
+    write_random_gguf(path, "llama-3.2-1b", "q8_0", seed=5, n_layer=2)
+    toks = [1] + np.random.default_rng(1).integers(300, 5000, size=1199).tolist()
+    d = 0.3
+    kt = math.floor(float(np.dot(forced_budget(d, [2 ** i for i in range(7)]), [2 ** i for i in range(7)])) + 1e-9)
+    assert kt == 19  # a mix of 16 and 32 (t = 19.2): not a power of two
+    with Llama(str(path), n_ctx=2048, n_batch=512, n_threads=2, verbose=False, tca=True, tca_density=d,
+               tca_window=W, tca_block=B) as llm:
+        llm.eval_prompt(toks)
+        st0 = llm.tca_stats()
+        heads = list(zip(st0["layer"].tolist(), st0["kv_head"].tolist()))
+        before = {h: llm.tca_retained_positions(*h) for h in heads}
+        F0 = st0["frontier"]
+        n_gen = 3 * B + 5
+        out = list(llm.generate_tokens(toks, n_gen, temperature=0))
+        st1 = llm.tca_stats()
+        F1 = st1["frontier"]
+        assert F1 == F0 + 3 * B and st1["n_compactions"] == st0["n_compactions"] + 3
+        for h in heads:
+            after = llm.tca_retained_positions(*h)
+            assert np.array_equal(after[after < F0], before[h][before[h] < F0])  # older blocks untouched
+            for j in range(F0 // B, F1 // B):
+                assert ((after >= j * B) & (after < (j + 1) * B)).sum() == kt, (h, j)
+            assert np.array_equal(after[after >= F1], np.arange(F1, len(toks) + len(out) - 1 + 1)[:(after >= F1).sum()])

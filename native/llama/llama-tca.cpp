@@ -288,25 +288,61 @@ void llama_tca_memory::compact_pending() {
     const int64_t t0 = ggml_time_us();  // after the sync: the ubatch's own compute is not counted
     // TCA_GGML_COMPACT=graph: host layers too go through the device path's graphs (tests)
     static const bool force_graph = [] { const char * e = getenv("TCA_GGML_COMPACT"); return e && !strcmp(e, "graph"); }();
+    // prefill ubatch: re-select over all aged blocks; decode step: only the newly aged block(s)
+    const int64_t f0 = pending_decode ? (int64_t) frontier : -1;
     std::map<ggml_backend_buffer_type_t, std::vector<layer_t *>> dev;
     for (auto & L : layers) {
         if (L.host && !force_graph) {
-            compact_layer_host(L);
+            compact_layer_host(L, f0);
         } else {
             dev[L.buft].push_back(&L);
         }
     }
-    for (auto & kv : dev) compact_device(kv.second);
+    for (auto & kv : dev) compact_device(kv.second, f0);
     frontier = n_aged * cfg.block;
     ++n_compactions;
     t_compact_us += (double) (ggml_time_us() - t0);
 }
 
-void llama_tca_memory::select_head(head_t & h, const double * s, uint32_t F, std::vector<uint32_t> & kept) {
+void llama_tca_memory::select_head(head_t & h, const double * s, uint32_t F, std::vector<uint32_t> & kept, int64_t f0) {
     const uint32_t b = cfg.block;
     const uint32_t n = h.len;
     const size_t n_k = cfg.k_values.size();
     kept.clear();
+    if (f0 >= 0) {
+        double t = 0.0;
+        for (size_t i = 0; i < n_k; ++i) t += (double) cfg.k_values[i] * h.p[i];
+        const uint32_t kt = std::max<uint32_t>(1, (uint32_t) std::floor(t + 1e-9));
+        const int32_t lo = std::max<int32_t>((int32_t) f0, (int32_t) cfg.n_sink);
+        std::vector<uint8_t> keep(n, 1);
+        std::vector<uint32_t> idx;
+        double evicted = 0.0;
+        uint32_t r = 0;
+        while (r < n && h.pos[r] < lo) ++r;
+        while (r < n && h.pos[r] < (int32_t) F) {
+            const uint32_t id = (uint32_t) h.pos[r] / b;
+            uint32_t r1 = r;
+            while (r1 < n && h.pos[r1] < (int32_t) F && (uint32_t) h.pos[r1] / b == id) ++r1;
+            if (r1 - r > kt) {
+                idx.resize(r1 - r);
+                std::iota(idx.begin(), idx.end(), r);
+                std::stable_sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t c) { return s[a] > s[c]; });
+                for (uint32_t i = kt; i < idx.size(); ++i) { keep[idx[i]] = 0; evicted += s[idx[i]]; }
+            }
+            r = r1;
+        }
+        uint32_t w = 0;
+        for (uint32_t i = 0; i < n; ++i) {
+            if (!keep[i]) continue;
+            kept.push_back(i);
+            h.pos[w++] = h.pos[i];
+        }
+        h.n_evicted += n - w;
+        h.len = w;
+        h.pos.resize(w);
+        h.coverage = (float) (1.0 - evicted);
+        return;
+    }
     // candidate blocks: non-sink rows with pos < F, grouped by block (rows ascending)
     struct blk { uint32_t r0, r1; double m, sq, h; uint32_t k; };
     std::vector<blk> blocks;
@@ -393,7 +429,7 @@ static uint32_t aged_frontier(uint32_t n_seen, uint32_t window, uint32_t b) {
     return (n_seen > window ? (n_seen - window) / b : 0) * b;
 }
 
-void llama_tca_memory::compact_layer_host(layer_t & L) {
+void llama_tca_memory::compact_layer_host(layer_t & L, int64_t f0) {
     if (L.scale == 0.0f) L.scale = 1.0f / std::sqrt((float) L.d_k);
     const uint32_t F = aged_frontier(n_seen, cfg.window, cfg.block);
     const uint32_t G = L.n_head / L.n_head_kv;
@@ -439,7 +475,7 @@ void llama_tca_memory::compact_layer_host(layer_t & L) {
             for (uint32_t r = 0; r < n; ++r) { lg[r] = std::exp(lg[r] - mx); sum += lg[r]; }
             for (uint32_t r = 0; r < n; ++r) s[r] += lg[r] / sum / G;
         }
-        select_head(h, s.data(), F, kept);
+        select_head(h, s.data(), F, kept, f0);
         // compact in place (rows only move towards the front)
         for (uint32_t w = 0; w < kept.size(); ++w) {
             const uint32_t r = kept[w];
@@ -467,7 +503,7 @@ ggml_backend_t llama_tca_memory::backend_for(ggml_backend_buffer_type_t buft) {
 // there (GGML_OP_TCA_SCORE, one node per layer), read back (one float per retained row), ranked
 // on the host as for host layers, and the kept rows are moved on the device (get_rows into a
 // scratch tensor, set_rows back; K, V and kpos seen as f32 rows so that the bytes are copied).
-void llama_tca_memory::compact_device(const std::vector<layer_t *> & Ls) {
+void llama_tca_memory::compact_device(const std::vector<layer_t *> & Ls, int64_t f0) {
     if (Ls.empty()) return;
     ggml_backend_buffer_type_t buft = Ls[0]->buft;
     ggml_backend_t be = backend_for(buft);
@@ -516,7 +552,7 @@ void llama_tca_memory::compact_device(const std::vector<layer_t *> & Ls) {
         head_t & h = *t.h;
         std::vector<double> sd(sf[t.i].begin() + h.off, sf[t.i].begin() + h.off + h.len);
         std::vector<uint32_t> kept;
-        select_head(h, sd.data(), F, kept);
+        select_head(h, sd.data(), F, kept, f0);
         for (uint32_t w = 0; w < kept.size(); ++w) {
             if (kept[w] == w) continue;
             t.src.push_back((int32_t) (h.off + kept[w]));

@@ -152,9 +152,11 @@ public:
 private:
     // keep mask of head h from its importance s[0..len): blocks, ranking, per-block top-k;
     // updates pos/len/coverage/n_evicted and returns the kept rows (region-relative, ascending)
-    void select_head(head_t & h, const double * s, uint32_t F, std::vector<uint32_t> & kept);
-    void compact_layer_host(layer_t & L);
-    void compact_device(const std::vector<layer_t *> & Ls);
+    // decode (f0 >= 0): only the blocks in [f0, F) that left the window this step, each to its
+    // floor(t) tokens of largest s (TCA-SPEC's decode rule); older blocks are left as they are
+    void select_head(head_t & h, const double * s, uint32_t F, std::vector<uint32_t> & kept, int64_t f0 = -1);
+    void compact_layer_host(layer_t & L, int64_t f0);
+    void compact_device(const std::vector<layer_t *> & Ls, int64_t f0);
     ggml_backend_t backend_for(ggml_backend_buffer_type_t buft);
     std::vector<ggml_context_ptr> ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;

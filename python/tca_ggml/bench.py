@@ -43,7 +43,9 @@ def _worker(a) -> dict:
         if a.tca_block is not None:
             kw["tca_block"] = a.tca_block
     n_ctx = a.depth + a.prompt + a.gen + 8
-    flash = bool(a.dense_fa) if a.arm == "dense" else False
+    # both arms use the dense arm's flash-attention setting: a TCA context that falls back to the
+    # dense cache (n_ctx <= w + b) is then exactly the dense arm; an active TCA context ignores it
+    flash = bool(a.dense_fa)
     llm = Llama(a.model, n_ctx=n_ctx, n_batch=a.batch, n_ubatch=a.batch, n_threads=a.threads,
                 n_threads_batch=a.threads, flash_attn=flash, verbose=False, **kw)
     try:

@@ -45,8 +45,9 @@ When compaction runs (see `TCALayerState`):
     * prefill: after every ubatch (its attention is computed first, over the retained
       list including the ubatch's own tokens), provided at least one block is aged;
     * decode (one token per step): only when the step makes a new block age, i.e. when
-      n_aged(n) grows (the block that leaves the window is compacted, and all aged blocks
-      are re-selected with that step's query).
+      n_aged(n) grows; then only the block(s) that left the window, [F_old, F), are
+      compressed, each to its floor(t) tokens of largest s (t = sum_k k p_k, at least 1;
+      ties: lower position first) -- TCA-SPEC's decode rule. Older blocks stay as they are.
 
 Calibration (design §4): `calibrate_head_chunked` (the default of `calibrate.calibrate`)
 replays the chunked prefill of inference for each candidate budget (`chunked_evictions`) and
@@ -330,6 +331,27 @@ class TCAHeadState:
         self.k = np.concatenate([self.k, np.asarray(k, dtype=np.float64)])
         self.v = np.concatenate([self.v, np.asarray(v, dtype=np.float64)])
 
+    def compact_decode(self, q_last, n_seen, frontier, p, k_values, block_size, window, n_sink,
+                       scale=None) -> float:
+        """Decode rule: the blocks in [frontier, F) keep their floor(t) tokens of largest s."""
+        s = pooled_importance(q_last, self.k, scale)
+        b = int(block_size)
+        F = n_aged_blocks(n_seen, b, window) * b
+        kt = max(1, int(math.floor(expected_tokens(p, k_values) + 1e-9)))
+        keep = np.ones(self.pos.shape, dtype=bool)
+        cand = (self.pos >= max(int(frontier), int(n_sink))) & (self.pos < F)
+        idx = np.nonzero(cand)[0]
+        bid = self.pos[idx] // b
+        for j in np.unique(bid):
+            members = idx[bid == j]
+            if members.size > kt:
+                order = np.lexsort((self.pos[members], -s[members]))
+                keep[members[order[kt:]]] = False
+        self.coverage = float(1.0 - s[~keep].sum())
+        self.n_compactions += 1
+        self.pos, self.k, self.v = self.pos[keep], self.k[keep], self.v[keep]
+        return self.coverage
+
     def attend(self, Qg, q_pos, scale=None) -> np.ndarray:
         """Causal attention of ``Qg`` [n_q, G, d] over the retained list."""
         return sparse_attention(Qg, self.k, self.v, q_pos, self.pos, scale)
@@ -354,7 +376,8 @@ class TCALayerState:
     ``prefill_ubatch`` appends the ubatch's K/V to every head, computes the ubatch's
     attention over the retained lists (causal), then, if any block is aged, compacts with
     the ubatch's last query. ``decode_step`` does the same for a single token, but
-    compacts only when that token makes a new block age (n_aged grows).
+    compacts only when that token makes a new block age (n_aged grows), and then only the
+    newly aged block(s), each to floor(t) tokens (``TCAHeadState.compact_decode``).
     """
 
     def __init__(self, n_head: int, n_head_kv: int, head_dim: int, p_per_head, k_values,
@@ -384,7 +407,10 @@ class TCALayerState:
             hs = slice(g * self.G, (g + 1) * self.G)
             st.append(pos, K[:, g], V[:, g])
             out[:, hs] = st.attend(Q[:, hs], pos, self.scale)
-            if compact:
+            if compact and not always:
+                st.compact_decode(Q[-1, hs], self.n_seen, self.frontier, self.p[g], self.k_values,
+                                  self.block_size, self.window, self.n_sink, self.scale)
+            elif compact:
                 st.compact(Q[-1, hs], self.n_seen, self.p[g], self.k_values, self.block_size,
                            self.window, self.n_sink, self.alpha, self.scale)
         if compact:

@@ -181,7 +181,8 @@ def test_block_scores_by_hand():
     assert np.all(hz == 0) and np.all(cz == 0) and np.all(mz == 0)
 
 
-def test_select_keep_by_hand():
+def test_select_keep_by_hand(monkeypatch):
+    monkeypatch.setattr(R, "POOL_RADIUS", 0)   # the plain rule; pooling: test_pooled_ranking
     b, w, n_sink = 4, 8, 2
     k = _k(4)                                   # 1, 2, 4
     n_seen = 20                                 # aged: (j+1)*4 <= 12 -> blocks 0, 1, 2; F = 12
@@ -550,3 +551,26 @@ def test_calibrate_head_deterministic_random():
     r1 = R.calibrate_head(Qg, Kg, tau=0.85, block_size=16, window=64, seed=5)
     r2 = R.calibrate_head(Qg, Kg, tau=0.85, block_size=16, window=64, seed=5)
     assert r1[0] == r2[0] and r1[2] == r2[2] and r1[3] == r2[3] and np.array_equal(r1[1], r2[1])
+
+
+def test_pooled_ranking_keeps_neighbours_of_what_the_query_reads():
+    """Within a block the ranking key is the max of s over same-block candidates within
+    POOL_RADIUS positions: the neighbours of a peak outrank isolated middling tokens."""
+    b, w, n_sink, n_seen = 16, 16, 0, 48               # F = 32: blocks 0 and 1 aged
+    k = _k(16)
+    pos = np.arange(n_seen)
+    s = np.full(n_seen, 1e-4)
+    s[20] = 0.5                                        # the query reads token 20 of block 1
+    s[[2, 28]] = 0.01                                  # isolated middling tokens
+    s /= s.sum()
+    assert R.POOL_RADIUS == 3
+    sp = R.pool_scores(pos, s, b)
+    assert np.all(sp[17:24] == s[20]) and sp[16] == s[16] and sp[24] == s[24] and sp[28] == s[28]
+    # block boundaries stop the pool: token 15 (block 0) does not see token 16
+    s2 = s.copy(); s2[16] = 0.3
+    assert R.pool_scores(pos, s2, b)[15] == s2[15]
+    keep = R.select_keep(pos, s, _onehot(k, 8), k, b, w, n_sink, n_seen, 0.5)
+    assert keep[17:24].all()                           # the peak and its 3 + 3 neighbours
+    assert not keep[28]                                # the middling one lost its seat (k = 8: 7 + 1 more)
+    # the vectorised form agrees
+    assert np.array_equal(keep, R._select_keep_vec(pos, s, _onehot(k, 8), k, b, w, n_sink, n_seen, 0.5))

@@ -304,6 +304,33 @@ void llama_tca_memory::compact_pending() {
     t_compact_us += (double) (ggml_time_us() - t0);
 }
 
+// Within-block ranking key (design §3 step 4, reference.pool_scores): the largest s of the
+// candidate rows [r0, r1) of the same block within `radius` positions (rows ascending in position).
+static int tca_pool_radius() {
+    static const int r = [] { const char * e = getenv("TCA_GGML_POOL"); return e ? std::max(0, atoi(e)) : 3; }();
+    return r;
+}
+
+static void tca_pool_scores(const std::vector<int32_t> & pos, const double * s, uint32_t r0, uint32_t r1,
+                            uint32_t b, std::vector<double> & sp) {
+    const int R = tca_pool_radius();
+    sp.assign(s, s + pos.size());
+    for (uint32_t r = r0; r < r1; ++r) {
+        double m = s[r];
+        for (int o = 1; o <= R; ++o) {
+            if (r >= r0 + (uint32_t) o) {
+                const uint32_t j = r - o;
+                if (pos[r] - pos[j] <= R && pos[j] / (int32_t) b == pos[r] / (int32_t) b) m = std::max(m, s[j]);
+            }
+            if (r + o < r1) {
+                const uint32_t j = r + o;
+                if (pos[j] - pos[r] <= R && pos[j] / (int32_t) b == pos[r] / (int32_t) b) m = std::max(m, s[j]);
+            }
+        }
+        sp[r] = m;
+    }
+}
+
 void llama_tca_memory::select_head(head_t & h, const double * s, uint32_t F, std::vector<uint32_t> & kept, int64_t f0) {
     const uint32_t b = cfg.block;
     const uint32_t n = h.len;
@@ -319,6 +346,10 @@ void llama_tca_memory::select_head(head_t & h, const double * s, uint32_t F, std
         double evicted = 0.0;
         uint32_t r = 0;
         while (r < n && h.pos[r] < lo) ++r;
+        uint32_t rc1 = r;
+        while (rc1 < n && h.pos[rc1] < (int32_t) F) ++rc1;
+        std::vector<double> sp;
+        tca_pool_scores(h.pos, s, r, rc1, b, sp);
         while (r < n && h.pos[r] < (int32_t) F) {
             const uint32_t id = (uint32_t) h.pos[r] / b;
             uint32_t r1 = r;
@@ -326,7 +357,7 @@ void llama_tca_memory::select_head(head_t & h, const double * s, uint32_t F, std
             if (r1 - r > kt) {
                 idx.resize(r1 - r);
                 std::iota(idx.begin(), idx.end(), r);
-                std::stable_sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t c) { return s[a] > s[c]; });
+                std::stable_sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t c) { return sp[a] > sp[c]; });
                 for (uint32_t i = kt; i < idx.size(); ++i) { keep[idx[i]] = 0; evicted += s[idx[i]]; }
             }
             r = r1;
@@ -383,7 +414,9 @@ void llama_tca_memory::select_head(head_t & h, const double * s, uint32_t F, std
         for (size_t i = 0; i < n_k; ++i) if (u < cum[i]) { kk = k_desc[i]; break; }
         blocks[order[r]].k = kk;
     }
-    // keep the top-k rows of each block by s (ties: lower position first)
+    // keep the top-k rows of each block by pooled s (ties: lower position first)
+    std::vector<double> sp;
+    tca_pool_scores(h.pos, s, blocks.front().r0, blocks.back().r1, b, sp);
     std::vector<uint8_t> keep(n, 1);
     std::vector<uint32_t> idx;
     double evicted = 0.0;
@@ -392,7 +425,7 @@ void llama_tca_memory::select_head(head_t & h, const double * s, uint32_t F, std
         if (bl.k >= cnt) continue;
         idx.resize(cnt);
         std::iota(idx.begin(), idx.end(), bl.r0);
-        std::stable_sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t c) { return s[a] > s[c]; });
+        std::stable_sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t c) { return sp[a] > sp[c]; });
         for (uint32_t i = bl.k; i < cnt; ++i) { keep[idx[i]] = 0; evicted += s[idx[i]]; }
     }
     uint32_t w = 0;

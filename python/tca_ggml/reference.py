@@ -58,6 +58,7 @@ the last query over the whole text, every probe scored against that one set.
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -217,6 +218,31 @@ def block_scores(s, block_ids, alpha: float):
     return h, m, c
 
 
+# Within-block ranking key (design §3 step 4): each token's s is replaced by the largest s of the
+# candidate tokens of its block within POOL_RADIUS positions (a max-pool, as SnapKV clusters its
+# scores), so a token the query reads pulls its immediate neighbours along -- e.g. the digits of a
+# number, which Qwen's tokenizer splits one per token. Block scores and coverage use plain s.
+# TCA_GGML_POOL overrides the radius (0: off); the C retention reads the same variable.
+POOL_RADIUS = int(os.environ.get("TCA_GGML_POOL", "3"))
+
+
+def pool_scores(pos, s, block_size: int, radius: Optional[int] = None) -> np.ndarray:
+    """Max of s over tokens of the same block within ``radius`` positions (pos ascending)."""
+    pos = np.asarray(pos, dtype=np.int64)
+    s = np.asarray(s, dtype=np.float64)
+    r = POOL_RADIUS if radius is None else int(radius)
+    out = s.copy()
+    blk = pos // int(block_size)
+    n = pos.size
+    for o in range(1, r + 1):
+        if o >= n:
+            break
+        ok = (pos[o:] - pos[:-o] <= r) & (blk[o:] == blk[:-o])
+        out[:-o] = np.where(ok, np.maximum(out[:-o], s[o:]), out[:-o])
+        out[o:] = np.where(ok, np.maximum(out[o:], s[:-o]), out[o:])
+    return out
+
+
 def select_keep(pos, s, p, k_values, block_size: int, window: int, n_sink: int,
                 n_seen: int, alpha: float) -> np.ndarray:
     """Which retained tokens survive one compaction (design §3 steps 2-4).
@@ -247,11 +273,13 @@ def select_keep(pos, s, p, k_values, block_size: int, window: int, n_sink: int,
     h, _, _ = block_scores(s[idx], bid, alpha)
     blocks = np.unique(bid)
     kj = assign_k(h, p, k_values)
+    sp = np.zeros_like(s)
+    sp[idx] = pool_scores(pos[idx], s[idx], b)
     keep[idx] = False
     for j, kk in zip(blocks, kj):
         members = idx[bid == j]
-        # largest s first; ties: lower position first
-        order = np.lexsort((pos[members], -s[members]))
+        # largest pooled s first; ties: lower position first
+        order = np.lexsort((pos[members], -sp[members]))
         keep[members[order[:min(int(kk), members.size)]]] = True
     return keep
 
@@ -342,10 +370,12 @@ class TCAHeadState:
         cand = (self.pos >= max(int(frontier), int(n_sink))) & (self.pos < F)
         idx = np.nonzero(cand)[0]
         bid = self.pos[idx] // b
+        sp = np.zeros_like(s)
+        sp[idx] = pool_scores(self.pos[idx], s[idx], b)
         for j in np.unique(bid):
             members = idx[bid == j]
             if members.size > kt:
-                order = np.lexsort((self.pos[members], -s[members]))
+                order = np.lexsort((self.pos[members], -sp[members]))
                 keep[members[order[kt:]]] = False
         self.coverage = float(1.0 - s[~keep].sum())
         self.n_compactions += 1
@@ -627,7 +657,7 @@ def _select_keep_vec(pos, s, p, k_values, block_size: int, window: int, n_sink: 
     # top-k per block: order by (block, -s, pos); idx is ascending in pos and block
     _, inv, counts = np.unique(bid, return_inverse=True, return_counts=True)
     inv = inv.reshape(-1)
-    o = np.lexsort((pos[idx], -s[idx], inv))
+    o = np.lexsort((pos[idx], -pool_scores(pos[idx], s[idx], b), inv))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.arange(idx.size) - starts[inv[o]]
     keep[idx] = False

@@ -42,7 +42,7 @@ if [[ " $steps " == *" test "* ]]; then
     say "== CUDA op tests at $(el) s"
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_op_tca_attn_cuda.py tests/test_op_tca_score.py 2>&1 | tail -6 | tee -a $LOG
     say "== end-to-end TCA CUDA vs CPU at $(el) s"
-    timeout ${E2E_LIMIT:-300} python3 -X faulthandler -m pytest -q -s -x -p no:cacheprovider tests/test_tca_cuda_e2e.py > $OUT/e2e.log 2>&1
+    timeout ${E2E_LIMIT:-300} python3 -X faulthandler -m pytest -q -s -p no:cacheprovider tests/test_tca_cuda_e2e.py > $OUT/e2e.log 2>&1
     grep -E "NMSE|passed|failed|Error|error|assert|File" $OUT/e2e.log | tail -40 | tee -a $LOG
 fi
 

@@ -271,8 +271,24 @@ bool llama_tca_memory::reserve_ubatch(const llama_ubatch & ub) {
         }
     }
     n_seen += ub.n_tokens;
+    // a decode-rule compaction only if every ubatch since the last compaction was one token
+    pending_decode = (pending ? pending_decode : true) && ub.n_tokens == 1;
     pending = true;
-    pending_decode = ub.n_tokens == 1;
+    return true;
+}
+
+// TCA_GGML_LAZY=1 (experiment, off by default): defer the compaction while every head's region
+// still has room for the next ubatch, so that it runs later, with a later query (at the end of a
+// prompt: the prompt's own last query, as in the paper). Same allocation; more rows are attended
+// until the compaction runs.
+bool llama_tca_memory::fits(const llama_ubatch & ub) const {
+    static const bool lazy = [] { const char * e = getenv("TCA_GGML_LAZY"); return e && atoi(e) != 0; }();
+    if (!lazy) return false;
+    for (const auto & L : layers) {
+        for (const auto & h : L.heads) {
+            if (h.len + ub.n_tokens > h.cap) return false;
+        }
+    }
     return true;
 }
 
@@ -765,7 +781,9 @@ bool llama_tca_memory_context::next() {
 
 bool llama_tca_memory_context::apply() {
     if (is_full || !mem) return true;
-    mem->compact_pending();  // the previous ubatch has been computed by now
+    if (!mem->fits(ubatches[i_next])) {
+        mem->compact_pending();  // the previous ubatch has been computed by now
+    }
     return mem->reserve_ubatch(ubatches[i_next]);
 }
 

@@ -127,6 +127,7 @@ public:
     // called by the memory context
     bool reserve_ubatch(const llama_ubatch & ub);   // before a ubatch's graph is built
     void compact_pending();                          // after the previous ubatch was computed
+    bool fits(const llama_ubatch & ub) const;        // TCA_GGML_LAZY: room for ub without compacting
 
     layer_t * layer(int32_t il) { auto it = map_il.find(il); return it == map_il.end() ? nullptr : &layers[it->second]; }
     const layer_t * layer(int32_t il) const { auto it = map_il.find(il); return it == map_il.end() ? nullptr : &layers[it->second]; }

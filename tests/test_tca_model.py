@@ -335,3 +335,28 @@ def test_decode_compresses_only_the_block_leaving_the_window(tmp_path):
             for j in range(F0 // B, F1 // B):
                 assert ((after >= j * B) & (after < (j + 1) * B)).sum() == kt, (h, j)
             assert np.array_equal(after[after >= F1], np.arange(F1, len(toks) + len(out) - 1 + 1)[:(after >= F1).sum()])
+
+
+def test_c_forced_params_equal_python_forced_budget(default_model):
+    """tca_params_forced (what the patched llama-bench's -tca uses) builds the same uniform budget
+    as Python's forced_budget, for every (layer, KV head), and refuses bad densities clearly."""
+    from tca_ggml import _native
+    ffi = _native.ffi
+    L = _native.lib()
+    with Llama(default_model, n_ctx=512, verbose=False) as llm:
+        model = llm._model
+        err = ffi.new("char[256]")
+        for d, b in ((0.2, 128), (0.25, 64), (0.39, 128), (1.0, 128), (0.01, 128)):
+            tp = ffi.new("struct tca_params *")
+            assert L.tca_params_forced(model, d, b, 4096, tp, err, 256) == 0, ffi.string(err)
+            k = [tp.k_values[i] for i in range(tp.n_k)]
+            assert k == [2 ** i for i in range(tp.n_k)] and k[-1] == b and tp.forced == 1
+            H = sum(tp.n_head_kv[i] for i in range(tp.n_layer))
+            p = np.array([tp.p[i] for i in range(H * tp.n_k)]).reshape(H, tp.n_k)
+            np.testing.assert_allclose(p, np.broadcast_to(forced_budget(d, k), p.shape), atol=1e-6)
+            L.tca_params_free(tp)
+        for bad in (0.0, -0.5, 1.5, float("nan")):
+            tp = ffi.new("struct tca_params *")
+            assert L.tca_params_forced(model, bad, 128, 4096, tp, err, 256) != 0
+            assert b"density" in ffi.string(err)
+        assert L.tca_params_forced(model, 0.2, 100, 4096, tp, err, 256) != 0  # not a power of two

@@ -191,6 +191,9 @@ struct tca_params {
     uint32_t n_layer; const uint32_t * n_head_kv;
     const float * p; int32_t forced;
 };
+int tca_params_forced(const struct llama_model * model, float density, uint32_t block, uint32_t window,
+                      struct tca_params * out, char * err, size_t err_len);
+void tca_params_free(struct tca_params * p);
 struct llama_context * tca_init_from_model(struct llama_model * model, struct llama_context_params params,
                                            const struct tca_params * tp, char * err, size_t err_len);
 struct tca_stats {

@@ -629,7 +629,7 @@ def _select_keep_vec(pos, s, p, k_values, block_size: int, window: int, n_sink: 
     """Vectorised ``select_keep`` (same arguments, same result, bit for bit).
 
     Ranking uses ``assign_k``'s rule (stable sort of -h, ``(r + 0.5)/N < C_i`` found by
-    ``searchsorted``), and the per-block top-k one global ``lexsort`` by (block, -s, pos).
+    ``searchsorted``), and the per-block top-k one global ``lexsort`` by (block, -pooled s, pos).
     """
     pos = np.asarray(pos, dtype=np.int64)
     s = np.asarray(s, dtype=np.float64)

@@ -246,8 +246,8 @@ json.dump({"pos": pos, "n_compactions": st["n_compactions"]}, open(sys.argv[3] +
 
 
 def test_graph_compaction_equals_host_compaction(default_model, prompt_tokens, tmp_path):
-    """The device path of the retention cache (GGML_OP_TCA_SCORE in a graph, scores read back,
-    rows moved with get_rows/set_rows on raw bytes) is forced on the CPU with
+    """The device path of the retention cache (one graph: GGML_OP_TCA_SCORE, GGML_OP_TCA_SELECT,
+    GGML_OP_TCA_COMPACT on K, V and kpos; only per-head lengths read back) is forced on the CPU with
     TCA_GGML_COMPACT=graph and must keep the same rows and give the same logits as the host path
     (its scores are the host's double-precision scores rounded to f32: near-ties may differ)."""
     import json

@@ -1331,3 +1331,391 @@ void ggml_cuda_op_tca_score(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
     tca_score_pool<<<(unsigned) ((n_slots + 255)/256), 256, 0, stream>>>(a);
     CUDA_CHECK(cudaGetLastError());
 }
+
+// ------------------------------------------------------------------------------------------
+// GGML_OP_TCA_SELECT / GGML_OP_TCA_COMPACT: selection and compaction on the device
+// ------------------------------------------------------------------------------------------
+// The arithmetic is that of the CPU kernel (native/ggml-cpu/tca-attn.cpp, tca_select_one): block
+// sums and the block score in double, ranks with ties to the lower block, the cumulative budget in
+// double in descending-k order, per-block top-k on max-pooled f32 scores with ties to the lower
+// row. Only the order of the block sums differs (a tree here), so a block score can differ in its
+// last bits and two blocks whose scores tie to ~1e-16 may swap ranks.
+namespace {
+
+struct tca_sel_args {
+    const float * s;      // [n_slots]
+    const float * kpos;   // [n_slots]
+    const int   * meta;   // [2*H]
+    const float * bud;    // [2*n_k+1, H]
+    int         * sel;    // [n_slots + 4*H]
+    // scratch, [H][NB]
+    int         * r0;
+    int         * cnt;
+    double      * m;
+    double      * sq;
+    int         * kb;     // kept rows of the block
+    int         * out;    // first destination slot of the block (region-relative)
+    int n_slots, H, n_k, block, n_sink, F, f0, radius, j0, NB;
+    double alpha;
+};
+
+// first row r in [0, len) of the region with kpos[r] >= p (rows ascending)
+__device__ __forceinline__ int tca_lower_bound(const float * kp, int len, float p) {
+    int lo = 0, hi = len;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (kp[mid] < p) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+__device__ __forceinline__ double tca_warp_sum_d(double x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
+    return x;
+}
+
+// grid (NB, H), 128 threads: the rows of candidate block j0 + blockIdx.x and their sums
+__global__ void __launch_bounds__(128) tca_sel_blocks(const tca_sel_args a) {
+    __shared__ int rr[2];
+    __shared__ double red[2][4];
+    const int g = blockIdx.y, jb = blockIdx.x, j = a.j0 + jb;
+    const int off = a.meta[2*g], len = a.meta[2*g + 1];
+    const float * kp = a.kpos + off;
+    const int lo = a.f0 >= 0 ? max(a.f0, a.n_sink) : a.n_sink;
+    if (threadIdx.x == 0) {
+        rr[0] = tca_lower_bound(kp, len, (float) max(j*a.block, lo));
+        rr[1] = tca_lower_bound(kp, len, (float) min((j + 1)*a.block, a.F));
+        rr[1] = max(rr[1], rr[0]);
+    }
+    __syncthreads();
+    const int r0 = rr[0], r1 = rr[1];
+    double m = 0.0, sq = 0.0;
+    for (int r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
+        const double x = (double) a.s[off + r];
+        m += x;
+        sq += x*x;
+    }
+    m = tca_warp_sum_d(m);
+    sq = tca_warp_sum_d(sq);
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+    if (lane == 0) { red[0][w] = m; red[1][w] = sq; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const size_t i = (size_t) g*a.NB + jb;
+        a.r0[i]  = r0;
+        a.cnt[i] = r1 - r0;
+        a.m[i]   = red[0][0] + red[0][1] + red[0][2] + red[0][3];
+        a.sq[i]  = red[1][0] + red[1][1] + red[1][2] + red[1][3];
+    }
+}
+
+// inclusive scan of one int per thread over a CTA of 1024 threads (32 warps)
+__device__ __forceinline__ int tca_block_scan_1024(int x, int * wsum) {
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffff, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) wsum[w] = x;
+    __syncthreads();
+    if (w == 0) {
+        int v = wsum[lane];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffff, v, o);
+            if (lane >= o) v += y;
+        }
+        wsum[lane] = v;
+    }
+    __syncthreads();
+    const int add = w > 0 ? wsum[w - 1] : 0;
+    __syncthreads();
+    return x + add;
+}
+
+// grid (H), 1024 threads: block scores, ranks, budgets, destinations; the identity/shift slots of
+// the sinks and the live rows; the head's tail
+__global__ void __launch_bounds__(1024) tca_sel_rank(const tca_sel_args a, double * hsc) {
+    __shared__ double tile[1024];
+    __shared__ int wsum[32];
+    __shared__ double dred[32];
+    __shared__ int ired[32];
+    const int g = blockIdx.x, t = threadIdx.x;
+    const int off = a.meta[2*g], len = a.meta[2*g + 1];
+    const size_t base = (size_t) g*a.NB;
+    const float * bud = a.bud + (size_t) g*(2*a.n_k + 1);
+    const bool decode = a.f0 >= 0;
+    const int lane = t % 32, w = t / 32;
+    double * h = hsc + base;
+
+    // N (present blocks) and M (max mass)
+    int n_present = 0;
+    double M = 0.0;
+    for (int j = t; j < a.NB; j += 1024) {
+        if (a.cnt[base + j] > 0) { ++n_present; M = fmax(M, a.m[base + j]); }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        n_present += __shfl_xor_sync(0xffffffff, n_present, o);
+        M = fmax(M, __shfl_xor_sync(0xffffffff, M, o));
+    }
+    if (lane == 0) { ired[w] = n_present; dred[w] = M; }
+    __syncthreads();
+    if (t == 0) {
+        int n = 0; double mm = 0.0;
+        for (int i = 0; i < 32; ++i) { n += ired[i]; mm = fmax(mm, dred[i]); }
+        ired[0] = n; dred[0] = mm;
+    }
+    __syncthreads();
+    n_present = ired[0];
+    M = dred[0];
+    __syncthreads();
+
+    if (!decode) {
+        for (int j = t; j < a.NB; j += 1024) {
+            const double mj = a.m[base + j], sj = a.sq[base + j];
+            double hj = -1.0;  // absent blocks rank after every present one
+            if (a.cnt[base + j] > 0) {
+                const double c = mj > 0 ? 1.0 - sj/(mj*mj) : 0.0;
+                hj = (1.0 - a.alpha)*(M > 0 ? mj/M : 0.0) + a.alpha*c;
+            }
+            h[j] = hj;
+        }
+        __syncthreads();
+    }
+    // per block: k, kept rows; ranks by counting (O(NB^2 / 1024) per head)
+    const int kt = (int) bud[2*a.n_k];
+    int carry = 0;
+    for (int j0t = 0; j0t < a.NB; j0t += 1024) {
+        const int j = j0t + t;
+        int kept = 0;
+        int k = 0;
+        double hj = 0.0;
+        if (!decode && j < a.NB) hj = h[j];
+        if (!decode) {
+            int rank = 0;
+            for (int i0 = 0; i0 < a.NB; i0 += 1024) {
+                __syncthreads();
+                if (i0 + t < a.NB) tile[t] = h[i0 + t];
+                __syncthreads();
+                const int ni = min(1024, a.NB - i0);
+                if (j < a.NB) {
+                    for (int i = 0; i < ni; ++i) {
+                        const double hi = tile[i];
+                        rank += (hi > hj) || (hi == hj && i0 + i < j);
+                    }
+                }
+            }
+            if (j < a.NB && a.cnt[base + j] > 0) {
+                const double u = ((double) rank + 0.5)/(double) n_present;
+                double acc = 0.0;
+                k = (int) bud[a.n_k + a.n_k - 1];
+                for (int i = 0; i < a.n_k; ++i) {
+                    acc += (double) bud[i];
+                    if (u < acc) { k = (int) bud[a.n_k + i]; break; }
+                }
+            }
+        } else {
+            k = kt;
+        }
+        if (j < a.NB) kept = min(k, a.cnt[base + j]);
+        const int incl = tca_block_scan_1024(kept, wsum);
+        if (j < a.NB) {
+            a.kb[base + j] = kept;
+            a.out[base + j] = carry + incl - kept;  // relative to the first candidate row, fixed below
+        }
+        __syncthreads();
+        if (t == 1023) wsum[0] = incl;
+        __syncthreads();
+        carry += wsum[0];
+        __syncthreads();
+    }
+    // first candidate row c0 and first live row c1
+    const int lo = decode ? max(a.f0, a.n_sink) : a.n_sink;
+    const float * kp = a.kpos + off;
+    const int c0 = a.NB > 0 ? a.r0[base] : tca_lower_bound(kp, len, (float) lo);
+    const int c1 = a.NB > 0 ? a.r0[base + a.NB - 1] + a.cnt[base + a.NB - 1] : c0;
+    const int newlen = c0 + carry + (len - c1);
+    for (int j = t; j < a.NB; j += 1024) a.out[base + j] += c0;
+    int * sel = a.sel + off;
+    for (int r = t; r < c0; r += 1024) sel[r] = off + r;
+    for (int r = t; r < len - c1; r += 1024) sel[c0 + carry + r] = off + c1 + r;
+    for (int r = newlen + t; r < len; r += 1024) sel[r] = -1;
+    if (t == 0) {
+        int * tail = a.sel + a.n_slots + 4*g;
+        tail[0] = off;
+        tail[1] = newlen;
+        tail[2] = len - newlen;
+        ((float *) tail)[3] = 0.0f;
+    }
+}
+
+// grid (NB, H), 128 threads: top-k rows of one block by pooled score; their destinations
+__global__ void __launch_bounds__(128) tca_sel_topk(const tca_sel_args a) {
+    extern __shared__ float sp[];                 // [cnt] pooled scores
+    int * keep = (int *) (sp + a.block);          // [cnt]
+    __shared__ int wsum[4];
+    __shared__ float fred[4];
+    const int g = blockIdx.y, jb = blockIdx.x;
+    const size_t i = (size_t) g*a.NB + jb;
+    const int off = a.meta[2*g];
+    const int r0 = a.r0[i], cnt = a.cnt[i], k = a.kb[i], out = a.out[i];
+    int * sel = a.sel + off;
+    if (cnt == 0) return;
+    if (k >= cnt) {
+        for (int r = threadIdx.x; r < cnt; r += blockDim.x) sel[out + r] = off + r0 + r;
+        return;
+    }
+    const float * s  = a.s + off + r0;
+    const float * kp = a.kpos + off + r0;
+    const int R = a.radius;
+    for (int r = threadIdx.x; r < cnt; r += blockDim.x) {
+        float m = s[r];
+        const float pr = kp[r];
+        for (int o = 1; o <= R; ++o) {
+            if (r - o >= 0 && pr - kp[r - o] <= (float) R) m = fmaxf(m, s[r - o]);
+            if (r + o < cnt && kp[r + o] - pr <= (float) R) m = fmaxf(m, s[r + o]);
+        }
+        sp[r] = m;
+    }
+    __syncthreads();
+    float evicted = 0.0f;
+    for (int r = threadIdx.x; r < cnt; r += blockDim.x) {
+        const float x = sp[r];
+        int rank = 0;
+        for (int q = 0; q < cnt; ++q) {
+            const float y = sp[q];
+            rank += (y > x) || (y == x && q < r);
+        }
+        keep[r] = rank < k;
+        if (rank >= k) evicted += s[r];
+    }
+    evicted = tca_warp_sum(evicted);
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+    if (lane == 0) fred[w] = evicted;
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd((float *) (a.sel + a.n_slots + 4*g) + 3, fred[0] + fred[1] + fred[2] + fred[3]);
+    // destinations: exclusive scan of keep over the block's rows, in order
+    int carry = 0;
+    for (int c = 0; c < cnt; c += blockDim.x) {
+        const int r = c + threadIdx.x;
+        int x = r < cnt ? keep[r] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffff, x, o);
+            if (lane >= o) x += y;
+        }
+        if (lane == 31) wsum[w] = x;
+        __syncthreads();
+        int add = carry;
+        for (int q = 0; q < w; ++q) add += wsum[q];
+        const int tot = wsum[0] + wsum[1] + wsum[2] + wsum[3];
+        if (r < cnt && keep[r]) sel[out + add + x - 1] = off + r0 + r;
+        __syncthreads();
+        carry += tot;
+    }
+}
+
+// one warp per slot: copy row sel[d] (4-byte words) into slot d of the scratch, then back
+__global__ void tca_compact_gather(const char * a, char * tmp, const int * sel, int n_slots, int words, size_t rb) {
+    const int d = blockIdx.x*(blockDim.x/32) + threadIdx.x/32;
+    if (d >= n_slots) return;
+    const int src = sel[d];
+    if (src < 0 || src == d) return;
+    const int * x = (const int *) (a + (size_t) src*rb);
+    int * y = (int *) (tmp + (size_t) d*rb);
+    for (int i = threadIdx.x % 32; i < words; i += 32) y[i] = x[i];
+}
+
+__global__ void tca_compact_scatter(char * a, const char * tmp, const int * sel, int n_slots, int words, size_t rb) {
+    const int d = blockIdx.x*(blockDim.x/32) + threadIdx.x/32;
+    if (d >= n_slots) return;
+    const int src = sel[d];
+    if (src < 0 || src == d) return;
+    const int * x = (const int *) (tmp + (size_t) d*rb);
+    int * y = (int *) (a + (size_t) d*rb);
+    for (int i = threadIdx.x % 32; i < words; i += 32) y[i] = x[i];
+}
+
+} // namespace
+
+bool ggml_cuda_op_tca_select_supported(int device, const ggml_tensor * op) {
+#if defined(GGML_USE_HIP) || defined(GGML_USE_MUSA)
+    GGML_UNUSED_VARS(device, op);
+    return false;
+#else
+    if (op->op == GGML_OP_TCA_COMPACT) {
+        const ggml_tensor * a = op->src[0], * sel = op->src[1];
+        if (!a || !sel || sel->type != GGML_TYPE_I32 || !ggml_is_contiguous(a) || !ggml_is_contiguous(sel)) return false;
+        if (a->nb[1] % 4 != 0 || (a->view_src && a->view_offs % 4 != 0) || a->ne[1] > INT_MAX/2) return false;
+        return true;
+    }
+    const ggml_tensor * s = op->src[0], * kpos = op->src[1], * meta = op->src[2], * bud = op->src[3];
+    if (!s || !kpos || !meta || !bud) return false;
+    if (s->type != GGML_TYPE_F32 || kpos->type != GGML_TYPE_F32 || meta->type != GGML_TYPE_I32 ||
+        bud->type != GGML_TYPE_F32 || op->type != GGML_TYPE_I32) return false;
+    for (const ggml_tensor * t : { s, kpos, meta, bud, (const ggml_tensor *) op }) {
+        if (!ggml_is_contiguous(t)) return false;
+    }
+    const int64_t block = ggml_get_op_params_i32(op, 1);
+    if (ggml_nelements(s) > INT_MAX/2 || block <= 0 || block > 65536) return false;
+    return (size_t) ggml_cuda_info().devices[device].smpbo >= (size_t) block*8;
+#endif
+}
+
+void ggml_cuda_op_tca_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    GGML_ASSERT(ggml_cuda_op_tca_select_supported(ctx.device, dst) && "tca_select: unsupported on CUDA");
+    const ggml_tensor * s = dst->src[0], * kpos = dst->src[1], * meta = dst->src[2], * bud = dst->src[3];
+    tca_sel_args a;
+    a.s      = (const float *) s->data;
+    a.kpos   = (const float *) kpos->data;
+    a.meta   = (const int *) meta->data;
+    a.bud    = (const float *) bud->data;
+    a.sel    = (int *) dst->data;
+    a.n_slots = (int) ggml_nelements(s);
+    a.H      = ggml_get_op_params_i32(dst, 0);
+    a.block  = ggml_get_op_params_i32(dst, 1);
+    a.n_sink = ggml_get_op_params_i32(dst, 2);
+    a.F      = ggml_get_op_params_i32(dst, 3);
+    a.f0     = ggml_get_op_params_i32(dst, 4);
+    a.alpha  = (double) ggml_get_op_params_f32(dst, 5);
+    a.radius = ggml_get_op_params_i32(dst, 6);
+    a.n_k    = (int) (bud->ne[0] - 1)/2;
+    const int lo = a.f0 >= 0 ? std::max(a.f0, a.n_sink) : a.n_sink;
+    a.j0 = lo / a.block;
+    a.NB = std::max(0, a.F / a.block - a.j0);
+
+    cudaStream_t stream = ctx.stream();
+    CUDA_CHECK(cudaMemsetAsync(dst->data, 0xff, ggml_nbytes(dst), stream));  // -1 everywhere
+    const size_t nb = (size_t) std::max(1, a.NB)*a.H;
+    ggml_cuda_pool_alloc<int>    r0(ctx.pool(), nb), cnt(ctx.pool(), nb), kb(ctx.pool(), nb), out(ctx.pool(), nb);
+    ggml_cuda_pool_alloc<double> m(ctx.pool(), nb), sq(ctx.pool(), nb), hsc(ctx.pool(), nb);
+    a.r0 = r0.get(); a.cnt = cnt.get(); a.kb = kb.get(); a.out = out.get(); a.m = m.get(); a.sq = sq.get();
+    if (a.NB > 0) {
+        tca_sel_blocks<<<dim3((unsigned) a.NB, (unsigned) a.H), 128, 0, stream>>>(a);
+    }
+    tca_sel_rank<<<(unsigned) a.H, 1024, 0, stream>>>(a, hsc.get());
+    if (a.NB > 0) {
+        const size_t smem = (size_t) a.block*8;
+        CUDA_SET_SHARED_MEMORY_LIMIT(tca_sel_topk, (int) ggml_cuda_info().devices[ggml_cuda_get_device()].smpbo);
+        tca_sel_topk<<<dim3((unsigned) a.NB, (unsigned) a.H), 128, smem, stream>>>(a);
+    }
+    CUDA_CHECK(cudaGetLastError());
+}
+
+void ggml_cuda_op_tca_compact(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    GGML_ASSERT(ggml_cuda_op_tca_select_supported(ctx.device, dst) && "tca_compact: unsupported on CUDA");
+    const ggml_tensor * a = dst->src[0], * sel = dst->src[1];
+    const int n_slots = (int) a->ne[1];
+    const size_t rb = a->nb[1];
+    if (n_slots == 0) return;
+    cudaStream_t stream = ctx.stream();
+    ggml_cuda_pool_alloc<char> tmp(ctx.pool(), (size_t) n_slots*rb);
+    const int wpc = 8;  // warps (rows) per CTA
+    const dim3 grid((unsigned) ((n_slots + wpc - 1)/wpc));
+    tca_compact_gather<<<grid, 32*wpc, 0, stream>>>((const char *) a->data, tmp.get(), (const int *) sel->data, n_slots, (int) (rb/4), rb);
+    tca_compact_scatter<<<grid, 32*wpc, 0, stream>>>((char *) a->data, tmp.get(), (const int *) sel->data, n_slots, (int) (rb/4), rb);
+    CUDA_CHECK(cudaGetLastError());
+}

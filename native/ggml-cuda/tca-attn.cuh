@@ -16,3 +16,9 @@ bool ggml_cuda_op_tca_attn_supported(int device, const ggml_tensor * dst);
 // query per head over each KV head's rows: the importance used by the retention cache's selection).
 void ggml_cuda_op_tca_score(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
 bool ggml_cuda_op_tca_score_supported(int device, const ggml_tensor * dst);
+
+// dst = ggml_tca_select(s, kpos, meta, bud, ...) (which rows each KV head keeps, on the device: block
+// mass/diversity, rank, per-block top-k) and dst = ggml_tca_compact(a, sel) (rows moved in place).
+void ggml_cuda_op_tca_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+void ggml_cuda_op_tca_compact(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+bool ggml_cuda_op_tca_select_supported(int device, const ggml_tensor * dst);

@@ -134,10 +134,8 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
         }
         ggml_init_params ip = { 8 * ggml_tensor_overhead(), nullptr, true };
         ggml_context * ctx = ggml_init(ip);
-        ggml_context * ctx_alias = ggml_init(ip);
-        if (!ctx || !ctx_alias) throw std::runtime_error("TCA: ggml_init failed");
+        if (!ctx) throw std::runtime_error("TCA: ggml_init failed");
         ctxs.emplace_back(ctx);
-        ctxs.emplace_back(ctx_alias);
         L.k = ggml_new_tensor_2d(ctx, type_k, L.d_k, L.cap_total);
         L.v = ggml_new_tensor_2d(ctx, type_v, L.d_v, L.cap_total);
         L.kpos = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, L.cap_total);
@@ -146,11 +144,24 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
         ggml_format_name(L.v, "tca_v_l%d", il);
         ggml_format_name(L.kpos, "tca_kpos_l%d", il);
         ggml_format_name(L.q_last, "tca_qlast_l%d", il);
+        L.bud = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 2 * (int64_t) n_k + 1, nkv);
+        ggml_format_name(L.bud, "tca_bud_l%d", il);
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
         if (!buf) throw std::runtime_error("TCA: failed to allocate the retention cache for layer " + std::to_string(il));
         ggml_backend_buffer_clear(buf, 0);
         bufs.emplace_back(buf);
         L.host = ggml_backend_buffer_is_host(buf);
+        {   // per head: the budget in descending-k order, k descending, the decode cut floor(t)
+            std::vector<float> & bd = L.bud_host;
+            for (const auto & h : L.heads) {
+                double t = 0.0;
+                for (size_t i = 0; i < n_k; ++i) t += (double) cfg.k_values[i] * h.p[i];
+                for (size_t i = 0; i < n_k; ++i) bd.push_back(h.p[n_k - 1 - i]);
+                for (size_t i = 0; i < n_k; ++i) bd.push_back((float) cfg.k_values[n_k - 1 - i]);
+                bd.push_back((float) std::max<uint32_t>(1, (uint32_t) std::floor(t + 1e-9)));
+            }
+            ggml_backend_tensor_set(L.bud, bd.data(), 0, bd.size() * sizeof(float));
+        }
         if (ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
             dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
             // the device must run the layer's TCA nodes itself: no silent fallback to the CPU
@@ -162,8 +173,13 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
             ggml_tensor * qp = ggml_new_tensor_1d(tctx.get(), GGML_TYPE_I32, n_ubatch);
             ggml_tensor * at = ggml_tca_attn(tctx.get(), q, L.k, L.v, kp, mt, qp, (int) nkv, 1.0f);
             ggml_tensor * sc = ggml_tca_score(tctx.get(), L.q_last, L.k, mt, (int) nkv, 1.0f);
+            ggml_tensor * se = ggml_tca_select(tctx.get(), sc, L.kpos, mt, L.bud, (int) nkv, (int) cfg.block,
+                                               (int) cfg.n_sink, 0, -1, cfg.alpha, 3);
+            ggml_tensor * ck = ggml_tca_compact(tctx.get(), L.k, se, (int) nkv);
+            ggml_tensor * cv = ggml_tca_compact(tctx.get(), L.v, se, (int) nkv);
             if (L.d_k != L.d_v || type_k != type_v || !ggml_backend_dev_supports_op(dev, at) ||
-                !ggml_backend_dev_supports_op(dev, sc)) {
+                !ggml_backend_dev_supports_op(dev, sc) || !ggml_backend_dev_supports_op(dev, se) ||
+                !ggml_backend_dev_supports_op(dev, ck) || !ggml_backend_dev_supports_op(dev, cv)) {
                 throw std::runtime_error(std::string("TCA: device ") + ggml_backend_dev_name(dev) +
                                          " does not support TCA attention for layer " + std::to_string(il) +
                                          " (head size " + std::to_string(L.d_k) + "/" + std::to_string(L.d_v) +
@@ -172,15 +188,6 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
                                          "use n_gpu_layers=0 or offload_kqv=False for TCA on the CPU");
             }
         }
-        L.k_raw = ggml_new_tensor_2d(ctx_alias, GGML_TYPE_F32, rk / 4, L.cap_total);
-        L.v_raw = ggml_new_tensor_2d(ctx_alias, GGML_TYPE_F32, rv / 4, L.cap_total);
-        ggml_format_name(L.k_raw, "tca_kraw_l%d", il);
-        ggml_format_name(L.v_raw, "tca_vraw_l%d", il);
-        if (ggml_backend_tensor_alloc(buf, L.k_raw, L.k->data) != GGML_STATUS_SUCCESS ||
-            ggml_backend_tensor_alloc(buf, L.v_raw, L.v->data) != GGML_STATUS_SUCCESS) {
-            throw std::runtime_error("TCA: failed to alias the retention cache of layer " + std::to_string(il));
-        }
-
         bytes_dense += (uint64_t) ggml_row_size(type_k, L.d_k) * nkv * n_ctx +
                        (uint64_t) ggml_row_size(type_v, L.d_v) * nkv * n_ctx;
         map_il[(int32_t) il] = layers.size();
@@ -203,8 +210,10 @@ llama_tca_memory::~llama_tca_memory() {
     if (e && *e && strcmp(e, "0") != 0) {
         uint64_t kept = 0, cap = 0;
         for (const auto & L : layers) for (const auto & h : L.heads) { kept += h.len; cap += h.cap; }
-        fprintf(stderr, "tca_stats: n_seen=%u compactions=%llu t_compact_ms=%.1f rows_kept=%llu rows_cap=%llu\n",
-                n_seen, (unsigned long long) n_compactions, t_compact_us / 1000.0, (unsigned long long) kept,
+        fprintf(stderr, "tca_stats: n_seen=%u compactions=%llu t_compact_ms=%.1f (device: build %.1f, compute %.1f, "
+                "read %.1f) rows_kept=%llu rows_cap=%llu\n",
+                n_seen, (unsigned long long) n_compactions, t_compact_us / 1000.0, t_dev_build_us / 1000.0,
+                t_dev_compute_us / 1000.0, t_dev_read_us / 1000.0, (unsigned long long) kept,
                 (unsigned long long) cap);
     }
 }
@@ -266,7 +275,7 @@ bool llama_tca_memory::reserve_ubatch(const llama_ubatch & ub) {
         for (uint32_t g = 0; g < L.n_head_kv; ++g) {
             auto & h = L.heads[g];
             L.len_before[g] = h.len;
-            for (uint32_t i = 0; i < ub.n_tokens; ++i) h.pos.push_back(ub.pos[i]);
+            if (L.pos_valid) for (uint32_t i = 0; i < ub.n_tokens; ++i) h.pos.push_back(ub.pos[i]);
             h.len += ub.n_tokens;
         }
     }
@@ -548,32 +557,37 @@ ggml_backend_t llama_tca_memory::backend_for(ggml_backend_buffer_type_t buft) {
     return be;
 }
 
-// Selection and compaction of layers whose cache lives on a device: the importance is computed
-// there (GGML_OP_TCA_SCORE, one node per layer), read back (one float per retained row), ranked
-// on the host as for host layers, and the kept rows are moved on the device (get_rows into a
-// scratch tensor, set_rows back; K, V and kpos seen as f32 rows so that the bytes are copied).
+// Selection and compaction of layers whose cache lives on a device, in one graph on the device:
+// per layer GGML_OP_TCA_SCORE (importance of every retained row), GGML_OP_TCA_SELECT (blocks,
+// ranking, budgets, per-block top-k: which rows stay, where they go) and GGML_OP_TCA_COMPACT on K,
+// V and kpos (rows moved in place). Only the per-head results come back (4 integers a head).
 void llama_tca_memory::compact_device(const std::vector<layer_t *> & Ls, int64_t f0) {
     if (Ls.empty()) return;
+    const int64_t t0 = ggml_time_us();
     ggml_backend_buffer_type_t buft = Ls[0]->buft;
     ggml_backend_t be = backend_for(buft);
     ggml_gallocr_t galloc = gallocs[buft].get();
     const uint32_t F = aged_frontier(n_seen, cfg.window, cfg.block);
     const size_t n_nodes = 8 * Ls.size() + 16;
 
-    // 1. scores
     ggml_init_params ip = { ggml_tensor_overhead() * (8 * Ls.size() + 16) + ggml_graph_overhead_custom(n_nodes, false), nullptr, true };
     ggml_context_ptr ctx{ggml_init(ip)};
     ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), n_nodes, false);
-    std::vector<ggml_tensor *> metas, scores;
+    std::vector<ggml_tensor *> metas, sels;
     for (layer_t * L : Ls) {
         if (L->scale == 0.0f) L->scale = 1.0f / std::sqrt((float) L->d_k);
-        ggml_tensor * meta = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, 2 * L->n_head_kv);
+        const int nkv = (int) L->n_head_kv;
+        ggml_tensor * meta = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, 2 * nkv);
         ggml_set_input(meta);
-        ggml_tensor * sc = ggml_tca_score(ctx.get(), L->q_last, L->k, meta, (int) L->n_head_kv, L->scale);
-        ggml_set_output(sc);
-        ggml_build_forward_expand(gf, sc);
+        ggml_tensor * sc = ggml_tca_score(ctx.get(), L->q_last, L->k, meta, nkv, L->scale);
+        ggml_tensor * se = ggml_tca_select(ctx.get(), sc, L->kpos, meta, L->bud, nkv, (int) cfg.block, (int) cfg.n_sink,
+                                           (int) F, (int) f0, cfg.alpha, tca_pool_radius());
+        ggml_set_output(se);
+        for (ggml_tensor * t : { L->k, L->v, L->kpos }) {
+            ggml_build_forward_expand(gf, ggml_tca_compact(ctx.get(), t, se, nkv));
+        }
         metas.push_back(meta);
-        scores.push_back(sc);
+        sels.push_back(se);
     }
     if (!ggml_gallocr_alloc_graph(galloc, gf)) throw std::runtime_error("TCA: cannot allocate the selection graph");
     std::vector<int32_t> mt;
@@ -582,72 +596,58 @@ void llama_tca_memory::compact_device(const std::vector<layer_t *> & Ls, int64_t
         for (const auto & h : Ls[i]->heads) { mt.push_back((int32_t) h.off); mt.push_back((int32_t) h.len); }
         ggml_backend_tensor_set(metas[i], mt.data(), 0, mt.size() * sizeof(int32_t));
     }
+    const int64_t t1 = ggml_time_us();
     if (ggml_backend_graph_compute(be, gf) != GGML_STATUS_SUCCESS) throw std::runtime_error("TCA: selection graph failed");
-
-    // 2. ranking on the host, one KV head per task
-    std::vector<std::vector<float>> sf(Ls.size());
-    struct task { size_t i; head_t * h; std::vector<int32_t> src; std::vector<int64_t> dst; };
-    std::vector<task> tasks;
+    ggml_backend_synchronize(be);
+    const int64_t t2 = ggml_time_us();
+    std::vector<int32_t> tail;
     for (size_t i = 0; i < Ls.size(); ++i) {
         layer_t & L = *Ls[i];
-        uint32_t hi = 0;
-        for (const auto & h : L.heads) hi = std::max(hi, h.off + h.len);
-        sf[i].resize(hi);
-        if (hi) ggml_backend_tensor_get(scores[i], sf[i].data(), 0, (size_t) hi * sizeof(float));
-        for (auto & h : L.heads) if (h.len) tasks.push_back({i, &h, {}, {}});
-    }
-    tca_parallel_for(tasks.size(), [&](size_t ti) {
-        task & t = tasks[ti];
-        head_t & h = *t.h;
-        std::vector<double> sd(sf[t.i].begin() + h.off, sf[t.i].begin() + h.off + h.len);
-        std::vector<uint32_t> kept;
-        select_head(h, sd.data(), F, kept, f0);
-        for (uint32_t w = 0; w < kept.size(); ++w) {
-            if (kept[w] == w) continue;
-            t.src.push_back((int32_t) (h.off + kept[w]));
-            t.dst.push_back((int64_t) (h.off + w));
+        tail.resize(4 * (size_t) L.n_head_kv);
+        ggml_backend_tensor_get(sels[i], tail.data(), (size_t) L.cap_total * sizeof(int32_t), tail.size() * sizeof(int32_t));
+        for (uint32_t g = 0; g < L.n_head_kv; ++g) {
+            auto & h = L.heads[g];
+            const int32_t * tg = tail.data() + 4 * (size_t) g;
+            if (tg[0] != (int32_t) h.off || tg[1] < 0 || (uint32_t) tg[1] > h.len || tg[2] != (int32_t) h.len - tg[1]) {
+                throw std::runtime_error("TCA: the device's selection returned an inconsistent head (layer " +
+                                         std::to_string(L.il) + ", head " + std::to_string(g) + ")");
+            }
+            float ev;
+            memcpy(&ev, &tg[3], sizeof(ev));
+            h.len = (uint32_t) tg[1];
+            h.n_evicted += (uint32_t) tg[2];
+            h.coverage = 1.0f - ev;
+            h.pos.clear();
         }
-    });
-    std::vector<std::vector<int32_t>> src(Ls.size());
-    std::vector<std::vector<int64_t>> dst(Ls.size());
-    for (auto & t : tasks) {
-        src[t.i].insert(src[t.i].end(), t.src.begin(), t.src.end());
-        dst[t.i].insert(dst[t.i].end(), t.dst.begin(), t.dst.end());
+        L.pos_valid = false;
     }
+    const int64_t t3 = ggml_time_us();
+    t_dev_build_us += (double) (t1 - t0);
+    t_dev_compute_us += (double) (t2 - t1);
+    t_dev_read_us += (double) (t3 - t2);
+}
 
-    // 3. moves on the device
-    ggml_context_ptr ctx2{ggml_init(ip)};
-    ggml_cgraph * gm = ggml_new_graph_custom(ctx2.get(), n_nodes, false);
-    std::vector<std::pair<ggml_tensor *, ggml_tensor *>> idx(Ls.size(), {nullptr, nullptr});
-    bool any = false;
-    for (size_t i = 0; i < Ls.size(); ++i) {
-        if (src[i].empty()) continue;
-        any = true;
-        ggml_tensor * si = ggml_new_tensor_1d(ctx2.get(), GGML_TYPE_I32, (int64_t) src[i].size());
-        ggml_tensor * di = ggml_new_tensor_1d(ctx2.get(), GGML_TYPE_I64, (int64_t) dst[i].size());
-        ggml_set_input(si);
-        ggml_set_input(di);
-        idx[i] = {si, di};
-        for (ggml_tensor * raw : { Ls[i]->k_raw, Ls[i]->v_raw, Ls[i]->kpos }) {
-            ggml_tensor * tmp = ggml_get_rows(ctx2.get(), raw, si);
-            ggml_build_forward_expand(gm, ggml_set_rows(ctx2.get(), raw, tmp, di));
-        }
+void llama_tca_memory::ensure_pos(layer_t & L) {
+    if (L.pos_valid) return;
+    if (sched) ggml_backend_sched_synchronize(sched);
+    std::vector<float> pf;
+    for (auto & h : L.heads) {
+        pf.resize(h.len);
+        if (h.len) ggml_backend_tensor_get(L.kpos, pf.data(), (size_t) h.off * sizeof(float), (size_t) h.len * sizeof(float));
+        h.pos.assign(pf.begin(), pf.end());
     }
-    if (!any) return;
-    if (!ggml_gallocr_alloc_graph(galloc, gm)) throw std::runtime_error("TCA: cannot allocate the compaction graph");
-    for (size_t i = 0; i < Ls.size(); ++i) {
-        if (!idx[i].first) continue;
-        ggml_backend_tensor_set(idx[i].first, src[i].data(), 0, src[i].size() * sizeof(int32_t));
-        ggml_backend_tensor_set(idx[i].second, dst[i].data(), 0, dst[i].size() * sizeof(int64_t));
-    }
-    if (ggml_backend_graph_compute(be, gm) != GGML_STATUS_SUCCESS) throw std::runtime_error("TCA: compaction graph failed");
+    L.pos_valid = true;
 }
 
 void llama_tca_memory::clear(bool data) {
     for (auto & L : layers) {
         for (auto & h : L.heads) { h.len = 0; h.pos.clear(); h.coverage = 1.0f; h.n_evicted = 0; }
+        L.pos_valid = true;
     }
-    if (data) for (auto & b : bufs) ggml_backend_buffer_clear(b.get(), 0);
+    if (data) {
+        for (auto & b : bufs) ggml_backend_buffer_clear(b.get(), 0);
+        for (auto & L : layers) ggml_backend_tensor_set(L.bud, L.bud_host.data(), 0, L.bud_host.size() * sizeof(float));
+    }
     n_seen = 0;
     frontier = 0;
     pending = false;
@@ -665,6 +665,7 @@ bool llama_tca_memory::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     if (p0 == 0) { clear(false); return true; }
     if ((uint32_t) p0 >= n_seen) return true;
     for (auto & L : layers) {
+        ensure_pos(L);
         for (auto & h : L.heads) {
             uint32_t w = 0;
             while (w < h.len && h.pos[w] < p0) ++w;
@@ -715,6 +716,7 @@ void llama_tca_memory::state_write(llama_io_write_i & io, llama_seq_id seq_id, l
     io.write(&frontier, sizeof(frontier));
     io.write(&n_layers, sizeof(n_layers));
     for (uint32_t i = 0; i < n_layers; ++i) {
+        const_cast<llama_tca_memory *>(this)->ensure_pos(const_cast<layer_t &>(layers[i]));
         const auto & L = layers[i];
         io.write(&L.il, sizeof(L.il));
         io.write(&L.n_head_kv, sizeof(L.n_head_kv));

@@ -94,10 +94,12 @@ public:
         ggml_tensor * v = nullptr; // [d_v, cap_total] type_v
         ggml_tensor * kpos = nullptr;   // [1, cap_total] f32: position of each row (exact integers)
         ggml_tensor * q_last = nullptr; // [d_k, n_head] f32: last query of the last ubatch
-        ggml_tensor * k_raw = nullptr;  // k and v seen as f32 rows of the same bytes (row moves on
-        ggml_tensor * v_raw = nullptr;  // the device: get_rows + set_rows copy bits)
+        ggml_tensor * bud = nullptr;    // [2*n_k+1, n_head_kv] f32: budgets for GGML_OP_TCA_SELECT
+        std::vector<float> bud_host;    // its values (uploaded again after a clear of the buffers)
         ggml_backend_buffer_type_t buft = nullptr;
         bool host = true;          // buffers in host memory: select and move on the host
+        bool pos_valid = true;     // heads[].pos mirror kpos (false after a device compaction:
+                                   // ensure_pos() reads them back when needed)
         std::vector<head_t> heads;
         std::vector<uint32_t> len_before; // per head, rows before the current ubatch
     };
@@ -129,6 +131,8 @@ public:
     void compact_pending();                          // after the previous ubatch was computed
     bool fits(const llama_ubatch & ub) const;        // TCA_GGML_LAZY: room for ub without compacting
 
+    void ensure_pos(layer_t & L);  // heads[].pos from the device's kpos (after device compactions)
+
     layer_t * layer(int32_t il) { auto it = map_il.find(il); return it == map_il.end() ? nullptr : &layers[it->second]; }
     const layer_t * layer(int32_t il) const { auto it = map_il.find(il); return it == map_il.end() ? nullptr : &layers[it->second]; }
 
@@ -145,6 +149,9 @@ public:
     uint64_t bytes_dense = 0;     // what upstream's cache would allocate for the same n_ctx
     uint64_t n_compactions = 0;
     double t_compact_us = 0.0;
+    // device compactions (TCA_GGML_STATS): graph build + allocation + inputs, compute (the
+    // selection and the moves, synchronised), read-back of the per-head results
+    double t_dev_build_us = 0.0, t_dev_compute_us = 0.0, t_dev_read_us = 0.0;
 
     // set by tca_init_from_model: the context's scheduler, synchronised before the retention
     // cache is read or moved outside its graphs

@@ -149,8 +149,10 @@ extern "C" int64_t tca_get_head_stats(const llama_context * ctx, int32_t * layer
 extern "C" int64_t tca_get_head_positions(const llama_context * ctx, int32_t il, uint32_t kv_head, int32_t * pos, int64_t n_max) {
     const auto * m = tca_mem(ctx);
     if (!m) return -1;
-    const auto * L = m->layer(il);
+    auto * mm = const_cast<llama_tca_memory *>(m);
+    auto * L = mm->layer(il);
     if (!L || kv_head >= L->heads.size()) return -1;
+    mm->ensure_pos(*L);
     const auto & h = L->heads[kv_head];
     for (int64_t i = 0; i < (int64_t) h.len && i < n_max; ++i) pos[i] = h.pos[i];
     return h.len;

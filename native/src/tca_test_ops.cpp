@@ -469,3 +469,82 @@ TCA_TEST_API double tca_test_bench_attn_backend(const char * backend, int which,
     }
     return best/n_ops;
 }
+
+// GGML_OP_TCA_SELECT on a named backend. s [n_slots] f32, kpos [n_slots] (integer positions,
+// ascending within each head, |pos| < 2^24), meta [2*n_head_kv], bud [n_head_kv][n_bud] with
+// n_bud = 2*n_k+1 (p_desc, k_desc, kt); out [n_slots + 4*n_head_kv] (poisoned first).
+TCA_TEST_API int tca_test_tca_select_backend(const char * backend, int n_slots, int n_head_kv, const float * s,
+                                             const int32_t * kpos, const int32_t * meta, const float * bud, int n_bud,
+                                             int block, int n_sink, int F, int f0, float alpha, int radius,
+                                             int n_threads, int32_t * out) {
+    if (!backend || !s || !kpos || !meta || !bud || !out) return TCA_TEST_E_NULL;
+    if (n_slots <= 0 || n_slots > (1 << 26) || n_head_kv <= 0 || n_head_kv > 4096 || n_threads <= 0) return TCA_TEST_E_SHAPE;
+    if (n_bud < 3 || n_bud % 2 != 1 || block <= 0 || block > 4096 || n_sink < 0 || F < 0 || F % block != 0 ||
+        (f0 >= 0 && f0 % block != 0) || radius < 0 || radius > 64 || !(alpha >= 0.0f && alpha <= 1.0f)) return TCA_TEST_E_SHAPE;
+    for (int g = 0; g < n_head_kv; ++g) {
+        const int64_t o = meta[2*g], l = meta[2*g + 1];
+        if (o < 0 || l < 0 || o + l > n_slots) return TCA_TEST_E_META;
+        for (int64_t r = o; r < o + l; ++r) {
+            if (std::abs(kpos[r]) >= (1 << 24) || (r > o && kpos[r] <= kpos[r - 1])) return TCA_TEST_E_META;
+        }
+    }
+    tca_test_backend_graph B;
+    int rc = tca_test_backend_open(B, backend, n_threads, 8);
+    if (rc != TCA_TEST_OK) return rc;
+    ggml_tensor * ts = ggml_new_tensor_1d(B.ctx, GGML_TYPE_F32, n_slots);
+    ggml_tensor * tp = ggml_new_tensor_1d(B.ctx, GGML_TYPE_F32, n_slots);
+    ggml_tensor * tm = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, 2*n_head_kv);
+    ggml_tensor * tb = ggml_new_tensor_2d(B.ctx, GGML_TYPE_F32, n_bud, n_head_kv);
+    ggml_tensor * to = ggml_tca_select(B.ctx, ts, tp, tm, tb, n_head_kv, block, n_sink, F, f0, alpha, radius);
+    if (!ggml_backend_supports_op(B.be, to)) return TCA_TEST_E_UNSUPP;
+    B.gf = ggml_new_graph(B.ctx);
+    ggml_build_forward_expand(B.gf, to);
+    B.buf = ggml_backend_alloc_ctx_tensors(B.ctx, B.be);
+    if (!B.buf) return TCA_TEST_E_ALLOC;
+    std::vector<float> kf(kpos, kpos + n_slots);
+    ggml_backend_tensor_set(ts, s, 0, ggml_nbytes(ts));
+    ggml_backend_tensor_set(tp, kf.data(), 0, ggml_nbytes(tp));
+    ggml_backend_tensor_set(tm, meta, 0, ggml_nbytes(tm));
+    ggml_backend_tensor_set(tb, bud, 0, ggml_nbytes(tb));
+    {
+        std::vector<int32_t> poison(ggml_nelements(to), 0x7eadbeef);
+        ggml_backend_tensor_set(to, poison.data(), 0, ggml_nbytes(to));
+    }
+    if (ggml_backend_graph_compute(B.be, B.gf) != GGML_STATUS_SUCCESS) return TCA_TEST_E_COMPUTE;
+    ggml_backend_tensor_get(to, out, 0, ggml_nbytes(to));
+    return TCA_TEST_OK;
+}
+
+// GGML_OP_TCA_COMPACT on a named backend: rows [n_slots][width] f32 moved in place by sel
+// [n_slots + 4*n_head_kv] (as ggml_tca_select writes it; checked here: every kept slot's source
+// lies at or after it, inside its head, strictly increasing); rows_out [n_slots][width].
+TCA_TEST_API int tca_test_tca_compact_backend(const char * backend, int n_slots, int n_head_kv, int width,
+                                              const float * rows, const int32_t * sel, int n_threads, float * rows_out) {
+    if (!backend || !rows || !sel || !rows_out) return TCA_TEST_E_NULL;
+    if (n_slots <= 0 || n_slots > (1 << 26) || n_head_kv <= 0 || width <= 0 || width > 4096 || n_threads <= 0) return TCA_TEST_E_SHAPE;
+    for (int g = 0; g < n_head_kv; ++g) {
+        const int64_t o = sel[n_slots + 4*g], n = sel[n_slots + 4*g + 1];
+        if (o < 0 || n < 0 || o + n > n_slots) return TCA_TEST_E_META;
+        int64_t prev = -1;
+        for (int64_t i = o; i < o + n; ++i) {
+            if (sel[i] < i || sel[i] >= n_slots || sel[i] <= prev) return TCA_TEST_E_META;
+            prev = sel[i];
+        }
+    }
+    tca_test_backend_graph B;
+    int rc = tca_test_backend_open(B, backend, n_threads, 8);
+    if (rc != TCA_TEST_OK) return rc;
+    ggml_tensor * ta = ggml_new_tensor_2d(B.ctx, GGML_TYPE_F32, width, n_slots);
+    ggml_tensor * tsel = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, n_slots + 4*(int64_t) n_head_kv);
+    ggml_tensor * to = ggml_tca_compact(B.ctx, ta, tsel, n_head_kv);
+    if (!ggml_backend_supports_op(B.be, to)) return TCA_TEST_E_UNSUPP;
+    B.gf = ggml_new_graph(B.ctx);
+    ggml_build_forward_expand(B.gf, to);
+    B.buf = ggml_backend_alloc_ctx_tensors(B.ctx, B.be);
+    if (!B.buf) return TCA_TEST_E_ALLOC;
+    ggml_backend_tensor_set(ta, rows, 0, ggml_nbytes(ta));
+    ggml_backend_tensor_set(tsel, sel, 0, ggml_nbytes(tsel));
+    if (ggml_backend_graph_compute(B.be, B.gf) != GGML_STATUS_SUCCESS) return TCA_TEST_E_COMPUTE;
+    ggml_backend_tensor_get(ta, rows_out, 0, ggml_nbytes(ta));
+    return TCA_TEST_OK;
+}

@@ -40,7 +40,11 @@ fi
 
 if [[ " $steps " == *" test "* ]]; then
     say "== CUDA op tests at $(el) s"
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_op_tca_attn_cuda.py tests/test_op_tca_score.py 2>&1 | tail -6 | tee -a $LOG
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_op_tca_attn_cuda.py tests/test_op_tca_score.py \
+        tests/test_op_tca_select.py > $OUT/ops.log 2>&1
+    grep -E "passed|failed|Error|^E " $OUT/ops.log | tail -12 | tee -a $LOG
+fi
+if [[ " $steps " == *" e2e "* ]]; then
     say "== end-to-end TCA CUDA vs CPU at $(el) s"
     timeout ${E2E_LIMIT:-300} python3 -X faulthandler -m pytest -q -s -p no:cacheprovider tests/test_tca_cuda_e2e.py > $OUT/e2e.log 2>&1
     grep -E "NMSE|passed|failed|Error|error|assert|File" $OUT/e2e.log | tail -40 | tee -a $LOG
@@ -75,6 +79,29 @@ if [[ " $steps " == *" benchq8 "* ]]; then
     mk llama-3.1-8b 32 /tmp/l8b.gguf
     bench q8_8b /tmp/l8b.gguf -p 131072 -n 64 -ctk q8_0 -ctv q8_0 -tca 0,0.2
 fi
+if [[ " $steps " == *" pp8b "* ]]; then  # 8B 128K prefill, dense vs the densities in TCA_LIST
+    mk llama-3.1-8b 32 /dev/shm/l8b.gguf
+    BENCH_LIMIT=${PP8B_LIMIT:-200} bench pp8b_128k /dev/shm/l8b.gguf -p 131072 -n 0 -tca ${TCA_LIST:-0,0.2,0.1} --no-warmup
+fi
+if [[ " $steps " == *" tg8b "* ]]; then
+    mk llama-3.1-8b 32 /dev/shm/l8b.gguf
+    BENCH_LIMIT=${TG8B_LIMIT:-150} bench tg8b_128k /dev/shm/l8b.gguf -p 0 -n 64 -d 131072 -tca ${TCA_LIST:-0,0.1}
+fi
+if [[ " $steps " == *" pp1b "* ]]; then  # 1B: the 8K floor, 32K and 128K
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    BENCH_LIMIT=${PP1B_LIMIT:-150} bench pp1b /dev/shm/l1b.gguf -p ${PP1B_P:-8192,32768,131072} -n 0 -tca ${TCA_LIST:-0,0.39,0.2,0.1}
+fi
+if [[ " $steps " == *" tg1b "* ]]; then
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    BENCH_LIMIT=${TG1B_LIMIT:-120} bench tg1b_128k /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca ${TCA_LIST:-0,0.39,0.2,0.1}
+fi
+if [[ " $steps " == *" ret "* ]]; then  # bring the built library and tool back (<= 15 MiB pieces)
+    mkdir -p $OUT/bin
+    strip --strip-unneeded -o /tmp/libtca_ggml.so build/cuda/libtca_ggml.so
+    tar czf /tmp/bin.tgz -C /tmp libtca_ggml.so -C $PWD/build/cuda tca-llama-bench
+    split -b 15M -d /tmp/bin.tgz $OUT/bin/bin.tgz.
+    ls -la $OUT/bin | tee -a $LOG
+fi
 if [[ " $steps " == *" final "* ]]; then  # the headline rows inside one call after a cold build
     mk llama-3.1-8b 32 /dev/shm/l8b.gguf
     BENCH_LIMIT=170 bench pp8b_128k /dev/shm/l8b.gguf -p 131072 -n 0 -tca 0,0.2,0.1 --no-warmup
@@ -84,3 +111,6 @@ if [[ " $steps " == *" final "* ]]; then  # the headline rows inside one call af
     BENCH_LIMIT=90 bench pp1b_128k /dev/shm/l1b.gguf -p 131072 -n 0 -tca 0,0.39,0.2,0.1 --no-warmup
 fi
 say "== done at $(el) s"
+# at most 8 files come back from the device: logs and tables in one archive
+( cd $OUT && tar czf logs.tgz --exclude=bin --exclude=logs.tgz $(ls -A | grep -v -e '^bin$' -e '^logs.tgz$') && \
+  find . -maxdepth 1 -type f ! -name logs.tgz -delete )

@@ -85,6 +85,7 @@ def _run(model, toks, ngl, kv="f16", **kw):
     import tempfile
     types = {"f16": 1, "q8_0": 8}
     env = dict(os.environ)
+    env.setdefault("TCA_GGML_GPU_MIN_CTX", "0")  # 4K context: TCA on the GPU too (the floor is 8K)
     if ngl == 0:
         env["CUDA_VISIBLE_DEVICES"] = ""
     with tempfile.TemporaryDirectory() as d:
@@ -125,3 +126,22 @@ def test_cuda_matches_cpu(model, kv):
     assert res[1.0][0] <= 4 * band + 1e-6
     assert res[0.25][1] >= 0.95  # f32 (GPU) vs f64 (CPU) scores, different matmul numerics: near-ties flip
     assert res[0.25][0] <= 4 * band + 1e-6 or res[0.25][1] < 1.0
+
+
+def test_gpu_short_context_stays_dense(model):
+    """On a GPU, contexts up to TCA_GGML_GPU_MIN_CTX (8192) keep upstream's dense cache and flash
+    attention (faster there than TCA's kernel when little is evicted): same logits as dense."""
+    rng = np.random.default_rng(1)
+    toks = [1] + rng.integers(300, 5000, size=1499).tolist()
+    env_before = os.environ.get("TCA_GGML_GPU_MIN_CTX")
+    os.environ["TCA_GGML_GPU_MIN_CTX"] = "8192"
+    try:
+        dense, _, _ = _run(model, toks, -1, flash_attn=True)
+        tca, st, _ = _run(model, toks, -1, flash_attn=True, tca=True, tca_density=0.25, tca_window=W, tca_block=B)
+    finally:
+        if env_before is None:
+            os.environ.pop("TCA_GGML_GPU_MIN_CTX")
+        else:
+            os.environ["TCA_GGML_GPU_MIN_CTX"] = env_before
+    assert not st["active"]
+    np.testing.assert_array_equal(tca, dense)

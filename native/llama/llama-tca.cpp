@@ -47,6 +47,26 @@ llama_memory_i * llama_tca_memory_create(const llama_model & model, const llama_
                        __func__, cparams.n_ctx_seq, cfg->window + cfg->block);
         return nullptr;
     }
+    // GPUs: upstream's flash attention beats TCA's kernel at equal work (0.77-0.88x at p = 1,
+    // docs/benchmarks.md), so short contexts, where little or nothing is evicted, stay dense there
+    // (issue 6: never slower than 0.98x at <= 8K). TCA_GGML_GPU_MIN_CTX overrides the floor.
+    if (cparams.offload_kqv) {
+        static const uint32_t gpu_min_ctx = [] {
+            const char * e = getenv("TCA_GGML_GPU_MIN_CTX");
+            return e ? (uint32_t) std::max(0, atoi(e)) : 8192u;
+        }();
+        bool on_gpu = false;
+        for (uint32_t il = 0; il < model.hparams.n_layer(); ++il) {
+            ggml_backend_dev_t dev = model.dev_layer(il);
+            on_gpu |= dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU;
+        }
+        if (on_gpu && cparams.n_ctx_seq <= gpu_min_ctx) {
+            LLAMA_LOG_INFO("%s: TCA: n_ctx %u <= %u with layers on a GPU: using upstream's dense KV cache and flash "
+                           "attention (faster there at this length; TCA_GGML_GPU_MIN_CTX)\n", __func__,
+                           cparams.n_ctx_seq, gpu_min_ctx);
+            return nullptr;
+        }
+    }
     return new llama_tca_memory(model, *cfg, params.type_k, params.type_v, cparams.n_ctx_seq, cparams.n_ubatch,
                                 cparams.offload_kqv);
 }
@@ -835,7 +855,16 @@ public:
         }
     }
 
-    bool can_reuse(const llm_graph_params & params) override { GGML_UNUSED(params); return false; }
+    // every TCA tensor of the graph has a shape fixed by n_tokens (the retention tensors are whole,
+    // head lengths and row indices are input values), so a graph of the same ubatch size over the
+    // same memory is reused (decode: no rebuild per token, CUDA graphs stay captured)
+    bool can_reuse(const llm_graph_params & params) override {
+        const auto * t = dynamic_cast<const llama_tca_memory_context *>(params.mctx);
+        if (!t || !tctx || t->mem != tctx->mem || t->is_full != tctx->is_full) return false;
+        if (!qpos || qpos->ne[0] != (int64_t) params.ubatch.n_tokens) return false;
+        tctx = t;
+        return true;
+    }
 
     const llama_tca_memory_context * tctx;
     ggml_tensor * qpos = nullptr;

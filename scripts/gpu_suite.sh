@@ -26,6 +26,10 @@ PY
 export PYTHONPATH=$PWD/python:/tmp/pydeps
 export TCA_GGML_LIB=$PWD/build/cuda/libtca_ggml.so
 
+if [ -f .devbin/bin.tgz ] && [[ " $steps " != *" build "* ]]; then
+    # prebuilt here with the same nvcc (13.0) for sm_90a: bash scripts/make_devbin.sh
+    mkdir -p build/cuda && tar xzf .devbin/bin.tgz -C build/cuda && say "== prebuilt library ($(cat .devbin/REV 2>/dev/null))"
+fi
 if [[ " $steps " == *" build "* ]]; then
     mkdir -p /tmp/up && tar xzf .devcarry/upstream.tgz -C /tmp/up
     if [ ! -f build/cuda/CMakeCache.txt ]; then

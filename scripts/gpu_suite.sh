@@ -15,6 +15,11 @@ LOG=$OUT/log
 say() { echo "$@" | tee -a "$LOG"; }
 steps=${*:-build test}
 export PATH=$PATH:/usr/local/cuda/bin
+# a library built elsewhere finds the CUDA runtime and cuBLAS wherever this machine keeps them
+for lib in libcudart.so.13 libcublas.so.13; do
+    f=$(find /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local /opt /usr/lib -name "$lib" 2>/dev/null | head -1)
+    [ -n "$f" ] && export LD_LIBRARY_PATH=$(dirname "$f")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+done
 say "== $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader) | $(nproc) cores | steps: $steps"
 
 # python: the machine's numpy/pytest; the carried wheels (cffi, gguf and their needs) behind them

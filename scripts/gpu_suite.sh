@@ -98,11 +98,31 @@ if [[ " $steps " == *" tg8b "* ]]; then
 fi
 if [[ " $steps " == *" pp1b "* ]]; then  # 1B: the 8K floor, 32K and 128K
     mk llama-3.2-1b 16 /dev/shm/l1b.gguf
-    BENCH_LIMIT=${PP1B_LIMIT:-150} bench pp1b /dev/shm/l1b.gguf -p ${PP1B_P:-8192,32768,131072} -n 0 -tca ${TCA_LIST:-0,0.39,0.2,0.1}
+    BENCH_LIMIT=${PP1B_LIMIT:-150} bench pp1b /dev/shm/l1b.gguf -p ${PP1B_P:-8192,32768,131072} -n 0 -tca ${TCA_LIST:-0,0.39,0.2,0.1} --no-warmup
 fi
 if [[ " $steps " == *" tg1b "* ]]; then
     mk llama-3.2-1b 16 /dev/shm/l1b.gguf
     BENCH_LIMIT=${TG1B_LIMIT:-120} bench tg1b_128k /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca ${TCA_LIST:-0,0.39,0.2,0.1}
+fi
+if [[ " $steps " == *" ceil "* ]]; then  # the model's work besides attention: dense at (almost) no context
+    mk llama-3.1-8b 32 /dev/shm/l8b.gguf
+    BENCH_LIMIT=60 bench ceil8b /dev/shm/l8b.gguf -p 2048 -n 64 -tca 0
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    BENCH_LIMIT=40 bench ceil1b /dev/shm/l1b.gguf -p 2048 -n 64 -tca 0
+fi
+if [[ " $steps " == *" mid8b "* ]]; then  # 8B 32K / 64K prefill curve
+    mk llama-3.1-8b 32 /dev/shm/l8b.gguf
+    BENCH_LIMIT=${MID8B_LIMIT:-150} bench mid8b /dev/shm/l8b.gguf -p 32768,65536 -n 0 -tca 0,0.39,0.2,0.1 --no-warmup
+fi
+if [[ " $steps " == *" q8 "* ]]; then  # 8B, q8_0 K/V: 128K prefill and decode at depth
+    mk llama-3.1-8b 32 /dev/shm/l8b.gguf
+    BENCH_LIMIT=${Q8_LIMIT:-200} bench q8_8b /dev/shm/l8b.gguf -p 131072 -n 0 -ctk q8_0 -ctv q8_0 -tca 0,0.1 --no-warmup
+    BENCH_LIMIT=${Q8TG_LIMIT:-150} bench q8tg_8b /dev/shm/l8b.gguf -p 0 -n 64 -d 131072 -ctk q8_0 -ctv q8_0 -tca 0,0.1
+fi
+if [[ " $steps " == *" reuse "* ]]; then  # decode with and without graph reuse (1B, 32K depth, TCA 0.1)
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    BENCH_LIMIT=60 bench reuse_on /dev/shm/l1b.gguf -p 0 -n 64 -d 32768 -tca 0.1
+    LLAMA_GRAPH_REUSE_DISABLE=1 BENCH_LIMIT=60 bench reuse_off /dev/shm/l1b.gguf -p 0 -n 64 -d 32768 -tca 0.1
 fi
 if [[ " $steps " == *" ret "* ]]; then  # bring the built library and tool back (<= 15 MiB pieces)
     mkdir -p $OUT/bin

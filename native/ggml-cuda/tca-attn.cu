@@ -39,6 +39,7 @@ struct tca_args {
     const char * k;
     const char * v;
     const int  * kpos;
+    const float * kposf;    // kpos as f32 (the retention cache's layout), read directly; or null
     const int  * meta;
     const int  * qpos;
     float      * dst;       // [D, n_head, T]
@@ -58,6 +59,11 @@ struct tca_args {
     size_t       v_nb1;
     float        scale;
 };
+
+// position of row r (kpos i32, or f32 holding exact integers)
+__device__ __forceinline__ int tca_kp(const tca_args & a, int r) {
+    return a.kposf ? (int) a.kposf[r] : a.kpos[r];
+}
 
 __device__ __forceinline__ float tca_warp_max(float x) {
 #pragma unroll
@@ -353,7 +359,7 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_ffma(const tca_args a) {
     tca_head_rows(a, cta.g, off, len);
     int ch0, ch1;
     tca_split_chunks(len, C, a.nsplit, ch0, ch1);
-    int kp_cur = (ch0 < ch1 && lane < len - ch0*C) ? a.kpos[off + ch0*C + lane] : INT_MAX;
+    int kp_cur = (ch0 < ch1 && lane < len - ch0*C) ? tca_kp(a, off + ch0*C + lane) : INT_MAX;
 
     // queries -> shared memory
     tca_load_q<NQ, D, DP, false>(a, cta, Qs);
@@ -399,7 +405,7 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_ffma(const tca_args a) {
         const int r0 = ch*C;
         const int nc = min(C, len - r0);
         // the next chunk's positions, one chunk ahead
-        kp_nxt = (ch + 1 < ch1 && lane < len - r0 - C) ? a.kpos[off + r0 + C + lane] : INT_MAX;
+        kp_nxt = (ch + 1 < ch1 && lane < len - r0 - C) ? tca_kp(a, off + r0 + C + lane) : INT_MAX;
 
         // every warp has the chunk's positions: CTA-uniform skip without a barrier
         const int kp   = kp_cur;
@@ -604,8 +610,8 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
     tca_head_rows(a, cta.g, off, len);
     int ch0, ch1;
     tca_split_chunks(len, C, a.nsplit, ch0, ch1);
-    int ka_cur = (ch0 < ch1 && lane < len - ch0*C) ? a.kpos[off + ch0*C + lane] : INT_MAX;
-    int kb_cur = (C > 32 && ch0 < ch1 && lane + 32 < len - ch0*C) ? a.kpos[off + ch0*C + lane + 32] : INT_MAX;
+    int ka_cur = (ch0 < ch1 && lane < len - ch0*C) ? tca_kp(a, off + ch0*C + lane) : INT_MAX;
+    int kb_cur = (C > 32 && ch0 < ch1 && lane + 32 < len - ch0*C) ? tca_kp(a, off + ch0*C + lane + 32) : INT_MAX;
 
     // queries -> f16 shared memory (zero for the padding queries)
     tca_load_q<NQ, D, DH, true>(a, cta, Qh);
@@ -648,8 +654,8 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
         const int r0 = ch*C;
         const int nc = min(C, len - r0);
         // the next chunk's positions, one chunk ahead
-        ka_nxt = (ch + 1 < ch1 && lane < len - r0 - C) ? a.kpos[off + r0 + C + lane] : INT_MAX;
-        kb_nxt = (C > 32 && ch + 1 < ch1 && lane + 32 < len - r0 - C) ? a.kpos[off + r0 + C + lane + 32] : INT_MAX;
+        ka_nxt = (ch + 1 < ch1 && lane < len - r0 - C) ? tca_kp(a, off + r0 + C + lane) : INT_MAX;
+        kb_nxt = (C > 32 && ch + 1 < ch1 && lane + 32 < len - r0 - C) ? tca_kp(a, off + r0 + C + lane + 32) : INT_MAX;
 
         const int ka = ka_cur;
         const int kb = kb_cur;
@@ -911,13 +917,6 @@ int tca_ffma_nq(const int64_t nq_head, const int D) {
     const int cap = D >= 256 ? 8 : 32;
     int nq = nq_head <= 1 ? 1 : nq_head <= 4 ? 4 : nq_head <= 8 ? 8 : 32;
     return std::min(nq, cap);
-}
-
-__global__ void tca_f32_to_i32(const float * __restrict__ x, int * __restrict__ y, int n) {
-    const int i = blockIdx.x*blockDim.x + threadIdx.x;
-    if (i < n) {
-        y[i] = (int) x[i];
-    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1192,7 +1191,9 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
 
     // split the rows of a head when the tiles alone do not fill the GPU
     int64_t nsplit = 1;
-    const int64_t target = (int64_t) nsm*(mma ? 2 : 4);
+    // CTAs per SM to aim for (TCA_CUDA_SPLIT overrides the FFMA/decode figure, for tuning)
+    static const int ffma_per_sm = [] { const char * e = getenv("TCA_CUDA_SPLIT"); return e ? std::max(1, atoi(e)) : 4; }();
+    const int64_t target = (int64_t) nsm*(mma ? 2 : ffma_per_sm);
     if (base < target && n_slots > 0) {
         const int64_t rows   = (n_slots + n_head_kv - 1)/n_head_kv;  // rows per head (estimate)
         const int64_t chunks = (rows + C - 1)/C;
@@ -1205,16 +1206,9 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     a.k         = (const char *) k->data;
     a.v         = (const char *) v->data;
     // kpos as f32 (the retention cache's layout): converted to i32 once, on the stream
-    ggml_cuda_pool_alloc<int> kpos_i(ctx.pool());
-    if (kpos->type == GGML_TYPE_F32) {
-        kpos_i.alloc(std::max<int64_t>(n_slots, 1));
-        if (n_slots > 0) {
-            tca_f32_to_i32<<<(unsigned) ((n_slots + 255)/256), 256, 0, ctx.stream()>>>((const float *) kpos->data, kpos_i.get(), (int) n_slots);
-        }
-        a.kpos = kpos_i.get();
-    } else {
-        a.kpos = (const int *) kpos->data;
-    }
+    // kpos as f32 (the retention cache's layout) is read as is (no conversion pass)
+    a.kpos  = kpos->type == GGML_TYPE_F32 ? nullptr : (const int *) kpos->data;
+    a.kposf = kpos->type == GGML_TYPE_F32 ? (const float *) kpos->data : nullptr;
     a.meta      = (const int *) meta->data;
     a.qpos      = (const int *) qpos->data;
     a.dst       = (float *) dst->data;

@@ -124,6 +124,32 @@ if [[ " $steps " == *" reuse "* ]]; then  # decode with and without graph reuse 
     BENCH_LIMIT=60 bench reuse_on /dev/shm/l1b.gguf -p 0 -n 64 -d 32768 -tca 0.1
     LLAMA_GRAPH_REUSE_DISABLE=1 BENCH_LIMIT=60 bench reuse_off /dev/shm/l1b.gguf -p 0 -n 64 -d 32768 -tca 0.1
 fi
+if [[ " $steps " == *" tune "* ]]; then  # decode kernel: CTAs per SM of the row split (TCA_CUDA_SPLIT)
+    say "-- tune at $(el) s: decode op, 128K at p=0.1 (kept rows per KV head 16794), 50 copies per graph"
+    for sp in 4 6 8 12; do
+        for shp in "128 32 8" "64 32 8"; do
+            set -- $shp
+            TCA_CUDA_SPLIT=$sp timeout 60 python3 native/bench_tca_attn.py --backend CUDA0 --d $1 --n-head $2 --n-head-kv $3 \
+                --n-tokens 1 --n-kv 16794 --type f16 --ops 50 --reps 5 2>&1 | sed "s/^/split=$sp /" | tee -a $LOG
+        done
+    done
+    mk llama-3.1-8b 32 /dev/shm/l8b.gguf
+    TCA_CUDA_SPLIT=4 BENCH_LIMIT=120 bench tg8b_s4 /dev/shm/l8b.gguf -p 0 -n 64 -d 131072 -tca 0,0.1
+    TCA_CUDA_SPLIT=${SPLIT_B:-8} BENCH_LIMIT=60 bench tg8b_sB /dev/shm/l8b.gguf -p 0 -n 64 -d 131072 -tca 0.1
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    TCA_CUDA_SPLIT=4 BENCH_LIMIT=60 bench tg1b_s4 /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.1
+    TCA_CUDA_SPLIT=${SPLIT_B:-8} BENCH_LIMIT=40 bench tg1b_sB /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0.1
+fi
+if [[ " $steps " == *" floor "* ]]; then  # <= 8K: TCA stays dense on GPUs; 3 repetitions after a warm-up
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    BENCH_LIMIT=60 bench floor1b /dev/shm/l1b.gguf -p 4096,8192 -n 32 -tca 0,0.1 -r 3
+    mk llama-3.1-8b 32 /dev/shm/l8b.gguf
+    BENCH_LIMIT=90 bench floor8b /dev/shm/l8b.gguf -p 8192 -n 32 -tca 0,0.1 -r 3
+fi
+if [[ " $steps " == *" e2e8q "* ]]; then  # the e2e case the last run's time limit cut
+    timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/test_tca_cuda_e2e.py -k "8b and q8_0" > $OUT/e2e8q.log 2>&1
+    grep -E "NMSE|passed|failed|Error|assert" $OUT/e2e8q.log | tail -10 | tee -a $LOG
+fi
 if [[ " $steps " == *" ret "* ]]; then  # bring the built library and tool back (<= 15 MiB pieces)
     mkdir -p $OUT/bin
     strip --strip-unneeded -o /tmp/libtca_ggml.so build/cuda/libtca_ggml.so

@@ -835,11 +835,12 @@ public:
         for (const auto & pl : layers) {
             const auto * L = mem->layer(pl.il);
             GGML_ASSERT(L);
-            GGML_ASSERT(ggml_backend_buffer_is_host(pl.pnew->buffer) && ggml_backend_buffer_is_host(pl.meta->buffer) &&
-                        ggml_backend_buffer_is_host(pl.idx->buffer));
-            float   * pn = (float *) pl.pnew->data;
-            int32_t * mt = (int32_t *) pl.meta->data;
-            int64_t * ix = (int64_t *) pl.idx->data;
+            GGML_ASSERT(ggml_backend_buffer_is_host(pnew_all->buffer) && ggml_backend_buffer_is_host(meta_all->buffer) &&
+                        ggml_backend_buffer_is_host(idx_all->buffer));
+            const size_t li = mem->map_il.at(pl.il);
+            float   * pn = (float *) pnew_all->data + off_rows[li];
+            int32_t * mt = (int32_t *) meta_all->data + off_meta[li];
+            int64_t * ix = (int64_t *) idx_all->data + off_rows[li];
             for (uint32_t g = 0; g < L->n_head_kv; ++g) {
                 const auto & h = L->heads[g];
                 // during graph reserve nothing was placed: pretend the ubatch lands at the start
@@ -869,6 +870,12 @@ public:
     const llama_tca_memory_context * tctx;
     ggml_tensor * qpos = nullptr;
     std::vector<per_layer> layers;
+    // one input tensor of each kind for all layers (the per-layer tensors above are views into
+    // them): the scheduler uploads 3 inputs per ubatch instead of 3 per layer
+    ggml_tensor * pnew_all = nullptr;     // [1, sum nkv * n_tokens] f32
+    ggml_tensor * meta_all = nullptr;     // [sum 2 nkv] i32
+    ggml_tensor * idx_all  = nullptr;     // [sum nkv * n_tokens] i64
+    std::vector<int64_t> off_meta, off_rows;  // per layer (memory's layer order), in elements
 };
 }  // namespace
 
@@ -879,6 +886,22 @@ llm_graph_input_attn_kv * llama_tca_build_attn_inp(const llm_graph_context & g) 
     inp->qpos = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, g.n_tokens);
     ggml_set_input(inp->qpos);
     ggml_set_name(inp->qpos, "tca_qpos");
+    int64_t n_meta = 0, n_rows = 0;
+    for (const auto & L : t->mem->layers) {
+        inp->off_meta.push_back(n_meta);
+        inp->off_rows.push_back(n_rows);
+        n_meta += 2 * (int64_t) L.n_head_kv;
+        n_rows += (int64_t) L.n_head_kv * g.n_tokens;
+    }
+    inp->pnew_all = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, 1, std::max<int64_t>(1, n_rows));
+    inp->meta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, std::max<int64_t>(1, n_meta));
+    inp->idx_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, std::max<int64_t>(1, n_rows));
+    ggml_set_input(inp->pnew_all);
+    ggml_set_input(inp->meta_all);
+    ggml_set_input(inp->idx_all);
+    ggml_set_name(inp->pnew_all, "tca_pnew");
+    ggml_set_name(inp->meta_all, "tca_meta");
+    ggml_set_name(inp->idx_all, "tca_idx");
     return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
 }
 
@@ -906,12 +929,10 @@ ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_
 
     llm_graph_input_attn_tca::per_layer pl;
     pl.il = il;
-    pl.pnew = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, 1, nkv * n_tokens);
-    pl.meta = ggml_new_tensor_1d(ctx0, GGML_TYPE_I32, 2 * nkv);
-    pl.idx  = ggml_new_tensor_1d(ctx0, GGML_TYPE_I64, nkv * n_tokens);
-    ggml_set_input(pl.pnew);
-    ggml_set_input(pl.meta);
-    ggml_set_input(pl.idx);
+    const size_t li = mem->map_il.at(il);
+    pl.pnew = ggml_view_2d(ctx0, inp->pnew_all, 1, nkv * n_tokens, sizeof(float), inp->off_rows[li] * sizeof(float));
+    pl.meta = ggml_view_1d(ctx0, inp->meta_all, 2 * nkv, inp->off_meta[li] * sizeof(int32_t));
+    pl.idx  = ggml_view_1d(ctx0, inp->idx_all, nkv * n_tokens, inp->off_rows[li] * sizeof(int64_t));
     inp->layers.push_back(pl);
 
     // store this ubatch's K/V rows into each head's region

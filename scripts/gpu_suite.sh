@@ -55,7 +55,7 @@ if [[ " $steps " == *" test "* ]]; then
 fi
 if [[ " $steps " == *" e2e "* ]]; then
     say "== end-to-end TCA CUDA vs CPU at $(el) s"
-    timeout ${E2E_LIMIT:-300} python3 -X faulthandler -m pytest -q -s -p no:cacheprovider tests/test_tca_cuda_e2e.py > $OUT/e2e.log 2>&1
+    timeout ${E2E_LIMIT:-300} python3 -X faulthandler -m pytest -q -s -p no:cacheprovider tests/test_tca_cuda_e2e.py ${E2E_K:+-k "$E2E_K"} > $OUT/e2e.log 2>&1
     grep -E "NMSE|passed|failed|Error|error|assert|File" $OUT/e2e.log | tail -40 | tee -a $LOG
 fi
 

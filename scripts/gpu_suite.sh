@@ -150,6 +150,13 @@ if [[ " $steps " == *" e2e8q "* ]]; then  # the e2e case the last run's time lim
     timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/test_tca_cuda_e2e.py -k "8b and q8_0" > $OUT/e2e8q.log 2>&1
     grep -E "NMSE|passed|failed|Error|assert" $OUT/e2e8q.log | tail -10 | tee -a $LOG
 fi
+if [[ " $steps " == *" diag "* ]]; then  # decode: CUDA graphs and graph reuse on/off (1B, 32K depth; 8B 64K)
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    BENCH_LIMIT=60 bench diag_on /dev/shm/l1b.gguf -p 0 -n 128 -d 32768 -tca 0,0.1 -r 2
+    GGML_CUDA_DISABLE_GRAPHS=1 BENCH_LIMIT=60 bench diag_nograph /dev/shm/l1b.gguf -p 0 -n 128 -d 32768 -tca 0,0.1 -r 2
+    LLAMA_GRAPH_REUSE_DISABLE=1 BENCH_LIMIT=60 bench diag_noreuse /dev/shm/l1b.gguf -p 0 -n 128 -d 32768 -tca 0,0.1 -r 2
+    BENCH_LIMIT=60 bench diag_d0 /dev/shm/l1b.gguf -p 0 -n 128 -d 16384 -tca 0,0.1,1.0 -r 2
+fi
 if [[ " $steps " == *" ret "* ]]; then  # bring the built library and tool back (<= 15 MiB pieces)
     mkdir -p $OUT/bin
     strip --strip-unneeded -o /tmp/libtca_ggml.so build/cuda/libtca_ggml.so

@@ -157,6 +157,42 @@ if [[ " $steps " == *" diag "* ]]; then  # decode: CUDA graphs and graph reuse o
     LLAMA_GRAPH_REUSE_DISABLE=1 BENCH_LIMIT=60 bench diag_noreuse /dev/shm/l1b.gguf -p 0 -n 128 -d 32768 -tca 0,0.1 -r 2
     BENCH_LIMIT=60 bench diag_d0 /dev/shm/l1b.gguf -p 0 -n 128 -d 16384 -tca 0,0.1,1.0 -r 2
 fi
+if [[ " $steps " == *" ncu "* ]]; then  # per-kernel GPU time of decode steps (1B, short depth, TCA forced on)
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    say "-- ncu at $(el) s: $NCU"
+    for arm in 0 0.1; do
+        TCA_GGML_GPU_MIN_CTX=0 timeout 150 $NCU --csv --metrics gpu__time_duration.sum --launch-count ${NCU_COUNT:-4000} \
+            --log-file $OUT/ncu_$arm.csv $BENCH -m /dev/shm/l1b.gguf -fa 1 -ub 2048 -b 2048 -ngl 99 -r 1 --no-warmup \
+            -p 0 -n 24 -d 4096 --tca-window 1024 --tca-block 128 -tca $arm -o md > $OUT/ncu_$arm.md 2> $OUT/ncu_$arm.err
+        say "   arm $arm rc=$? at $(el) s: $(grep -c gpu__time_duration $OUT/ncu_$arm.csv) kernels"
+        python3 - $OUT/ncu_$arm.csv <<'PY' | tee -a $LOG
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and r[-3:-2] == ["gpu__time_duration.sum"] or (len(r) > 3 and "gpu__time_duration.sum" in r)]
+hdr = None
+data = []
+for r in csv.reader(open(sys.argv[1])):
+    if "Kernel Name" in r:
+        hdr = r
+        continue
+    if hdr and len(r) == len(hdr):
+        data.append(dict(zip(hdr, r)))
+tail = data[-16 * 40:]  # the last decode steps
+tot = collections.defaultdict(float)
+cnt = collections.Counter()
+for d in tail:
+    name = d["Kernel Name"][:60]
+    v = float(d["Metric Value"].replace(",", ""))
+    unit = d.get("Metric Unit", "ns")
+    v = v / 1000.0 if unit in ("nsecond", "ns") else v if unit in ("usecond", "us") else v * 1000.0
+    tot[name] += v
+    cnt[name] += 1
+print(f"{len(data)} kernels profiled; last {len(tail)}: total {sum(tot.values()):.0f} us")
+for k, v in sorted(tot.items(), key=lambda x: -x[1])[:14]:
+    print(f"  {v:9.1f} us  {cnt[k]:5d}x  {k}")
+PY
+    done
+fi
 if [[ " $steps " == *" ret "* ]]; then  # bring the built library and tool back (<= 15 MiB pieces)
     mkdir -p $OUT/bin
     strip --strip-unneeded -o /tmp/libtca_ggml.so build/cuda/libtca_ggml.so

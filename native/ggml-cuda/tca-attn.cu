@@ -816,26 +816,58 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
 // ------------------------------------------------------------------------------------------
 // split combine: one CTA per (token, head), one thread per dim
 // ------------------------------------------------------------------------------------------
+// one CTA (D threads) per (token, head): the splits' weights exp(m_s - M) once into shared memory,
+// then each column sums its nsplit partials with 4 independent accumulators (loads in flight; the
+// first version walked the splits serially per thread: 23 us a layer in decode, 2.4x the attention)
 __global__ void tca_attn_combine(const float * __restrict__ part_acc, const float2 * __restrict__ part_ml,
                                  float * __restrict__ dst, const int nsplit, const int T, const int n_head, const int D) {
-    const size_t row = blockIdx.x;  // t*n_head + h
-    const int    c   = threadIdx.x;
+    extern __shared__ float fs[];  // [nsplit]
+    __shared__ float red[32];
+    const size_t row    = blockIdx.x;  // t*n_head + h
     const size_t stride = (size_t) T*n_head;
+    const int tid = threadIdx.x, nt = blockDim.x, lane = tid % 32, w = tid / 32, nw = (nt + 31)/32;
 
     float M = -INFINITY;
-    for (int s = 0; s < nsplit; ++s) {
+    for (int s = tid; s < nsplit; s += nt) {
         M = fmaxf(M, part_ml[s*stride + row].x);
     }
-    float L = 0.0f, A = 0.0f;
-    if (M != -INFINITY) {
-        for (int s = 0; s < nsplit; ++s) {
-            const float2 ml = part_ml[s*stride + row];
-            const float  f  = expf(ml.x - M);  // 0 for an empty split (m = -inf)
-            L += ml.y*f;
-            A += part_acc[(s*stride + row)*D + c]*f;
-        }
+    M = tca_warp_max(M);
+    if (lane == 0) red[w] = M;
+    __syncthreads();
+    M = red[0];
+    for (int i = 1; i < nw; ++i) M = fmaxf(M, red[i]);
+    __syncthreads();
+
+    float L = 0.0f;
+    for (int s = tid; s < nsplit; s += nt) {
+        const float2 ml = part_ml[s*stride + row];
+        const float  f  = M == -INFINITY ? 0.0f : expf(ml.x - M);  // 0 for an empty split (m = -inf)
+        fs[s] = f;
+        L += ml.y*f;
     }
-    dst[row*D + c] = L > 0.0f ? A/L : 0.0f;
+    L = tca_warp_sum(L);
+    if (lane == 0) red[w] = L;
+    __syncthreads();
+    L = 0.0f;
+    for (int i = 0; i < nw; ++i) L += red[i];
+
+    const float * pa = part_acc + row*D;
+    const size_t  ps = stride*D;
+    for (int c = tid; c < D; c += nt) {
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        int s = 0;
+        for (; s + 4 <= nsplit; s += 4) {
+            a0 = fmaf(pa[(size_t) (s + 0)*ps + c], fs[s + 0], a0);
+            a1 = fmaf(pa[(size_t) (s + 1)*ps + c], fs[s + 1], a1);
+            a2 = fmaf(pa[(size_t) (s + 2)*ps + c], fs[s + 2], a2);
+            a3 = fmaf(pa[(size_t) (s + 3)*ps + c], fs[s + 3], a3);
+        }
+        for (; s < nsplit; ++s) {
+            a0 = fmaf(pa[(size_t) s*ps + c], fs[s], a0);
+        }
+        const float A = (a0 + a1) + (a2 + a3);
+        dst[row*D + c] = L > 0.0f ? A/L : 0.0f;
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1244,7 +1276,7 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
         default:  GGML_ABORT("tca_attn: unsupported head size %d", (int) D);
     }
     if (nsplit > 1) {
-        tca_attn_combine<<<(unsigned) (T*n_head), (unsigned) D, 0, stream>>>(a.part_acc, a.part_ml, a.dst,
+        tca_attn_combine<<<(unsigned) (T*n_head), (unsigned) D, nsplit*sizeof(float), stream>>>(a.part_acc, a.part_ml, a.dst,
                                                                             (int) nsplit, (int) T, (int) n_head, (int) D);
     }
     CUDA_CHECK(cudaGetLastError());

@@ -265,6 +265,16 @@ def test_graph_compaction_equals_host_compaction(default_model, prompt_tokens, t
         subprocess.run([sys.executable, "-c", _COMPACT_SCRIPT, str(default_model), json.dumps(list(toks)), f + ".npy"],
                        env=env, check=True, timeout=600)
         out[mode] = (np.load(f + ".npy"), json.load(open(f + ".npy.json")))
+    # the graph inputs as device-resident tensors uploaded once per ubatch (the GPU layout), forced
+    # on the CPU: the same computation
+    env = dict(os.environ)
+    env.pop("TCA_GGML_COMPACT", None)
+    env["TCA_GGML_IO"] = "1"
+    f = str(tmp_path / "io")
+    subprocess.run([sys.executable, "-c", _COMPACT_SCRIPT, str(default_model), json.dumps(list(toks)), f + ".npy"],
+                   env=env, check=True, timeout=600)
+    np.testing.assert_array_equal(np.load(f + ".npy"), out["host"][0])
+    assert json.load(open(f + ".npy.json"))["pos"] == out["host"][1]["pos"]
     (lh, mh), (lg, mg) = out["host"], out["graph"]
     assert mh["n_compactions"] == mg["n_compactions"] >= 2
     n_same = n_all = 0

@@ -213,6 +213,32 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
         map_il[(int32_t) il] = layers.size();
         layers.push_back(std::move(L));
     }
+    // device-resident graph inputs, one set per device (TCA_GGML_IO=1: host layers too, for tests)
+    static const bool force_io = [] { const char * e = getenv("TCA_GGML_IO"); return e && atoi(e) != 0; }();
+    for (const auto & L : layers) {
+        if (L.host && !force_io) continue;
+        auto & o = io[L.buft];
+        o.n_meta += 2 * (int64_t) L.n_head_kv;
+        o.rows_per_token += L.n_head_kv;
+    }
+    for (auto & kv : io) {
+        auto & o = kv.second;
+        ggml_init_params ip = { 4 * ggml_tensor_overhead(), nullptr, true };
+        ggml_context * ctx = ggml_init(ip);
+        if (!ctx) throw std::runtime_error("TCA: ggml_init failed");
+        ctxs.emplace_back(ctx);
+        const int64_t n_rows = std::max<int64_t>(1, o.rows_per_token * (int64_t) n_ubatch);
+        o.pnew = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_rows);
+        o.idx  = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_rows);
+        o.meta = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, std::max<int64_t>(1, o.n_meta));
+        ggml_set_name(o.pnew, "tca_io_pnew");
+        ggml_set_name(o.idx, "tca_io_idx");
+        ggml_set_name(o.meta, "tca_io_meta");
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, kv.first);
+        if (!buf) throw std::runtime_error("TCA: failed to allocate the retention cache's graph inputs");
+        ggml_backend_buffer_clear(buf, 0);
+        bufs.emplace_back(buf);
+    }
     size_t total = 0;
     for (auto & b : bufs) total += ggml_backend_buffer_get_size(b.get());
     size_t n_dev = 0;
@@ -825,6 +851,11 @@ public:
 
     struct per_layer { int32_t il; ggml_tensor * pnew; ggml_tensor * meta; ggml_tensor * idx; };
 
+    // where layer li's inputs live: host layers in this graph's input tensors (*_all), device layers
+    // in the memory's device-resident io tensors of their buffer type; offsets in elements
+    struct slot_t { const llama_tca_memory::io_t * io = nullptr; ggml_backend_buffer_type_t buft = nullptr;
+                    int64_t o_meta = 0, o_rows = 0; };
+
     void set_input(const llama_ubatch * ub) override {
         const llama_tca_memory * mem = tctx->mem;
         if (qpos) {
@@ -832,15 +863,31 @@ public:
             int32_t * d = (int32_t *) qpos->data;
             for (uint32_t i = 0; i < ub->n_tokens; ++i) d[i] = ub->pos[i];
         }
+        // staging for the device-resident inputs, per buffer type
+        struct stage { std::vector<float> pn; std::vector<int64_t> ix; std::vector<int32_t> mt; };
+        std::map<ggml_backend_buffer_type_t, stage> st;
         for (const auto & pl : layers) {
             const auto * L = mem->layer(pl.il);
             GGML_ASSERT(L);
-            GGML_ASSERT(ggml_backend_buffer_is_host(pnew_all->buffer) && ggml_backend_buffer_is_host(meta_all->buffer) &&
-                        ggml_backend_buffer_is_host(idx_all->buffer));
-            const size_t li = mem->map_il.at(pl.il);
-            float   * pn = (float *) pnew_all->data + off_rows[li];
-            int32_t * mt = (int32_t *) meta_all->data + off_meta[li];
-            int64_t * ix = (int64_t *) idx_all->data + off_rows[li];
+            const slot_t & sl = slots[mem->map_il.at(pl.il)];
+            float * pn; int32_t * mt; int64_t * ix;
+            if (sl.io) {
+                stage & S = st[sl.buft];
+                if (S.mt.empty()) {
+                    S.pn.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0.0f);
+                    S.ix.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0);
+                    S.mt.assign((size_t) sl.io->n_meta, 0);
+                }
+                pn = S.pn.data() + sl.o_rows;
+                ix = S.ix.data() + sl.o_rows;
+                mt = S.mt.data() + sl.o_meta;
+            } else {
+                GGML_ASSERT(ggml_backend_buffer_is_host(pnew_all->buffer) && ggml_backend_buffer_is_host(meta_all->buffer) &&
+                            ggml_backend_buffer_is_host(idx_all->buffer));
+                pn = (float *) pnew_all->data + sl.o_rows;
+                mt = (int32_t *) meta_all->data + sl.o_meta;
+                ix = (int64_t *) idx_all->data + sl.o_rows;
+            }
             for (uint32_t g = 0; g < L->n_head_kv; ++g) {
                 const auto & h = L->heads[g];
                 // during graph reserve nothing was placed: pretend the ubatch lands at the start
@@ -853,6 +900,16 @@ public:
                     pn[(size_t) t * L->n_head_kv + g] = (float) ub->pos[t];
                 }
             }
+        }
+        if (!st.empty() && mem->sched) {
+            // the previous ubatch's graph may still be reading them
+            ggml_backend_sched_synchronize(mem->sched);
+        }
+        for (auto & kv : st) {
+            const auto & o = mem->io.at(kv.first);
+            ggml_backend_tensor_set(o.pnew, kv.second.pn.data(), 0, kv.second.pn.size() * sizeof(float));
+            ggml_backend_tensor_set(o.idx, kv.second.ix.data(), 0, kv.second.ix.size() * sizeof(int64_t));
+            ggml_backend_tensor_set(o.meta, kv.second.mt.data(), 0, kv.second.mt.size() * sizeof(int32_t));
         }
     }
 
@@ -870,12 +927,11 @@ public:
     const llama_tca_memory_context * tctx;
     ggml_tensor * qpos = nullptr;
     std::vector<per_layer> layers;
-    // one input tensor of each kind for all layers (the per-layer tensors above are views into
-    // them): the scheduler uploads 3 inputs per ubatch instead of 3 per layer
+    // host layers: one graph input tensor of each kind for all of them (views per layer)
     ggml_tensor * pnew_all = nullptr;     // [1, sum nkv * n_tokens] f32
     ggml_tensor * meta_all = nullptr;     // [sum 2 nkv] i32
     ggml_tensor * idx_all  = nullptr;     // [sum nkv * n_tokens] i64
-    std::vector<int64_t> off_meta, off_rows;  // per layer (memory's layer order), in elements
+    std::vector<slot_t> slots;            // per layer (memory's layer order)
 };
 }  // namespace
 
@@ -887,11 +943,24 @@ llm_graph_input_attn_kv * llama_tca_build_attn_inp(const llm_graph_context & g) 
     ggml_set_input(inp->qpos);
     ggml_set_name(inp->qpos, "tca_qpos");
     int64_t n_meta = 0, n_rows = 0;
+    std::map<ggml_backend_buffer_type_t, std::pair<int64_t, int64_t>> dev_off;  // per device: meta, rows
     for (const auto & L : t->mem->layers) {
-        inp->off_meta.push_back(n_meta);
-        inp->off_rows.push_back(n_rows);
-        n_meta += 2 * (int64_t) L.n_head_kv;
-        n_rows += (int64_t) L.n_head_kv * g.n_tokens;
+        llm_graph_input_attn_tca::slot_t sl;
+        if (t->mem->io.count(L.buft)) {
+            auto & d = dev_off[L.buft];
+            sl.io = &t->mem->io.at(L.buft);
+            sl.buft = L.buft;
+            sl.o_meta = d.first;
+            sl.o_rows = d.second;
+            d.first += 2 * (int64_t) L.n_head_kv;
+            d.second += (int64_t) L.n_head_kv * g.n_tokens;
+        } else {
+            sl.o_meta = n_meta;
+            sl.o_rows = n_rows;
+            n_meta += 2 * (int64_t) L.n_head_kv;
+            n_rows += (int64_t) L.n_head_kv * g.n_tokens;
+        }
+        inp->slots.push_back(sl);
     }
     inp->pnew_all = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, 1, std::max<int64_t>(1, n_rows));
     inp->meta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, std::max<int64_t>(1, n_meta));
@@ -929,10 +998,13 @@ ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_
 
     llm_graph_input_attn_tca::per_layer pl;
     pl.il = il;
-    const size_t li = mem->map_il.at(il);
-    pl.pnew = ggml_view_2d(ctx0, inp->pnew_all, 1, nkv * n_tokens, sizeof(float), inp->off_rows[li] * sizeof(float));
-    pl.meta = ggml_view_1d(ctx0, inp->meta_all, 2 * nkv, inp->off_meta[li] * sizeof(int32_t));
-    pl.idx  = ggml_view_1d(ctx0, inp->idx_all, nkv * n_tokens, inp->off_rows[li] * sizeof(int64_t));
+    const auto & sl = inp->slots[mem->map_il.at(il)];
+    ggml_tensor * src_pnew = sl.io ? sl.io->pnew : inp->pnew_all;
+    ggml_tensor * src_meta = sl.io ? sl.io->meta : inp->meta_all;
+    ggml_tensor * src_idx  = sl.io ? sl.io->idx  : inp->idx_all;
+    pl.pnew = ggml_view_2d(ctx0, src_pnew, 1, nkv * n_tokens, sizeof(float), sl.o_rows * sizeof(float));
+    pl.meta = ggml_view_1d(ctx0, src_meta, 2 * nkv, sl.o_meta * sizeof(int32_t));
+    pl.idx  = ggml_view_1d(ctx0, src_idx, nkv * n_tokens, sl.o_rows * sizeof(int64_t));
     inp->layers.push_back(pl);
 
     // store this ubatch's K/V rows into each head's region

@@ -153,6 +153,18 @@ public:
     // selection and the moves, synchronised), read-back of the per-head results
     double t_dev_build_us = 0.0, t_dev_compute_us = 0.0, t_dev_read_us = 0.0;
 
+    // per device (buffer type of device layers): the graph's per-layer inputs (new rows' positions,
+    // head ranges, row indices), resident on the device and uploaded once per ubatch by the graph
+    // input's set_input. As ordinary graph inputs they were copied by the scheduler one per layer,
+    // each copy synchronising (3 per layer per token).
+    struct io_t {
+        ggml_tensor * pnew = nullptr;   // [1, rows_per_token * n_ubatch] f32
+        ggml_tensor * idx  = nullptr;   // [rows_per_token * n_ubatch] i64
+        ggml_tensor * meta = nullptr;   // [n_meta] i32
+        int64_t n_meta = 0, rows_per_token = 0;
+    };
+    std::map<ggml_backend_buffer_type_t, io_t> io;
+
     // set by tca_init_from_model: the context's scheduler, synchronised before the retention
     // cache is read or moved outside its graphs
     ggml_backend_sched_t sched = nullptr;

@@ -94,7 +94,7 @@ if [[ " $steps " == *" pp8b "* ]]; then  # 8B 128K prefill, dense vs the densiti
 fi
 if [[ " $steps " == *" tg8b "* ]]; then
     mk llama-3.1-8b 32 /dev/shm/l8b.gguf
-    BENCH_LIMIT=${TG8B_LIMIT:-150} bench tg8b_128k /dev/shm/l8b.gguf -p 0 -n 64 -d 131072 -tca ${TCA_LIST:-0,0.1}
+    BENCH_LIMIT=${TG8B_LIMIT:-150} bench tg8b_128k /dev/shm/l8b.gguf -p 0 -n 64 -d 131072 -tca ${TCA_LIST:-0,0.1} -r 2
 fi
 if [[ " $steps " == *" pp1b "* ]]; then  # 1B: the 8K floor, 32K and 128K
     mk llama-3.2-1b 16 /dev/shm/l1b.gguf

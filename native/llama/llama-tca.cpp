@@ -357,238 +357,26 @@ void llama_tca_memory::compact_pending() {
         ggml_backend_sched_synchronize(sched);  // the last ubatch's graph wrote K/V/q_last
     }
     const int64_t t0 = ggml_time_us();  // after the sync: the ubatch's own compute is not counted
-    // TCA_GGML_COMPACT=graph: host layers too go through the device path's graphs (tests)
-    static const bool force_graph = [] { const char * e = getenv("TCA_GGML_COMPACT"); return e && !strcmp(e, "graph"); }();
     // prefill ubatch: re-select over all aged blocks; decode step: only the newly aged block(s)
     const int64_t f0 = pending_decode ? (int64_t) frontier : -1;
-    std::map<ggml_backend_buffer_type_t, std::vector<layer_t *>> dev;
-    for (auto & L : layers) {
-        if (L.host && !force_graph) {
-            compact_layer_host(L, f0);
-        } else {
-            dev[L.buft].push_back(&L);
-        }
-    }
-    for (auto & kv : dev) compact_device(kv.second, f0);
+    // one graph per buffer type (GGML_OP_TCA_SCORE / _SELECT / _COMPACT), on the CPU as on a GPU
+    std::map<ggml_backend_buffer_type_t, std::vector<layer_t *>> groups;
+    for (auto & L : layers) groups[L.buft].push_back(&L);
+    for (auto & kv : groups) compact_graph(kv.second, f0);
     frontier = n_aged * cfg.block;
     ++n_compactions;
     t_compact_us += (double) (ggml_time_us() - t0);
 }
 
-// Within-block ranking key (design §3 step 4, reference.pool_scores): the largest s of the
-// candidate rows [r0, r1) of the same block within `radius` positions (rows ascending in position).
+// Within-block ranking radius (design §3 step 4, reference.pool_scores): the largest s of the
+// same-block candidates within this many positions ranks a row (TCA_GGML_POOL; 0 = plain s).
 static int tca_pool_radius() {
     static const int r = [] { const char * e = getenv("TCA_GGML_POOL"); return e ? std::max(0, atoi(e)) : 3; }();
     return r;
 }
 
-static void tca_pool_scores(const std::vector<int32_t> & pos, const double * s, uint32_t r0, uint32_t r1,
-                            uint32_t b, std::vector<double> & sp) {
-    const int R = tca_pool_radius();
-    sp.assign(s, s + pos.size());
-    for (uint32_t r = r0; r < r1; ++r) {
-        double m = s[r];
-        for (int o = 1; o <= R; ++o) {
-            if (r >= r0 + (uint32_t) o) {
-                const uint32_t j = r - o;
-                if (pos[r] - pos[j] <= R && pos[j] / (int32_t) b == pos[r] / (int32_t) b) m = std::max(m, s[j]);
-            }
-            if (r + o < r1) {
-                const uint32_t j = r + o;
-                if (pos[j] - pos[r] <= R && pos[j] / (int32_t) b == pos[r] / (int32_t) b) m = std::max(m, s[j]);
-            }
-        }
-        sp[r] = m;
-    }
-}
-
-void llama_tca_memory::select_head(head_t & h, const double * s, uint32_t F, std::vector<uint32_t> & kept, int64_t f0) {
-    const uint32_t b = cfg.block;
-    const uint32_t n = h.len;
-    const size_t n_k = cfg.k_values.size();
-    kept.clear();
-    if (f0 >= 0) {
-        double t = 0.0;
-        for (size_t i = 0; i < n_k; ++i) t += (double) cfg.k_values[i] * h.p[i];
-        const uint32_t kt = std::max<uint32_t>(1, (uint32_t) std::floor(t + 1e-9));
-        const int32_t lo = std::max<int32_t>((int32_t) f0, (int32_t) cfg.n_sink);
-        std::vector<uint8_t> keep(n, 1);
-        std::vector<uint32_t> idx;
-        double evicted = 0.0;
-        uint32_t r = 0;
-        while (r < n && h.pos[r] < lo) ++r;
-        uint32_t rc1 = r;
-        while (rc1 < n && h.pos[rc1] < (int32_t) F) ++rc1;
-        std::vector<double> sp;
-        tca_pool_scores(h.pos, s, r, rc1, b, sp);
-        while (r < n && h.pos[r] < (int32_t) F) {
-            const uint32_t id = (uint32_t) h.pos[r] / b;
-            uint32_t r1 = r;
-            while (r1 < n && h.pos[r1] < (int32_t) F && (uint32_t) h.pos[r1] / b == id) ++r1;
-            if (r1 - r > kt) {
-                idx.resize(r1 - r);
-                std::iota(idx.begin(), idx.end(), r);
-                std::stable_sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t c) { return sp[a] > sp[c]; });
-                for (uint32_t i = kt; i < idx.size(); ++i) { keep[idx[i]] = 0; evicted += s[idx[i]]; }
-            }
-            r = r1;
-        }
-        uint32_t w = 0;
-        for (uint32_t i = 0; i < n; ++i) {
-            if (!keep[i]) continue;
-            kept.push_back(i);
-            h.pos[w++] = h.pos[i];
-        }
-        h.n_evicted += n - w;
-        h.len = w;
-        h.pos.resize(w);
-        h.coverage = (float) (1.0 - evicted);
-        return;
-    }
-    // candidate blocks: non-sink rows with pos < F, grouped by block (rows ascending)
-    struct blk { uint32_t r0, r1; double m, sq, h; uint32_t k; };
-    std::vector<blk> blocks;
-    for (uint32_t r = 0; r < n; ++r) {
-        const int32_t p = h.pos[r];
-        if (p < (int32_t) cfg.n_sink || p >= (int32_t) F) continue;
-        const uint32_t id = (uint32_t) p / b;
-        if (blocks.empty() || (uint32_t) h.pos[blocks.back().r0] / b != id) {
-            blocks.push_back({r, r + 1, 0.0, 0.0, 0.0, 0});
-        } else {
-            blocks.back().r1 = r + 1;
-        }
-        blocks.back().m += s[r];
-        blocks.back().sq += s[r] * s[r];
-    }
-    if (blocks.empty()) {
-        for (uint32_t r = 0; r < n; ++r) kept.push_back(r);
-        return;
-    }
-    double M = 0.0;
-    for (auto & bl : blocks) M = std::max(M, bl.m);
-    for (auto & bl : blocks) {
-        const double c = bl.m > 0 ? 1.0 - bl.sq / (bl.m * bl.m) : 0.0;
-        bl.h = (1.0 - cfg.alpha) * (M > 0 ? bl.m / M : 0.0) + cfg.alpha * c;
-    }
-    // rank (h desc, ties lower block first) and assign k from the head's budget
-    std::vector<uint32_t> order(blocks.size());
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t c) { return blocks[a].h > blocks[c].h; });
-    std::vector<uint32_t> k_desc(cfg.k_values.rbegin(), cfg.k_values.rend());
-    std::vector<double> cum(n_k);
-    double acc = 0.0;
-    for (size_t i = 0; i < n_k; ++i) { acc += h.p[n_k - 1 - i]; cum[i] = acc; }
-    const double N = (double) blocks.size();
-    for (size_t r = 0; r < order.size(); ++r) {
-        const double u = (r + 0.5) / N;
-        uint32_t kk = k_desc.back();
-        for (size_t i = 0; i < n_k; ++i) if (u < cum[i]) { kk = k_desc[i]; break; }
-        blocks[order[r]].k = kk;
-    }
-    // keep the top-k rows of each block by pooled s (ties: lower position first)
-    std::vector<double> sp;
-    tca_pool_scores(h.pos, s, blocks.front().r0, blocks.back().r1, b, sp);
-    std::vector<uint8_t> keep(n, 1);
-    std::vector<uint32_t> idx;
-    double evicted = 0.0;
-    for (auto & bl : blocks) {
-        const uint32_t cnt = bl.r1 - bl.r0;
-        if (bl.k >= cnt) continue;
-        idx.resize(cnt);
-        std::iota(idx.begin(), idx.end(), bl.r0);
-        std::stable_sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t c) { return sp[a] > sp[c]; });
-        for (uint32_t i = bl.k; i < cnt; ++i) { keep[idx[i]] = 0; evicted += s[idx[i]]; }
-    }
-    uint32_t w = 0;
-    for (uint32_t r = 0; r < n; ++r) {
-        if (!keep[r]) continue;
-        kept.push_back(r);
-        h.pos[w++] = h.pos[r];
-    }
-    h.n_evicted += n - w;
-    h.len = w;
-    h.pos.resize(w);
-    h.coverage = (float) (1.0 - evicted);
-}
-
-// fn(i) for i in [0, n) on up to hardware_concurrency threads (selection is per KV head and
-// independent; it runs between two graph computes, so the cores are otherwise idle)
-template <typename F>
-static void tca_parallel_for(size_t n, F && fn) {
-    static const size_t n_hw = std::max<size_t>(1, std::min<size_t>(32, std::thread::hardware_concurrency()));
-    const size_t nt = std::min(n_hw, n);
-    if (nt <= 1) {
-        for (size_t i = 0; i < n; ++i) fn(i);
-        return;
-    }
-    std::atomic<size_t> next{0};
-    auto work = [&]() { for (size_t i; (i = next.fetch_add(1)) < n;) fn(i); };
-    std::vector<std::thread> th;
-    for (size_t t = 1; t < nt; ++t) th.emplace_back(work);
-    work();
-    for (auto & t : th) t.join();
-}
-
 static uint32_t aged_frontier(uint32_t n_seen, uint32_t window, uint32_t b) {
     return (n_seen > window ? (n_seen - window) / b : 0) * b;
-}
-
-void llama_tca_memory::compact_layer_host(layer_t & L, int64_t f0) {
-    if (L.scale == 0.0f) L.scale = 1.0f / std::sqrt((float) L.d_k);
-    const uint32_t F = aged_frontier(n_seen, cfg.window, cfg.block);
-    const uint32_t G = L.n_head / L.n_head_kv;
-    const size_t rk = ggml_row_size(type_k, L.d_k);
-    const size_t rv = ggml_row_size(type_v, L.d_v);
-    const auto * tk = ggml_get_type_traits(type_k);
-    const float * q = (const float *) L.q_last->data;
-
-    tca_parallel_for(L.n_head_kv, [&](size_t gi) {
-        const uint32_t g = (uint32_t) gi;
-        std::vector<float> krow(L.d_k);
-        std::vector<double> s, logit;
-        std::vector<uint32_t> kept;
-        auto & h = L.heads[g];
-        const uint32_t n = h.len;
-        if (n == 0) return;
-        char * kbase = (char *) L.k->data + (size_t) h.off * rk;
-        char * vbase = (char *) L.v->data + (size_t) h.off * rv;
-        float * pbase = (float *) L.kpos->data + h.off;
-        // pooled importance of q_last over every retained row of this head (the arithmetic of
-        // GGML_OP_TCA_SCORE's CPU kernel, in double)
-        s.assign(n, 0.0);
-        logit.resize((size_t) G * n);
-        for (uint32_t r = 0; r < n; ++r) {
-            const char * row = kbase + (size_t) r * rk;
-            if (type_k == GGML_TYPE_F32) {
-                memcpy(krow.data(), row, L.d_k * sizeof(float));
-            } else {
-                tk->to_float(row, krow.data(), L.d_k);
-            }
-            for (uint32_t j = 0; j < G; ++j) {
-                const float * qh = q + (size_t) (g * G + j) * L.d_k;
-                double dot = 0.0;
-                for (uint32_t c = 0; c < L.d_k; ++c) dot += (double) qh[c] * krow[c];
-                logit[(size_t) j * n + r] = dot * (double) L.scale;
-            }
-        }
-        for (uint32_t j = 0; j < G; ++j) {
-            double * lg = logit.data() + (size_t) j * n;
-            double mx = -std::numeric_limits<double>::infinity();
-            for (uint32_t r = 0; r < n; ++r) mx = std::max(mx, lg[r]);
-            double sum = 0.0;
-            for (uint32_t r = 0; r < n; ++r) { lg[r] = std::exp(lg[r] - mx); sum += lg[r]; }
-            for (uint32_t r = 0; r < n; ++r) s[r] += lg[r] / sum / G;
-        }
-        select_head(h, s.data(), F, kept, f0);
-        // compact in place (rows only move towards the front)
-        for (uint32_t w = 0; w < kept.size(); ++w) {
-            const uint32_t r = kept[w];
-            if (w == r) continue;
-            memcpy(kbase + (size_t) w * rk, kbase + (size_t) r * rk, rk);
-            memcpy(vbase + (size_t) w * rv, vbase + (size_t) r * rv, rv);
-            pbase[w] = pbase[r];
-        }
-    });
 }
 
 ggml_backend_t llama_tca_memory::backend_for(ggml_backend_buffer_type_t buft) {
@@ -598,16 +386,20 @@ ggml_backend_t llama_tca_memory::backend_for(ggml_backend_buffer_type_t buft) {
     if (!dev) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
     ggml_backend_t be = dev ? ggml_backend_dev_init(dev, nullptr) : nullptr;
     if (!be) throw std::runtime_error("TCA: cannot start a backend for the retention cache's device");
+    if (ggml_backend_is_cpu(be)) {
+        // the compaction runs between two graph computes: the cores are otherwise idle
+        ggml_backend_cpu_set_n_threads(be, (int) std::max<unsigned>(1, std::min<unsigned>(32, std::thread::hardware_concurrency())));
+    }
     backends[buft].reset(be);
     gallocs[buft].reset(ggml_gallocr_new(ggml_backend_get_default_buffer_type(be)));
     return be;
 }
 
-// Selection and compaction of layers whose cache lives on a device, in one graph on the device:
+// Selection and compaction of the layers of one buffer type, in one graph on that device (the CPU too):
 // per layer GGML_OP_TCA_SCORE (importance of every retained row), GGML_OP_TCA_SELECT (blocks,
 // ranking, budgets, per-block top-k: which rows stay, where they go) and GGML_OP_TCA_COMPACT on K,
 // V and kpos (rows moved in place). Only the per-head results come back (4 integers a head).
-void llama_tca_memory::compact_device(const std::vector<layer_t *> & Ls, int64_t f0) {
+void llama_tca_memory::compact_graph(const std::vector<layer_t *> & Ls, int64_t f0) {
     if (Ls.empty()) return;
     const int64_t t0 = ggml_time_us();
     ggml_backend_buffer_type_t buft = Ls[0]->buft;

@@ -97,7 +97,7 @@ public:
         ggml_tensor * bud = nullptr;    // [2*n_k+1, n_head_kv] f32: budgets for GGML_OP_TCA_SELECT
         std::vector<float> bud_host;    // its values (uploaded again after a clear of the buffers)
         ggml_backend_buffer_type_t buft = nullptr;
-        bool host = true;          // buffers in host memory: select and move on the host
+        bool host = true;          // buffers in host memory
         bool pos_valid = true;     // heads[].pos mirror kpos (false after a device compaction:
                                    // ensure_pos() reads them back when needed)
         std::vector<head_t> heads;
@@ -170,13 +170,9 @@ public:
     ggml_backend_sched_t sched = nullptr;
 
 private:
-    // keep mask of head h from its importance s[0..len): blocks, ranking, per-block top-k;
-    // updates pos/len/coverage/n_evicted and returns the kept rows (region-relative, ascending)
-    // decode (f0 >= 0): only the blocks in [f0, F) that left the window this step, each to its
-    // floor(t) tokens of largest s (TCA-SPEC's decode rule); older blocks are left as they are
-    void select_head(head_t & h, const double * s, uint32_t F, std::vector<uint32_t> & kept, int64_t f0 = -1);
-    void compact_layer_host(layer_t & L, int64_t f0);
-    void compact_device(const std::vector<layer_t *> & Ls, int64_t f0);
+    // selection + compaction of the layers of one buffer type: one graph of TCA_SCORE / TCA_SELECT /
+    // TCA_COMPACT nodes on that device (prefill: f0 < 0; decode rule: f0 = the old frontier)
+    void compact_graph(const std::vector<layer_t *> & Ls, int64_t f0);
     ggml_backend_t backend_for(ggml_backend_buffer_type_t buft);
     std::vector<ggml_context_ptr> ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;

@@ -826,10 +826,10 @@ extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params 
 }
 
 // ------------------------------------------------------------------------ GGML_OP_TCA_SELECT
-// Which rows each KV head keeps (ggml.h; docs/design.md §3 steps 2-4). The arithmetic is that of
-// llama_tca_memory::select_head (native/llama/llama-tca.cpp) on the same f32 importance: block sums
-// in double in row order, ranks with ties to the lower block, cumulative budget in double in
-// descending-k order, per-block top-k on max-pooled scores with ties to the lower row.
+// Which rows each KV head keeps (ggml.h; docs/design.md §3 steps 2-4), the reference for the CUDA
+// kernels and the CPU's own selection: block sums and block scores in double in row order, ranks
+// with ties to the lower block, the cumulative budget in double in descending-k order, per-block top-k
+// on max-pooled scores with ties to the lower row (= reference.select_keep on the same f32 scores).
 namespace {
 
 struct tca_sel_params {

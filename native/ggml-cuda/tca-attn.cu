@@ -1436,24 +1436,24 @@ __global__ void __launch_bounds__(128) tca_sel_blocks(const tca_sel_args a) {
     }
 }
 
-// inclusive scan of one int per thread over a CTA of 1024 threads (32 warps)
-__device__ __forceinline__ int tca_block_scan_1024(int x, int * wsum) {
-    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+// inclusive prefix sum over the lanes of a warp
+__device__ __forceinline__ int tca_warp_scan_incl(int x, int lane) {
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
         const int y = __shfl_up_sync(0xffffffff, x, o);
         if (lane >= o) x += y;
     }
+    return x;
+}
+
+// inclusive scan of one int per thread over a CTA of 1024 threads (32 warps)
+__device__ __forceinline__ int tca_block_scan_1024(int x, int * wsum) {
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+    x = tca_warp_scan_incl(x, lane);
     if (lane == 31) wsum[w] = x;
     __syncthreads();
     if (w == 0) {
-        int v = wsum[lane];
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffff, v, o);
-            if (lane >= o) v += y;
-        }
-        wsum[lane] = v;
+        wsum[lane] = tca_warp_scan_incl(wsum[lane], lane);
     }
     __syncthreads();
     const int add = w > 0 ? wsum[w - 1] : 0;
@@ -1627,12 +1627,7 @@ __global__ void __launch_bounds__(128) tca_sel_topk(const tca_sel_args a) {
     int carry = 0;
     for (int c = 0; c < cnt; c += blockDim.x) {
         const int r = c + threadIdx.x;
-        int x = r < cnt ? keep[r] : 0;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffff, x, o);
-            if (lane >= o) x += y;
-        }
+        const int x = tca_warp_scan_incl(r < cnt ? keep[r] : 0, lane);
         if (lane == 31) wsum[w] = x;
         __syncthreads();
         int add = carry;

@@ -284,6 +284,16 @@ int tca_test_backend_open(tca_test_backend_graph & B, const char * backend, int 
     return B.ctx ? TCA_TEST_OK : TCA_TEST_E_ALLOC;
 }
 
+// the graph of one node `out` on B's backend, its tensors allocated there (E_UNSUPP if the backend
+// does not support the node)
+int tca_test_backend_prepare(tca_test_backend_graph & B, ggml_tensor * out) {
+    if (!ggml_backend_supports_op(B.be, out)) return TCA_TEST_E_UNSUPP;
+    B.gf = ggml_new_graph(B.ctx);
+    ggml_build_forward_expand(B.gf, out);
+    B.buf = ggml_backend_alloc_ctx_tensors(B.ctx, B.be);
+    return B.buf ? TCA_TEST_OK : TCA_TEST_E_ALLOC;
+}
+
 // uploads n_rows rows of d floats, stored as t->type
 void tca_test_upload_rows(ggml_tensor * t, const float * src, int64_t d, int64_t n_rows) {
     if (n_rows == 0 || !src) return;
@@ -317,11 +327,8 @@ TCA_TEST_API int tca_test_tca_attn_backend_ex(const char * backend, int d, int n
     ggml_tensor * tm  = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, 2*n_head_kv);
     ggml_tensor * tqp = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, n_tokens);
     ggml_tensor * to  = ggml_tca_attn(B.ctx, tq, tk, tv, tkp, tm, tqp, n_head_kv, scale);
-    if (!ggml_backend_supports_op(B.be, to)) return TCA_TEST_E_UNSUPP;
-    B.gf = ggml_new_graph(B.ctx);
-    ggml_build_forward_expand(B.gf, to);
-    B.buf = ggml_backend_alloc_ctx_tensors(B.ctx, B.be);
-    if (!B.buf) return TCA_TEST_E_ALLOC;
+    rc = tca_test_backend_prepare(B, to);
+    if (rc != TCA_TEST_OK) return rc;
 
     ggml_backend_tensor_set(tq, q, 0, ggml_nbytes(tq));
     tca_test_upload_rows(tk, k, d, n_slots);
@@ -375,11 +382,8 @@ TCA_TEST_API int tca_test_tca_score_backend(const char * backend, int d, int n_h
     ggml_tensor * tk = ggml_new_tensor_2d(B.ctx, type, d, n_slots);
     ggml_tensor * tm = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, 2*n_head_kv);
     ggml_tensor * to = ggml_tca_score(B.ctx, tq, tk, tm, n_head_kv, scale);
-    if (!ggml_backend_supports_op(B.be, to)) return TCA_TEST_E_UNSUPP;
-    B.gf = ggml_new_graph(B.ctx);
-    ggml_build_forward_expand(B.gf, to);
-    B.buf = ggml_backend_alloc_ctx_tensors(B.ctx, B.be);
-    if (!B.buf) return TCA_TEST_E_ALLOC;
+    rc = tca_test_backend_prepare(B, to);
+    if (rc != TCA_TEST_OK) return rc;
     ggml_backend_tensor_set(tq, q, 0, ggml_nbytes(tq));
     tca_test_upload_rows(tk, k, d, n_slots);
     ggml_backend_tensor_set(tm, meta, 0, ggml_nbytes(tm));
@@ -496,11 +500,8 @@ TCA_TEST_API int tca_test_tca_select_backend(const char * backend, int n_slots, 
     ggml_tensor * tm = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, 2*n_head_kv);
     ggml_tensor * tb = ggml_new_tensor_2d(B.ctx, GGML_TYPE_F32, n_bud, n_head_kv);
     ggml_tensor * to = ggml_tca_select(B.ctx, ts, tp, tm, tb, n_head_kv, block, n_sink, F, f0, alpha, radius);
-    if (!ggml_backend_supports_op(B.be, to)) return TCA_TEST_E_UNSUPP;
-    B.gf = ggml_new_graph(B.ctx);
-    ggml_build_forward_expand(B.gf, to);
-    B.buf = ggml_backend_alloc_ctx_tensors(B.ctx, B.be);
-    if (!B.buf) return TCA_TEST_E_ALLOC;
+    rc = tca_test_backend_prepare(B, to);
+    if (rc != TCA_TEST_OK) return rc;
     std::vector<float> kf(kpos, kpos + n_slots);
     ggml_backend_tensor_set(ts, s, 0, ggml_nbytes(ts));
     ggml_backend_tensor_set(tp, kf.data(), 0, ggml_nbytes(tp));
@@ -537,11 +538,8 @@ TCA_TEST_API int tca_test_tca_compact_backend(const char * backend, int n_slots,
     ggml_tensor * ta = ggml_new_tensor_2d(B.ctx, GGML_TYPE_F32, width, n_slots);
     ggml_tensor * tsel = ggml_new_tensor_1d(B.ctx, GGML_TYPE_I32, n_slots + 4*(int64_t) n_head_kv);
     ggml_tensor * to = ggml_tca_compact(B.ctx, ta, tsel, n_head_kv);
-    if (!ggml_backend_supports_op(B.be, to)) return TCA_TEST_E_UNSUPP;
-    B.gf = ggml_new_graph(B.ctx);
-    ggml_build_forward_expand(B.gf, to);
-    B.buf = ggml_backend_alloc_ctx_tensors(B.ctx, B.be);
-    if (!B.buf) return TCA_TEST_E_ALLOC;
+    rc = tca_test_backend_prepare(B, to);
+    if (rc != TCA_TEST_OK) return rc;
     ggml_backend_tensor_set(ta, rows, 0, ggml_nbytes(ta));
     ggml_backend_tensor_set(tsel, sel, 0, ggml_nbytes(tsel));
     if (ggml_backend_graph_compute(B.be, B.gf) != GGML_STATUS_SUCCESS) return TCA_TEST_E_COMPUTE;

@@ -351,3 +351,34 @@ def test_c_forced_params_equal_python_forced_budget(default_model):
             assert L.tca_params_forced(model, bad, 128, 4096, tp, err, 256) != 0
             assert b"density" in ffi.string(err)
         assert L.tca_params_forced(model, 0.2, 100, 4096, tp, err, 256) != 0  # not a power of two
+
+
+def test_save_and_load_state_round_trips_the_retention(default_model, prompt_tokens):
+    """save_state / load_state (llama-cpp-python's API) with TCA after compactions: a fresh context
+    that loads the state decodes the same greedy tokens as the context that saved it; a dense
+    context's state is refused by a TCA context with a clear error, not a crash."""
+    from tca_ggml import ContextError
+    kw = dict(n_ctx=2048, n_batch=512, n_threads=2, verbose=False, tca=True, tca_density=0.25,
+              tca_window=256, tca_block=64)
+    toks = prompt_tokens[:1300]
+    with Llama(default_model, **kw) as a:
+        a.eval_prompt(toks)
+        assert a.tca_stats()["n_compactions"] >= 2
+        st = a.save_state()
+        assert st.n_tokens == len(toks) and st.llama_state_size == len(st.llama_state) > 0
+        pos_a = a.tca_retained_positions(3, 1).tolist()
+        assert len(pos_a) < len(toks)  # evicted rows are not in the state
+        want = list(a.generate_tokens(toks, 12, temperature=0))
+    with Llama(default_model, **kw) as b:
+        b.load_state(st)
+        assert b.tca_stats()["n_seen"] == len(toks)
+        assert b.tca_retained_positions(3, 1).tolist() == pos_a
+        got = list(b.generate_tokens(toks, 12, temperature=0))
+        assert got == want and len(got) == 12
+    with Llama(default_model, n_ctx=2048, n_threads=2, verbose=False) as d:
+        d.eval_prompt(toks[:300])
+        dense = d.save_state()
+    with Llama(default_model, **kw) as c:
+        with pytest.raises(ContextError):
+            c.load_state(dense)
+        assert c.tca_stats()["n_seen"] == 0

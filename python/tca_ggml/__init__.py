@@ -8,7 +8,7 @@ from .errors import (TCAError, NativeLibraryError, ModelLoadError, ContextError,
 
 __version__ = "0.1.0"
 
-__all__ = ["Llama", "TCAError", "NativeLibraryError", "ModelLoadError", "ContextError", "DecodeError",
+__all__ = ["Llama", "LlamaState", "TCAError", "NativeLibraryError", "ModelLoadError", "ContextError", "DecodeError",
            "ContextOverflowError", "TCAConfigError", "TokenizeError", "__version__"]
 
 
@@ -18,4 +18,7 @@ def __getattr__(name):
     if name == "Llama":
         from .llama import Llama
         return Llama
+    if name == "LlamaState":
+        from .llama import LlamaState
+        return LlamaState
     raise AttributeError(name)

@@ -77,6 +77,17 @@ def _check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = 
     return v
 
 
+@dataclass
+class LlamaState:
+    """A context's state (llama-cpp-python's ``LlamaState``): the tokens in the cache and the
+    serialised cache (upstream's KV cache, or the TCA retention memory: each head's kept rows and
+    their positions). Load it into a context of the same model and configuration."""
+    input_ids: List[int]
+    n_tokens: int
+    llama_state: bytes
+    llama_state_size: int
+
+
 class Llama:
     """Load a GGUF model and generate text, llama-cpp-python style.
 
@@ -506,6 +517,36 @@ class Llama:
             self._tokens = self._tokens[:p0]
         else:
             self._tokens = self._tokens[:p0] + self._tokens[end:]  # positions after p1 keep their ids
+
+    def save_state(self) -> LlamaState:
+        """Snapshot of the cache (llama-cpp-python's ``save_state``)."""
+        L, ffi = self._L, self._ffi
+        ctx = self._live()
+        size = L.llama_state_get_size(ctx)
+        buf = ffi.new("uint8_t[]", max(int(size), 1))
+        n = L.llama_state_get_data(ctx, buf, size)
+        if n == 0 or n > size:
+            raise ContextError(f"could not serialise the context state ({_native.take_errors()})")
+        return LlamaState(list(self._tokens), len(self._tokens), bytes(ffi.buffer(buf, n)), int(n))
+
+    def load_state(self, state: LlamaState) -> None:
+        """Restore a snapshot from ``save_state`` (same model and configuration). A state that
+        does not fit this context (another model, a dense cache into a TCA one, budgets that do
+        not hold it) raises ContextError and leaves the cache empty."""
+        L, ffi = self._L, self._ffi
+        ctx = self._live()
+        if not isinstance(state, LlamaState):
+            raise TypeError("load_state expects a LlamaState from save_state()")
+        data = bytes(state.llama_state)
+        if len(data) != state.llama_state_size or state.n_tokens != len(state.input_ids) or state.n_tokens > self._n_ctx:
+            raise ContextError("inconsistent LlamaState")
+        buf = ffi.from_buffer("uint8_t[]", data)
+        n = L.llama_state_set_data(ctx, buf, len(data))
+        if n != len(data):
+            L.llama_memory_clear(L.llama_get_memory(ctx), True)
+            self._tokens = []
+            raise ContextError(f"the state does not fit this context ({_native.take_errors() or 'refused'})")
+        self._tokens = list(state.input_ids)
 
     def reset(self) -> None:
         """Forget the KV cache."""

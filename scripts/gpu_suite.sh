@@ -200,6 +200,18 @@ if [[ " $steps " == *" ret "* ]]; then  # bring the built library and tool back 
     split -b 15M -d /tmp/bin.tgz $OUT/bin/bin.tgz.
     ls -la $OUT/bin | tee -a $LOG
 fi
+if [[ " $steps " == *" matrix "* ]]; then  # issue 6's table in one call (~8.5 min estimated, not yet run)
+    # 8B and 1B shapes, f16 and q8_0 K/V, 32K/64K/128K prefill, decode at 128K depth, dense vs 0.39/0.2/0.1
+    mk llama-3.1-8b 32 /dev/shm/l8b.gguf
+    BENCH_LIMIT=170 bench m_pp8b /dev/shm/l8b.gguf -p 32768,65536,131072 -n 0 -tca 0,0.39,0.2,0.1 --no-warmup
+    BENCH_LIMIT=120 bench m_tg8b /dev/shm/l8b.gguf -p 0 -n 64 -d 131072 -tca 0,0.39,0.2,0.1
+    BENCH_LIMIT=120 bench m_q8b /dev/shm/l8b.gguf -p 0 -n 64 -d 131072 -ctk q8_0 -ctv q8_0 -tca 0,0.1
+    rm -f /dev/shm/l8b.gguf
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    BENCH_LIMIT=60 bench m_pp1b /dev/shm/l1b.gguf -p 32768,65536,131072 -n 0 -tca 0,0.39,0.2,0.1 --no-warmup
+    BENCH_LIMIT=50 bench m_tg1b /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.39,0.2,0.1
+    BENCH_LIMIT=40 bench m_q1b /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -ctk q8_0 -ctv q8_0 -tca 0,0.1
+fi
 if [[ " $steps " == *" final "* ]]; then  # the headline rows inside one call after a cold build
     mk llama-3.1-8b 32 /dev/shm/l8b.gguf
     BENCH_LIMIT=170 bench pp8b_128k /dev/shm/l8b.gguf -p 131072 -n 0 -tca 0,0.2,0.1 --no-warmup

@@ -139,6 +139,7 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
         }
         L.cap_total = off;
         L.len_before.assign(nkv, 0);
+        L.len_pending.assign(nkv, 0);
         h_base += nkv;
 
         // the layer's device, as upstream's KV cache places it (offload_kqv)
@@ -317,9 +318,11 @@ bool llama_tca_memory::reserve_ubatch(const llama_ubatch & ub) {
             }
         }
     }
+    if (!pending) pending_first_pos = ub.pos[0];
     for (auto & L : layers) {
         for (uint32_t g = 0; g < L.n_head_kv; ++g) {
             auto & h = L.heads[g];
+            if (!pending) L.len_pending[g] = h.len;
             L.len_before[g] = h.len;
             if (L.pos_valid) for (uint32_t i = 0; i < ub.n_tokens; ++i) h.pos.push_back(ub.pos[i]);
             h.len += ub.n_tokens;
@@ -493,12 +496,27 @@ void llama_tca_memory::clear(bool data) {
 
 bool llama_tca_memory::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     if (seq_id > 0) return false;
-    compact_pending();
     if (p0 < 0) p0 = 0;
     if (p1 < 0) p1 = std::numeric_limits<llama_pos>::max();
     if (p1 < (llama_pos) n_seen) {
         LLAMA_LOG_ERROR("%s: TCA: only truncation (removing [p0, end)) is supported, not [%d, %d)\n", __func__, p0, p1);
         return false;
+    }
+    if (pending && p0 <= pending_first_pos) {
+        // the ubatches since the last compaction go whole (a failed decode's cleanup, or a prompt
+        // re-evaluating its last token): drop their rows without compacting on them (a failed
+        // graph never wrote them); the memory is then as it was after that compaction
+        for (auto & L : layers) {
+            for (uint32_t g = 0; g < L.n_head_kv; ++g) {
+                auto & h = L.heads[g];
+                h.len = std::min(h.len, L.len_pending[g]);
+                if (L.pos_valid) h.pos.resize(h.len);
+            }
+        }
+        n_seen = (uint32_t) pending_first_pos;
+        pending = false;
+    } else {
+        compact_pending();
     }
     if (p0 == 0) { clear(false); return true; }
     if ((uint32_t) p0 >= n_seen) return true;

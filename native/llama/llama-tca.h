@@ -102,6 +102,7 @@ public:
                                    // ensure_pos() reads them back when needed)
         std::vector<head_t> heads;
         std::vector<uint32_t> len_before; // per head, rows before the current ubatch
+        std::vector<uint32_t> len_pending; // per head, rows before the ubatches since the last compaction
     };
 
     llama_tca_memory(const llama_model & model, const llama_tca_config & cfg, ggml_type type_k,
@@ -146,6 +147,7 @@ public:
     uint32_t frontier = 0;        // F: blocks before it have been selected
     bool pending = false;         // a ubatch ran since the last compaction
     bool pending_decode = false;  // ... and it was a single token
+    int32_t pending_first_pos = -1; // first position of the ubatches since the last compaction
     uint64_t bytes_dense = 0;     // what upstream's cache would allocate for the same n_ctx
     uint64_t n_compactions = 0;
     double t_compact_us = 0.0;

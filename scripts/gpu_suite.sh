@@ -6,7 +6,8 @@
 # Here:   bash scripts/make_devcarry.sh          (pinned+patched upstream, cffi wheels -> .devcarry/)
 # There:  bash scripts/gpu_suite.sh build test   (first call, ~6 min)
 #         bash scripts/gpu_suite.sh bench8b      (later calls; the build stays while the machine is warm)
-# Steps: build, test, bench1b, bench8b, benchq8 (8B with q8_0 K/V), smoke (a quick 1B/8K check).
+# Steps: build, test, bench1b, bench8b, benchq8 (8B with q8_0 K/V), smoke (a quick 1B/8K check), kern (the
+# attention kernels alone vs flash attention), and the rest below.
 set -u
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -140,6 +141,26 @@ if [[ " $steps " == *" tune "* ]]; then  # decode kernel: CTAs per SM of the row
     TCA_CUDA_SPLIT=4 BENCH_LIMIT=60 bench tg1b_s4 /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.1
     TCA_CUDA_SPLIT=${SPLIT_B:-8} BENCH_LIMIT=40 bench tg1b_sB /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0.1
 fi
+if [[ " $steps " == *" kern "* ]]; then  # the attention kernels alone: decode (vec vs ffma) and prefill (mma2 vs mma1) vs FA
+    # kept rows per KV head at 128K, p=0.1, w=4096: 16794 (decode); a prefill ubatch sees ~12.7K on average
+    kb() { timeout 60 python3 native/bench_tca_attn.py --backend CUDA0 "$@" 2>&1 | grep -E "ggml_|rror" | tee -a $LOG; }
+    for shp in "128 32 8" "64 32 8"; do
+        set -- $shp
+        dec="--d $1 --n-head $2 --n-head-kv $3 --n-tokens 1 --type f16 --ops 50 --reps 5"
+        say "-- kern d=$1 $2/$3 at $(el) s"
+        kb $dec --n-kv 131072 --fa | grep flash | sed 's/^/dense 128K: /'
+        TCA_CUDA_ATTN=vec kb $dec --n-kv 131072 | sed "s/^/vec p=1 /"
+        TCA_CUDA_ATTN=ffma kb $dec --n-kv 16794 | sed "s/^/ffma /"
+        for vs in ${VSPLITS:-1 2 4}; do
+            TCA_CUDA_VSPLIT=$vs kb $dec --n-kv 16794 | sed "s/^/vec vsplit=$vs /"
+            [ $1 -ge 128 ] && TCA_CUDA_VU=1 TCA_CUDA_VSPLIT=$vs kb $dec --n-kv 16794 | sed "s/^/vec U=1 vsplit=$vs /"
+        done
+        for k in mma mma1 mma mma1; do  # alternated: mma = double-buffered mma2 for f16
+            TCA_CUDA_ATTN=$k kb --d $1 --n-head $2 --n-head-kv $3 --n-tokens 2048 --n-kv 12700 --type f16 --ops 5 --reps 5 | sed "s/^/$k /"
+        done
+        kb --d $1 --n-head $2 --n-head-kv $3 --n-tokens 2048 --n-kv 12800 --type f16 --ops 5 --reps 5 --fa | grep flash | sed "s/^/FA n_kv=12800 /"
+    done
+fi
 if [[ " $steps " == *" floor "* ]]; then  # <= 8K: TCA stays dense on GPUs; 3 repetitions after a warm-up
     mk llama-3.2-1b 16 /dev/shm/l1b.gguf
     BENCH_LIMIT=60 bench floor1b /dev/shm/l1b.gguf -p 4096,8192 -n 32 -tca 0,0.1 -r 3
@@ -200,13 +221,15 @@ if [[ " $steps " == *" ret "* ]]; then  # bring the built library and tool back 
     split -b 15M -d /tmp/bin.tgz $OUT/bin/bin.tgz.
     ls -la $OUT/bin | tee -a $LOG
 fi
-if [[ " $steps " == *" matrix "* ]]; then  # issue 6's table in one call (~8.5 min estimated, not yet run)
+if [[ " $steps " == *" matrix "* || " $steps " == *" matrix8b "* ]]; then  # issue 6's table (matrix = matrix8b + matrix1b)
     # 8B and 1B shapes, f16 and q8_0 K/V, 32K/64K/128K prefill, decode at 128K depth, dense vs 0.39/0.2/0.1
     mk llama-3.1-8b 32 /dev/shm/l8b.gguf
     BENCH_LIMIT=170 bench m_pp8b /dev/shm/l8b.gguf -p 32768,65536,131072 -n 0 -tca 0,0.39,0.2,0.1 --no-warmup
-    BENCH_LIMIT=120 bench m_tg8b /dev/shm/l8b.gguf -p 0 -n 64 -d 131072 -tca 0,0.39,0.2,0.1
+    BENCH_LIMIT=150 bench m_tg8b /dev/shm/l8b.gguf -p 0 -n 64 -d 131072 -tca 0,0.2,0.1
     BENCH_LIMIT=120 bench m_q8b /dev/shm/l8b.gguf -p 0 -n 64 -d 131072 -ctk q8_0 -ctv q8_0 -tca 0,0.1
     rm -f /dev/shm/l8b.gguf
+fi
+if [[ " $steps " == *" matrix "* || " $steps " == *" matrix1b "* ]]; then
     mk llama-3.2-1b 16 /dev/shm/l1b.gguf
     BENCH_LIMIT=60 bench m_pp1b /dev/shm/l1b.gguf -p 32768,65536,131072 -n 0 -tca 0,0.39,0.2,0.1 --no-warmup
     BENCH_LIMIT=50 bench m_tg1b /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.39,0.2,0.1

@@ -7,8 +7,11 @@ query positions crossing the stored ones), runs the op through a ggml graph on t
 with NaN) and on the CPU (``tca_test_tca_attn``), both from the same stored K/V values, and
 compares. The CPU op itself is checked against a float64 reference in tests/test_op_tca_attn.py.
 
-Both CUDA kernels are exercised, whatever the dispatcher would pick (TCA_CUDA_ATTN=ffma|mma):
-  ffma  f32 arithmetic throughout (every type; the decode path)
+Every CUDA kernel is exercised, whatever the dispatcher would pick (TCA_CUDA_ATTN=ffma|mma|vec):
+  ffma  f32 arithmetic throughout (every type; the decode path for f32 and q8_0 K/V)
+  vec   f16 K/V, f32 arithmetic, rows streamed into registers per warp (the decode path for f16)
+  mma1  the single-buffered tensor-core kernel (the default for q8_0, and for f16 with d >= 128)
+  mma2  the double-buffered one (cp.async; f16, d <= 128; the default for f16 with d = 64)
   mma   tensor cores, f16/q8_0 K/V only: q, K and the probabilities are rounded to f16 for the
         products (as upstream's flash attention does); scores, softmax, sums are f32.
 
@@ -90,7 +93,7 @@ def cuda(lib):
 
 @pytest.fixture
 def kernel(request, monkeypatch):
-    """which CUDA kernel: 'auto' (the dispatcher), 'ffma' or 'mma' (TCA_CUDA_ATTN, read per call)"""
+    """which CUDA kernel: 'auto' (the dispatcher), 'ffma', 'mma', 'mma1', 'mma2' or 'vec' (TCA_CUDA_ATTN, read per call)"""
     which = getattr(request, "param", "auto")
     if which == "auto":
         monkeypatch.delenv("TCA_CUDA_ATTN", raising=False)
@@ -130,7 +133,7 @@ def compare(op, case, kv_type, limits=NMSE_MAX):
 
 
 def _paths(kv):
-    return ["auto"] if kv == "f32" else ["ffma", "mma"]
+    return ["auto"] if kv == "f32" else ["ffma", "mma1", "mma2", "vec"] if kv == "f16" else ["ffma", "mma"]
 
 
 # ------------------------------------------------------------------------ accuracy
@@ -186,14 +189,14 @@ def test_cuda_long_ragged_heads_split(cuda, kernel, kv_type, d, n_tokens):
     compare(cuda, case, kv_type)
 
 
-@pytest.mark.parametrize("kernel", ["auto", "ffma", "mma"], indirect=True)
+@pytest.mark.parametrize("kernel", ["auto", "ffma", "mma", "mma1", "mma2", "vec"], indirect=True)
 @pytest.mark.parametrize("kv_type", list(KV_TYPES))
 def test_cuda_unsorted_rows_large_logits(cuda, kernel, kv_type):
     case = H.make_case(99, 128, 4, 37, n_head_kv=2, empty_head=False, shuffle_rows=True, qscale=4.0)
     compare(cuda, case, kv_type, NMSE_MAX_PEAKED)
 
 
-@pytest.mark.parametrize("kernel", ["ffma", "mma"], indirect=True)
+@pytest.mark.parametrize("kernel", ["ffma", "mma", "mma1", "mma2", "vec"], indirect=True)
 def test_cuda_queries_that_see_nothing_give_zero(cuda, kernel):
     d, T = 64, 6
     rng = np.random.default_rng(5)
@@ -219,12 +222,12 @@ def test_cuda_no_slots_at_all(cuda):
     assert np.all(out == 0.0)
 
 
-@pytest.mark.parametrize("kernel", ["ffma", "mma"], indirect=True)
-def test_cuda_deterministic(cuda, kernel):
+@pytest.mark.parametrize("kernel,kv", [("ffma", "q8_0"), ("mma", "q8_0"), ("mma1", "f16"), ("mma2", "f16"), ("vec", "f16")], indirect=["kernel"])
+def test_cuda_deterministic(cuda, kernel, kv):
     case = make_long_case(3, 128, 8, 5, lens=[900, 2000])
     q, k, v, kpos, meta, qpos, scale = case
-    a = run_backend(cuda, BACKEND, q, k, v, kpos, meta, qpos, scale, "q8_0")
-    b = run_backend(cuda, BACKEND, q, k, v, kpos, meta, qpos, scale, "q8_0")
+    a = run_backend(cuda, BACKEND, q, k, v, kpos, meta, qpos, scale, kv)
+    b = run_backend(cuda, BACKEND, q, k, v, kpos, meta, qpos, scale, kv)
     assert a[0] == 0 and b[0] == 0
     assert np.array_equal(a[1], b[1])
 

@@ -14,14 +14,18 @@
 // the GPU. The head ranges live in device memory (meta), so the split is decided on the host
 // from n_slots / n_head_kv and each split takes its share of the head's actual chunks.
 //
-// Two kernels:
+// The kernels:
 //  - tca_attn_ffma: f32 FMA everywhere (K/V dequantised to f32 in shared memory). Used for f32
-//    K/V (exact f32, like the CPU) and for few queries per KV head (decode).
+//    K/V (exact f32, like the CPU) and for few queries per KV head (decode) with q8_0 K/V.
+//  - tca_attn_vec:  few queries per KV head (decode) with f16 K/V: f32 arithmetic, rows streamed
+//    from global memory into registers by each warp independently (no barrier in the loop).
 //  - tca_attn_mma:  tensor cores (mma.sync m16n8k16 f16 x f16 -> f32, Ampere+), for f16 / q8_0
 //    K/V with many queries (prefill). 4 warps x 16 queries; q, K (q8_0 dequantised) and the
 //    probabilities P are rounded to f16 for the products (as upstream's flash attention does),
 //    scores, softmax and accumulators are f32.
-// TCA_CUDA_ATTN=ffma|mma (environment, read per call) forces one kernel (tests, benchmarks).
+//  - tca_attn_mma2: tca_attn_mma for f16 K/V with D <= 128, double-buffered with cp.async (the
+//    default for f16 prefill with D = 64; TCA_CUDA_ATTN=mma1 forces the single-buffered one).
+// TCA_CUDA_ATTN=ffma|mma|mma1|mma2|vec (environment, read per call) forces one kernel (tests, benchmarks).
 #include "tca-attn.cuh"
 
 #include <algorithm>
@@ -581,6 +585,109 @@ __device__ __forceinline__ void tca_mma(float (&c)[4], const uint32_t (&a)[4], c
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// one chunk of C rows for the warp's 16 queries (rows i0 = 16 w + gid, i1 = i0 + 8): S = Q K^T on
+// tensor cores, mask (skipped when the whole chunk is visible to every query of the warp: full),
+// online softmax, acc += P V. Qh, Kh, Vh: f16 rows of stride DH halves; kps: the chunk's positions.
+template <int D, int C, int DH>
+__device__ __forceinline__ void tca_mma_chunk(const half * __restrict__ Qh, const half * __restrict__ Kh,
+                                              const half * __restrict__ Vh, const int * __restrict__ kps,
+                                              const int nc, const bool full, const float scale,
+                                              const int w, const int lane, const int tig,
+                                              const bool v0, const bool v1, const int qp0, const int qp1,
+                                              float (&acc)[D/8][4], float & m0, float & m1, float & l0, float & l1) {
+    // S = Q K^T: 16 queries x C rows
+    float S[C/8][4];
+#pragma unroll
+    for (int n = 0; n < C/8; ++n) {
+        S[n][0] = S[n][1] = S[n][2] = S[n][3] = 0.0f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < D/16; ++kk) {
+        uint32_t qa[4];
+        tca_ldmatrix_x4(qa, Qh + (16*w + (lane % 8) + 8*((lane / 8) % 2))*DH + 16*kk + 8*(lane / 16));
+#pragma unroll
+        for (int np = 0; np < C/16; ++np) {
+            uint32_t kb4[4];
+            tca_ldmatrix_x4(kb4, Kh + (16*np + (lane % 8) + 8*(lane / 16))*DH + 16*kk + 8*((lane / 8) % 2));
+            tca_mma(S[2*np + 0], qa, kb4[0], kb4[1]);
+            tca_mma(S[2*np + 1], qa, kb4[2], kb4[3]);
+        }
+    }
+
+    // mask + online softmax (rows i0: S[.][0..1], i1: S[.][2..3]; columns 8n + 2 tig + {0, 1})
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < C/8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int j = 8*n + 2*tig + e;
+            float x0 = S[n][e]*scale;
+            float x1 = S[n][2 + e]*scale;
+            if (!full) {
+                const int  kpj = kps[j];
+                const bool ok  = j < nc;
+                x0 = (v0 && ok && kpj <= qp0) ? x0 : -INFINITY;
+                x1 = (v1 && ok && kpj <= qp1) ? x1 : -INFINITY;
+            }
+            S[n][e]     = x0;
+            S[n][2 + e] = x1;
+            mx0 = fmaxf(mx0, x0);
+            mx1 = fmaxf(mx1, x1);
+        }
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1, 32));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2, 32));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1, 32));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2, 32));
+    const float mn0 = fmaxf(m0, mx0);
+    const float mn1 = fmaxf(m1, mx1);
+    const float mu0 = mn0 == -INFINITY ? 0.0f : mn0;
+    const float mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+    const float ms0 = expf(m0 - mu0);
+    const float ms1 = expf(m1 - mu1);
+    float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+    for (int n = 0; n < C/8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            S[n][e]     = expf(S[n][e]     - mu0);  // exp(-inf) = 0
+            S[n][2 + e] = expf(S[n][2 + e] - mu1);
+            s0 += S[n][e];
+            s1 += S[n][2 + e];
+        }
+    }
+    s0 += __shfl_xor_sync(0xffffffff, s0, 1, 32);
+    s0 += __shfl_xor_sync(0xffffffff, s0, 2, 32);
+    s1 += __shfl_xor_sync(0xffffffff, s1, 1, 32);
+    s1 += __shfl_xor_sync(0xffffffff, s1, 2, 32);
+    l0 = l0*ms0 + s0;
+    l1 = l1*ms1 + s1;
+    m0 = mn0;
+    m1 = mn1;
+#pragma unroll
+    for (int n = 0; n < D/8; ++n) {
+        acc[n][0] *= ms0; acc[n][1] *= ms0;
+        acc[n][2] *= ms1; acc[n][3] *= ms1;
+    }
+
+    // acc += P V: P (16 x C) from the S registers, V via ldmatrix.trans
+#pragma unroll
+    for (int kk = 0; kk < C/16; ++kk) {
+        uint32_t pa[4];
+        pa[0] = tca_pack_h2(S[2*kk + 0][0], S[2*kk + 0][1]);
+        pa[1] = tca_pack_h2(S[2*kk + 0][2], S[2*kk + 0][3]);
+        pa[2] = tca_pack_h2(S[2*kk + 1][0], S[2*kk + 1][1]);
+        pa[3] = tca_pack_h2(S[2*kk + 1][2], S[2*kk + 1][3]);
+#pragma unroll
+        for (int np = 0; np < D/16; ++np) {
+            uint32_t vb[4];
+            tca_ldmatrix_x4_trans(vb, Vh + (16*kk + (lane % 8) + 8*((lane / 8) % 2))*DH + 16*np + 8*(lane / 16));
+            tca_mma(acc[2*np + 0], pa, vb[0], vb[1]);
+            tca_mma(acc[2*np + 1], pa, vb[2], vb[3]);
+        }
+    }
+}
 #endif // AMPERE_MMA_AVAILABLE
 
 template <int D, int TYPE>
@@ -680,98 +787,8 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
         __syncthreads();
 
         if (warp_active && kmin <= qmax_w) {
-            // S = Q K^T: 16 queries x C rows
-            float S[C/8][4];
-#pragma unroll
-            for (int n = 0; n < C/8; ++n) {
-                S[n][0] = S[n][1] = S[n][2] = S[n][3] = 0.0f;
-            }
-#pragma unroll
-            for (int kk = 0; kk < D/16; ++kk) {
-                uint32_t qa[4];
-                tca_ldmatrix_x4(qa, Qh + (16*w + (lane % 8) + 8*((lane / 8) % 2))*DH + 16*kk + 8*(lane / 16));
-#pragma unroll
-                for (int np = 0; np < C/16; ++np) {
-                    uint32_t kb4[4];
-                    tca_ldmatrix_x4(kb4, Kh + (16*np + (lane % 8) + 8*(lane / 16))*DH + 16*kk + 8*((lane / 8) % 2));
-                    tca_mma(S[2*np + 0], qa, kb4[0], kb4[1]);
-                    tca_mma(S[2*np + 1], qa, kb4[2], kb4[3]);
-                }
-            }
-
-            // mask + online softmax (rows i0: S[.][0..1], i1: S[.][2..3]; columns 8n + 2 tig + {0, 1})
-            const bool full = nc == C && kmax <= qmin_w;
-            float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-            for (int n = 0; n < C/8; ++n) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int j = 8*n + 2*tig + e;
-                    float x0 = S[n][e]*a.scale;
-                    float x1 = S[n][2 + e]*a.scale;
-                    if (!full) {
-                        const int  kpj = kps[j];
-                        const bool ok  = j < nc;
-                        x0 = (v0 && ok && kpj <= qp0) ? x0 : -INFINITY;
-                        x1 = (v1 && ok && kpj <= qp1) ? x1 : -INFINITY;
-                    }
-                    S[n][e]     = x0;
-                    S[n][2 + e] = x1;
-                    mx0 = fmaxf(mx0, x0);
-                    mx1 = fmaxf(mx1, x1);
-                }
-            }
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1, 32));
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2, 32));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1, 32));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2, 32));
-            const float mn0 = fmaxf(m0, mx0);
-            const float mn1 = fmaxf(m1, mx1);
-            const float mu0 = mn0 == -INFINITY ? 0.0f : mn0;
-            const float mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-            const float ms0 = expf(m0 - mu0);
-            const float ms1 = expf(m1 - mu1);
-            float s0 = 0.0f, s1 = 0.0f;
-#pragma unroll
-            for (int n = 0; n < C/8; ++n) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    S[n][e]     = expf(S[n][e]     - mu0);  // exp(-inf) = 0
-                    S[n][2 + e] = expf(S[n][2 + e] - mu1);
-                    s0 += S[n][e];
-                    s1 += S[n][2 + e];
-                }
-            }
-            s0 += __shfl_xor_sync(0xffffffff, s0, 1, 32);
-            s0 += __shfl_xor_sync(0xffffffff, s0, 2, 32);
-            s1 += __shfl_xor_sync(0xffffffff, s1, 1, 32);
-            s1 += __shfl_xor_sync(0xffffffff, s1, 2, 32);
-            l0 = l0*ms0 + s0;
-            l1 = l1*ms1 + s1;
-            m0 = mn0;
-            m1 = mn1;
-#pragma unroll
-            for (int n = 0; n < D/8; ++n) {
-                acc[n][0] *= ms0; acc[n][1] *= ms0;
-                acc[n][2] *= ms1; acc[n][3] *= ms1;
-            }
-
-            // acc += P V: P (16 x C) from the S registers, V via ldmatrix.trans
-#pragma unroll
-            for (int kk = 0; kk < C/16; ++kk) {
-                uint32_t pa[4];
-                pa[0] = tca_pack_h2(S[2*kk + 0][0], S[2*kk + 0][1]);
-                pa[1] = tca_pack_h2(S[2*kk + 0][2], S[2*kk + 0][3]);
-                pa[2] = tca_pack_h2(S[2*kk + 1][0], S[2*kk + 1][1]);
-                pa[3] = tca_pack_h2(S[2*kk + 1][2], S[2*kk + 1][3]);
-#pragma unroll
-                for (int np = 0; np < D/16; ++np) {
-                    uint32_t vb[4];
-                    tca_ldmatrix_x4_trans(vb, Vh + (16*kk + (lane % 8) + 8*((lane / 8) % 2))*DH + 16*np + 8*(lane / 16));
-                    tca_mma(acc[2*np + 0], pa, vb[0], vb[1]);
-                    tca_mma(acc[2*np + 1], pa, vb[2], vb[3]);
-                }
-            }
+            tca_mma_chunk<D, C, DH>(Qh, Kh, Vh, kps, nc, nc == C && kmax <= qmin_w, a.scale, w, lane, tig,
+                                    v0, v1, qp0, qp1, acc, m0, m1, l0, l1);
         }
         __syncthreads();
     }
@@ -814,14 +831,508 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
 }
 
 // ------------------------------------------------------------------------------------------
-// split combine: one CTA per (token, head), one thread per dim
+// tensor-core kernel, f16 K/V, double-buffered (cp.async)
 // ------------------------------------------------------------------------------------------
-// one CTA (D threads) per (token, head): the splits' weights exp(m_s - M) once into shared memory,
-// then each column sums its nsplit partials with 4 independent accumulators (loads in flight; the
-// first version walked the splits serially per thread: 23 us a layer in decode, 2.4x the attention)
-__global__ void tca_attn_combine(const float * __restrict__ part_acc, const float2 * __restrict__ part_ml,
+// tca_attn_mma for f16 K/V: the rows go straight from global to shared memory with cp.async (no
+// registers, no conversion), two stages: chunk c+1 is in flight while chunk c is computed. The
+// positions run two chunks ahead, so a chunk no query of the CTA can see is never fetched.
+// Same arithmetic as tca_attn_mma (tca_mma_chunk).
+template <int D>
+struct tca_mma2_cfg {
+    static constexpr int C  = D <= 128 ? 64 : 32;
+    static constexpr int NQ = 16*(TCA_NT/32);
+    static constexpr int DH = D + 8;
+    static constexpr int UPR = D/8;                     // 16-byte units per row
+    static constexpr int IT  = C*UPR/TCA_NT;            // units per thread per matrix
+    static constexpr size_t SMEM = (size_t) (NQ + 4*C)*DH*sizeof(half) + 2*C*sizeof(int);
+    static_assert((C*UPR) % TCA_NT == 0, "bad tile");
+};
+
+#if defined(AMPERE_MMA_AVAILABLE)
+__device__ __forceinline__ void tca_cp_async16(const uint32_t dst, const void * src, const bool ok) {
+    // src-size 0: nothing is read, the 16 bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" : : "r"(dst), "l"(src), "r"(ok ? 16 : 0));
+}
+
+__device__ __forceinline__ void tca_cp_async_commit() {
+    asm volatile("cp.async.commit_group;");
+}
+
+__device__ __forceinline__ void tca_cp_async_wait1() {
+    asm volatile("cp.async.wait_group 1;");
+}
+
+// rows [r0, r0 + nc) of a head region (f16, rows of nb1 bytes) -> C rows of stride DH halves
+template <int D>
+__device__ __forceinline__ void tca_mma2_issue(half * dst, const char * __restrict__ src, const size_t nb1, const int nc) {
+    using cfg = tca_mma2_cfg<D>;
+    const uint32_t d0 = (uint32_t) __cvta_generic_to_shared(dst);
+#pragma unroll
+    for (int it = 0; it < cfg::IT; ++it) {
+        const int  e  = threadIdx.x + it*TCA_NT;
+        const int  r  = e / cfg::UPR;
+        const int  c  = e % cfg::UPR;
+        const bool ok = r < nc;
+        tca_cp_async16(d0 + (uint32_t) ((r*cfg::DH + 8*c)*sizeof(half)), src + (size_t) (ok ? r : 0)*nb1 + 16*c, ok);
+    }
+}
+#endif // AMPERE_MMA_AVAILABLE
+
+template <int D>
+__global__ void __launch_bounds__(TCA_NT) tca_attn_mma2(const tca_args a) {
+#if defined(AMPERE_MMA_AVAILABLE)
+    using cfg = tca_mma2_cfg<D>;
+    constexpr int C  = cfg::C;
+    constexpr int NQ = cfg::NQ;
+    constexpr int DH = cfg::DH;
+
+    extern __shared__ float4 tca_smem_f4[];
+    half * Qh  = (half *) tca_smem_f4;
+    half * Kb  = Qh + NQ*DH;   // [2][C][DH]
+    half * Vb  = Kb + 2*C*DH;  // [2][C][DH]
+    int  * kpb = (int *) (Vb + 2*C*DH);  // [2][C]
+
+    const int tid  = threadIdx.x;
+    const int lane = tid % 32;
+    const int w    = tid / 32;
+    const int gid  = lane / 4;
+    const int tig  = lane % 4;
+
+    const tca_cta cta = tca_cta_of(a);
+
+    int off, len;
+    tca_head_rows(a, cta.g, off, len);
+    int ch0, ch1;
+    tca_split_chunks(len, C, a.nsplit, ch0, ch1);
+    // positions of chunk c: lanes hold rows c*C + lane and c*C + lane + 32 (INT_MAX past the end)
+    auto kp_of = [&](const int c, int & x, int & y) {
+        x = (c < ch1 && lane < len - c*C) ? tca_kp(a, off + c*C + lane) : INT_MAX;
+        y = (C > 32 && c < ch1 && lane + 32 < len - c*C) ? tca_kp(a, off + c*C + lane + 32) : INT_MAX;
+    };
+    int ka_cur, kb_cur, ka_nxt, kb_nxt;
+    kp_of(ch0, ka_cur, kb_cur);
+    kp_of(ch0 + 1, ka_nxt, kb_nxt);
+
+    tca_load_q<NQ, D, DH, true>(a, cta, Qh);
+
+    const int  i0 = 16*w + gid;
+    const int  i1 = i0 + 8;
+    const bool v0 = i0 / a.tt < cta.nh && i0 % a.tt < cta.ntk;
+    const bool v1 = i1 / a.tt < cta.nh && i1 % a.tt < cta.ntk;
+    const int  qp0 = v0 ? a.qpos[cta.t0 + i0 % a.tt] : INT_MIN;
+    const int  qp1 = v1 ? a.qpos[cta.t0 + i1 % a.tt] : INT_MIN;
+    const bool warp_active = __any_sync(0xffffffff, v0 || v1);
+    const int  qmax_w = tca_warp_max_i(max(v0 ? qp0 : INT_MIN, v1 ? qp1 : INT_MIN));
+    const int  qmin_w = tca_warp_min_i(min(v0 ? qp0 : INT_MAX, v1 ? qp1 : INT_MAX));
+
+    int  qmax = INT_MIN;
+    bool any_valid = false;
+    for (int i = lane; i < NQ; i += 32) {
+        if (i / a.tt < cta.nh && i % a.tt < cta.ntk) {
+            qmax = max(qmax, a.qpos[cta.t0 + i % a.tt]);
+            any_valid = true;
+        }
+    }
+    qmax      = tca_warp_max_i(qmax);
+    any_valid = __any_sync(0xffffffff, any_valid);
+    if (!any_valid) {
+        ch1 = ch0;
+    }
+
+    float acc[D/8][4];
+#pragma unroll
+    for (int n = 0; n < D/8; ++n) {
+        acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    }
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+
+    // chunk c is fetched into stage (c - ch0) & 1 when some query of the CTA can see a row of it
+    // (CTA-uniform: every warp holds the same positions)
+    auto issue = [&](const int c, const int x, const int y) {
+        const int st = (c - ch0) & 1;
+        if (c < ch1 && tca_warp_min_i(min(x, y)) <= qmax) {
+            const int nc = min(C, len - c*C);
+            if (w == 0) {
+                kpb[st*C + lane] = x;
+                if (C > 32) {
+                    kpb[st*C + lane + 32] = y;
+                }
+            }
+            tca_mma2_issue<D>(Kb + st*C*DH, a.k + (size_t) (off + c*C)*a.k_nb1, a.k_nb1, nc);
+            tca_mma2_issue<D>(Vb + st*C*DH, a.v + (size_t) (off + c*C)*a.v_nb1, a.v_nb1, nc);
+        }
+        tca_cp_async_commit();  // possibly empty: one group per chunk keeps wait_group 1 exact
+    };
+    issue(ch0, ka_cur, kb_cur);
+
+    for (int ch = ch0; ch < ch1; ++ch) {
+        const int st = (ch - ch0) & 1;
+        issue(ch + 1, ka_nxt, kb_nxt);
+        int ka_n2, kb_n2;
+        kp_of(ch + 2, ka_n2, kb_n2);
+
+        const int kmin = tca_warp_min_i(min(ka_cur, kb_cur));
+        if (kmin <= qmax) {  // CTA-uniform
+            const int nc   = min(C, len - ch*C);
+            const int kmax = tca_warp_max_i(max(lane < nc ? ka_cur : INT_MIN, (C > 32 && lane + 32 < nc) ? kb_cur : INT_MIN));
+            tca_cp_async_wait1();
+            __syncthreads();
+            if (warp_active && kmin <= qmax_w) {
+                tca_mma_chunk<D, C, DH>(Qh, Kb + st*C*DH, Vb + st*C*DH, kpb + st*C, nc, nc == C && kmax <= qmin_w,
+                                        a.scale, w, lane, tig, v0, v1, qp0, qp1, acc, m0, m1, l0, l1);
+            }
+            __syncthreads();  // stage st is refilled by the next iteration's issue
+        }
+        ka_cur = ka_nxt; kb_cur = kb_nxt;
+        ka_nxt = ka_n2;  kb_nxt = kb_n2;
+    }
+    asm volatile("cp.async.wait_all;");
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int   i  = r == 0 ? i0 : i1;
+        const bool  vi = r == 0 ? v0 : v1;
+        const float l  = r == 0 ? l0 : l1;
+        const float m  = r == 0 ? m0 : m1;
+        if (!vi) {
+            continue;
+        }
+        const int h = cta.h0 + i / a.tt;
+        const int t = cta.t0 + i % a.tt;
+        if (a.nsplit == 1) {
+            const float inv = l > 0.0f ? 1.0f/l : 0.0f;
+            float * o = a.dst + ((size_t) t*a.n_head + h)*D;
+#pragma unroll
+            for (int n = 0; n < D/8; ++n) {
+                *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[n][2*r + 0]*inv, acc[n][2*r + 1]*inv);
+            }
+        } else {
+            const size_t row = ((size_t) blockIdx.y*a.T + t)*a.n_head + h;
+            float * o = a.part_acc + row*D;
+#pragma unroll
+            for (int n = 0; n < D/8; ++n) {
+                *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[n][2*r + 0], acc[n][2*r + 1]);
+            }
+            if (tig == 0) {
+                a.part_ml[row] = make_float2(m, l);
+            }
+        }
+    }
+#else
+    GGML_UNUSED(a);
+    NO_DEVICE_CODE;
+#endif // AMPERE_MMA_AVAILABLE
+}
+
+// ------------------------------------------------------------------------------------------
+// vector kernel: few queries per KV head (decode) with f16 K/V
+// ------------------------------------------------------------------------------------------
+// Memory-bound: each kept row is read once, so the kernel must keep enough bytes in flight.
+// No shared memory and no barrier in the loop: every warp walks its own batches of rows straight
+// from global memory into registers (a lane holds U 16-byte units = 8U dims of a row: dims
+// 8 sub + D/U j, LPR = D/(8U) lanes a row, RPW = 32/LPR rows a warp load, NB rows a lane a batch)
+// with its own online softmax; the next batch's K is requested before this batch's softmax and
+// its V before this batch's P.V, so two batches are in flight per warp. Scores are reduced over
+// the LPR lanes of a row (shuffles: fewer lanes a row, fewer shuffles and fewer redundant exps);
+// the running sum and the accumulator are per row group (lanes with the same rw) and reduced over
+// the row groups and the warps once, at the end. Same arithmetic as the FFMA kernel (f32 dots of
+// f16-converted K/V, expf), different summation order.
+template <int D, int NQ, int U_ = 1>
+struct tca_vec_cfg {
+    static constexpr int U   = U_;                              // 16-byte units a lane a row
+    static constexpr int LPR = D/(8*U);                         // lanes a row
+    static constexpr int RPW = 32/LPR;                          // rows a warp load
+    static constexpr int NB  = (NQ <= 4 ? 8 : 4)/U;             // rows a lane a batch
+    static constexpr int BR  = RPW*NB;                          // rows a warp batch
+    static constexpr int NW  = TCA_NT/32;
+    static constexpr size_t SMEM = (size_t) NW*NQ*(D + 2)*sizeof(float);
+    static_assert(D == 64 || D == 128 || D == 256, "vector kernel: D in {64, 128, 256}");
+};
+
+__device__ __forceinline__ void tca_h8_to_f32(const uint4 x, float * f) {
+    const uint32_t u[4] = { x.x, x.y, x.z, x.w };
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        half2 h;
+        memcpy(&h, &u[k], sizeof(h));
+        const float2 g = __half22float2(h);
+        f[2*k + 0] = g.x;
+        f[2*k + 1] = g.y;
+    }
+}
+
+template <int D, int NQ, int U_>
+__global__ void __launch_bounds__(TCA_NT) tca_attn_vec(const tca_args a) {
+    using cfg = tca_vec_cfg<D, NQ, U_>;
+    constexpr int U = cfg::U, LPR = cfg::LPR, RPW = cfg::RPW, NB = cfg::NB, BR = cfg::BR, NW = cfg::NW;
+    constexpr int DU = D/U;  // dims between a lane's units
+    extern __shared__ float4 tca_smem_f4[];
+    float * wacc = (float *) tca_smem_f4;   // [NW][NQ][D]
+    float * wm   = wacc + NW*NQ*D;          // [NW][NQ]
+    float * wl   = wm + NW*NQ;              // [NW][NQ]
+
+    const int tid  = threadIdx.x;
+    const int lane = tid % 32;
+    const int w    = tid / 32;
+    const int sub  = lane % LPR;  // dims 8 sub + DU j + [0, 8)
+    const int rw   = lane / LPR;  // row of a warp load
+
+    const tca_cta cta = tca_cta_of(a);
+    int off, len;
+    tca_head_rows(a, cta.g, off, len);
+    const int nbat = (len + BR - 1)/BR;
+    const int per  = (nbat + a.nsplit - 1)/a.nsplit;
+    const int bb0  = min(nbat, (int) blockIdx.y*per);
+    const int bb1  = min(nbat, bb0 + per);
+
+    const char * kb = a.k + (size_t) off*a.k_nb1 + 16*sub;
+    const char * vb = a.v + (size_t) off*a.v_nb1 + 16*sub;
+
+    uint4 kr[NB][U], vr[NB][U];
+    int   kp[NB];
+    int bi = bb0 + w;
+    if (bi < bb1) {
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            const int r = bi*BR + b*RPW + rw;
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+                kr[b][j] = r < len ? *(const uint4 *) (kb + (size_t) r*a.k_nb1 + 2*DU*j) : make_uint4(0u, 0u, 0u, 0u);
+            }
+            kp[b] = r < len ? tca_kp(a, off + r) : INT_MAX;
+        }
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            const int r = bi*BR + b*RPW + rw;
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+                vr[b][j] = r < len ? *(const uint4 *) (vb + (size_t) r*a.v_nb1 + 2*DU*j) : make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+    }
+
+    // this lane's dims of each query, the queries' positions
+    float    qf[NQ][8*U];
+    int      qp[NQ];
+    unsigned qvalid = 0;
+#pragma unroll
+    for (int i = 0; i < NQ; ++i) {
+        const int  hh = i / a.tt;
+        const int  tk = i % a.tt;
+        const bool ok = hh < cta.nh && tk < cta.ntk;
+        qvalid |= ok ? 1u << i : 0u;
+        qp[i] = ok ? a.qpos[cta.t0 + tk] : 0;
+#pragma unroll
+        for (int e = 0; e < 8*U; ++e) {
+            qf[i][e] = 0.0f;
+        }
+        if (ok) {
+            const float * qr = (const float *) (a.q + (size_t) (cta.t0 + tk)*a.q_nb1 + (size_t) (cta.h0 + hh)*a.q_nb2) + 8*sub;
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    qf[i][8*j + e] = qr[DU*j + e];
+                }
+            }
+        }
+    }
+
+    float m[NQ], l[NQ], acc[NQ][8*U];
+#pragma unroll
+    for (int i = 0; i < NQ; ++i) {
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8*U; ++e) {
+            acc[i][e] = 0.0f;
+        }
+    }
+
+    for (; bi < bb1; bi += NW) {
+        const int  nbi = bi + NW;
+        const bool nxt = nbi < bb1;
+
+        // partial scores over this lane's dims
+        float s[NB][NQ];
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            float kf[8*U];
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+                tca_h8_to_f32(kr[b][j], kf + 8*j);
+            }
+#pragma unroll
+            for (int i = 0; i < NQ; ++i) {
+                float x = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 8*U; ++e) {
+                    x = fmaf(qf[i][e], kf[e], x);
+                }
+                s[b][i] = x;
+            }
+        }
+        // the next batch's K and positions
+        int kpn[NB];
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            const int r = nbi*BR + b*RPW + rw;
+            const bool ok = nxt && r < len;
+            if (ok) {
+#pragma unroll
+                for (int j = 0; j < U; ++j) {
+                    kr[b][j] = *(const uint4 *) (kb + (size_t) r*a.k_nb1 + 2*DU*j);
+                }
+            }
+            kpn[b] = ok ? tca_kp(a, off + r) : INT_MAX;
+        }
+        // full dots: sum over the row's lanes
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+#pragma unroll
+            for (int i = 0; i < NQ; ++i) {
+#pragma unroll
+                for (int o = LPR/2; o > 0; o >>= 1) {
+                    s[b][i] += __shfl_xor_sync(0xffffffff, s[b][i], o, 32);
+                }
+            }
+        }
+        // mask, online softmax (m warp-uniform; l and acc per row group)
+#pragma unroll
+        for (int i = 0; i < NQ; ++i) {
+            const bool qok = (qvalid >> i) & 1u;
+            float mx = -INFINITY;
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                // rows past len: not visible even to a query at INT_MAX (their kp is INT_MAX)
+                const bool vis = qok && bi*BR + b*RPW + rw < len && kp[b] <= qp[i];
+                s[b][i] = vis ? s[b][i]*a.scale : -INFINITY;
+                mx = fmaxf(mx, s[b][i]);
+            }
+#pragma unroll
+            for (int o = 16; o >= LPR; o >>= 1) {
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o, 32));
+            }
+            const float mn = fmaxf(m[i], mx);
+            const float mu = mn == -INFINITY ? 0.0f : mn;
+            const float ms = expf(m[i] - mu);  // 0 when m == -inf
+            m[i] = mn;
+            float ls = 0.0f;
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                s[b][i] = expf(s[b][i] - mu);  // exp(-inf) = 0
+                ls += s[b][i];
+            }
+            l[i] = l[i]*ms + ls;
+#pragma unroll
+            for (int e = 0; e < 8*U; ++e) {
+                acc[i][e] *= ms;
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            kp[b] = kpn[b];
+        }
+        // P.V
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            float vf[8*U];
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+                tca_h8_to_f32(vr[b][j], vf + 8*j);
+            }
+#pragma unroll
+            for (int i = 0; i < NQ; ++i) {
+#pragma unroll
+                for (int e = 0; e < 8*U; ++e) {
+                    acc[i][e] = fmaf(s[b][i], vf[e], acc[i][e]);
+                }
+            }
+        }
+        // the next batch's V
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            const int r = nbi*BR + b*RPW + rw;
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+                if (nxt && r < len) {
+                    vr[b][j] = *(const uint4 *) (vb + (size_t) r*a.v_nb1 + 2*DU*j);
+                } else {
+                    vr[b][j] = make_uint4(0u, 0u, 0u, 0u);
+                }
+            }
+        }
+    }
+
+    // reduce the row groups of the warp, then the warps
+#pragma unroll
+    for (int i = 0; i < NQ; ++i) {
+#pragma unroll
+        for (int o = 16; o >= LPR; o >>= 1) {
+            l[i] += __shfl_xor_sync(0xffffffff, l[i], o, 32);
+#pragma unroll
+            for (int e = 0; e < 8*U; ++e) {
+                acc[i][e] += __shfl_xor_sync(0xffffffff, acc[i][e], o, 32);
+            }
+        }
+        if (rw == 0) {
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+                float4 * o4 = (float4 *) (wacc + (w*NQ + i)*D + 8*sub + DU*j);
+                o4[0] = make_float4(acc[i][8*j + 0], acc[i][8*j + 1], acc[i][8*j + 2], acc[i][8*j + 3]);
+                o4[1] = make_float4(acc[i][8*j + 4], acc[i][8*j + 5], acc[i][8*j + 6], acc[i][8*j + 7]);
+            }
+        }
+        if (lane == 0) {
+            wm[w*NQ + i] = m[i];
+            wl[w*NQ + i] = l[i];
+        }
+    }
+    __syncthreads();
+    for (int e = tid; e < NQ*D; e += TCA_NT) {
+        const int i = e / D;
+        const int c = e % D;
+        if (!((qvalid >> i) & 1u)) {
+            continue;
+        }
+        float M = -INFINITY;
+#pragma unroll
+        for (int ww = 0; ww < NW; ++ww) {
+            M = fmaxf(M, wm[ww*NQ + i]);
+        }
+        float A = 0.0f, L = 0.0f;
+#pragma unroll
+        for (int ww = 0; ww < NW; ++ww) {
+            const float mw = wm[ww*NQ + i];
+            const float f  = mw == -INFINITY ? 0.0f : expf(mw - M);
+            A = fmaf(wacc[(ww*NQ + i)*D + c], f, A);
+            L = fmaf(wl[ww*NQ + i], f, L);
+        }
+        const int h = cta.h0 + i / a.tt;
+        const int t = cta.t0 + i % a.tt;
+        if (a.nsplit == 1) {
+            a.dst[((size_t) t*a.n_head + h)*D + c] = L > 0.0f ? A/L : 0.0f;
+        } else {
+            const size_t row = ((size_t) blockIdx.y*a.T + t)*a.n_head + h;
+            a.part_acc[row*D + c] = A;
+            if (c == 0) {
+                a.part_ml[row] = make_float2(M, L);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// split combine: one CTA per (token, head)
+// ------------------------------------------------------------------------------------------
+// one CTA (TCA_NT threads) per (token, head): the splits' weights exp(m_s - M) once into shared
+// memory; then the threads form SG = TCA_NT/(D/4) groups, each summing every SG-th split's partial
+// row (a float4 of dims per thread, 4 splits in flight), and the groups' sums are added in shared
+// memory. (The version with one thread per dim walked all the splits of a column in one thread:
+// at 33-66 splits a layer in decode that chain of dependent loads cost more than it should.)
+__global__ void __launch_bounds__(TCA_NT) tca_attn_combine(const float * __restrict__ part_acc, const float2 * __restrict__ part_ml,
                                  float * __restrict__ dst, const int nsplit, const int T, const int n_head, const int D) {
-    extern __shared__ float fs[];  // [nsplit]
+    extern __shared__ float fs[];  // [nsplit] weights, then [SG][D] group sums
     __shared__ float red[32];
     const size_t row    = blockIdx.x;  // t*n_head + h
     const size_t stride = (size_t) T*n_head;
@@ -851,21 +1362,39 @@ __global__ void tca_attn_combine(const float * __restrict__ part_acc, const floa
     L = 0.0f;
     for (int i = 0; i < nw; ++i) L += red[i];
 
-    const float * pa = part_acc + row*D;
-    const size_t  ps = stride*D;
+    const int DT = D/4;           // threads per partial row
+    const int SG = nt/DT;         // split groups
+    const int g  = tid / DT;
+    const int c4 = tid % DT;
+    float * gsum = fs + nsplit;   // [SG][D]
+    if (g < SG) {
+        const float4 * pa = (const float4 *) (part_acc + row*D) + c4;
+        const size_t   ps = stride*D/4;  // float4s between splits
+        float4 a0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), a1 = a0, a2 = a0, a3 = a0;
+        int s = g;
+        for (; s + 3*SG < nsplit; s += 4*SG) {
+            const float4 x0 = pa[(size_t) (s + 0*SG)*ps], x1 = pa[(size_t) (s + 1*SG)*ps];
+            const float4 x2 = pa[(size_t) (s + 2*SG)*ps], x3 = pa[(size_t) (s + 3*SG)*ps];
+            const float f0 = fs[s + 0*SG], f1 = fs[s + 1*SG], f2 = fs[s + 2*SG], f3 = fs[s + 3*SG];
+            a0.x = fmaf(x0.x, f0, a0.x); a0.y = fmaf(x0.y, f0, a0.y); a0.z = fmaf(x0.z, f0, a0.z); a0.w = fmaf(x0.w, f0, a0.w);
+            a1.x = fmaf(x1.x, f1, a1.x); a1.y = fmaf(x1.y, f1, a1.y); a1.z = fmaf(x1.z, f1, a1.z); a1.w = fmaf(x1.w, f1, a1.w);
+            a2.x = fmaf(x2.x, f2, a2.x); a2.y = fmaf(x2.y, f2, a2.y); a2.z = fmaf(x2.z, f2, a2.z); a2.w = fmaf(x2.w, f2, a2.w);
+            a3.x = fmaf(x3.x, f3, a3.x); a3.y = fmaf(x3.y, f3, a3.y); a3.z = fmaf(x3.z, f3, a3.z); a3.w = fmaf(x3.w, f3, a3.w);
+        }
+        for (; s < nsplit; s += SG) {
+            const float4 x = pa[(size_t) s*ps];
+            const float  f = fs[s];
+            a0.x = fmaf(x.x, f, a0.x); a0.y = fmaf(x.y, f, a0.y); a0.z = fmaf(x.z, f, a0.z); a0.w = fmaf(x.w, f, a0.w);
+        }
+        *(float4 *) (gsum + g*D + 4*c4) = make_float4((a0.x + a1.x) + (a2.x + a3.x), (a0.y + a1.y) + (a2.y + a3.y),
+                                                      (a0.z + a1.z) + (a2.z + a3.z), (a0.w + a1.w) + (a2.w + a3.w));
+    }
+    __syncthreads();
     for (int c = tid; c < D; c += nt) {
-        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-        int s = 0;
-        for (; s + 4 <= nsplit; s += 4) {
-            a0 = fmaf(pa[(size_t) (s + 0)*ps + c], fs[s + 0], a0);
-            a1 = fmaf(pa[(size_t) (s + 1)*ps + c], fs[s + 1], a1);
-            a2 = fmaf(pa[(size_t) (s + 2)*ps + c], fs[s + 2], a2);
-            a3 = fmaf(pa[(size_t) (s + 3)*ps + c], fs[s + 3], a3);
+        float A = 0.0f;
+        for (int k = 0; k < SG; ++k) {
+            A += gsum[k*D + c];
         }
-        for (; s < nsplit; ++s) {
-            a0 = fmaf(pa[(size_t) s*ps + c], fs[s], a0);
-        }
-        const float A = (a0 + a1) + (a2 + a3);
         dst[row*D + c] = L > 0.0f ? A/L : 0.0f;
     }
 }
@@ -879,6 +1408,45 @@ void tca_launch_ffma(const tca_args & a, const dim3 grid, cudaStream_t stream) {
     auto kernel = tca_attn_ffma<D, NQ, TYPE>;
     CUDA_SET_SHARED_MEMORY_LIMIT(kernel, cfg::SMEM);
     kernel<<<grid, TCA_NT, cfg::SMEM, stream>>>(a);
+}
+
+template <int D>
+void tca_launch_mma2(const tca_args & a, const dim3 grid, cudaStream_t stream) {
+    static_assert(D <= 128, "tca_attn_mma2: D <= 128");
+    using cfg = tca_mma2_cfg<D>;
+    auto kernel = tca_attn_mma2<D>;
+    CUDA_SET_SHARED_MEMORY_LIMIT(kernel, cfg::SMEM);
+    kernel<<<grid, TCA_NT, cfg::SMEM, stream>>>(a);
+}
+
+template <int D, int NQ, int U>
+void tca_launch_vec(const tca_args & a, const dim3 grid, cudaStream_t stream) {
+    using cfg = tca_vec_cfg<D, NQ, U>;
+    auto kernel = tca_attn_vec<D, NQ, U>;
+    CUDA_SET_SHARED_MEMORY_LIMIT(kernel, cfg::SMEM);
+    kernel<<<grid, TCA_NT, cfg::SMEM, stream>>>(a);
+}
+
+// a lane holds U = 2 units of a row (fewer shuffles, more registers) for D >= 128 and <= 4 queries;
+// TCA_CUDA_VU=1 keeps one (A/B)
+int tca_vec_u(const int D, const int NQ) {
+    static const int vu = [] { const char * e = getenv("TCA_CUDA_VU"); return e ? atoi(e) : 2; }();
+    return (D >= 128 && NQ <= 4 && vu != 1) ? 2 : 1;
+}
+
+template <int D>
+void tca_dispatch_vec(const tca_args & a, const int NQ, const dim3 grid, cudaStream_t stream) {
+    const bool u2 = tca_vec_u(D, NQ) == 2;
+    switch (NQ) {
+        case 1: if constexpr (D >= 128) { if (u2) { tca_launch_vec<D, 1, 2>(a, grid, stream); break; } }
+                tca_launch_vec<D, 1, 1>(a, grid, stream); break;
+        case 2: if constexpr (D >= 128) { if (u2) { tca_launch_vec<D, 2, 2>(a, grid, stream); break; } }
+                tca_launch_vec<D, 2, 1>(a, grid, stream); break;
+        case 4: if constexpr (D >= 128) { if (u2) { tca_launch_vec<D, 4, 2>(a, grid, stream); break; } }
+                tca_launch_vec<D, 4, 1>(a, grid, stream); break;
+        case 8: tca_launch_vec<D, 8, 1>(a, grid, stream); break;
+        default: GGML_ABORT("tca_attn: bad vector query tile %d", NQ);
+    }
 }
 
 template <int D, int TYPE>
@@ -906,15 +1474,23 @@ void tca_dispatch_ffma(const tca_args & a, const int NQ, const dim3 grid, cudaSt
 }
 
 template <int D>
-void tca_dispatch_d(const tca_args & a, const ggml_type type, const bool mma, const int NQ, const dim3 grid,
+void tca_dispatch_d(const tca_args & a, const ggml_type type, const bool mma, const bool mma_sync, const bool vec, const int NQ, const dim3 grid,
                     cudaStream_t stream) {
+    if (vec) {
+        tca_dispatch_vec<D>(a, NQ, grid, stream);
+        return;
+    }
     switch (type) {
         case GGML_TYPE_F32:
             tca_dispatch_ffma<D, GGML_TYPE_F32>(a, NQ, grid, stream);
             break;
         case GGML_TYPE_F16:
             if (mma) {
-                tca_launch_mma<D, GGML_TYPE_F16>(a, grid, stream);
+                if (mma_sync || D > 128) {  // D = 256: two stages would need 101 KiB of shared memory
+                    tca_launch_mma<D, GGML_TYPE_F16>(a, grid, stream);
+                } else if constexpr (D <= 128) {
+                    tca_launch_mma2<D>(a, grid, stream);
+                }
             } else {
                 tca_dispatch_ffma<D, GGML_TYPE_F16>(a, NQ, grid, stream);
             }
@@ -935,13 +1511,18 @@ void tca_dispatch_d(const tca_args & a, const ggml_type type, const bool mma, co
 size_t tca_max_smem(const int D, const ggml_type type) {
     size_t s = 0;
     switch (D) {
-        case 64:  s = std::max(tca_ffma_cfg<64, 32>::SMEM,  tca_mma_cfg<64>::SMEM);  break;
-        case 128: s = std::max(tca_ffma_cfg<128, 32>::SMEM, tca_mma_cfg<128>::SMEM); break;
-        case 256: s = std::max(tca_ffma_cfg<256, 8>::SMEM,  tca_mma_cfg<256>::SMEM); break;
+        case 64:  s = std::max({tca_ffma_cfg<64, 32>::SMEM,  tca_mma_cfg<64>::SMEM, tca_mma2_cfg<64>::SMEM, tca_vec_cfg<64, 8>::SMEM});  break;
+        case 128: s = std::max({tca_ffma_cfg<128, 32>::SMEM, tca_mma_cfg<128>::SMEM, tca_mma2_cfg<128>::SMEM, tca_vec_cfg<128, 8>::SMEM}); break;
+        case 256: s = std::max({tca_ffma_cfg<256, 8>::SMEM,  tca_mma_cfg<256>::SMEM, tca_vec_cfg<256, 8>::SMEM}); break;
         default:  return SIZE_MAX;
     }
     GGML_UNUSED(type);
     return s;
+}
+
+// vector-kernel query tile: the smallest of 1, 2, 4, 8 holding the KV head's queries (8 at most)
+int tca_vec_nq(const int64_t nq_head) {
+    return nq_head <= 1 ? 1 : nq_head <= 2 ? 2 : nq_head <= 4 ? 4 : 8;
 }
 
 // FFMA query tile: the smallest of 1, 4, 8, 32 holding the KV head's queries (8 at most for D=256)
@@ -1202,15 +1783,36 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
 
     const char * force = getenv("TCA_CUDA_ATTN");
     const bool   can_mma = (k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_Q8_0) && ampere_mma_available(cc);
+    // TCA_CUDA_VEC=0: FFMA instead of the vector kernel for f16 decode (A/B and fallback)
+    static const bool vec_on = [] { const char * e = getenv("TCA_CUDA_VEC"); return !e || atoi(e) != 0; }();
+    const bool   can_vec = k->type == GGML_TYPE_F16;
     bool mma = can_mma && G*T >= 16;
+    bool vec = !mma && can_vec && vec_on;
     if (force && strcmp(force, "ffma") == 0) {
-        mma = false;
-    } else if (force && strcmp(force, "mma") == 0) {
+        mma = vec = false;
+    } else if (force && (strcmp(force, "mma") == 0 || strcmp(force, "mma1") == 0 || strcmp(force, "mma2") == 0)) {
         mma = can_mma;
+        vec = false;
+    } else if (force && strcmp(force, "vec") == 0) {
+        vec = can_vec;
+        mma = false;
     }
 
-    const int NQ = mma ? tca_mma_cfg<64>::NQ : tca_ffma_nq(G*T, (int) D);
-    const int C  = mma ? (D <= 128 ? 64 : 32) : 32;
+    // f16 prefill: the double-buffered kernel (mma2) for D = 64, the single-buffered one for D = 128
+    // (H200, 2048 queries over 12.7K rows: D=64 1.427 vs 1.466 ms, D=128 2.855 vs 2.775 ms);
+    // TCA_CUDA_MMA2=0|1 makes one of them the default for both (A/B), TCA_CUDA_ATTN=mma1|mma2 forces one
+    static const int mma2_env = [] { const char * e = getenv("TCA_CUDA_MMA2"); return e ? atoi(e) : -1; }();
+    const bool mma2_on  = mma2_env < 0 ? D <= 64 : mma2_env != 0;
+    const bool mma_sync = force && strcmp(force, "mma2") == 0 ? false : (force && strcmp(force, "mma1") == 0) || !mma2_on;
+    const int NQ = mma ? tca_mma_cfg<64>::NQ : vec ? tca_vec_nq(G*T) : tca_ffma_nq(G*T, (int) D);
+    // rows a split should hold at least twice: an mma/FFMA chunk, or one round of the vector kernel's warps
+    int C = mma ? (D <= 128 ? 64 : 32) : 32;
+    if (vec) {
+        // rows of one round of the CTA's warps: (rows a warp load) x (rows a lane a batch) x warps
+        const int U   = tca_vec_u((int) D, NQ);
+        const int rpw = 32/((int) D/(8*U));
+        C = rpw*((NQ <= 4 ? 8 : 4)/U)*(TCA_NT/32);
+    }
 
     // CTA tile: hs query heads of one KV head x tt tokens, hs*tt <= NQ
     int64_t hs  = std::min<int64_t>(G, NQ);
@@ -1225,7 +1827,10 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     int64_t nsplit = 1;
     // CTAs per SM to aim for (TCA_CUDA_SPLIT overrides the FFMA/decode figure, for tuning)
     static const int ffma_per_sm = [] { const char * e = getenv("TCA_CUDA_SPLIT"); return e ? std::max(1, atoi(e)) : 4; }();
-    const int64_t target = (int64_t) nsm*(mma ? 2 : ffma_per_sm);
+    // vector kernel: 2 CTAs per SM (H200, decode op at 128K/p=0.1: 1/2/4 -> D=128 0.057/0.038/0.040 ms,
+    // D=64 0.032/0.020/0.023 ms; the FFMA kernel 0.042/0.025)
+    static const int vec_per_sm  = [] { const char * e = getenv("TCA_CUDA_VSPLIT"); return e ? std::max(1, atoi(e)) : 2; }();
+    const int64_t target = (int64_t) nsm*(mma ? 2 : vec ? vec_per_sm : ffma_per_sm);
     if (base < target && n_slots > 0) {
         const int64_t rows   = (n_slots + n_head_kv - 1)/n_head_kv;  // rows per head (estimate)
         const int64_t chunks = (rows + C - 1)/C;
@@ -1270,13 +1875,15 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
 
     const dim3 grid((unsigned) base, (unsigned) nsplit, 1);
     switch (D) {
-        case 64:  tca_dispatch_d<64>(a, k->type, mma, NQ, grid, stream);  break;
-        case 128: tca_dispatch_d<128>(a, k->type, mma, NQ, grid, stream); break;
-        case 256: tca_dispatch_d<256>(a, k->type, mma, NQ, grid, stream); break;
+        case 64:  tca_dispatch_d<64>(a, k->type, mma, mma_sync, vec, NQ, grid, stream);  break;
+        case 128: tca_dispatch_d<128>(a, k->type, mma, mma_sync, vec, NQ, grid, stream); break;
+        case 256: tca_dispatch_d<256>(a, k->type, mma, mma_sync, vec, NQ, grid, stream); break;
         default:  GGML_ABORT("tca_attn: unsupported head size %d", (int) D);
     }
     if (nsplit > 1) {
-        tca_attn_combine<<<(unsigned) (T*n_head), (unsigned) D, nsplit*sizeof(float), stream>>>(a.part_acc, a.part_ml, a.dst,
+        GGML_ASSERT(D % 4 == 0 && D/4 <= TCA_NT);
+        const size_t smem = (nsplit + (size_t) (TCA_NT/(D/4))*D)*sizeof(float);
+        tca_attn_combine<<<(unsigned) (T*n_head), TCA_NT, smem, stream>>>(a.part_acc, a.part_ml, a.dst,
                                                                             (int) nsplit, (int) T, (int) n_head, (int) D);
     }
     CUDA_CHECK(cudaGetLastError());

@@ -161,6 +161,60 @@ if [[ " $steps " == *" kern "* ]]; then  # the attention kernels alone: decode (
         kb --d $1 --n-head $2 --n-head-kv $3 --n-tokens 2048 --n-kv 12800 --type f16 --ops 5 --reps 5 --fa | grep flash | sed "s/^/FA n_kv=12800 /"
     done
 fi
+if [[ " $steps " == *" pfx "* ]]; then  # f16 prefill kernels: mma1 / mma2 one tile a warp / mma2 two tiles a warp
+    kb() { timeout 60 python3 native/bench_tca_attn.py --backend CUDA0 "$@" 2>&1 | grep -E "ggml_|rror" | tee -a $LOG; }
+    for shp in "128 32 8" "64 32 8"; do
+        set -- $shp
+        pre="--d $1 --n-head $2 --n-head-kv $3 --n-tokens 2048 --n-kv 12700 --type f16 --ops 5 --reps 5"
+        for r in 1 2; do
+            for kern in mma1 mma2t1 mma2t2; do TCA_CUDA_ATTN=$kern kb $pre | sed "s/^/$kern /"; done
+        done
+    done
+fi
+if [[ " $steps " == *" prof "* ]]; then  # where a compaction's GPU time goes: 1B @128K, p=0.1, the late compactions
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    say "-- prof at $(el) s: $NCU (skip ${PROF_SKIP:-11000}, count ${PROF_COUNT:-1000})"
+    timeout ${PROF_LIMIT:-240} $NCU --csv --cache-control none --metrics gpu__time_duration.sum -k "regex:tca_(score|sel|compact)" \
+        --launch-skip ${PROF_SKIP:-11000} --launch-count ${PROF_COUNT:-1000} --log-file $OUT/prof.csv \
+        $BENCH -m /dev/shm/l1b.gguf -fa 1 -ub 2048 -b 2048 -ngl 99 -r 1 --no-warmup -p 0 -n 64 -d 131072 -tca 0.1 -o md \
+        > $OUT/prof.md 2> $OUT/prof.err
+    say "   rc=$? at $(el) s"
+    python3 - $OUT/prof.csv <<'PY' | tee -a $LOG
+import csv, sys, collections
+hdr, data = None, []
+for r in csv.reader(open(sys.argv[1])):
+    if "Kernel Name" in r:
+        hdr = r
+        continue
+    if hdr and len(r) == len(hdr):
+        data.append(dict(zip(hdr, r)))
+def us(d):
+    v = float(d["Metric Value"].replace(",", ""))
+    u = d.get("Metric Unit", "ns")
+    return v / 1000.0 if u in ("nsecond", "ns") else v if u in ("usecond", "us") else v * 1000.0
+def table(rows, label):
+    tot, cnt = collections.defaultdict(float), collections.Counter()
+    for d in rows:
+        k = d["Kernel Name"].split("(")[0][:40]
+        tot[k] += us(d); cnt[k] += 1
+    ncomp = max(1, cnt.get("tca_score_stats", 0) // 16)
+    print(f"{label}: {len(rows)} kernels, ~{ncomp} compactions, {sum(tot.values())/ncomp:.0f} us GPU time a compaction")
+    for k, v in sorted(tot.items(), key=lambda x: -x[1]):
+        print(f"  {v/ncomp:9.1f} us/compaction  {cnt[k]/ncomp:6.1f}x  {k}")
+table(data[:-192] if len(data) > 384 else data, "prefill compactions (all but the last 192 kernels)")
+table(data[-192:], "last 192 kernels (the decode compaction if the count is right)")
+PY
+fi
+if [[ " $steps " == *" tgr "* ]]; then  # 1B decode at 128K depth, dense vs 0.1, 5 repetitions (decode rows vary +-5% a run)
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    BENCH_LIMIT=150 bench tgr1b /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.1 -r 5
+fi
+if [[ " $steps " == *" p1b "* ]]; then  # 1B: 128K prefill and decode at depth, dense vs 0.1
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    BENCH_LIMIT=40 bench p1b_pp /dev/shm/l1b.gguf -p 131072 -n 0 -tca 0,0.1 --no-warmup
+    BENCH_LIMIT=50 bench p1b_tg /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.1
+fi
 if [[ " $steps " == *" floor "* ]]; then  # <= 8K: TCA stays dense on GPUs; 3 repetitions after a warm-up
     mk llama-3.2-1b 16 /dev/shm/l1b.gguf
     BENCH_LIMIT=60 bench floor1b /dev/shm/l1b.gguf -p 4096,8192 -n 32 -tca 0,0.1 -r 3
@@ -232,7 +286,7 @@ fi
 if [[ " $steps " == *" matrix "* || " $steps " == *" matrix1b "* ]]; then
     mk llama-3.2-1b 16 /dev/shm/l1b.gguf
     BENCH_LIMIT=60 bench m_pp1b /dev/shm/l1b.gguf -p 32768,65536,131072 -n 0 -tca 0,0.39,0.2,0.1 --no-warmup
-    BENCH_LIMIT=50 bench m_tg1b /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.39,0.2,0.1
+    BENCH_LIMIT=100 bench m_tg1b /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.39,0.2,0.1 -r 2
     BENCH_LIMIT=40 bench m_q1b /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -ctk q8_0 -ctv q8_0 -tca 0,0.1
 fi
 if [[ " $steps " == *" final "* ]]; then  # the headline rows inside one call after a cold build

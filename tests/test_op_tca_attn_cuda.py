@@ -10,8 +10,9 @@ compares. The CPU op itself is checked against a float64 reference in tests/test
 Every CUDA kernel is exercised, whatever the dispatcher would pick (TCA_CUDA_ATTN=ffma|mma|vec):
   ffma  f32 arithmetic throughout (every type; the decode path for f32 and q8_0 K/V)
   vec   f16 K/V, f32 arithmetic, rows streamed into registers per warp (the decode path for f16)
-  mma1  the single-buffered tensor-core kernel (the default for q8_0, and for f16 with d >= 128)
-  mma2  the double-buffered one (cp.async; f16, d <= 128; the default for f16 with d = 64)
+  mma1  the single-buffered tensor-core kernel (the default for q8_0, and for f16 with d = 256)
+  mma2t1, mma2t2  the double-buffered one (cp.async; f16, d <= 128) with one or two 16-query tiles
+        a warp (the default for f16 prefill: two tiles when a KV head has >= 128 queries)
   mma   tensor cores, f16/q8_0 K/V only: q, K and the probabilities are rounded to f16 for the
         products (as upstream's flash attention does); scores, softmax, sums are f32.
 
@@ -93,7 +94,8 @@ def cuda(lib):
 
 @pytest.fixture
 def kernel(request, monkeypatch):
-    """which CUDA kernel: 'auto' (the dispatcher), 'ffma', 'mma', 'mma1', 'mma2' or 'vec' (TCA_CUDA_ATTN, read per call)"""
+    """which CUDA kernel: 'auto' (the dispatcher), 'ffma', 'mma', 'mma1', 'mma2', 'mma2t1', 'mma2t2' or 'vec'
+    (TCA_CUDA_ATTN, read per call)"""
     which = getattr(request, "param", "auto")
     if which == "auto":
         monkeypatch.delenv("TCA_CUDA_ATTN", raising=False)
@@ -133,7 +135,7 @@ def compare(op, case, kv_type, limits=NMSE_MAX):
 
 
 def _paths(kv):
-    return ["auto"] if kv == "f32" else ["ffma", "mma1", "mma2", "vec"] if kv == "f16" else ["ffma", "mma"]
+    return ["auto"] if kv == "f32" else ["ffma", "mma1", "mma2t1", "mma2t2", "vec"] if kv == "f16" else ["ffma", "mma"]
 
 
 # ------------------------------------------------------------------------ accuracy
@@ -189,14 +191,14 @@ def test_cuda_long_ragged_heads_split(cuda, kernel, kv_type, d, n_tokens):
     compare(cuda, case, kv_type)
 
 
-@pytest.mark.parametrize("kernel", ["auto", "ffma", "mma", "mma1", "mma2", "vec"], indirect=True)
+@pytest.mark.parametrize("kernel", ["auto", "ffma", "mma", "mma1", "mma2t1", "mma2t2", "vec"], indirect=True)
 @pytest.mark.parametrize("kv_type", list(KV_TYPES))
 def test_cuda_unsorted_rows_large_logits(cuda, kernel, kv_type):
     case = H.make_case(99, 128, 4, 37, n_head_kv=2, empty_head=False, shuffle_rows=True, qscale=4.0)
     compare(cuda, case, kv_type, NMSE_MAX_PEAKED)
 
 
-@pytest.mark.parametrize("kernel", ["ffma", "mma", "mma1", "mma2", "vec"], indirect=True)
+@pytest.mark.parametrize("kernel", ["ffma", "mma", "mma1", "mma2t1", "mma2t2", "vec"], indirect=True)
 def test_cuda_queries_that_see_nothing_give_zero(cuda, kernel):
     d, T = 64, 6
     rng = np.random.default_rng(5)
@@ -222,7 +224,7 @@ def test_cuda_no_slots_at_all(cuda):
     assert np.all(out == 0.0)
 
 
-@pytest.mark.parametrize("kernel,kv", [("ffma", "q8_0"), ("mma", "q8_0"), ("mma1", "f16"), ("mma2", "f16"), ("vec", "f16")], indirect=["kernel"])
+@pytest.mark.parametrize("kernel,kv", [("ffma", "q8_0"), ("mma", "q8_0"), ("mma1", "f16"), ("mma2t1", "f16"), ("mma2t2", "f16"), ("vec", "f16")], indirect=["kernel"])
 def test_cuda_deterministic(cuda, kernel, kv):
     case = make_long_case(3, 128, 8, 5, lens=[900, 2000])
     q, k, v, kpos, meta, qpos, scale = case

@@ -589,102 +589,124 @@ __device__ __forceinline__ void tca_mma(float (&c)[4], const uint32_t (&a)[4], c
 // one chunk of C rows for the warp's 16 queries (rows i0 = 16 w + gid, i1 = i0 + 8): S = Q K^T on
 // tensor cores, mask (skipped when the whole chunk is visible to every query of the warp: full),
 // online softmax, acc += P V. Qh, Kh, Vh: f16 rows of stride DH halves; kps: the chunk's positions.
-template <int D, int C, int DH>
+// The softmax runs in base 2: scale2 = scale*log2(e), so m0/m1 are log2-domain maxima (the caller
+// converts them back with ln 2) and each probability is one exp2f (expf costs several instructions).
+template <int D, int C, int DH, int MT>
 __device__ __forceinline__ void tca_mma_chunk(const half * __restrict__ Qh, const half * __restrict__ Kh,
                                               const half * __restrict__ Vh, const int * __restrict__ kps,
-                                              const int nc, const bool full, const float scale,
+                                              const int nc, const bool full, const float scale2,
                                               const int w, const int lane, const int tig,
-                                              const bool v0, const bool v1, const int qp0, const int qp1,
-                                              float (&acc)[D/8][4], float & m0, float & m1, float & l0, float & l1) {
-    // S = Q K^T: 16 queries x C rows
-    float S[C/8][4];
+                                              const bool (&vq)[MT][2], const int (&qp)[MT][2],
+                                              float (&acc)[MT][D/8][4], float (&m)[MT][2], float (&l)[MT][2]) {
+    // S = Q K^T: MT tiles of 16 queries x C rows; every K fragment serves the MT tiles
+    float S[MT][C/8][4];
 #pragma unroll
-    for (int n = 0; n < C/8; ++n) {
-        S[n][0] = S[n][1] = S[n][2] = S[n][3] = 0.0f;
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < C/8; ++n) {
+            S[mt][n][0] = S[mt][n][1] = S[mt][n][2] = S[mt][n][3] = 0.0f;
+        }
     }
 #pragma unroll
     for (int kk = 0; kk < D/16; ++kk) {
-        uint32_t qa[4];
-        tca_ldmatrix_x4(qa, Qh + (16*w + (lane % 8) + 8*((lane / 8) % 2))*DH + 16*kk + 8*(lane / 16));
+        uint32_t qa[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            tca_ldmatrix_x4(qa[mt], Qh + (16*(MT*w + mt) + (lane % 8) + 8*((lane / 8) % 2))*DH + 16*kk + 8*(lane / 16));
+        }
 #pragma unroll
         for (int np = 0; np < C/16; ++np) {
             uint32_t kb4[4];
             tca_ldmatrix_x4(kb4, Kh + (16*np + (lane % 8) + 8*(lane / 16))*DH + 16*kk + 8*((lane / 8) % 2));
-            tca_mma(S[2*np + 0], qa, kb4[0], kb4[1]);
-            tca_mma(S[2*np + 1], qa, kb4[2], kb4[3]);
-        }
-    }
-
-    // mask + online softmax (rows i0: S[.][0..1], i1: S[.][2..3]; columns 8n + 2 tig + {0, 1})
-    float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-    for (int n = 0; n < C/8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int j = 8*n + 2*tig + e;
-            float x0 = S[n][e]*scale;
-            float x1 = S[n][2 + e]*scale;
-            if (!full) {
-                const int  kpj = kps[j];
-                const bool ok  = j < nc;
-                x0 = (v0 && ok && kpj <= qp0) ? x0 : -INFINITY;
-                x1 = (v1 && ok && kpj <= qp1) ? x1 : -INFINITY;
+            for (int mt = 0; mt < MT; ++mt) {
+                tca_mma(S[mt][2*np + 0], qa[mt], kb4[0], kb4[1]);
+                tca_mma(S[mt][2*np + 1], qa[mt], kb4[2], kb4[3]);
             }
-            S[n][e]     = x0;
-            S[n][2 + e] = x1;
-            mx0 = fmaxf(mx0, x0);
-            mx1 = fmaxf(mx1, x1);
         }
-    }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1, 32));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2, 32));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1, 32));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2, 32));
-    const float mn0 = fmaxf(m0, mx0);
-    const float mn1 = fmaxf(m1, mx1);
-    const float mu0 = mn0 == -INFINITY ? 0.0f : mn0;
-    const float mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-    const float ms0 = expf(m0 - mu0);
-    const float ms1 = expf(m1 - mu1);
-    float s0 = 0.0f, s1 = 0.0f;
-#pragma unroll
-    for (int n = 0; n < C/8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            S[n][e]     = expf(S[n][e]     - mu0);  // exp(-inf) = 0
-            S[n][2 + e] = expf(S[n][2 + e] - mu1);
-            s0 += S[n][e];
-            s1 += S[n][2 + e];
-        }
-    }
-    s0 += __shfl_xor_sync(0xffffffff, s0, 1, 32);
-    s0 += __shfl_xor_sync(0xffffffff, s0, 2, 32);
-    s1 += __shfl_xor_sync(0xffffffff, s1, 1, 32);
-    s1 += __shfl_xor_sync(0xffffffff, s1, 2, 32);
-    l0 = l0*ms0 + s0;
-    l1 = l1*ms1 + s1;
-    m0 = mn0;
-    m1 = mn1;
-#pragma unroll
-    for (int n = 0; n < D/8; ++n) {
-        acc[n][0] *= ms0; acc[n][1] *= ms0;
-        acc[n][2] *= ms1; acc[n][3] *= ms1;
     }
 
-    // acc += P V: P (16 x C) from the S registers, V via ldmatrix.trans
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        // mask + online softmax (rows i0: S[.][0..1], i1: S[.][2..3]; columns 8n + 2 tig + {0, 1})
+        const bool v0 = vq[mt][0], v1 = vq[mt][1];
+        const int  qp0 = qp[mt][0], qp1 = qp[mt][1];
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < C/8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int j = 8*n + 2*tig + e;
+                float x0 = S[mt][n][e]*scale2;
+                float x1 = S[mt][n][2 + e]*scale2;
+                if (!full) {
+                    const int  kpj = kps[j];
+                    const bool ok  = j < nc;
+                    x0 = (v0 && ok && kpj <= qp0) ? x0 : -INFINITY;
+                    x1 = (v1 && ok && kpj <= qp1) ? x1 : -INFINITY;
+                }
+                S[mt][n][e]     = x0;
+                S[mt][n][2 + e] = x1;
+                mx0 = fmaxf(mx0, x0);
+                mx1 = fmaxf(mx1, x1);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1, 32));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2, 32));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1, 32));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2, 32));
+        const float mn0 = fmaxf(m[mt][0], mx0);
+        const float mn1 = fmaxf(m[mt][1], mx1);
+        const float mu0 = mn0 == -INFINITY ? 0.0f : mn0;
+        const float mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+        const float ms0 = exp2f(m[mt][0] - mu0);
+        const float ms1 = exp2f(m[mt][1] - mu1);
+        float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+        for (int n = 0; n < C/8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                S[mt][n][e]     = exp2f(S[mt][n][e]     - mu0);  // exp2(-inf) = 0
+                S[mt][n][2 + e] = exp2f(S[mt][n][2 + e] - mu1);
+                s0 += S[mt][n][e];
+                s1 += S[mt][n][2 + e];
+            }
+        }
+        s0 += __shfl_xor_sync(0xffffffff, s0, 1, 32);
+        s0 += __shfl_xor_sync(0xffffffff, s0, 2, 32);
+        s1 += __shfl_xor_sync(0xffffffff, s1, 1, 32);
+        s1 += __shfl_xor_sync(0xffffffff, s1, 2, 32);
+        l[mt][0] = l[mt][0]*ms0 + s0;
+        l[mt][1] = l[mt][1]*ms1 + s1;
+        m[mt][0] = mn0;
+        m[mt][1] = mn1;
+#pragma unroll
+        for (int n = 0; n < D/8; ++n) {
+            acc[mt][n][0] *= ms0; acc[mt][n][1] *= ms0;
+            acc[mt][n][2] *= ms1; acc[mt][n][3] *= ms1;
+        }
+    }
+
+    // acc += P V: P (16 x C a tile) from the S registers, V via ldmatrix.trans (each V fragment serves the MT tiles)
 #pragma unroll
     for (int kk = 0; kk < C/16; ++kk) {
-        uint32_t pa[4];
-        pa[0] = tca_pack_h2(S[2*kk + 0][0], S[2*kk + 0][1]);
-        pa[1] = tca_pack_h2(S[2*kk + 0][2], S[2*kk + 0][3]);
-        pa[2] = tca_pack_h2(S[2*kk + 1][0], S[2*kk + 1][1]);
-        pa[3] = tca_pack_h2(S[2*kk + 1][2], S[2*kk + 1][3]);
+        uint32_t pa[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            pa[mt][0] = tca_pack_h2(S[mt][2*kk + 0][0], S[mt][2*kk + 0][1]);
+            pa[mt][1] = tca_pack_h2(S[mt][2*kk + 0][2], S[mt][2*kk + 0][3]);
+            pa[mt][2] = tca_pack_h2(S[mt][2*kk + 1][0], S[mt][2*kk + 1][1]);
+            pa[mt][3] = tca_pack_h2(S[mt][2*kk + 1][2], S[mt][2*kk + 1][3]);
+        }
 #pragma unroll
         for (int np = 0; np < D/16; ++np) {
             uint32_t vb[4];
             tca_ldmatrix_x4_trans(vb, Vh + (16*kk + (lane % 8) + 8*((lane / 8) % 2))*DH + 16*np + 8*(lane / 16));
-            tca_mma(acc[2*np + 0], pa, vb[0], vb[1]);
-            tca_mma(acc[2*np + 1], pa, vb[2], vb[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                tca_mma(acc[mt][2*np + 0], pa[mt], vb[0], vb[1]);
+                tca_mma(acc[mt][2*np + 1], pa[mt], vb[2], vb[3]);
+            }
         }
     }
 }
@@ -787,8 +809,12 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
         __syncthreads();
 
         if (warp_active && kmin <= qmax_w) {
-            tca_mma_chunk<D, C, DH>(Qh, Kh, Vh, kps, nc, nc == C && kmax <= qmin_w, a.scale, w, lane, tig,
-                                    v0, v1, qp0, qp1, acc, m0, m1, l0, l1);
+            const bool vq[1][2] = { { v0, v1 } };
+            const int  qq[1][2] = { { qp0, qp1 } };
+            float mm[1][2] = { { m0, m1 } }, ll[1][2] = { { l0, l1 } };
+            tca_mma_chunk<D, C, DH, 1>(Qh, Kh, Vh, kps, nc, nc == C && kmax <= qmin_w, a.scale*1.4426950408889634f, w, lane, tig,
+                                       vq, qq, reinterpret_cast<float (&)[1][D/8][4]>(acc), mm, ll);
+            m0 = mm[0][0]; m1 = mm[0][1]; l0 = ll[0][0]; l1 = ll[0][1];
         }
         __syncthreads();
     }
@@ -820,7 +846,7 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
                 *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[n][2*r + 0], acc[n][2*r + 1]);
             }
             if (tig == 0) {
-                a.part_ml[row] = make_float2(m, l);
+                a.part_ml[row] = make_float2(m*0.6931471805599453f, l);  // log2 -> natural domain
             }
         }
     }
@@ -837,10 +863,12 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
 // registers, no conversion), two stages: chunk c+1 is in flight while chunk c is computed. The
 // positions run two chunks ahead, so a chunk no query of the CTA can see is never fetched.
 // Same arithmetic as tca_attn_mma (tca_mma_chunk).
-template <int D>
+template <int D, int C_ = 64, int MT_ = 1>
 struct tca_mma2_cfg {
-    static constexpr int C  = D <= 128 ? 64 : 32;
-    static constexpr int NQ = 16*(TCA_NT/32);
+    static constexpr int C  = C_;                       // rows a chunk: 64, or 32 (4 CTAs an SM)
+    static constexpr int MT = MT_;                      // 16-query tiles a warp (2: K/V fragments serve 32 queries)
+    static constexpr int MINB = (C_ == 32 && MT_ == 1) ? 4 : 1;  // CTAs an SM to fit (registers <= 128 for 4)
+    static constexpr int NQ = 16*MT*(TCA_NT/32);
     static constexpr int DH = D + 8;
     static constexpr int UPR = D/8;                     // 16-byte units per row
     static constexpr int IT  = C*UPR/TCA_NT;            // units per thread per matrix
@@ -863,9 +891,9 @@ __device__ __forceinline__ void tca_cp_async_wait1() {
 }
 
 // rows [r0, r0 + nc) of a head region (f16, rows of nb1 bytes) -> C rows of stride DH halves
-template <int D>
+template <int D, int C_>
 __device__ __forceinline__ void tca_mma2_issue(half * dst, const char * __restrict__ src, const size_t nb1, const int nc) {
-    using cfg = tca_mma2_cfg<D>;
+    using cfg = tca_mma2_cfg<D, C_, 1>;  // the tile geometry does not depend on MT
     const uint32_t d0 = (uint32_t) __cvta_generic_to_shared(dst);
 #pragma unroll
     for (int it = 0; it < cfg::IT; ++it) {
@@ -878,10 +906,11 @@ __device__ __forceinline__ void tca_mma2_issue(half * dst, const char * __restri
 }
 #endif // AMPERE_MMA_AVAILABLE
 
-template <int D>
-__global__ void __launch_bounds__(TCA_NT) tca_attn_mma2(const tca_args a) {
+template <int D, int C_, int MT_>
+__global__ void __launch_bounds__(TCA_NT, tca_mma2_cfg<D, C_, MT_>::MINB) tca_attn_mma2(const tca_args a) {
 #if defined(AMPERE_MMA_AVAILABLE)
-    using cfg = tca_mma2_cfg<D>;
+    using cfg = tca_mma2_cfg<D, C_, MT_>;
+    constexpr int MT = cfg::MT;
     constexpr int C  = cfg::C;
     constexpr int NQ = cfg::NQ;
     constexpr int DH = cfg::DH;
@@ -915,15 +944,28 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma2(const tca_args a) {
 
     tca_load_q<NQ, D, DH, true>(a, cta, Qh);
 
-    const int  i0 = 16*w + gid;
-    const int  i1 = i0 + 8;
-    const bool v0 = i0 / a.tt < cta.nh && i0 % a.tt < cta.ntk;
-    const bool v1 = i1 / a.tt < cta.nh && i1 % a.tt < cta.ntk;
-    const int  qp0 = v0 ? a.qpos[cta.t0 + i0 % a.tt] : INT_MIN;
-    const int  qp1 = v1 ? a.qpos[cta.t0 + i1 % a.tt] : INT_MIN;
-    const bool warp_active = __any_sync(0xffffffff, v0 || v1);
-    const int  qmax_w = tca_warp_max_i(max(v0 ? qp0 : INT_MIN, v1 ? qp1 : INT_MIN));
-    const int  qmin_w = tca_warp_min_i(min(v0 ? qp0 : INT_MAX, v1 ? qp1 : INT_MAX));
+    // this thread's query rows: tile mt, rows 16 (MT w + mt) + gid and + 8
+    bool vq[MT][2];
+    int  qq[MT][2];
+    bool any_w = false;
+    int  qmax_t = INT_MIN, qmin_t = INT_MAX;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2) {
+            const int i = 16*(MT*w + mt) + gid + 8*h2;
+            vq[mt][h2] = i / a.tt < cta.nh && i % a.tt < cta.ntk;
+            qq[mt][h2] = vq[mt][h2] ? a.qpos[cta.t0 + i % a.tt] : INT_MIN;
+            if (vq[mt][h2]) {
+                any_w  = true;
+                qmax_t = max(qmax_t, qq[mt][h2]);
+                qmin_t = min(qmin_t, qq[mt][h2]);
+            }
+        }
+    }
+    const bool warp_active = __any_sync(0xffffffff, any_w);
+    const int  qmax_w = tca_warp_max_i(qmax_t);
+    const int  qmin_w = tca_warp_min_i(qmin_t);
 
     int  qmax = INT_MIN;
     bool any_valid = false;
@@ -939,12 +981,17 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma2(const tca_args a) {
         ch1 = ch0;
     }
 
-    float acc[D/8][4];
+    float acc[MT][D/8][4];
+    float mm[MT][2], ll[MT][2];
 #pragma unroll
-    for (int n = 0; n < D/8; ++n) {
-        acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < D/8; ++n) {
+            acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.0f;
+        }
+        mm[mt][0] = mm[mt][1] = -INFINITY;
+        ll[mt][0] = ll[mt][1] = 0.0f;
     }
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
 
     // chunk c is fetched into stage (c - ch0) & 1 when some query of the CTA can see a row of it
     // (CTA-uniform: every warp holds the same positions)
@@ -958,8 +1005,8 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma2(const tca_args a) {
                     kpb[st*C + lane + 32] = y;
                 }
             }
-            tca_mma2_issue<D>(Kb + st*C*DH, a.k + (size_t) (off + c*C)*a.k_nb1, a.k_nb1, nc);
-            tca_mma2_issue<D>(Vb + st*C*DH, a.v + (size_t) (off + c*C)*a.v_nb1, a.v_nb1, nc);
+            tca_mma2_issue<D, C>(Kb + st*C*DH, a.k + (size_t) (off + c*C)*a.k_nb1, a.k_nb1, nc);
+            tca_mma2_issue<D, C>(Vb + st*C*DH, a.v + (size_t) (off + c*C)*a.v_nb1, a.v_nb1, nc);
         }
         tca_cp_async_commit();  // possibly empty: one group per chunk keeps wait_group 1 exact
     };
@@ -978,8 +1025,8 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma2(const tca_args a) {
             tca_cp_async_wait1();
             __syncthreads();
             if (warp_active && kmin <= qmax_w) {
-                tca_mma_chunk<D, C, DH>(Qh, Kb + st*C*DH, Vb + st*C*DH, kpb + st*C, nc, nc == C && kmax <= qmin_w,
-                                        a.scale, w, lane, tig, v0, v1, qp0, qp1, acc, m0, m1, l0, l1);
+                tca_mma_chunk<D, C, DH, MT>(Qh, Kb + st*C*DH, Vb + st*C*DH, kpb + st*C, nc, nc == C && kmax <= qmin_w,
+                                            a.scale*1.4426950408889634f, w, lane, tig, vq, qq, acc, mm, ll);
             }
             __syncthreads();  // stage st is refilled by the next iteration's issue
         }
@@ -989,11 +1036,13 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma2(const tca_args a) {
     asm volatile("cp.async.wait_all;");
 
 #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int   i  = r == 0 ? i0 : i1;
-        const bool  vi = r == 0 ? v0 : v1;
-        const float l  = r == 0 ? l0 : l1;
-        const float m  = r == 0 ? m0 : m1;
+        const int   i  = 16*(MT*w + mt) + gid + 8*r;
+        const bool  vi = vq[mt][r];
+        const float l  = ll[mt][r];
+        const float m  = mm[mt][r];
         if (!vi) {
             continue;
         }
@@ -1004,19 +1053,20 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma2(const tca_args a) {
             float * o = a.dst + ((size_t) t*a.n_head + h)*D;
 #pragma unroll
             for (int n = 0; n < D/8; ++n) {
-                *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[n][2*r + 0]*inv, acc[n][2*r + 1]*inv);
+                *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[mt][n][2*r + 0]*inv, acc[mt][n][2*r + 1]*inv);
             }
         } else {
             const size_t row = ((size_t) blockIdx.y*a.T + t)*a.n_head + h;
             float * o = a.part_acc + row*D;
 #pragma unroll
             for (int n = 0; n < D/8; ++n) {
-                *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[n][2*r + 0], acc[n][2*r + 1]);
+                *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[mt][n][2*r + 0], acc[mt][n][2*r + 1]);
             }
             if (tig == 0) {
-                a.part_ml[row] = make_float2(m, l);
+                a.part_ml[row] = make_float2(m*0.6931471805599453f, l);  // log2 -> natural domain
             }
         }
+    }
     }
 #else
     GGML_UNUSED(a);
@@ -1410,11 +1460,21 @@ void tca_launch_ffma(const tca_args & a, const dim3 grid, cudaStream_t stream) {
     kernel<<<grid, TCA_NT, cfg::SMEM, stream>>>(a);
 }
 
-template <int D>
+// the f16 tensor-core prefill kernel (H200, 2048 queries over 12.7K rows a KV head, 32/8 heads):
+//   mma1 (single-buffered, 64-row chunks)             D=128 2.742 ms  D=64 1.701 ms
+//   mma2 (cp.async double-buffered, 64-row chunks)    D=128 2.289 ms  D=64 1.306 ms
+//   mma2, 32-row chunks, 4 CTAs an SM                 D=128 2.428 ms  D=64 1.447 ms  (dropped)
+//   mma2, 32-row chunks, two 16-query tiles a warp    D=128 2.172 ms  D=64 1.242 ms  (default)
+// Two tiles a warp halve the shared-memory (ldmatrix) reads per flop; they take 128 queries a CTA,
+// so a ubatch with fewer than 128 queries a KV head keeps one tile. TCA_CUDA_ATTN=mma1 forces the
+// single-buffered kernel, mma2t1 / mma2t2 one or two tiles (tests, A/B).
+enum tca_mma_kind { TCA_MMA1, TCA_MMA2_T1, TCA_MMA2_T2 };
+
+template <int D, int C, int MT = 1>
 void tca_launch_mma2(const tca_args & a, const dim3 grid, cudaStream_t stream) {
     static_assert(D <= 128, "tca_attn_mma2: D <= 128");
-    using cfg = tca_mma2_cfg<D>;
-    auto kernel = tca_attn_mma2<D>;
+    using cfg = tca_mma2_cfg<D, C, MT>;
+    auto kernel = tca_attn_mma2<D, C, MT>;
     CUDA_SET_SHARED_MEMORY_LIMIT(kernel, cfg::SMEM);
     kernel<<<grid, TCA_NT, cfg::SMEM, stream>>>(a);
 }
@@ -1474,8 +1534,8 @@ void tca_dispatch_ffma(const tca_args & a, const int NQ, const dim3 grid, cudaSt
 }
 
 template <int D>
-void tca_dispatch_d(const tca_args & a, const ggml_type type, const bool mma, const bool mma_sync, const bool vec, const int NQ, const dim3 grid,
-                    cudaStream_t stream) {
+void tca_dispatch_d(const tca_args & a, const ggml_type type, const bool mma, const tca_mma_kind mk, const bool vec, const int NQ,
+                    const dim3 grid, cudaStream_t stream) {
     if (vec) {
         tca_dispatch_vec<D>(a, NQ, grid, stream);
         return;
@@ -1486,10 +1546,14 @@ void tca_dispatch_d(const tca_args & a, const ggml_type type, const bool mma, co
             break;
         case GGML_TYPE_F16:
             if (mma) {
-                if (mma_sync || D > 128) {  // D = 256: two stages would need 101 KiB of shared memory
+                if (mk == TCA_MMA1 || D > 128) {  // D = 256: two stages would need 101 KiB of shared memory
                     tca_launch_mma<D, GGML_TYPE_F16>(a, grid, stream);
                 } else if constexpr (D <= 128) {
-                    tca_launch_mma2<D>(a, grid, stream);
+                    if (mk == TCA_MMA2_T2) {
+                        tca_launch_mma2<D, 32, 2>(a, grid, stream);
+                    } else {
+                        tca_launch_mma2<D, 64>(a, grid, stream);
+                    }
                 }
             } else {
                 tca_dispatch_ffma<D, GGML_TYPE_F16>(a, NQ, grid, stream);
@@ -1511,8 +1575,8 @@ void tca_dispatch_d(const tca_args & a, const ggml_type type, const bool mma, co
 size_t tca_max_smem(const int D, const ggml_type type) {
     size_t s = 0;
     switch (D) {
-        case 64:  s = std::max({tca_ffma_cfg<64, 32>::SMEM,  tca_mma_cfg<64>::SMEM, tca_mma2_cfg<64>::SMEM, tca_vec_cfg<64, 8>::SMEM});  break;
-        case 128: s = std::max({tca_ffma_cfg<128, 32>::SMEM, tca_mma_cfg<128>::SMEM, tca_mma2_cfg<128>::SMEM, tca_vec_cfg<128, 8>::SMEM}); break;
+        case 64:  s = std::max({tca_ffma_cfg<64, 32>::SMEM,  tca_mma_cfg<64>::SMEM, tca_mma2_cfg<64, 64>::SMEM, tca_mma2_cfg<64, 32, 2>::SMEM, tca_vec_cfg<64, 8>::SMEM});  break;
+        case 128: s = std::max({tca_ffma_cfg<128, 32>::SMEM, tca_mma_cfg<128>::SMEM, tca_mma2_cfg<128, 64>::SMEM, tca_mma2_cfg<128, 32, 2>::SMEM, tca_vec_cfg<128, 8>::SMEM}); break;
         case 256: s = std::max({tca_ffma_cfg<256, 8>::SMEM,  tca_mma_cfg<256>::SMEM, tca_vec_cfg<256, 8>::SMEM}); break;
         default:  return SIZE_MAX;
     }
@@ -1580,6 +1644,8 @@ __device__ __forceinline__ void tca_score_load_row(const char * row, int lane, f
 }
 
 // one warp per row: logits of every query head of the row's KV head
+#define TCA_SCORE_RW 16  // rows a warp in tca_score_logits
+
 template <ggml_type T, int D>
 __global__ void __launch_bounds__(128) tca_score_logits(const tca_score_args a) {
     extern __shared__ float qs[];  // [n_head][D]
@@ -1587,65 +1653,162 @@ __global__ void __launch_bounds__(128) tca_score_logits(const tca_score_args a) 
         qs[i] = a.q[i];
     }
     __syncthreads();
+    // a warp takes TCA_SCORE_RW consecutive rows (the CTA's copy of q serves 4*TCA_SCORE_RW rows:
+    // with one row a warp, copying q into every CTA moved ~16x more bytes than the rows themselves)
     const int lane = threadIdx.x % 32;
-    const int r    = blockIdx.x*(blockDim.x/32) + threadIdx.x/32;
-    if (r >= a.n_slots) {
-        return;
-    }
-    int off, len;
-    const int g = tca_score_head_of(a, r, off, len);
-    if (g < 0) {
-        return;
-    }
-    float x[D/32];
-    tca_score_load_row<T, D>(a.k + (size_t) r*a.k_nb1, lane, x);
-    const int G = a.n_head/a.n_head_kv;
-    for (int j = 0; j < G; ++j) {
-        const float * qh = qs + (g*G + j)*D;
-        float dot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < D/32; ++i) {
-            dot = fmaf(qh[lane + 32*i], x[i], dot);
+    const int r0   = (blockIdx.x*(blockDim.x/32) + threadIdx.x/32)*TCA_SCORE_RW;
+    const int G    = a.n_head/a.n_head_kv;
+#pragma unroll 4
+    for (int rr = 0; rr < TCA_SCORE_RW; ++rr) {
+        const int r = r0 + rr;
+        if (r >= a.n_slots) {
+            break;
         }
-        dot = tca_warp_sum(dot);
-        if (lane == 0) {
-            a.logit[(size_t) (g*G + j)*a.n_slots + r] = dot*a.scale;
+        int off, len;
+        const int g = tca_score_head_of(a, r, off, len);
+        if (g < 0) {
+            continue;
+        }
+        float x[D/32];
+        tca_score_load_row<T, D>(a.k + (size_t) r*a.k_nb1, lane, x);
+        for (int j = 0; j < G; ++j) {
+            const float * qh = qs + (g*G + j)*D;
+            float dot = 0.0f;
+#pragma unroll
+            for (int i = 0; i < D/32; ++i) {
+                dot = fmaf(qh[lane + 32*i], x[i], dot);
+            }
+            dot = tca_warp_sum(dot);
+            if (lane == 0) {
+                a.logit[(size_t) (g*G + j)*a.n_slots + r] = dot*a.scale;
+            }
         }
     }
 }
 
-// one CTA per query head: max and sum of exp over the head's rows
-__global__ void __launch_bounds__(256) tca_score_stats(const tca_score_args a) {
-    __shared__ float red[8];
+// f16 K: one THREAD per row. The row is read in 16-byte pieces and dotted with the G query heads of
+// its KV head, held in shared memory (the lanes of a warp read the same q element: a broadcast).
+// The warp-per-row kernel above spends ~150 instructions a row (head lookup, G shuffle reductions);
+// this one ~13. H200, 1B shape at 128K/p=0.1 (ncu, 150K slots a layer): 87 us a layer before.
+#define TCA_SCORE_TPR_NT 128
+#define TCA_SCORE_TPR_GM 8   // query heads a pass over the row
+
+template <int D>
+__global__ void __launch_bounds__(TCA_SCORE_TPR_NT) tca_score_logits_tpr(const tca_score_args a) {
+    extern __shared__ float qs[];  // [n_head][D], then the meta as int [2*n_head_kv]
+    int * sm = (int *) (qs + a.n_head*D);
+    for (int i = threadIdx.x; i < a.n_head*D; i += blockDim.x) {
+        qs[i] = a.q[i];
+    }
+    for (int i = threadIdx.x; i < 2*a.n_head_kv; i += blockDim.x) {
+        sm[i] = a.meta[i];
+    }
+    __syncthreads();
+    const int r = blockIdx.x*blockDim.x + threadIdx.x;
+    if (r >= a.n_slots) {
+        return;
+    }
+    int g = -1;
+    for (int gg = 0; gg < a.n_head_kv; ++gg) {
+        const int o = min(max(sm[2*gg], 0), a.n_slots);
+        const int l = min(max(sm[2*gg + 1], 0), a.n_slots - o);
+        if (r >= o && r < o + l) {
+            g = gg;
+            break;
+        }
+    }
+    if (g < 0) {
+        return;
+    }
+    const int G = a.n_head/a.n_head_kv;
+    const uint4 * row = (const uint4 *) (a.k + (size_t) r*a.k_nb1);
+    for (int j0 = 0; j0 < G; j0 += TCA_SCORE_TPR_GM) {
+        const float * qg = qs + (size_t) (g*G + j0)*D;
+        float acc[TCA_SCORE_TPR_GM];
+#pragma unroll
+        for (int j = 0; j < TCA_SCORE_TPR_GM; ++j) {
+            acc[j] = 0.0f;
+        }
+#pragma unroll 2
+        for (int c = 0; c < D/8; ++c) {
+            const uint4 u = __ldg(row + c);
+            const half2 * h2 = (const half2 *) &u;
+            float x[8];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float2 f = __half22float2(h2[i]);
+                x[2*i] = f.x;
+                x[2*i + 1] = f.y;
+            }
+#pragma unroll
+            for (int j = 0; j < TCA_SCORE_TPR_GM; ++j) {
+                if (j0 + j < G) {
+                    const float4 qa = *(const float4 *) (qg + j*D + 8*c);
+                    const float4 qb = *(const float4 *) (qg + j*D + 8*c + 4);
+                    float t = acc[j];
+                    t = fmaf(qa.x, x[0], t); t = fmaf(qa.y, x[1], t); t = fmaf(qa.z, x[2], t); t = fmaf(qa.w, x[3], t);
+                    t = fmaf(qb.x, x[4], t); t = fmaf(qb.y, x[5], t); t = fmaf(qb.z, x[6], t); t = fmaf(qb.w, x[7], t);
+                    acc[j] = t;
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < TCA_SCORE_TPR_GM; ++j) {
+            if (j0 + j < G) {
+                a.logit[(size_t) (g*G + j0 + j)*a.n_slots + r] = acc[j]*a.scale;
+            }
+        }
+    }
+}
+
+// one CTA (1024 threads) per query head: max and sum of exp over the head's rows, 4 independent
+// accumulators a thread (loads in flight; with 256 threads and one accumulator the two passes over
+// ~20K rows were a chain of ~80 dependent loads a thread, 32 CTAs on the whole GPU)
+__global__ void __launch_bounds__(1024) tca_score_stats(const tca_score_args a) {
+    __shared__ float red[32];
     const int h = blockIdx.x;
     const int G = a.n_head/a.n_head_kv;
     const int g = h/G;
     const int off = min(max(a.meta[2*g], 0), a.n_slots);
     const int len = min(max(a.meta[2*g + 1], 0), a.n_slots - off);
     const float * lg = a.logit + (size_t) h*a.n_slots + off;
-    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, nt = blockDim.x, nw = nt/32;
 
-    float m = -INFINITY;
-    for (int r = threadIdx.x; r < len; r += blockDim.x) {
-        m = fmaxf(m, lg[r]);
+    float m0 = -INFINITY, m1 = -INFINITY, m2 = -INFINITY, m3 = -INFINITY;
+    int r = threadIdx.x;
+    for (; r + 3*nt < len; r += 4*nt) {
+        m0 = fmaxf(m0, lg[r]);
+        m1 = fmaxf(m1, lg[r + nt]);
+        m2 = fmaxf(m2, lg[r + 2*nt]);
+        m3 = fmaxf(m3, lg[r + 3*nt]);
     }
-    m = tca_warp_max(m);
+    for (; r < len; r += nt) {
+        m0 = fmaxf(m0, lg[r]);
+    }
+    float m = tca_warp_max(fmaxf(fmaxf(m0, m1), fmaxf(m2, m3)));
     if (lane == 0) red[w] = m;
     __syncthreads();
     m = red[0];
-    for (int i = 1; i < 8; ++i) m = fmaxf(m, red[i]);
+    for (int i = 1; i < nw; ++i) m = fmaxf(m, red[i]);
     __syncthreads();
 
-    float s = 0.0f;
-    for (int r = threadIdx.x; r < len; r += blockDim.x) {
-        s += expf(lg[r] - m);
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    r = threadIdx.x;
+    for (; r + 3*nt < len; r += 4*nt) {
+        s0 += expf(lg[r] - m);
+        s1 += expf(lg[r + nt] - m);
+        s2 += expf(lg[r + 2*nt] - m);
+        s3 += expf(lg[r + 3*nt] - m);
     }
-    s = tca_warp_sum(s);
+    for (; r < len; r += nt) {
+        s0 += expf(lg[r] - m);
+    }
+    float s = tca_warp_sum((s0 + s1) + (s2 + s3));
     if (lane == 0) red[w] = s;
     __syncthreads();
     if (threadIdx.x == 0) {
         float t = 0.0f;
-        for (int i = 0; i < 8; ++i) t += red[i];
+        for (int i = 0; i < nw; ++i) t += red[i];
         a.ms[h] = make_float2(m, t);
     }
 }
@@ -1673,7 +1836,16 @@ __global__ void tca_score_pool(const tca_score_args a) {
 
 template <int D>
 void tca_score_launch(const tca_score_args & a, ggml_type type, cudaStream_t stream) {
-    const int    rows_per_cta = 4;  // 128 threads = 4 warps = 4 rows
+    const size_t smpbo    = (size_t) ggml_cuda_info().devices[ggml_cuda_get_device()].smpbo;
+    const size_t smem_tpr = (size_t) a.n_head*D*sizeof(float) + 2*(size_t) a.n_head_kv*sizeof(int);
+    if (type == GGML_TYPE_F16 && (uintptr_t) a.k % 16 == 0 && a.k_nb1 % 16 == 0 && smem_tpr <= smpbo) {
+        const size_t smem = smem_tpr;
+        CUDA_SET_SHARED_MEMORY_LIMIT((tca_score_logits_tpr<D>), (int) ggml_cuda_info().devices[ggml_cuda_get_device()].smpbo);
+        const dim3 grid((unsigned) ((a.n_slots + TCA_SCORE_TPR_NT - 1)/TCA_SCORE_TPR_NT));
+        tca_score_logits_tpr<D><<<grid, TCA_SCORE_TPR_NT, smem, stream>>>(a);
+        return;
+    }
+    const int    rows_per_cta = 4*TCA_SCORE_RW;  // 128 threads = 4 warps
     const dim3   grid((unsigned) ((a.n_slots + rows_per_cta - 1)/rows_per_cta));
     const size_t smem = (size_t) a.n_head*D*sizeof(float);
     switch (type) {
@@ -1790,7 +1962,7 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     bool vec = !mma && can_vec && vec_on;
     if (force && strcmp(force, "ffma") == 0) {
         mma = vec = false;
-    } else if (force && (strcmp(force, "mma") == 0 || strcmp(force, "mma1") == 0 || strcmp(force, "mma2") == 0)) {
+    } else if (force && strncmp(force, "mma", 3) == 0) {  // mma, mma1, mma2, mma2t1, mma2t2
         mma = can_mma;
         vec = false;
     } else if (force && strcmp(force, "vec") == 0) {
@@ -1798,15 +1970,16 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
         mma = false;
     }
 
-    // f16 prefill: the double-buffered kernel (mma2) for D = 64, the single-buffered one for D = 128
-    // (H200, 2048 queries over 12.7K rows: D=64 1.427 vs 1.466 ms, D=128 2.855 vs 2.775 ms);
-    // TCA_CUDA_MMA2=0|1 makes one of them the default for both (A/B), TCA_CUDA_ATTN=mma1|mma2 forces one
-    static const int mma2_env = [] { const char * e = getenv("TCA_CUDA_MMA2"); return e ? atoi(e) : -1; }();
-    const bool mma2_on  = mma2_env < 0 ? D <= 64 : mma2_env != 0;
-    const bool mma_sync = force && strcmp(force, "mma2") == 0 ? false : (force && strcmp(force, "mma1") == 0) || !mma2_on;
-    const int NQ = mma ? tca_mma_cfg<64>::NQ : vec ? tca_vec_nq(G*T) : tca_ffma_nq(G*T, (int) D);
+    // f16 prefill, D <= 128: mma2 with two query tiles a warp when a KV head has >= 128 queries (see
+    // tca_mma_kind); q8_0 and D = 256 take the single-buffered kernel
+    tca_mma_kind mk = TCA_MMA1;
+    if (mma && k->type == GGML_TYPE_F16 && D <= 128 && !(force && strcmp(force, "mma1") == 0)) {
+        const int mt = force && strcmp(force, "mma2t1") == 0 ? 1 : force && strcmp(force, "mma2t2") == 0 ? 2 : 0;
+        mk = mt == 2 || (mt == 0 && G*T >= 2*tca_mma_cfg<64>::NQ) ? TCA_MMA2_T2 : TCA_MMA2_T1;
+    }
+    const int NQ = mma ? tca_mma_cfg<64>::NQ*(mk == TCA_MMA2_T2 ? 2 : 1) : vec ? tca_vec_nq(G*T) : tca_ffma_nq(G*T, (int) D);
     // rows a split should hold at least twice: an mma/FFMA chunk, or one round of the vector kernel's warps
-    int C = mma ? (D <= 128 ? 64 : 32) : 32;
+    int C = mma ? (mk == TCA_MMA2_T2 ? 32 : 64) : 32;
     if (vec) {
         // rows of one round of the CTA's warps: (rows a warp load) x (rows a lane a batch) x warps
         const int U   = tca_vec_u((int) D, NQ);
@@ -1875,9 +2048,9 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
 
     const dim3 grid((unsigned) base, (unsigned) nsplit, 1);
     switch (D) {
-        case 64:  tca_dispatch_d<64>(a, k->type, mma, mma_sync, vec, NQ, grid, stream);  break;
-        case 128: tca_dispatch_d<128>(a, k->type, mma, mma_sync, vec, NQ, grid, stream); break;
-        case 256: tca_dispatch_d<256>(a, k->type, mma, mma_sync, vec, NQ, grid, stream); break;
+        case 64:  tca_dispatch_d<64>(a, k->type, mma, mk, vec, NQ, grid, stream);  break;
+        case 128: tca_dispatch_d<128>(a, k->type, mma, mk, vec, NQ, grid, stream); break;
+        case 256: tca_dispatch_d<256>(a, k->type, mma, mk, vec, NQ, grid, stream); break;
         default:  GGML_ABORT("tca_attn: unsupported head size %d", (int) D);
     }
     if (nsplit > 1) {
@@ -1960,7 +2133,7 @@ void ggml_cuda_op_tca_score(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
         case 256: tca_score_launch<256>(a, k->type, stream); break;
         default:  GGML_ABORT("tca_score: unsupported head size %d", (int) D);
     }
-    tca_score_stats<<<(unsigned) n_head, 256, 0, stream>>>(a);
+    tca_score_stats<<<(unsigned) n_head, 1024, 0, stream>>>(a);
     tca_score_pool<<<(unsigned) ((n_slots + 255)/256), 256, 0, stream>>>(a);
     CUDA_CHECK(cudaGetLastError());
 }
@@ -1988,6 +2161,7 @@ struct tca_sel_args {
     double      * sq;
     int         * kb;     // kept rows of the block
     int         * out;    // first destination slot of the block (region-relative)
+    int         * rk;     // rank of the block by score (prefill)
     int n_slots, H, n_k, block, n_sink, F, f0, radius, j0, NB;
     double alpha;
 };
@@ -2000,6 +2174,21 @@ __device__ __forceinline__ int tca_lower_bound(const float * kp, int len, float 
         if (kp[mid] < p) lo = mid + 1; else hi = mid;
     }
     return lo;
+}
+
+// the same, by a whole warp: 32 probes a round (3 dependent rounds of loads for ~20K rows instead of 15)
+__device__ __forceinline__ int tca_lower_bound_warp(const float * kp, int len, float p, int lane) {
+    int lo = 0, hi = len;
+    while (hi - lo > 32) {
+        const int step = (hi - lo + 31)/32;
+        const int idx  = min(lo + (lane + 1)*step - 1, hi - 1);
+        const int c    = __popc(__ballot_sync(0xffffffff, kp[idx] < p));  // probes below p: a prefix of the lanes
+        const int nlo  = lo + c*step;
+        hi = min(hi, lo + (c + 1)*step);
+        lo = min(nlo, hi);
+    }
+    const bool below = lo + lane < hi && kp[lo + lane] < p;
+    return lo + __popc(__ballot_sync(0xffffffff, below));
 }
 
 __device__ __forceinline__ double tca_warp_sum_d(double x) {
@@ -2016,13 +2205,14 @@ __global__ void __launch_bounds__(128) tca_sel_blocks(const tca_sel_args a) {
     const int off = a.meta[2*g], len = a.meta[2*g + 1];
     const float * kp = a.kpos + off;
     const int lo = a.f0 >= 0 ? max(a.f0, a.n_sink) : a.n_sink;
-    if (threadIdx.x == 0) {
-        rr[0] = tca_lower_bound(kp, len, (float) max(j*a.block, lo));
-        rr[1] = tca_lower_bound(kp, len, (float) min((j + 1)*a.block, a.F));
-        rr[1] = max(rr[1], rr[0]);
+    if (threadIdx.x < 64) {  // warp 0: the block's first row, warp 1: the row after its last
+        const int wq = threadIdx.x / 32;
+        const float p = (float) (wq == 0 ? max(j*a.block, lo) : min((j + 1)*a.block, a.F));
+        const int r = tca_lower_bound_warp(kp, len, p, threadIdx.x % 32);
+        if (threadIdx.x % 32 == 0) rr[wq] = r;
     }
     __syncthreads();
-    const int r0 = rr[0], r1 = rr[1];
+    const int r0 = rr[0], r1 = max(rr[1], rr[0]);
     double m = 0.0, sq = 0.0;
     for (int r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
         const double x = (double) a.s[off + r];
@@ -2068,12 +2258,53 @@ __device__ __forceinline__ int tca_block_scan_1024(int x, int * wsum) {
     return x + add;
 }
 
+// block score h_j = (1 - alpha) m_j/M + alpha (1 - sq_j/m_j^2) (present blocks; -1 ranks an absent one last)
+__device__ __forceinline__ double tca_sel_h(const tca_sel_args & a, size_t i, double M) {
+    const double mj = a.m[i], sj = a.sq[i];
+    if (a.cnt[i] <= 0) return -1.0;
+    const double c = mj > 0 ? 1.0 - sj/(mj*mj) : 0.0;
+    return (1.0 - a.alpha)*(M > 0 ? mj/M : 0.0) + a.alpha*c;
+}
+
+// grid (ceil(NB/256), H), 256 threads (prefill): rank of every block by h, descending, ties to the lower
+// block. O(NB^2) comparisons spread over the GPU (in tca_sel_rank they ran on H CTAs: 57 us a layer for
+// NB ~ 1000 on the H200); every CTA recomputes M and the h of each tile (a few thousand doubles).
+#define TCA_SEL_RNT 256
+__global__ void __launch_bounds__(TCA_SEL_RNT) tca_sel_ranks(const tca_sel_args a) {
+    __shared__ double tile[TCA_SEL_RNT];
+    __shared__ double dred[TCA_SEL_RNT/32];
+    const int g = blockIdx.y, t = threadIdx.x, lane = t % 32, w = t / 32;
+    const size_t base = (size_t) g*a.NB;
+    double M = 0.0;
+    for (int j = t; j < a.NB; j += TCA_SEL_RNT) {
+        if (a.cnt[base + j] > 0) M = fmax(M, a.m[base + j]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) M = fmax(M, __shfl_xor_sync(0xffffffff, M, o));
+    if (lane == 0) dred[w] = M;
+    __syncthreads();
+    M = 0.0;
+    for (int i = 0; i < TCA_SEL_RNT/32; ++i) M = fmax(M, dred[i]);
+    const int j = blockIdx.x*TCA_SEL_RNT + t;
+    const double hj = j < a.NB ? tca_sel_h(a, base + j, M) : 0.0;
+    int rank = 0;
+    for (int i0 = 0; i0 < a.NB; i0 += TCA_SEL_RNT) {
+        __syncthreads();
+        if (i0 + t < a.NB) tile[t] = tca_sel_h(a, base + i0 + t, M);
+        __syncthreads();
+        const int ni = min(TCA_SEL_RNT, a.NB - i0);
+        for (int i = 0; i < ni; ++i) {
+            const double hi = tile[i];
+            rank += (hi > hj) || (hi == hj && i0 + i < j);
+        }
+    }
+    if (j < a.NB) a.rk[base + j] = rank;
+}
+
 // grid (H), 1024 threads: block scores, ranks, budgets, destinations; the identity/shift slots of
 // the sinks and the live rows; the head's tail
-__global__ void __launch_bounds__(1024) tca_sel_rank(const tca_sel_args a, double * hsc) {
-    __shared__ double tile[1024];
+__global__ void __launch_bounds__(1024) tca_sel_rank(const tca_sel_args a) {
     __shared__ int wsum[32];
-    __shared__ double dred[32];
     __shared__ int ired[32];
     const int g = blockIdx.x, t = threadIdx.x;
     const int off = a.meta[2*g], len = a.meta[2*g + 1];
@@ -2081,66 +2312,36 @@ __global__ void __launch_bounds__(1024) tca_sel_rank(const tca_sel_args a, doubl
     const float * bud = a.bud + (size_t) g*(2*a.n_k + 1);
     const bool decode = a.f0 >= 0;
     const int lane = t % 32, w = t / 32;
-    double * h = hsc + base;
 
-    // N (present blocks) and M (max mass)
+    // N (present blocks)
     int n_present = 0;
-    double M = 0.0;
     for (int j = t; j < a.NB; j += 1024) {
-        if (a.cnt[base + j] > 0) { ++n_present; M = fmax(M, a.m[base + j]); }
+        if (a.cnt[base + j] > 0) ++n_present;
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         n_present += __shfl_xor_sync(0xffffffff, n_present, o);
-        M = fmax(M, __shfl_xor_sync(0xffffffff, M, o));
     }
-    if (lane == 0) { ired[w] = n_present; dred[w] = M; }
+    if (lane == 0) ired[w] = n_present;
     __syncthreads();
     if (t == 0) {
-        int n = 0; double mm = 0.0;
-        for (int i = 0; i < 32; ++i) { n += ired[i]; mm = fmax(mm, dred[i]); }
-        ired[0] = n; dred[0] = mm;
+        int n = 0;
+        for (int i = 0; i < 32; ++i) n += ired[i];
+        ired[0] = n;
     }
     __syncthreads();
     n_present = ired[0];
-    M = dred[0];
     __syncthreads();
 
-    if (!decode) {
-        for (int j = t; j < a.NB; j += 1024) {
-            const double mj = a.m[base + j], sj = a.sq[base + j];
-            double hj = -1.0;  // absent blocks rank after every present one
-            if (a.cnt[base + j] > 0) {
-                const double c = mj > 0 ? 1.0 - sj/(mj*mj) : 0.0;
-                hj = (1.0 - a.alpha)*(M > 0 ? mj/M : 0.0) + a.alpha*c;
-            }
-            h[j] = hj;
-        }
-        __syncthreads();
-    }
-    // per block: k, kept rows; ranks by counting (O(NB^2 / 1024) per head)
+    // per block: k, kept rows (ranks from tca_sel_ranks)
     const int kt = (int) bud[2*a.n_k];
     int carry = 0;
     for (int j0t = 0; j0t < a.NB; j0t += 1024) {
         const int j = j0t + t;
         int kept = 0;
         int k = 0;
-        double hj = 0.0;
-        if (!decode && j < a.NB) hj = h[j];
         if (!decode) {
-            int rank = 0;
-            for (int i0 = 0; i0 < a.NB; i0 += 1024) {
-                __syncthreads();
-                if (i0 + t < a.NB) tile[t] = h[i0 + t];
-                __syncthreads();
-                const int ni = min(1024, a.NB - i0);
-                if (j < a.NB) {
-                    for (int i = 0; i < ni; ++i) {
-                        const double hi = tile[i];
-                        rank += (hi > hj) || (hi == hj && i0 + i < j);
-                    }
-                }
-            }
+            const int rank = j < a.NB ? a.rk[base + j] : 0;
             if (j < a.NB && a.cnt[base + j] > 0) {
                 const double u = ((double) rank + 0.5)/(double) n_present;
                 double acc = 0.0;
@@ -2246,25 +2447,24 @@ __global__ void __launch_bounds__(128) tca_sel_topk(const tca_sel_args a) {
     }
 }
 
-// one warp per slot: copy row sel[d] (4-byte words) into slot d of the scratch, then back
-__global__ void tca_compact_gather(const char * a, char * tmp, const int * sel, int n_slots, int words, size_t rb) {
-    const int d = blockIdx.x*(blockDim.x/32) + threadIdx.x/32;
-    if (d >= n_slots) return;
-    const int src = sel[d];
-    if (src < 0 || src == d) return;
-    const int * x = (const int *) (a + (size_t) src*rb);
-    int * y = (int *) (tmp + (size_t) d*rb);
-    for (int i = threadIdx.x % 32; i < words; i += 32) y[i] = x[i];
-}
-
-__global__ void tca_compact_scatter(char * a, const char * tmp, const int * sel, int n_slots, int words, size_t rb) {
-    const int d = blockIdx.x*(blockDim.x/32) + threadIdx.x/32;
-    if (d >= n_slots) return;
-    const int src = sel[d];
-    if (src < 0 || src == d) return;
-    const int * x = (const int *) (tmp + (size_t) d*rb);
-    int * y = (int *) (a + (size_t) d*rb);
-    for (int i = threadIdx.x % 32; i < words; i += 32) y[i] = x[i];
+// Row moves of the compaction, over (slot d, word i) pairs, grid-stride: GATHER copies row sel[d] of a
+// into slot d of the scratch, then !GATHER copies it back into slot d of a. Slots that keep their row
+// (sel[d] == d) or hold none (-1) cost one cached read of sel. W is a 16-byte word where rows and
+// bases allow it, else 4 bytes. (Before: one warp a slot with 4-byte words, one CTA per 8 slots: a
+// layer at 128K on the 1B shape launched ~19K CTAs a pass, most of them for rows that do not move.)
+template <typename W, bool GATHER>
+__global__ void __launch_bounds__(256) tca_compact_copy(char * a, char * tmp, const int * __restrict__ sel, int n_slots, int words) {
+    const int64_t n = (int64_t) n_slots*words;
+    for (int64_t t = blockIdx.x*(int64_t) blockDim.x + threadIdx.x; t < n; t += (int64_t) gridDim.x*blockDim.x) {
+        const int d = (int) (t/words), i = (int) (t - (int64_t) d*words);
+        const int src = sel[d];
+        if (src < 0 || src == d) continue;
+        if (GATHER) {
+            ((W *) tmp)[(int64_t) d*words + i] = ((const W *) a)[(int64_t) src*words + i];
+        } else {
+            ((W *) a)[(int64_t) d*words + i] = ((const W *) tmp)[(int64_t) d*words + i];
+        }
+    }
 }
 
 } // namespace
@@ -2318,13 +2518,16 @@ void ggml_cuda_op_tca_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst)
     cudaStream_t stream = ctx.stream();
     CUDA_CHECK(cudaMemsetAsync(dst->data, 0xff, ggml_nbytes(dst), stream));  // -1 everywhere
     const size_t nb = (size_t) std::max(1, a.NB)*a.H;
-    ggml_cuda_pool_alloc<int>    r0(ctx.pool(), nb), cnt(ctx.pool(), nb), kb(ctx.pool(), nb), out(ctx.pool(), nb);
-    ggml_cuda_pool_alloc<double> m(ctx.pool(), nb), sq(ctx.pool(), nb), hsc(ctx.pool(), nb);
-    a.r0 = r0.get(); a.cnt = cnt.get(); a.kb = kb.get(); a.out = out.get(); a.m = m.get(); a.sq = sq.get();
+    ggml_cuda_pool_alloc<int>    r0(ctx.pool(), nb), cnt(ctx.pool(), nb), kb(ctx.pool(), nb), out(ctx.pool(), nb), rk(ctx.pool(), nb);
+    ggml_cuda_pool_alloc<double> m(ctx.pool(), nb), sq(ctx.pool(), nb);
+    a.r0 = r0.get(); a.cnt = cnt.get(); a.kb = kb.get(); a.out = out.get(); a.m = m.get(); a.sq = sq.get(); a.rk = rk.get();
     if (a.NB > 0) {
         tca_sel_blocks<<<dim3((unsigned) a.NB, (unsigned) a.H), 128, 0, stream>>>(a);
+        if (a.f0 < 0) {
+            tca_sel_ranks<<<dim3((unsigned) ((a.NB + TCA_SEL_RNT - 1)/TCA_SEL_RNT), (unsigned) a.H), TCA_SEL_RNT, 0, stream>>>(a);
+        }
     }
-    tca_sel_rank<<<(unsigned) a.H, 1024, 0, stream>>>(a, hsc.get());
+    tca_sel_rank<<<(unsigned) a.H, 1024, 0, stream>>>(a);
     if (a.NB > 0) {
         const size_t smem = (size_t) a.block*8;  // <= 32 KiB (block <= 4096): no opt-in needed
         tca_sel_topk<<<dim3((unsigned) a.NB, (unsigned) a.H), 128, smem, stream>>>(a);
@@ -2340,9 +2543,18 @@ void ggml_cuda_op_tca_compact(ggml_backend_cuda_context & ctx, ggml_tensor * dst
     if (n_slots == 0) return;
     cudaStream_t stream = ctx.stream();
     ggml_cuda_pool_alloc<char> tmp(ctx.pool(), (size_t) n_slots*rb);
-    const int wpc = 8;  // warps (rows) per CTA
-    const dim3 grid((unsigned) ((n_slots + wpc - 1)/wpc));
-    tca_compact_gather<<<grid, 32*wpc, 0, stream>>>((const char *) a->data, tmp.get(), (const int *) sel->data, n_slots, (int) (rb/4), rb);
-    tca_compact_scatter<<<grid, 32*wpc, 0, stream>>>((char *) a->data, tmp.get(), (const int *) sel->data, n_slots, (int) (rb/4), rb);
+    const int nsm = ggml_cuda_info().devices[ctx.device].nsm;
+    char * base = (char *) a->data;
+    const bool w16 = rb % 16 == 0 && (uintptr_t) base % 16 == 0;
+    const int words = (int) (w16 ? rb/16 : rb/4);
+    const int64_t n = (int64_t) n_slots*words;
+    const dim3 grid((unsigned) std::max<int64_t>(1, std::min<int64_t>((n + 255)/256, (int64_t) nsm*8)));
+    if (w16) {
+        tca_compact_copy<uint4, true ><<<grid, 256, 0, stream>>>(base, tmp.get(), (const int *) sel->data, n_slots, words);
+        tca_compact_copy<uint4, false><<<grid, 256, 0, stream>>>(base, tmp.get(), (const int *) sel->data, n_slots, words);
+    } else {
+        tca_compact_copy<int, true ><<<grid, 256, 0, stream>>>(base, tmp.get(), (const int *) sel->data, n_slots, words);
+        tca_compact_copy<int, false><<<grid, 256, 0, stream>>>(base, tmp.get(), (const int *) sel->data, n_slots, words);
+    }
     CUDA_CHECK(cudaGetLastError());
 }

@@ -180,31 +180,9 @@ if [[ " $steps " == *" prof "* ]]; then  # where a compaction's GPU time goes: 1
         $BENCH -m /dev/shm/l1b.gguf -fa 1 -ub 2048 -b 2048 -ngl 99 -r 1 --no-warmup -p 0 -n 64 -d 131072 -tca 0.1 -o md \
         > $OUT/prof.md 2> $OUT/prof.err
     say "   rc=$? at $(el) s"
-    python3 - $OUT/prof.csv <<'PY' | tee -a $LOG
-import csv, sys, collections
-hdr, data = None, []
-for r in csv.reader(open(sys.argv[1])):
-    if "Kernel Name" in r:
-        hdr = r
-        continue
-    if hdr and len(r) == len(hdr):
-        data.append(dict(zip(hdr, r)))
-def us(d):
-    v = float(d["Metric Value"].replace(",", ""))
-    u = d.get("Metric Unit", "ns")
-    return v / 1000.0 if u in ("nsecond", "ns") else v if u in ("usecond", "us") else v * 1000.0
-def table(rows, label):
-    tot, cnt = collections.defaultdict(float), collections.Counter()
-    for d in rows:
-        k = d["Kernel Name"].split("(")[0][:40]
-        tot[k] += us(d); cnt[k] += 1
-    ncomp = max(1, cnt.get("tca_score_stats", 0) // 16)
-    print(f"{label}: {len(rows)} kernels, ~{ncomp} compactions, {sum(tot.values())/ncomp:.0f} us GPU time a compaction")
-    for k, v in sorted(tot.items(), key=lambda x: -x[1]):
-        print(f"  {v/ncomp:9.1f} us/compaction  {cnt[k]/ncomp:6.1f}x  {k}")
-table(data[:-192] if len(data) > 384 else data, "prefill compactions (all but the last 192 kernels)")
-table(data[-192:], "last 192 kernels (the decode compaction if the count is right)")
-PY
+    # the compaction kernels: 13 launches a layer (score 3, select 4, compact 2 x K/V/kpos)
+    python3 scripts/ncu_table.py $OUT/prof.csv --last 208 --label "decode-time compaction: " | tee -a $LOG
+    python3 scripts/ncu_table.py $OUT/prof.csv --per tca_score_stats:16 --label "per compaction (16 layers): " | tee -a $LOG
 fi
 if [[ " $steps " == *" tgr "* ]]; then  # 1B decode at 128K depth, dense vs 0.1, 5 repetitions (decode rows vary +-5% a run)
     mk llama-3.2-1b 16 /dev/shm/l1b.gguf
@@ -241,31 +219,7 @@ if [[ " $steps " == *" ncu "* ]]; then  # per-kernel GPU time of decode steps (1
             --log-file $OUT/ncu_$arm.csv $BENCH -m /dev/shm/l1b.gguf -fa 1 -ub 2048 -b 2048 -ngl 99 -r 1 --no-warmup \
             -p 0 -n 24 -d 4096 --tca-window 1024 --tca-block 128 -tca $arm -o md > $OUT/ncu_$arm.md 2> $OUT/ncu_$arm.err
         say "   arm $arm rc=$? at $(el) s: $(grep -c gpu__time_duration $OUT/ncu_$arm.csv) kernels"
-        python3 - $OUT/ncu_$arm.csv <<'PY' | tee -a $LOG
-import csv, sys, collections
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and r[-3:-2] == ["gpu__time_duration.sum"] or (len(r) > 3 and "gpu__time_duration.sum" in r)]
-hdr = None
-data = []
-for r in csv.reader(open(sys.argv[1])):
-    if "Kernel Name" in r:
-        hdr = r
-        continue
-    if hdr and len(r) == len(hdr):
-        data.append(dict(zip(hdr, r)))
-tail = data[-16 * 40:]  # the last decode steps
-tot = collections.defaultdict(float)
-cnt = collections.Counter()
-for d in tail:
-    name = d["Kernel Name"][:60]
-    v = float(d["Metric Value"].replace(",", ""))
-    unit = d.get("Metric Unit", "ns")
-    v = v / 1000.0 if unit in ("nsecond", "ns") else v if unit in ("usecond", "us") else v * 1000.0
-    tot[name] += v
-    cnt[name] += 1
-print(f"{len(data)} kernels profiled; last {len(tail)}: total {sum(tot.values()):.0f} us")
-for k, v in sorted(tot.items(), key=lambda x: -x[1])[:14]:
-    print(f"  {v:9.1f} us  {cnt[k]:5d}x  {k}")
-PY
+        python3 scripts/ncu_table.py $OUT/ncu_$arm.csv --last 640 --label "arm $arm, the last decode steps: " | tee -a $LOG
     done
 fi
 if [[ " $steps " == *" ret "* ]]; then  # bring the built library and tool back (<= 15 MiB pieces)

@@ -7,7 +7,7 @@
 # There:  bash scripts/gpu_suite.sh build test   (first call, ~6 min)
 #         bash scripts/gpu_suite.sh bench8b      (later calls; the build stays while the machine is warm)
 # Steps: build, test, bench1b, bench8b, benchq8 (8B with q8_0 K/V), smoke (a quick 1B/8K check), kern (the
-# attention kernels alone vs flash attention), and the rest below.
+# attention kernels alone vs flash attention), curve (the kernel-level forced-density curve), and the rest below.
 set -u
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -159,6 +159,14 @@ if [[ " $steps " == *" kern "* ]]; then  # the attention kernels alone: decode (
             TCA_CUDA_ATTN=$k kb --d $1 --n-head $2 --n-head-kv $3 --n-tokens 2048 --n-kv 12700 --type f16 --ops 5 --reps 5 | sed "s/^/$k /"
         done
         kb --d $1 --n-head $2 --n-head-kv $3 --n-tokens 2048 --n-kv 12800 --type f16 --ops 5 --reps 5 --fa | grep flash | sed "s/^/FA n_kv=12800 /"
+    done
+fi
+if [[ " $steps " == *" curve "* ]]; then  # kernel-level forced-density curve (docs/benchmarks.md "GPU kernel curve"):
+    # flash_attn_ext over n_ctx rows vs tca_attn over 4096 + p*(n_ctx - 4096) rows, 2048-query prefill and 1-query decode
+    for d in 128 64; do
+        timeout ${CURVE_LIMIT:-300} python3 native/bench_tca_attn.py --backend CUDA0 --curve --d $d --n-head 32 \
+            --n-head-kv 8 --type f16 --reps 5 --json $OUT/curve_d$d.json 2>&1 | grep -v "^ggml_cuda_init\|Device 0" | tee -a $LOG
+        say "-- curve d=$d done at $(el) s"
     done
 fi
 if [[ " $steps " == *" pfx "* ]]; then  # f16 prefill kernels: mma1 / mma2 one tile a warp / mma2 two tiles a warp

@@ -804,7 +804,6 @@ ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_
 
     ggml_build_forward_expand(gf, q_cur);
     ggml_build_forward_expand(gf, v_cur);
-    ggml_build_forward_expand(gf, k_cur);
 
     llm_graph_input_attn_tca::per_layer pl;
     pl.il = il;
@@ -817,17 +816,23 @@ ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_
     pl.idx  = ggml_view_1d(ctx0, src_idx, nkv * n_tokens, sl.o_rows * sizeof(int64_t));
     inp->layers.push_back(pl);
 
-    // store this ubatch's K/V rows into each head's region
-    ggml_tensor * kc = ggml_is_contiguous(k_cur) ? k_cur : ggml_cont(ctx0, k_cur);
+    // store this ubatch's K/V rows into each head's region. K last and as ROPE -> VIEW -> SET_ROWS,
+    // adjacent in the graph (the row indices are expanded before): the CUDA backend then writes the
+    // roped rows straight into the cache in one kernel (upstream's fusion, extended to one row per
+    // head by patch 0005); other backends run the same three nodes.
     ggml_tensor * vc = ggml_is_contiguous(v_cur) ? v_cur : ggml_cont(ctx0, v_cur);
-    kc = ggml_reshape_2d(ctx0, kc, L->d_k, nkv * n_tokens);
     vc = ggml_reshape_2d(ctx0, vc, L->d_v, nkv * n_tokens);
-    ggml_tensor * k_all = ggml_set_rows(ctx0, L->k, kc, pl.idx);
     ggml_tensor * v_all = ggml_set_rows(ctx0, L->v, vc, pl.idx);
     ggml_tensor * p_all = ggml_reshape_1d(ctx0, ggml_set_rows(ctx0, L->kpos, pl.pnew, pl.idx), L->cap_total);
-    ggml_build_forward_expand(gf, k_all);
     ggml_build_forward_expand(gf, v_all);
     ggml_build_forward_expand(gf, p_all);
+    ggml_build_forward_expand(gf, pl.idx);
+    ggml_build_forward_expand(gf, k_cur);
+    ggml_tensor * kc = ggml_is_contiguous(k_cur)
+        ? ggml_view_2d(ctx0, k_cur, L->d_k, nkv * n_tokens, k_cur->nb[1], 0)
+        : ggml_reshape_2d(ctx0, ggml_cont(ctx0, k_cur), L->d_k, nkv * n_tokens);
+    ggml_tensor * k_all = ggml_set_rows(ctx0, L->k, kc, pl.idx);
+    ggml_build_forward_expand(gf, k_all);
 
     // keep the ubatch's last query for the compaction that follows this ubatch
     ggml_tensor * q_last = ggml_view_2d(ctx0, q_cur, q_cur->ne[0], q_cur->ne[1], q_cur->nb[1],

@@ -192,6 +192,31 @@ if [[ " $steps " == *" prof "* ]]; then  # where a compaction's GPU time goes: 1
     python3 scripts/ncu_table.py $OUT/prof.csv --last 208 --label "decode-time compaction: " | tee -a $LOG
     python3 scripts/ncu_table.py $OUT/prof.csv --per tca_score_stats:16 --label "per compaction (16 layers): " | tee -a $LOG
 fi
+if [[ " $steps " == *" vprof "* ]]; then  # decode attention kernels under ncu: the op alone (sections) and a real 1B token at 128K
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    say "-- vprof at $(el) s: $NCU"
+    for d in 64 128; do
+        dec="--d $d --n-head 32 --n-head-kv 8 --n-tokens 1 --type f16 --ops 4 --reps 1"
+        timeout 120 $NCU --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+            --section MemoryWorkloadAnalysis -k "regex:tca_attn_(vec|combine)" --launch-skip 8 --launch-count 2 \
+            python3 native/bench_tca_attn.py --backend CUDA0 $dec --n-kv 16794 > $OUT/vprof_tca_d$d.txt 2>&1
+        timeout 120 $NCU --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+            --section MemoryWorkloadAnalysis -k "regex:flash_attn" --launch-skip 8 --launch-count 2 \
+            python3 native/bench_tca_attn.py --backend CUDA0 $dec --n-kv 131072 --fa > $OUT/vprof_fa_d$d.txt 2>&1
+        say "   d=$d rc=$? at $(el) s"
+        grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Grid Size|Block Size|Warp Cycles Per Issued|Theoretical Occupancy|L2 Hit|Dynamic Shared" \
+            $OUT/vprof_tca_d$d.txt $OUT/vprof_fa_d$d.txt | tee -a $LOG
+    done
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    for arm in 0 0.1; do  # the attention kernels of decode only (prefill runs other kernels): tokens 3-4 of 8
+        re="flash_attn_ext_vec|flash_attn_combine"; [ $arm != 0 ] && re="tca_attn_vec|tca_attn_combine"
+        timeout 200 $NCU --csv --metrics gpu__time_duration.sum,dram__bytes_read.sum -k "regex:$re" --launch-skip 64 --launch-count 64 \
+            --log-file $OUT/vtok_$arm.csv $BENCH -m /dev/shm/l1b.gguf -fa 1 -ub 2048 -b 2048 -ngl 99 -r 1 --no-warmup \
+            -p 0 -n 8 -d 131072 -tca $arm -o md > $OUT/vtok_$arm.md 2> $OUT/vtok_$arm.err
+        say "   vtok arm $arm rc=$? at $(el) s"
+        python3 scripts/ncu_table.py $OUT/vtok_$arm.csv --label "arm $arm, 128K decode, 2 tokens: " | tee -a $LOG
+    done
+fi
 if [[ " $steps " == *" tgr "* ]]; then  # 1B decode at 128K depth, dense vs 0.1, 5 repetitions (decode rows vary +-5% a run)
     mk llama-3.2-1b 16 /dev/shm/l1b.gguf
     BENCH_LIMIT=150 bench tgr1b /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.1 -r 5

@@ -712,6 +712,37 @@ __device__ __forceinline__ void tca_mma_chunk(const half * __restrict__ Qh, cons
 }
 #endif // AMPERE_MMA_AVAILABLE
 
+// the tensor-core kernels' output of query row i (the accumulator rows r = 0 / 1 of an m16n8 tile:
+// acc[n][2r], acc[n][2r + 1] hold columns 8n + 2 tig + {0, 1}): normalised into dst, or with one
+// split of several the unnormalised row and (m, l) into the split partials (m: log2 -> natural domain)
+template <int D>
+__device__ __forceinline__ void tca_mma_store(const tca_args & a, const tca_cta & cta, const int i, const bool valid,
+                                              const float l, const float m, const float (&acc)[D/8][4], const int r, const int tig) {
+    if (!valid) {
+        return;
+    }
+    const int h = cta.h0 + i / a.tt;
+    const int t = cta.t0 + i % a.tt;
+    if (a.nsplit == 1) {
+        const float inv = l > 0.0f ? 1.0f/l : 0.0f;
+        float * o = a.dst + ((size_t) t*a.n_head + h)*D;
+#pragma unroll
+        for (int n = 0; n < D/8; ++n) {
+            *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[n][2*r + 0]*inv, acc[n][2*r + 1]*inv);
+        }
+    } else {
+        const size_t row = ((size_t) blockIdx.y*a.T + t)*a.n_head + h;
+        float * o = a.part_acc + row*D;
+#pragma unroll
+        for (int n = 0; n < D/8; ++n) {
+            *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[n][2*r + 0], acc[n][2*r + 1]);
+        }
+        if (tig == 0) {
+            a.part_ml[row] = make_float2(m*0.6931471805599453f, l);
+        }
+    }
+}
+
 template <int D, int TYPE>
 __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
 #if defined(AMPERE_MMA_AVAILABLE)
@@ -820,36 +851,8 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
     }
 
     // output: row i0 <- acc[.][0..1], row i1 <- acc[.][2..3]; columns 8n + 2 tig + {0, 1}
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int   i  = r == 0 ? i0 : i1;
-        const bool  vi = r == 0 ? v0 : v1;
-        const float l  = r == 0 ? l0 : l1;
-        const float m  = r == 0 ? m0 : m1;
-        if (!vi) {
-            continue;
-        }
-        const int h = cta.h0 + i / a.tt;
-        const int t = cta.t0 + i % a.tt;
-        if (a.nsplit == 1) {
-            const float inv = l > 0.0f ? 1.0f/l : 0.0f;
-            float * o = a.dst + ((size_t) t*a.n_head + h)*D;
-#pragma unroll
-            for (int n = 0; n < D/8; ++n) {
-                *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[n][2*r + 0]*inv, acc[n][2*r + 1]*inv);
-            }
-        } else {
-            const size_t row = ((size_t) blockIdx.y*a.T + t)*a.n_head + h;
-            float * o = a.part_acc + row*D;
-#pragma unroll
-            for (int n = 0; n < D/8; ++n) {
-                *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[n][2*r + 0], acc[n][2*r + 1]);
-            }
-            if (tig == 0) {
-                a.part_ml[row] = make_float2(m*0.6931471805599453f, l);  // log2 -> natural domain
-            }
-        }
-    }
+    tca_mma_store<D>(a, cta, i0, v0, l0, m0, acc, 0, tig);
+    tca_mma_store<D>(a, cta, i1, v1, l1, m1, acc, 1, tig);
 #else
     GGML_UNUSED(a);
     NO_DEVICE_CODE;
@@ -1038,35 +1041,9 @@ __global__ void __launch_bounds__(TCA_NT, tca_mma2_cfg<D, C_, MT_>::MINB) tca_at
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int   i  = 16*(MT*w + mt) + gid + 8*r;
-        const bool  vi = vq[mt][r];
-        const float l  = ll[mt][r];
-        const float m  = mm[mt][r];
-        if (!vi) {
-            continue;
+        for (int r = 0; r < 2; ++r) {
+            tca_mma_store<D>(a, cta, 16*(MT*w + mt) + gid + 8*r, vq[mt][r], ll[mt][r], mm[mt][r], acc[mt], r, tig);
         }
-        const int h = cta.h0 + i / a.tt;
-        const int t = cta.t0 + i % a.tt;
-        if (a.nsplit == 1) {
-            const float inv = l > 0.0f ? 1.0f/l : 0.0f;
-            float * o = a.dst + ((size_t) t*a.n_head + h)*D;
-#pragma unroll
-            for (int n = 0; n < D/8; ++n) {
-                *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[mt][n][2*r + 0]*inv, acc[mt][n][2*r + 1]*inv);
-            }
-        } else {
-            const size_t row = ((size_t) blockIdx.y*a.T + t)*a.n_head + h;
-            float * o = a.part_acc + row*D;
-#pragma unroll
-            for (int n = 0; n < D/8; ++n) {
-                *(float2 *) (o + 8*n + 2*tig) = make_float2(acc[mt][n][2*r + 0], acc[mt][n][2*r + 1]);
-            }
-            if (tig == 0) {
-                a.part_ml[row] = make_float2(m*0.6931471805599453f, l);  // log2 -> natural domain
-            }
-        }
-    }
     }
 #else
     GGML_UNUSED(a);
@@ -1082,11 +1059,16 @@ __global__ void __launch_bounds__(TCA_NT, tca_mma2_cfg<D, C_, MT_>::MINB) tca_at
 // from global memory into registers (a lane holds U 16-byte units = 8U dims of a row: dims
 // 8 sub + D/U j, LPR = D/(8U) lanes a row, RPW = 32/LPR rows a warp load, NB rows a lane a batch)
 // with its own online softmax; the next batch's K is requested before this batch's softmax and
-// its V before this batch's P.V, so two batches are in flight per warp. Scores are reduced over
-// the LPR lanes of a row (shuffles: fewer lanes a row, fewer shuffles and fewer redundant exps);
-// the running sum and the accumulator are per row group (lanes with the same rw) and reduced over
-// the row groups and the warps once, at the end. Same arithmetic as the FFMA kernel (f32 dots of
-// f16-converted K/V, expf), different summation order.
+// its V before this batch's P.V, so two batches are in flight per warp. The partial scores of a
+// batch (NB rows x NQ queries a lane) are summed over the LPR lanes of a row by a reduce-scatter
+// (each shuffle level moves half of the values, so a lane ends with NB NQ / LPR whole scores), the
+// softmax runs on those (in the log2 domain: scale * log2 e folded into q, one exp2 a score, no
+// redundant exps), and P.V takes each probability from the lane that holds it (one shuffle);
+// the accumulator is per row group (lanes with the same rw) and reduced over the row groups and
+// the warps once, at the end, the running sum over every lane. f32 dots of f16-converted K/V as
+// in the FFMA kernel, different summation order. (H200, decode op at 128K / p = 0.1, 16794 rows
+// a KV head, 32/8 heads: the earlier version — a shuffle tree a score, 8 redundant expf a score —
+// D=64 0.020 ms, D=128 0.038 ms; this one 0.018 / 0.030 ms.)
 template <int D, int NQ, int U_ = 1>
 struct tca_vec_cfg {
     static constexpr int U   = U_;                              // 16-byte units a lane a row
@@ -1116,6 +1098,11 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_vec(const tca_args a) {
     using cfg = tca_vec_cfg<D, NQ, U_>;
     constexpr int U = cfg::U, LPR = cfg::LPR, RPW = cfg::RPW, NB = cfg::NB, BR = cfg::BR, NW = cfg::NW;
     constexpr int DU = D/U;  // dims between a lane's units
+    constexpr int V   = NB*NQ;                  // scores a lane a batch before the reduction
+    constexpr int C   = V >= LPR ? V/LPR : 1;   // whole scores a lane holds after it
+    constexpr int REP = V >= LPR ? 1 : LPR/V;   // lanes that hold the same score
+    constexpr int LLPR = LPR == 32 ? 5 : LPR == 16 ? 4 : LPR == 8 ? 3 : LPR == 4 ? 2 : LPR == 2 ? 1 : 0;  // log2 LPR
+    static_assert((1 << LLPR) == LPR, "vector kernel: LPR a power of two");
     extern __shared__ float4 tca_smem_f4[];
     float * wacc = (float *) tca_smem_f4;   // [NW][NQ][D]
     float * wm   = wacc + NW*NQ*D;          // [NW][NQ]
@@ -1161,7 +1148,8 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_vec(const tca_args a) {
         }
     }
 
-    // this lane's dims of each query, the queries' positions
+    // this lane's dims of each query (times scale * log2 e), the queries' positions
+    const float qscale = a.scale*1.4426950408889634f;
     float    qf[NQ][8*U];
     int      qp[NQ];
     unsigned qvalid = 0;
@@ -1182,7 +1170,7 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_vec(const tca_args a) {
             for (int j = 0; j < U; ++j) {
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
-                    qf[i][8*j + e] = qr[DU*j + e];
+                    qf[i][8*j + e] = qr[DU*j + e]*qscale;  // scores in the log2 domain
                 }
             }
         }
@@ -1236,54 +1224,103 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_vec(const tca_args a) {
             }
             kpn[b] = ok ? tca_kp(a, off + r) : INT_MAX;
         }
-        // full dots: sum over the row's lanes
+        // full dots: a reduce-scatter over the LPR lanes of a row (a shuffle moves half of the values
+        // a level), so that lane sub ends with the whole scores of values sub*C .. sub*C + C - 1
+        // (value b*NQ + i: row b of the batch, query i), or of value sub/REP when there are fewer
+        // values than lanes (then REP lanes hold each)
+        float x[V];
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
 #pragma unroll
             for (int i = 0; i < NQ; ++i) {
-#pragma unroll
-                for (int o = LPR/2; o > 0; o >>= 1) {
-                    s[b][i] += __shfl_xor_sync(0xffffffff, s[b][i], o, 32);
-                }
+                x[b*NQ + i] = s[b][i];
             }
         }
-        // mask, online softmax (m warp-uniform; l and acc per row group)
+#pragma unroll
+        for (int lv = 0; lv < LLPR; ++lv) {
+            const int  o  = LPR >> (lv + 1);
+            const int  n  = V >> lv;  // values a lane holds before this level
+            const bool hi = (sub & o) != 0;
+            if (n >= 2) {
+#pragma unroll
+                for (int k = 0; k < V/2; ++k) {  // (a bound of n/2 would not unroll)
+                    if (k >= n/2) {
+                        break;
+                    }
+                    const float lo = x[k], up = x[k + n/2];  // (a select of two elements would take their addresses)
+                    const float keep = hi ? up : lo;
+                    const float send = hi ? lo : up;
+                    x[k] = keep + __shfl_xor_sync(0xffffffff, send, o, 32);
+                }
+            } else {
+                x[0] += __shfl_xor_sync(0xffffffff, x[0], o, 32);
+            }
+        }
+        // mask; online softmax in the log2 domain (scale * log2 e is folded into q); m warp-uniform
+        float mx[NQ];
 #pragma unroll
         for (int i = 0; i < NQ; ++i) {
-            const bool qok = (qvalid >> i) & 1u;
-            float mx = -INFINITY;
+            mx[i] = -INFINITY;
+        }
 #pragma unroll
-            for (int b = 0; b < NB; ++b) {
-                // rows past len: not visible even to a query at INT_MAX (their kp is INT_MAX)
-                const bool vis = qok && bi*BR + b*RPW + rw < len && kp[b] <= qp[i];
-                s[b][i] = vis ? s[b][i]*a.scale : -INFINITY;
-                mx = fmaxf(mx, s[b][i]);
+        for (int k = 0; k < C; ++k) {
+            const int idx = V >= LPR ? sub*C + k : sub/REP;
+            const int b   = idx / NQ;
+            const int qi  = idx % NQ;
+            int kpb = INT_MAX, qpi = 0;
+            bool qok = false;
+#pragma unroll
+            for (int bb = 0; bb < NB; ++bb) {
+                kpb = bb == b ? kp[bb] : kpb;
             }
 #pragma unroll
-            for (int o = 16; o >= LPR; o >>= 1) {
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o, 32));
+            for (int i = 0; i < NQ; ++i) {
+                qpi = i == qi ? qp[i] : qpi;
+                qok = i == qi ? ((qvalid >> i) & 1u) != 0 : qok;
             }
-            const float mn = fmaxf(m[i], mx);
-            const float mu = mn == -INFINITY ? 0.0f : mn;
-            const float ms = expf(m[i] - mu);  // 0 when m == -inf
-            m[i] = mn;
-            float ls = 0.0f;
+            // rows past len: not visible even to a query at INT_MAX (their kp is INT_MAX)
+            const bool vis = qok && bi*BR + b*RPW + rw < len && kpb <= qpi;
+            x[k] = vis ? x[k] : -INFINITY;
 #pragma unroll
-            for (int b = 0; b < NB; ++b) {
-                s[b][i] = expf(s[b][i] - mu);  // exp(-inf) = 0
-                ls += s[b][i];
+            for (int i = 0; i < NQ; ++i) {
+                mx[i] = i == qi ? fmaxf(mx[i], x[k]) : mx[i];
             }
-            l[i] = l[i]*ms + ls;
+        }
+        float mu[NQ];
 #pragma unroll
-            for (int e = 0; e < 8*U; ++e) {
-                acc[i][e] *= ms;
+        for (int i = 0; i < NQ; ++i) {
+            const float mxi = tca_warp_max(mx[i]);
+            const float mn  = fmaxf(m[i], mxi);
+            mu[i] = mn == -INFINITY ? 0.0f : mn;
+            if (mn > m[i]) {  // warp-uniform; the running max rarely moves after the first batches
+                const float ms = exp2f(m[i] - mu[i]);  // 0 when m == -inf
+                l[i] *= ms;
+#pragma unroll
+                for (int e = 0; e < 8*U; ++e) {
+                    acc[i][e] *= ms;
+                }
+                m[i] = mn;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < C; ++k) {
+            const int qi = (V >= LPR ? sub*C + k : sub/REP) % NQ;
+            float mk = 0.0f;
+#pragma unroll
+            for (int i = 0; i < NQ; ++i) {
+                mk = i == qi ? mu[i] : mk;
+            }
+            x[k] = exp2f(x[k] - mk);  // exp2(-inf) = 0
+#pragma unroll
+            for (int i = 0; i < NQ; ++i) {
+                l[i] += i == qi ? x[k] : 0.0f;
             }
         }
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
             kp[b] = kpn[b];
         }
-        // P.V
+        // P.V: each probability from the lane that holds it
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
             float vf[8*U];
@@ -1293,9 +1330,12 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_vec(const tca_args a) {
             }
 #pragma unroll
             for (int i = 0; i < NQ; ++i) {
+                const int idx = b*NQ + i;
+                const int src = (lane & ~(LPR - 1)) | (V >= LPR ? idx / C : idx*REP);
+                const float pv = __shfl_sync(0xffffffff, x[V >= LPR ? idx % C : 0], src, 32);
 #pragma unroll
                 for (int e = 0; e < 8*U; ++e) {
-                    acc[i][e] = fmaf(s[b][i], vf[e], acc[i][e]);
+                    acc[i][e] = fmaf(pv, vf[e], acc[i][e]);
                 }
             }
         }
@@ -1314,12 +1354,14 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_vec(const tca_args a) {
         }
     }
 
-    // reduce the row groups of the warp, then the warps
+    // reduce the row groups of the warp, then the warps; l over every lane (each lane summed the
+    // probabilities it held; REP lanes held each), m back to the natural-log domain
 #pragma unroll
     for (int i = 0; i < NQ; ++i) {
+        l[i] = tca_warp_sum(l[i]) * (1.0f/REP);
+        m[i] *= 0.6931471805599453f;  // -inf stays -inf
 #pragma unroll
         for (int o = 16; o >= LPR; o >>= 1) {
-            l[i] += __shfl_xor_sync(0xffffffff, l[i], o, 32);
 #pragma unroll
             for (int e = 0; e < 8*U; ++e) {
                 acc[i][e] += __shfl_xor_sync(0xffffffff, acc[i][e], o, 32);
@@ -1388,8 +1430,31 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_combine(const float * __restr
     const size_t stride = (size_t) T*n_head;
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid % 32, w = tid / 32, nw = (nt + 31)/32;
 
+    const int DT = D/4;           // threads per partial row
+    const int SG = nt/DT;         // split groups
+    const int g  = tid / DT;
+    const int c4 = tid % DT;
+    const float4 * pa = (const float4 *) (part_acc + row*D) + c4;
+    const size_t   ps = stride*D/4;  // float4s between splits
+
+    // every load of the first splits is issued before the first barrier: the (m, l) pairs and this
+    // thread's partial rows of splits g, g + SG, g + 2 SG, g + 3 SG arrive together (one memory
+    // round trip instead of three dependent ones)
+    float4 x[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const int s = g + k*SG;
+        x[k] = g < SG && s < nsplit ? pa[(size_t) s*ps] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
     float M = -INFINITY;
-    for (int s = tid; s < nsplit; s += nt) {
+    float2 own[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        const int s = tid + k*nt;
+        own[k] = s < nsplit ? part_ml[s*stride + row] : make_float2(-INFINITY, 0.0f);
+        M = fmaxf(M, own[k].x);
+    }
+    for (int s = tid + 2*nt; s < nsplit; s += nt) {
         M = fmaxf(M, part_ml[s*stride + row].x);
     }
     M = tca_warp_max(M);
@@ -1400,9 +1465,18 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_combine(const float * __restr
     __syncthreads();
 
     float L = 0.0f;
-    for (int s = tid; s < nsplit; s += nt) {
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        const int s = tid + k*nt;
+        if (s < nsplit) {
+            const float f = M == -INFINITY ? 0.0f : expf(own[k].x - M);  // 0 for an empty split (m = -inf)
+            fs[s] = f;
+            L += own[k].y*f;
+        }
+    }
+    for (int s = tid + 2*nt; s < nsplit; s += nt) {
         const float2 ml = part_ml[s*stride + row];
-        const float  f  = M == -INFINITY ? 0.0f : expf(ml.x - M);  // 0 for an empty split (m = -inf)
+        const float  f  = M == -INFINITY ? 0.0f : expf(ml.x - M);
         fs[s] = f;
         L += ml.y*f;
     }
@@ -1412,32 +1486,22 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_combine(const float * __restr
     L = 0.0f;
     for (int i = 0; i < nw; ++i) L += red[i];
 
-    const int DT = D/4;           // threads per partial row
-    const int SG = nt/DT;         // split groups
-    const int g  = tid / DT;
-    const int c4 = tid % DT;
     float * gsum = fs + nsplit;   // [SG][D]
     if (g < SG) {
-        const float4 * pa = (const float4 *) (part_acc + row*D) + c4;
-        const size_t   ps = stride*D/4;  // float4s between splits
-        float4 a0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), a1 = a0, a2 = a0, a3 = a0;
-        int s = g;
-        for (; s + 3*SG < nsplit; s += 4*SG) {
-            const float4 x0 = pa[(size_t) (s + 0*SG)*ps], x1 = pa[(size_t) (s + 1*SG)*ps];
-            const float4 x2 = pa[(size_t) (s + 2*SG)*ps], x3 = pa[(size_t) (s + 3*SG)*ps];
-            const float f0 = fs[s + 0*SG], f1 = fs[s + 1*SG], f2 = fs[s + 2*SG], f3 = fs[s + 3*SG];
-            a0.x = fmaf(x0.x, f0, a0.x); a0.y = fmaf(x0.y, f0, a0.y); a0.z = fmaf(x0.z, f0, a0.z); a0.w = fmaf(x0.w, f0, a0.w);
-            a1.x = fmaf(x1.x, f1, a1.x); a1.y = fmaf(x1.y, f1, a1.y); a1.z = fmaf(x1.z, f1, a1.z); a1.w = fmaf(x1.w, f1, a1.w);
-            a2.x = fmaf(x2.x, f2, a2.x); a2.y = fmaf(x2.y, f2, a2.y); a2.z = fmaf(x2.z, f2, a2.z); a2.w = fmaf(x2.w, f2, a2.w);
-            a3.x = fmaf(x3.x, f3, a3.x); a3.y = fmaf(x3.y, f3, a3.y); a3.z = fmaf(x3.z, f3, a3.z); a3.w = fmaf(x3.w, f3, a3.w);
+        float4 a0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), a1 = a0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int s = g + k*SG;
+            const float f = s < nsplit ? fs[s] : 0.0f;
+            float4 & a = k % 2 ? a1 : a0;
+            a.x = fmaf(x[k].x, f, a.x); a.y = fmaf(x[k].y, f, a.y); a.z = fmaf(x[k].z, f, a.z); a.w = fmaf(x[k].w, f, a.w);
         }
-        for (; s < nsplit; s += SG) {
-            const float4 x = pa[(size_t) s*ps];
+        for (int s = g + 4*SG; s < nsplit; s += SG) {
+            const float4 y = pa[(size_t) s*ps];
             const float  f = fs[s];
-            a0.x = fmaf(x.x, f, a0.x); a0.y = fmaf(x.y, f, a0.y); a0.z = fmaf(x.z, f, a0.z); a0.w = fmaf(x.w, f, a0.w);
+            a0.x = fmaf(y.x, f, a0.x); a0.y = fmaf(y.y, f, a0.y); a0.z = fmaf(y.z, f, a0.z); a0.w = fmaf(y.w, f, a0.w);
         }
-        *(float4 *) (gsum + g*D + 4*c4) = make_float4((a0.x + a1.x) + (a2.x + a3.x), (a0.y + a1.y) + (a2.y + a3.y),
-                                                      (a0.z + a1.z) + (a2.z + a3.z), (a0.w + a1.w) + (a2.w + a3.w));
+        *(float4 *) (gsum + g*D + 4*c4) = make_float4(a0.x + a1.x, a0.y + a1.y, a0.z + a1.z, a0.w + a1.w);
     }
     __syncthreads();
     for (int c = tid; c < D; c += nt) {

@@ -1115,6 +1115,36 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_vec(const tca_args a) {
     const int rw   = lane / LPR;  // row of a warp load
 
     const tca_cta cta = tca_cta_of(a);
+
+    // this lane's dims of each query (times scale * log2 e), the queries' positions: requested
+    // before the head's row range, so that both loads are in flight together
+    const float qscale = a.scale*1.4426950408889634f;
+    float    qf[NQ][8*U];
+    int      qp[NQ];
+    unsigned qvalid = 0;
+#pragma unroll
+    for (int i = 0; i < NQ; ++i) {
+        const int  hh = i / a.tt;
+        const int  tk = i % a.tt;
+        const bool ok = hh < cta.nh && tk < cta.ntk;
+        qvalid |= ok ? 1u << i : 0u;
+        qp[i] = ok ? a.qpos[cta.t0 + tk] : 0;
+#pragma unroll
+        for (int e = 0; e < 8*U; ++e) {
+            qf[i][e] = 0.0f;
+        }
+        if (ok) {
+            const float * qr = (const float *) (a.q + (size_t) (cta.t0 + tk)*a.q_nb1 + (size_t) (cta.h0 + hh)*a.q_nb2) + 8*sub;
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    qf[i][8*j + e] = qr[DU*j + e];  // scaled below, once the row loads are issued
+                }
+            }
+        }
+    }
+
     int off, len;
     tca_head_rows(a, cta.g, off, len);
     const int nbat = (len + BR - 1)/BR;
@@ -1148,31 +1178,12 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_vec(const tca_args a) {
         }
     }
 
-    // this lane's dims of each query (times scale * log2 e), the queries' positions
-    const float qscale = a.scale*1.4426950408889634f;
-    float    qf[NQ][8*U];
-    int      qp[NQ];
-    unsigned qvalid = 0;
+    // scores in the log2 domain
 #pragma unroll
     for (int i = 0; i < NQ; ++i) {
-        const int  hh = i / a.tt;
-        const int  tk = i % a.tt;
-        const bool ok = hh < cta.nh && tk < cta.ntk;
-        qvalid |= ok ? 1u << i : 0u;
-        qp[i] = ok ? a.qpos[cta.t0 + tk] : 0;
 #pragma unroll
         for (int e = 0; e < 8*U; ++e) {
-            qf[i][e] = 0.0f;
-        }
-        if (ok) {
-            const float * qr = (const float *) (a.q + (size_t) (cta.t0 + tk)*a.q_nb1 + (size_t) (cta.h0 + hh)*a.q_nb2) + 8*sub;
-#pragma unroll
-            for (int j = 0; j < U; ++j) {
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    qf[i][8*j + e] = qr[DU*j + e]*qscale;  // scores in the log2 domain
-                }
-            }
+            qf[i][e] *= qscale;
         }
     }
 
@@ -1222,7 +1233,8 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_vec(const tca_args a) {
                     kr[b][j] = *(const uint4 *) (kb + (size_t) r*a.k_nb1 + 2*DU*j);
                 }
             }
-            kpn[b] = ok ? tca_kp(a, off + r) : INT_MAX;
+            // raw bits (f32 positions converted at the copy below, not here, where the load is in flight)
+            kpn[b] = ok ? (a.kposf ? __float_as_int(a.kposf[off + r]) : a.kpos[off + r]) : INT_MAX;
         }
         // full dots: a reduce-scatter over the LPR lanes of a row (a shuffle moves half of the values
         // a level), so that lane sub ends with the whole scores of values sub*C .. sub*C + C - 1
@@ -1316,10 +1328,6 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_vec(const tca_args a) {
                 l[i] += i == qi ? x[k] : 0.0f;
             }
         }
-#pragma unroll
-        for (int b = 0; b < NB; ++b) {
-            kp[b] = kpn[b];
-        }
         // P.V: each probability from the lane that holds it
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
@@ -1351,6 +1359,11 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_vec(const tca_args a) {
                     vr[b][j] = make_uint4(0u, 0u, 0u, 0u);
                 }
             }
+        }
+        // the next batch's positions, used last (a copy waits for the load to land)
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            kp[b] = a.kposf && kpn[b] != INT_MAX ? (int) __int_as_float(kpn[b]) : kpn[b];
         }
     }
 

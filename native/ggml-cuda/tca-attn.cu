@@ -1068,7 +1068,10 @@ __global__ void __launch_bounds__(TCA_NT, tca_mma2_cfg<D, C_, MT_>::MINB) tca_at
 // the warps once, at the end, the running sum over every lane. f32 dots of f16-converted K/V as
 // in the FFMA kernel, different summation order. (H200, decode op at 128K / p = 0.1, 16794 rows
 // a KV head, 32/8 heads: the earlier version — a shuffle tree a score, 8 redundant expf a score —
-// D=64 0.020 ms, D=128 0.038 ms; this one 0.018 / 0.030 ms.)
+// D=64 0.020 ms, D=128 0.038 ms; with the reduce-scatter 0.018 / 0.030 ms; with the queries
+// requested before the head's row range and the next positions converted at the loop end (ncu:
+// long-scoreboard stalls 1.16 -> 0.91 cycles an instruction) 0.017 / 0.029 ms. The kernel is
+// latency-bound: 250 registers a thread hold 8 warps an SM, ~4.6 cycles between a warp's issues.)
 template <int D, int NQ, int U_ = 1>
 struct tca_vec_cfg {
     static constexpr int U   = U_;                              // 16-byte units a lane a row

@@ -6,9 +6,9 @@
 # Here:   bash scripts/make_devcarry.sh          (pinned+patched upstream, cffi wheels -> .devcarry/)
 # There:  bash scripts/gpu_suite.sh build test   (first call, ~6 min)
 #         bash scripts/gpu_suite.sh bench8b      (later calls; the build stays while the machine is warm)
-# attention kernels alone vs flash attention), curve (the kernel-level forced-density curve), vprof (ncu of the decode
-# attention kernels: the op alone and a real 1B token at 128K), and the rest below.
-# attention kernels alone vs flash attention), curve (the kernel-level forced-density curve), and the rest below.
+# Steps: build, test, bench1b, bench8b, benchq8 (8B with q8_0 K/V), smoke (a quick 1B/8K check), kern (the
+# attention kernels alone vs flash attention), curve (the kernel-level forced-density curve), vprof (ncu of the
+# decode attention kernels: the op alone and a real 1B token at 128K), and the rest below.
 set -u
 cd "$(dirname "$0")/.."
 T0=$(date +%s)

@@ -1,0 +1,283 @@
+// tca_ggml — CPU kernels of GGML_OP_TCA_SCORE, GGML_OP_TCA_SELECT and GGML_OP_TCA_COMPACT: the
+// retention cache's importance scores, selection and compaction as graph ops (docs/design.md §5,
+// "Device-resident retention"; CUDA kernels: native/ggml-cuda/tca-select.cu).
+//
+// The ops themselves (enum values, constructors with their shape contracts, CPU dispatch, n_tasks
+// and work-size hooks) are added to upstream ggml by native/patches/0001-ggml-tca-attn-op.patch;
+// this file is compiled into upstream's ggml-cpu target by the top-level CMakeLists.txt.
+#include "ops.h"
+
+#include "ggml-cpu.h"
+#include "ggml-cpu-impl.h"
+#include "ggml-impl.h"
+#include "tca-common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+// ---------------------------------------------------------------------------- GGML_OP_TCA_SCORE
+//
+// s[r] = 1/G * sum over g's query heads h of softmax_r(scale * q_h . k_r), rows r of KV head g.
+// Dots, exponentials and sums in double, in row order (the reference the CUDA kernel is tested
+// against: tests/test_op_tca_score.py).
+// Work: pass 1 splits the rows of all heads over the threads (logits into wdata), pass 2 (one
+// thread per query head) max and sum, pass 3 splits the rows again and pools.
+
+extern "C" size_t ggml_compute_forward_tca_score_work_size(const struct ggml_tensor * node, int n_tasks) {
+    const int64_t n_head  = node->src[0]->ne[1];
+    const int64_t n_slots = node->src[1]->ne[1];
+    const int64_t d       = node->src[0]->ne[0];
+    return sizeof(double)*(size_t) (n_head*n_slots + 2*n_head) + sizeof(float)*(size_t) (d + CACHE_LINE_SIZE_F32)*(size_t) n_tasks;
+}
+
+extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    const ggml_tensor * q    = dst->src[0];
+    const ggml_tensor * k    = dst->src[1];
+    const ggml_tensor * meta = dst->src[2];
+
+    const int64_t d         = q->ne[0];
+    const int64_t n_head    = q->ne[1];
+    const int64_t n_slots   = k->ne[1];
+    const int64_t n_head_kv = ggml_get_op_params_i32(dst, 0);
+    const double  scale     = ggml_get_op_params_f32(dst, 1);
+    const int64_t G         = n_head / n_head_kv;
+
+    GGML_ASSERT(dst->type == GGML_TYPE_F32 && q->type == GGML_TYPE_F32 && ggml_nelements(dst) == n_slots);
+    GGML_ASSERT(ggml_is_contiguous(q) && ggml_is_contiguous(k) && ggml_is_contiguous(meta));
+    GGML_ASSERT(n_head_kv > 0 && n_head % n_head_kv == 0 && k->ne[0] == d);
+
+    const int32_t * hm = (const int32_t *) meta->data;
+    for (int64_t g = 0; g < n_head_kv; ++g) {
+        GGML_ASSERT(hm[2*g] >= 0 && hm[2*g + 1] >= 0 && (int64_t) hm[2*g] + hm[2*g + 1] <= n_slots &&
+                    "tca_score: head range outside the K slots");
+    }
+
+    const int ith = params->ith;
+    const int nth = params->nth;
+
+    double * logit = (double *) params->wdata;          // [n_head][n_slots]
+    double * mx    = logit + n_head*n_slots;             // [n_head]
+    double * sum   = mx + n_head;                        // [n_head]
+    float  * krow  = (float *) (sum + n_head) + ith*(d + CACHE_LINE_SIZE_F32);
+    float  * out   = (float *) dst->data;
+
+    // pass 1: logits of every (query head of g, row of g)
+    const int64_t per = (n_slots + nth - 1)/nth;
+    const int64_t r_lo = std::min(n_slots, ith*per), r_hi = std::min(n_slots, r_lo + per);
+    for (int64_t g = 0; g < n_head_kv; ++g) {
+        const int64_t off = hm[2*g], len = hm[2*g + 1];
+        const int64_t a = std::max(r_lo, off), b = std::min(r_hi, off + len);
+        for (int64_t r = a; r < b; ++r) {
+            tca_to_f32(k->type, (const char *) k->data + r*k->nb[1], krow, d);
+            for (int64_t j = 0; j < G; ++j) {
+                const float * qh = (const float *) q->data + (g*G + j)*d;
+                double dot = 0.0;
+                for (int64_t c = 0; c < d; ++c) {
+                    dot += (double) qh[c]*krow[c];
+                }
+                logit[(g*G + j)*n_slots + r] = dot*scale;
+            }
+        }
+    }
+    ggml_barrier(params->threadpool);
+
+    // pass 2: max and sum per query head
+    for (int64_t h = ith; h < n_head; h += nth) {
+        const int64_t g = h / G, off = hm[2*g], len = hm[2*g + 1];
+        const double * lg = logit + h*n_slots + off;
+        double m = -INFINITY;
+        for (int64_t r = 0; r < len; ++r) m = std::max(m, lg[r]);
+        double s = 0.0;
+        for (int64_t r = 0; r < len; ++r) s += std::exp(lg[r] - m);
+        mx[h] = m;
+        sum[h] = s;
+    }
+    ggml_barrier(params->threadpool);
+
+    // pass 3: pooled probabilities (0 outside the heads' ranges)
+    for (int64_t r = r_lo; r < r_hi; ++r) out[r] = 0.0f;
+    for (int64_t g = 0; g < n_head_kv; ++g) {
+        const int64_t off = hm[2*g], len = hm[2*g + 1];
+        const int64_t a = std::max(r_lo, off), b = std::min(r_hi, off + len);
+        for (int64_t r = a; r < b; ++r) {
+            double s = 0.0;
+            for (int64_t j = 0; j < G; ++j) {
+                const int64_t h = g*G + j;
+                s += std::exp(logit[h*n_slots + r] - mx[h]) / sum[h] / (double) G;
+            }
+            out[r] = (float) s;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------ GGML_OP_TCA_SELECT
+// Which rows each KV head keeps (ggml.h; docs/design.md §3 steps 2-4), the reference for the CUDA
+// kernels and the CPU's own selection: block sums and block scores in double in row order, ranks
+// with ties to the lower block, the cumulative budget in double in descending-k order, per-block top-k
+// on max-pooled scores with ties to the lower row (= reference.select_keep on the same f32 scores).
+namespace {
+
+struct tca_sel_params {
+    int64_t n_head_kv;
+    int32_t block, n_sink, F, f0, radius, n_k;
+    double  alpha;
+};
+
+// one KV head: rows [0, len) of s/kpos (region-relative), output sel (region-relative slots,
+// absolute source rows = off + r) and the 4-entry tail
+void tca_select_one(const tca_sel_params & P, const float * s, const float * kpos, int64_t off, int64_t len,
+                    const float * bud, int32_t * sel, int32_t * tail) {
+    const int64_t b = P.block;
+    const int n_k = P.n_k;
+    const float * p_desc = bud;
+    const float * k_desc = bud + n_k;
+    const int32_t kt = (int32_t) bud[2*n_k];
+    const bool decode = P.f0 >= 0;
+    const int64_t lo = decode ? std::max<int64_t>(P.f0, P.n_sink) : P.n_sink;
+
+    // candidate rows [c0, c1): lo <= pos < F (rows ascending in position)
+    int64_t c0 = 0;
+    while (c0 < len && kpos[c0] < (float) lo) ++c0;
+    int64_t c1 = c0;
+    while (c1 < len && kpos[c1] < (float) P.F) ++c1;
+
+    struct blk { int64_t r0, r1; double m, sq, h; int64_t k; };
+    std::vector<blk> blocks;
+    for (int64_t r = c0; r < c1; ++r) {
+        const int64_t id = (int64_t) kpos[r] / b;
+        if (blocks.empty() || (int64_t) kpos[blocks.back().r0] / b != id) {
+            blocks.push_back({r, r + 1, 0.0, 0.0, 0.0, 0});
+        } else {
+            blocks.back().r1 = r + 1;
+        }
+        blocks.back().m  += (double) s[r];
+        blocks.back().sq += (double) s[r] * (double) s[r];
+    }
+    if (decode) {
+        for (auto & bl : blocks) bl.k = kt;
+    } else if (!blocks.empty()) {
+        double M = 0.0;
+        for (auto & bl : blocks) M = std::max(M, bl.m);
+        for (auto & bl : blocks) {
+            const double c = bl.m > 0 ? 1.0 - bl.sq / (bl.m * bl.m) : 0.0;
+            bl.h = (1.0 - P.alpha) * (M > 0 ? bl.m / M : 0.0) + P.alpha * c;
+        }
+        std::vector<int64_t> order(blocks.size());
+        for (size_t i = 0; i < order.size(); ++i) order[i] = (int64_t) i;
+        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return blocks[a].h > blocks[c].h; });
+        std::vector<double> cum(n_k);
+        double acc = 0.0;
+        for (int i = 0; i < n_k; ++i) { acc += (double) p_desc[i]; cum[i] = acc; }
+        const double N = (double) blocks.size();
+        for (size_t r = 0; r < order.size(); ++r) {
+            const double u = ((double) r + 0.5) / N;
+            int64_t kk = (int64_t) k_desc[n_k - 1];
+            for (int i = 0; i < n_k; ++i) if (u < cum[i]) { kk = (int64_t) k_desc[i]; break; }
+            blocks[order[r]].k = kk;
+        }
+    }
+    // pooled scores over the candidates of the same block within `radius` positions
+    std::vector<double> sp(std::max<int64_t>(c1 - c0, 0));
+    const int R = P.radius;
+    for (int64_t r = c0; r < c1; ++r) {
+        double m = s[r];
+        const int64_t pr = (int64_t) kpos[r];
+        for (int o = 1; o <= R; ++o) {
+            if (r - o >= c0) {
+                const int64_t pj = (int64_t) kpos[r - o];
+                if (pr - pj <= R && pj / b == pr / b) m = std::max(m, (double) s[r - o]);
+            }
+            if (r + o < c1) {
+                const int64_t pj = (int64_t) kpos[r + o];
+                if (pj - pr <= R && pj / b == pr / b) m = std::max(m, (double) s[r + o]);
+            }
+        }
+        sp[r - c0] = m;
+    }
+    std::vector<uint8_t> keep(len, 1);
+    std::vector<int64_t> idx;
+    double evicted = 0.0;
+    for (auto & bl : blocks) {
+        const int64_t cnt = bl.r1 - bl.r0;
+        if (bl.k >= cnt) continue;
+        idx.resize(cnt);
+        for (int64_t i = 0; i < cnt; ++i) idx[i] = bl.r0 + i;
+        std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t c) { return sp[a - c0] > sp[c - c0]; });
+        for (int64_t i = bl.k; i < cnt; ++i) { keep[idx[i]] = 0; evicted += (double) s[idx[i]]; }
+    }
+    int64_t w = 0;
+    for (int64_t r = 0; r < len; ++r) {
+        if (keep[r]) sel[w++] = (int32_t) (off + r);
+    }
+    for (int64_t r = w; r < len; ++r) sel[r] = -1;
+    const float ev = (float) evicted;
+    tail[0] = (int32_t) off;
+    tail[1] = (int32_t) w;
+    tail[2] = (int32_t) (len - w);
+    memcpy(&tail[3], &ev, sizeof(ev));
+}
+
+} // namespace
+
+extern "C" void ggml_compute_forward_tca_select(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    const ggml_tensor * s    = dst->src[0];
+    const ggml_tensor * kpos = dst->src[1];
+    const ggml_tensor * meta = dst->src[2];
+    const ggml_tensor * bud  = dst->src[3];
+
+    tca_sel_params P;
+    P.n_head_kv = ggml_get_op_params_i32(dst, 0);
+    P.block     = ggml_get_op_params_i32(dst, 1);
+    P.n_sink    = ggml_get_op_params_i32(dst, 2);
+    P.F         = ggml_get_op_params_i32(dst, 3);
+    P.f0        = ggml_get_op_params_i32(dst, 4);
+    P.alpha     = (double) ggml_get_op_params_f32(dst, 5);
+    P.radius    = ggml_get_op_params_i32(dst, 6);
+    P.n_k       = (int32_t) (bud->ne[0] - 1) / 2;
+
+    const int64_t n_slots = ggml_nelements(s);
+    const int32_t * hm = (const int32_t *) meta->data;
+    for (int64_t g = 0; g < P.n_head_kv; ++g) {
+        GGML_ASSERT(hm[2*g] >= 0 && hm[2*g + 1] >= 0 && (int64_t) hm[2*g] + hm[2*g + 1] <= n_slots &&
+                    "tca_select: head range outside the slots");
+    }
+    int32_t * out = (int32_t *) dst->data;
+    const int ith = params->ith, nth = params->nth;
+    if (ith == 0) {
+        for (int64_t i = 0; i < n_slots; ++i) out[i] = -1;
+    }
+    ggml_barrier(params->threadpool);
+    for (int64_t g = ith; g < P.n_head_kv; g += nth) {
+        const int64_t off = hm[2*g], len = hm[2*g + 1];
+        tca_select_one(P, (const float *) s->data + off, (const float *) kpos->data + off, off, len,
+                       (const float *) bud->data + g*bud->ne[0], out + off, out + n_slots + 4*g);
+    }
+}
+
+// ------------------------------------------------------------------------ GGML_OP_TCA_COMPACT
+// Rows move towards the front of their head's range, in ascending slot order: slot i's source is
+// at or after i and after every earlier slot's destination, so no source is overwritten before it
+// is read. One KV head per thread.
+extern "C" void ggml_compute_forward_tca_compact(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    const ggml_tensor * a   = dst->src[0];
+    const ggml_tensor * sel = dst->src[1];
+    const int64_t n_head_kv = ggml_get_op_params_i32(dst, 0);
+    const int64_t n_slots   = a->ne[1];
+    const size_t  rb        = a->nb[1];
+    const int32_t * sv = (const int32_t *) sel->data;
+    char * base = (char *) a->data;
+    for (int64_t g = params->ith; g < n_head_kv; g += params->nth) {
+        const int32_t * tail = sv + n_slots + 4*g;
+        const int64_t off = tail[0], n = tail[1];
+        GGML_ASSERT(off >= 0 && n >= 0 && off + n <= n_slots && "tca_compact: head range outside the slots");
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t src = sv[off + i], d = off + i;
+            if (src == d) continue;
+            GGML_ASSERT(src > d && src < n_slots && "tca_compact: rows only move towards the front");
+            memcpy(base + d*rb, base + src*rb, rb);
+        }
+    }
+}

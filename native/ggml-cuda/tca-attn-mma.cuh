@@ -508,14 +508,12 @@ __global__ void __launch_bounds__(TCA_NT, tca_mma2_cfg<D, C_, MT_>::MINB) tca_at
 #endif // AMPERE_MMA_AVAILABLE
 }
 
-// the f16 tensor-core prefill kernel (H200, 2048 queries over 12.7K rows a KV head, 32/8 heads):
-//   mma1 (single-buffered, 64-row chunks)             D=128 2.742 ms  D=64 1.701 ms
-//   mma2 (cp.async double-buffered, 64-row chunks)    D=128 2.289 ms  D=64 1.306 ms
-//   mma2, 32-row chunks, 4 CTAs an SM                 D=128 2.428 ms  D=64 1.447 ms  (dropped)
-//   mma2, 32-row chunks, two 16-query tiles a warp    D=128 2.172 ms  D=64 1.242 ms  (default)
-// Two tiles a warp halve the shared-memory (ldmatrix) reads per flop; they take 128 queries a CTA,
-// so a ubatch with fewer than 128 queries a KV head keeps one tile. TCA_CUDA_ATTN=mma1 forces the
-// single-buffered kernel, mma2t1 / mma2t2 one or two tiles (tests, A/B).
+// the f16 tensor-core prefill kernel: mma2 (cp.async double-buffered) with 32-row chunks and two
+// 16-query tiles a warp by default, the fastest of the variants measured (docs/benchmarks.md,
+// "Kernel notes moved from code comments"). Two tiles a warp halve the shared-memory (ldmatrix)
+// reads per flop; they take 128 queries a CTA, so a ubatch with fewer than 128 queries a KV head
+// keeps one tile (64-row chunks). TCA_CUDA_ATTN=mma1 forces the single-buffered kernel, mma2t1 /
+// mma2t2 one or two tiles (tests, A/B).
 enum tca_mma_kind { TCA_MMA1, TCA_MMA2_T1, TCA_MMA2_T2 };
 
 template <int D, int C, int MT = 1>

@@ -25,12 +25,9 @@ namespace {
 // redundant exps), and P.V takes each probability from the lane that holds it (one shuffle);
 // the accumulator is per row group (lanes with the same rw) and reduced over the row groups and
 // the warps once, at the end, the running sum over every lane. f32 dots of f16-converted K/V as
-// in the FFMA kernel, different summation order. (H200, decode op at 128K / p = 0.1, 16794 rows
-// a KV head, 32/8 heads: the earlier version — a shuffle tree a score, 8 redundant expf a score —
-// D=64 0.020 ms, D=128 0.038 ms; with the reduce-scatter 0.018 / 0.030 ms; with the queries
-// requested before the head's row range and the next positions converted at the loop end (ncu:
-// long-scoreboard stalls 1.16 -> 0.91 cycles an instruction) 0.017 / 0.029 ms. The kernel is
-// latency-bound: 250 registers a thread hold 8 warps an SM, ~4.6 cycles between a warp's issues.)
+// in the FFMA kernel, different summation order. The kernel is latency-bound (its registers leave
+// 8 warps an SM), hence every load is requested as early as the data flow allows. Timings of these
+// choices: docs/benchmarks.md, "Kernel notes moved from code comments".
 template <int D, int NQ, int U_ = 1>
 struct tca_vec_cfg {
     static constexpr int U   = U_;                              // 16-byte units a lane a row
@@ -395,8 +392,7 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_vec(const tca_args a) {
 // one CTA (TCA_NT threads) per (token, head): the splits' weights exp(m_s - M) once into shared
 // memory; then the threads form SG = TCA_NT/(D/4) groups, each summing every SG-th split's partial
 // row (a float4 of dims per thread, 4 splits in flight), and the groups' sums are added in shared
-// memory. (The version with one thread per dim walked all the splits of a column in one thread:
-// at 33-66 splits a layer in decode that chain of dependent loads cost more than it should.)
+// memory, so that no thread walks a long chain of dependent loads through all the splits.
 __global__ void __launch_bounds__(TCA_NT) tca_attn_combine(const float * __restrict__ part_acc, const float2 * __restrict__ part_ml,
                                  float * __restrict__ dst, const int nsplit, const int T, const int n_head, const int D) {
     extern __shared__ float fs[];  // [nsplit] weights, then [SG][D] group sums

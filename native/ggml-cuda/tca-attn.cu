@@ -227,8 +227,8 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     int64_t nsplit = 1;
     // CTAs per SM to aim for (TCA_CUDA_SPLIT overrides the FFMA/decode figure, for tuning)
     static const int ffma_per_sm = [] { const char * e = getenv("TCA_CUDA_SPLIT"); return e ? std::max(1, atoi(e)) : 4; }();
-    // vector kernel: 2 CTAs per SM (H200, decode op at 128K/p=0.1: 1/2/4 -> D=128 0.057/0.038/0.040 ms,
-    // D=64 0.032/0.020/0.023 ms; the FFMA kernel 0.042/0.025)
+    // vector kernel: 2 CTAs per SM (the fastest of 1/2/4: docs/benchmarks.md, "Kernel notes moved
+    // from code comments")
     static const int vec_per_sm  = [] { const char * e = getenv("TCA_CUDA_VSPLIT"); return e ? std::max(1, atoi(e)) : 2; }();
     const int64_t target = (int64_t) nsm*(mma ? 2 : vec ? vec_per_sm : ffma_per_sm);
     if (base < target && n_slots > 0) {
@@ -242,7 +242,6 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     a.q         = (const char *) q->data;
     a.k         = (const char *) k->data;
     a.v         = (const char *) v->data;
-    // kpos as f32 (the retention cache's layout): converted to i32 once, on the stream
     // kpos as f32 (the retention cache's layout) is read as is (no conversion pass)
     a.kpos  = kpos->type == GGML_TYPE_F32 ? nullptr : (const int *) kpos->data;
     a.kposf = kpos->type == GGML_TYPE_F32 ? (const float *) kpos->data : nullptr;

@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(128) tca_score_logits(const tca_score_args a) 
     }
     __syncthreads();
     // a warp takes TCA_SCORE_RW consecutive rows (the CTA's copy of q serves 4*TCA_SCORE_RW rows:
-    // with one row a warp, copying q into every CTA moved ~16x more bytes than the rows themselves)
+    // with one row a warp, copying q into every CTA would move ~16x more bytes than the rows themselves)
     const int lane = threadIdx.x % 32;
     const int r0   = (blockIdx.x*(blockDim.x/32) + threadIdx.x/32)*TCA_SCORE_RW;
     const int G    = a.n_head/a.n_head_kv;
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(128) tca_score_logits(const tca_score_args a) 
 // f16 K: one THREAD per row. The row is read in 16-byte pieces and dotted with the G query heads of
 // its KV head, held in shared memory (the lanes of a warp read the same q element: a broadcast).
 // The warp-per-row kernel above spends ~150 instructions a row (head lookup, G shuffle reductions);
-// this one ~13. H200, 1B shape at 128K/p=0.1 (ncu, 150K slots a layer): 87 us a layer before.
+// this one ~13.
 #define TCA_SCORE_TPR_NT 128
 #define TCA_SCORE_TPR_GM 8   // query heads a pass over the row
 
@@ -177,8 +177,8 @@ __global__ void __launch_bounds__(TCA_SCORE_TPR_NT) tca_score_logits_tpr(const t
 }
 
 // one CTA (1024 threads) per query head: max and sum of exp over the head's rows, 4 independent
-// accumulators a thread (loads in flight; with 256 threads and one accumulator the two passes over
-// ~20K rows were a chain of ~80 dependent loads a thread, 32 CTAs on the whole GPU)
+// accumulators a thread, so that loads are in flight (with one accumulator each pass over a head's
+// rows is a long chain of dependent loads a thread)
 __global__ void __launch_bounds__(1024) tca_score_stats(const tca_score_args a) {
     __shared__ float red[32];
     const int h = blockIdx.x;
@@ -484,8 +484,8 @@ __device__ __forceinline__ double tca_sel_h(const tca_sel_args & a, size_t i, do
 }
 
 // grid (ceil(NB/256), H), 256 threads (prefill): rank of every block by h, descending, ties to the lower
-// block. O(NB^2) comparisons spread over the GPU (in tca_sel_rank they ran on H CTAs: 57 us a layer for
-// NB ~ 1000 on the H200); every CTA recomputes M and the h of each tile (a few thousand doubles).
+// block. O(NB^2) comparisons spread over the GPU (tca_sel_rank has only one CTA a head); every CTA
+// recomputes M and the h of each tile (a few thousand doubles).
 #define TCA_SEL_RNT 256
 __global__ void __launch_bounds__(TCA_SEL_RNT) tca_sel_ranks(const tca_sel_args a) {
     __shared__ double tile[TCA_SEL_RNT];
@@ -667,8 +667,8 @@ __global__ void __launch_bounds__(128) tca_sel_topk(const tca_sel_args a) {
 // Row moves of the compaction, over (slot d, word i) pairs, grid-stride: GATHER copies row sel[d] of a
 // into slot d of the scratch, then !GATHER copies it back into slot d of a. Slots that keep their row
 // (sel[d] == d) or hold none (-1) cost one cached read of sel. W is a 16-byte word where rows and
-// bases allow it, else 4 bytes. (Before: one warp a slot with 4-byte words, one CTA per 8 slots: a
-// layer at 128K on the 1B shape launched ~19K CTAs a pass, most of them for rows that do not move.)
+// bases allow it, else 4 bytes. A grid-stride loop (the launch caps the grid at 8 CTAs an SM), not
+// a CTA per group of slots: most slots keep their row.
 template <typename W, bool GATHER>
 __global__ void __launch_bounds__(256) tca_compact_copy(char * a, char * tmp, const int * __restrict__ sel, int n_slots, int words) {
     const int64_t n = (int64_t) n_slots*words;

@@ -65,7 +65,18 @@ struct tca_params {
     const uint32_t * n_head_kv; // [n_layer]
     const float * p;           // [sum(n_head_kv) * n_k], layer-major, rows sum to 1
     int32_t forced;            // 1: uniform forced density (uncalibrated, benchmarks only)
+    int32_t retention;         // TCA_RETENTION_HOLD (0, default) or TCA_RETENTION_STREAM (1)
+    uint32_t n_obs;            // hold: observation window, the prompt's last queries that score the
+                               // final selection (0 = default, 32)
+    int32_t n_whole;           // hold: the final selection's top-ranked blocks kept whole (k = b),
+                               // taken from the head's budget shares (-1 = default, 4; 0 = none)
 };
+// Retention policies (docs/design.md "Retention"): HOLD keeps every row of the sequence in a
+// second tier until a prompt's last ubatch (the one that asks for logits) has been seen, attends
+// it there, and selects what stays by that ubatch's last n_obs queries; STREAM evicts for good
+// after every ubatch (the smallest peak; rows the filler's queries did not read are lost).
+#define TCA_RETENTION_HOLD   0
+#define TCA_RETENTION_STREAM 1
 
 // llama_init_from_model with the TCA retention memory instead of the dense KV cache.
 // Contexts with n_ctx <= window + block, and models whose memory is not the plain KV cache
@@ -86,6 +97,10 @@ struct tca_stats {
     uint64_t n_compactions;
     double   t_compact_ms;     // time spent selecting + compacting (device work included)
     uint64_t bytes_device;     // of bytes_alloc, in device (non-host) buffers
+    int32_t  retention;        // TCA_RETENTION_*
+    uint64_t bytes_hold;       // of bytes_alloc, the hold tier (every row of the sequence; 0 for STREAM)
+    uint64_t rows_held;        // rows in the hold tier now, summed over layers and KV heads
+    uint64_t n_final;          // final selections (prompt ends) from the hold tier
 };
 TCA_API int tca_get_stats(const struct llama_context * ctx, struct tca_stats * out);  // 1 active, 0 not
 // per (layer, KV head): retained rows, capacity, coverage of q_last at the last compaction.

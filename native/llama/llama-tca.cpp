@@ -153,7 +153,7 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
             throw std::runtime_error("TCA: K/V rows of " + std::to_string(rk) + "/" + std::to_string(rv) +
                                      " bytes are not a multiple of 4");
         }
-        ggml_init_params ip = { 8 * ggml_tensor_overhead(), nullptr, true };
+        ggml_init_params ip = { 12 * ggml_tensor_overhead(), nullptr, true };
         ggml_context * ctx = ggml_init(ip);
         if (!ctx) throw std::runtime_error("TCA: ggml_init failed");
         ctxs.emplace_back(ctx);
@@ -167,11 +167,36 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
         ggml_format_name(L.q_last, "tca_qlast_l%d", il);
         L.bud = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 2 * (int64_t) n_k + 1, nkv);
         ggml_format_name(L.bud, "tca_bud_l%d", il);
+        if (cfg.hold) {
+            L.q_obs = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, L.d_k, L.n_head, std::max<uint32_t>(1, cfg.n_obs));
+            ggml_format_name(L.q_obs, "tca_qobs_l%d", il);
+        }
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
         if (!buf) throw std::runtime_error("TCA: failed to allocate the retention cache for layer " + std::to_string(il));
         ggml_backend_buffer_clear(buf, 0);
         bufs.emplace_back(buf);
         L.host = ggml_backend_buffer_is_host(buf);
+        if (cfg.hold) {
+            // the hold tier: every row of the sequence until a prompt's end has been seen (and
+            // after, for the next prompt's final selection), in the layer's buffer type
+            ggml_init_params hp_ = { 4 * ggml_tensor_overhead(), nullptr, true };
+            ggml_context * hctx = ggml_init(hp_);
+            if (!hctx) throw std::runtime_error("TCA: ggml_init failed");
+            ctxs.emplace_back(hctx);
+            const int64_t n_rows = (int64_t) nkv * n_ctx;
+            L.hk = ggml_new_tensor_2d(hctx, type_k, L.d_k, n_rows);
+            L.hv = ggml_new_tensor_2d(hctx, type_v, L.d_v, n_rows);
+            L.hkpos = ggml_new_tensor_2d(hctx, GGML_TYPE_F32, 1, n_rows);
+            ggml_format_name(L.hk, "tca_hk_l%d", il);
+            ggml_format_name(L.hv, "tca_hv_l%d", il);
+            ggml_format_name(L.hkpos, "tca_hkpos_l%d", il);
+            ggml_backend_buffer_t hbuf = ggml_backend_alloc_ctx_tensors_from_buft(hctx, buft);
+            if (!hbuf) throw std::runtime_error("TCA: failed to allocate the hold tier for layer " + std::to_string(il) +
+                                                " (tca_retention='stream' needs none)");
+            ggml_backend_buffer_clear(hbuf, 0);
+            bytes_hold += ggml_backend_buffer_get_size(hbuf);
+            bufs.emplace_back(hbuf);
+        }
         {   // per head: the budget in descending-k order, k descending, the decode cut floor(t)
             std::vector<float> & bd = L.bud_host;
             for (const auto & h : L.heads) {
@@ -183,6 +208,7 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
             }
             ggml_backend_tensor_set(L.bud, bd.data(), 0, bd.size() * sizeof(float));
         }
+        init_hold_pos(L);
         if (ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
             dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
             // the device must run the layer's TCA nodes itself: no silent fallback to the CPU
@@ -224,11 +250,15 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
     }
     for (auto & kv : io) {
         auto & o = kv.second;
-        ggml_init_params ip = { 4 * ggml_tensor_overhead(), nullptr, true };
+        ggml_init_params ip = { 6 * ggml_tensor_overhead(), nullptr, true };
         ggml_context * ctx = ggml_init(ip);
         if (!ctx) throw std::runtime_error("TCA: ggml_init failed");
         ctxs.emplace_back(ctx);
         const int64_t n_rows = std::max<int64_t>(1, o.rows_per_token * (int64_t) n_ubatch);
+        o.hidx  = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_rows);
+        o.hmeta = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, std::max<int64_t>(1, o.n_meta));
+        ggml_set_name(o.hidx, "tca_io_hidx");
+        ggml_set_name(o.hmeta, "tca_io_hmeta");
         o.pnew = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_rows);
         o.idx  = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_rows);
         o.meta = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, std::max<int64_t>(1, o.n_meta));
@@ -244,10 +274,12 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
     for (auto & b : bufs) total += ggml_backend_buffer_get_size(b.get());
     size_t n_dev = 0;
     for (auto & L : layers) n_dev += L.host ? 0 : 1;
-    LLAMA_LOG_INFO("%s: TCA retention cache: %zu layers (%zu on a device), %.2f MiB (dense KV would be %.2f MiB, %.1f%%), "
-                   "b=%u w=%u sinks=%u alpha=%.2f%s\n", __func__, layers.size(), n_dev, total / 1048576.0,
-                   bytes_dense / 1048576.0, 100.0 * total / std::max<double>(1.0, (double) bytes_dense),
-                   cfg.block, cfg.window, cfg.n_sink, cfg.alpha, cfg.forced ? " [forced density, uncalibrated]" : "");
+    LLAMA_LOG_INFO("%s: TCA retention cache: %zu layers (%zu on a device), %.2f MiB fast tier + %.2f MiB hold tier "
+                   "(dense KV would be %.2f MiB; fast tier %.1f%%), b=%u w=%u sinks=%u alpha=%.2f retention=%s n_obs=%u%s\n",
+                   __func__, layers.size(), n_dev, (total - bytes_hold) / 1048576.0, bytes_hold / 1048576.0,
+                   bytes_dense / 1048576.0, 100.0 * (total - bytes_hold) / std::max<double>(1.0, (double) bytes_dense),
+                   cfg.block, cfg.window, cfg.n_sink, cfg.alpha, cfg.hold ? "hold" : "stream", cfg.n_obs,
+                   cfg.forced ? " [forced density, uncalibrated]" : "");
 }
 
 // TCA_GGML_STATS=1: one line on stderr when the context goes (for tools that do not ask, e.g.
@@ -319,6 +351,15 @@ bool llama_tca_memory::reserve_ubatch(const llama_ubatch & ub) {
         }
     }
     if (!pending) pending_first_pos = ub.pos[0];
+    // HOLD: a prompt's last ubatch is the one whose last token asks for logits (a one-token
+    // ubatch only right after a prompt's other ubatches: otherwise it is a decode step)
+    const bool out_last = ub.output && ub.output[ub.n_tokens - 1];
+    cur_final = cfg.hold && out_last && (ub.n_tokens > 1 || prev_prefill);
+    prev_prefill = ub.n_tokens > 1 && !cur_final;
+    if (cur_final) {
+        n_obs_valid = std::min<uint32_t>(std::max<uint32_t>(1, cfg.n_obs), ub.n_tokens);
+        pending_final = true;
+    }
     for (auto & L : layers) {
         for (uint32_t g = 0; g < L.n_head_kv; ++g) {
             auto & h = L.heads[g];
@@ -353,8 +394,24 @@ bool llama_tca_memory::fits(const llama_ubatch & ub) const {
 void llama_tca_memory::compact_pending() {
     if (!pending) return;
     pending = false;
+    const bool fin = pending_final;
+    pending_final = false;
     const uint32_t n_aged = n_seen > cfg.window ? (n_seen - cfg.window) / cfg.block : 0;
     if (n_aged == 0) return;
+    if (fin) {
+        // HOLD, after a prompt's last ubatch: what stays is selected from every row of the
+        // sequence (the hold tier) by the prompt's last queries
+        if (sched) ggml_backend_sched_synchronize(sched);
+        const int64_t t0 = ggml_time_us();
+        std::map<ggml_backend_buffer_type_t, std::vector<layer_t *>> groups;
+        for (auto & L : layers) groups[L.buft].push_back(&L);
+        for (auto & kv : groups) compact_final(kv.second);
+        frontier = n_aged * cfg.block;
+        ++n_compactions;
+        ++n_final;
+        t_compact_us += (double) (ggml_time_us() - t0);
+        return;
+    }
     if (pending_decode && n_aged * cfg.block <= frontier) return;
     if (sched) {
         ggml_backend_sched_synchronize(sched);  // the last ubatch's graph wrote K/V/q_last
@@ -468,6 +525,157 @@ void llama_tca_memory::compact_graph(const std::vector<layer_t *> & Ls, int64_t 
     t_dev_read_us += (double) (t3 - t2);
 }
 
+void llama_tca_memory::init_hold_pos(layer_t & L) {
+    if (!L.hkpos) return;
+    std::vector<float> pf((size_t) L.n_head_kv * n_ctx);
+    for (uint32_t g = 0; g < L.n_head_kv; ++g)
+        for (uint32_t p = 0; p < n_ctx; ++p) pf[(size_t) g * n_ctx + p] = (float) p;
+    ggml_backend_tensor_set(L.hkpos, pf.data(), 0, pf.size() * sizeof(float));
+}
+
+// HOLD's final selection (docs/design.md "Retention"): per layer, the pooled importance of every
+// held row is the mean over the observation window's queries of GGML_OP_TCA_SCORE (each already
+// the mean over the KV head's query heads); GGML_OP_TCA_SELECT picks the rows to keep as after a
+// prefill ubatch (design §3); the kept rows are then gathered from the hold tier into the fast
+// tier (GET_ROWS -> SET_ROWS), which they replace. The hold tier keeps every row.
+void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
+    if (Ls.empty()) return;
+    const int64_t t0 = ggml_time_us();
+    ggml_backend_buffer_type_t buft = Ls[0]->buft;
+    ggml_backend_t be = backend_for(buft);
+    ggml_gallocr_t galloc = gallocs[buft].get();
+    const uint32_t F = aged_frontier(n_seen, cfg.window, cfg.block);
+    const uint32_t n_q = std::max<uint32_t>(1, n_obs_valid);
+    std::vector<std::vector<int32_t>> sel_host(Ls.size());
+    {   // 1. scores and selection on the hold tier
+        const size_t n_nodes = (4 * (size_t) n_q + 8) * Ls.size() + 16;
+        ggml_init_params ip = { ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false), nullptr, true };
+        ggml_context_ptr ctx{ggml_init(ip)};
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), n_nodes, false);
+        std::vector<ggml_tensor *> metas, sels, buds;
+        for (layer_t * L : Ls) {
+            if (L->scale == 0.0f) L->scale = 1.0f / std::sqrt((float) L->d_k);
+            const int nkv = (int) L->n_head_kv;
+            ggml_tensor * meta = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, 2 * nkv);
+            ggml_set_input(meta);
+            ggml_tensor * s = nullptr;
+            for (uint32_t j = 0; j < n_q; ++j) {
+                ggml_tensor * qj = ggml_view_2d(ctx.get(), L->q_obs, L->d_k, L->n_head, L->q_obs->nb[1], (size_t) j * L->q_obs->nb[2]);
+                ggml_tensor * sj = ggml_tca_score(ctx.get(), qj, L->hk, meta, nkv, L->scale);
+                s = s ? ggml_add(ctx.get(), s, sj) : sj;
+            }
+            if (n_q > 1) s = ggml_scale(ctx.get(), s, 1.0f / (float) n_q);
+            ggml_tensor * bud = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, L->bud->ne[0], L->bud->ne[1]);
+            ggml_set_input(bud);
+            ggml_tensor * se = ggml_tca_select(ctx.get(), s, L->hkpos, meta, bud, nkv, (int) cfg.block, (int) cfg.n_sink,
+                                               (int) F, -1, cfg.alpha, tca_pool_radius());
+            buds.push_back(bud);
+            ggml_set_output(se);
+            ggml_build_forward_expand(gf, se);
+            metas.push_back(meta);
+            sels.push_back(se);
+        }
+        if (!ggml_gallocr_alloc_graph(galloc, gf)) throw std::runtime_error("TCA: cannot allocate the final selection graph");
+        std::vector<int32_t> mt;
+        for (size_t i = 0; i < Ls.size(); ++i) {
+            mt.clear();
+            for (uint32_t g = 0; g < Ls[i]->n_head_kv; ++g) { mt.push_back((int32_t) (g * n_ctx)); mt.push_back((int32_t) n_seen); }
+            ggml_backend_tensor_set(metas[i], mt.data(), 0, mt.size() * sizeof(int32_t));
+            // the head's budget with its top n_whole ranks at k = b: p'_0 = (W + p_0 (N - W)) / N,
+            // p'_i = p_i (N - W) / N over the N aged blocks (every aged block has candidates: the
+            // hold tier holds every row)
+            const size_t n_k = cfg.k_values.size(), stride = 2 * n_k + 1;
+            std::vector<float> bd = Ls[i]->bud_host;
+            const double N = (double) (F / cfg.block), W = std::min<double>(cfg.n_whole, N);
+            if (N > 0 && W > 0) {
+                for (uint32_t g = 0; g < Ls[i]->n_head_kv; ++g) {
+                    float * pd = bd.data() + g * stride;
+                    for (size_t k = 0; k < n_k; ++k) pd[k] = (float) (pd[k] * (N - W) / N);
+                    pd[0] += (float) (W / N);
+                }
+            }
+            ggml_backend_tensor_set(buds[i], bd.data(), 0, bd.size() * sizeof(float));
+        }
+        if (ggml_backend_graph_compute(be, gf) != GGML_STATUS_SUCCESS) throw std::runtime_error("TCA: final selection graph failed");
+        ggml_backend_synchronize(be);
+        for (size_t i = 0; i < Ls.size(); ++i) {
+            sel_host[i].resize((size_t) ggml_nelements(sels[i]));
+            ggml_backend_tensor_get(sels[i], sel_host[i].data(), 0, sel_host[i].size() * sizeof(int32_t));
+        }
+    }
+    const int64_t t1 = ggml_time_us();
+    {   // 2. gather the kept rows into the fast tier
+        const size_t n_nodes = 16 * Ls.size() + 16;
+        ggml_init_params ip = { ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false), nullptr, true };
+        ggml_context_ptr ctx{ggml_init(ip)};
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), n_nodes, false);
+        std::vector<std::pair<ggml_tensor *, std::vector<int32_t>>> srcs;
+        std::vector<std::pair<ggml_tensor *, std::vector<int64_t>>> dsts;
+        for (size_t i = 0; i < Ls.size(); ++i) {
+            layer_t & L = *Ls[i];
+            const int32_t * sel = sel_host[i].data();
+            const size_t n_rows = (size_t) L.n_head_kv * n_ctx;
+            std::vector<int32_t> src;
+            std::vector<int64_t> dst;
+            for (uint32_t g = 0; g < L.n_head_kv; ++g) {
+                auto & h = L.heads[g];
+                const int32_t * tg = sel + n_rows + 4 * (size_t) g;
+                const uint32_t base = g * n_ctx;
+                if (tg[0] != (int32_t) base || tg[1] < 0 || (uint32_t) tg[1] > n_seen || tg[2] != (int32_t) n_seen - tg[1]) {
+                    throw std::runtime_error("TCA: the final selection returned an inconsistent head (layer " +
+                                             std::to_string(L.il) + ", head " + std::to_string(g) + ")");
+                }
+                const uint32_t nl = (uint32_t) tg[1];
+                if (nl > h.cap) {
+                    throw std::runtime_error("TCA: the final selection keeps " + std::to_string(nl) + " rows, more than the " +
+                                             std::to_string(h.cap) + " of the fast tier (layer " + std::to_string(L.il) +
+                                             ", head " + std::to_string(g) + ")");
+                }
+                float ev;
+                memcpy(&ev, &tg[2 + 1], sizeof(ev));
+                h.pos.resize(nl);
+                for (uint32_t r = 0; r < nl; ++r) {
+                    const int32_t row = sel[base + r];
+                    if (row < (int32_t) base || row >= (int32_t) (base + n_seen)) {
+                        throw std::runtime_error("TCA: the final selection returned a row outside its head");
+                    }
+                    src.push_back(row);
+                    dst.push_back((int64_t) h.off + r);
+                    h.pos[r] = row - (int32_t) base;
+                }
+                h.n_evicted = (uint32_t) tg[2];  // rows of the sequence not in the fast tier
+                h.len = nl;
+                h.coverage = 1.0f - ev;
+            }
+            L.pos_valid = true;
+            if (src.empty()) continue;
+            const int64_t n = (int64_t) src.size();
+            ggml_tensor * is = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n);
+            ggml_tensor * id = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I64, n);
+            ggml_set_input(is);
+            ggml_set_input(id);
+            const std::pair<ggml_tensor *, ggml_tensor *> pairs[3] = { { L.hk, L.k }, { L.hv, L.v }, { L.hkpos, L.kpos } };
+            for (const auto & pr : pairs) {
+                ggml_tensor * rows = ggml_get_rows(ctx.get(), pr.first, is);
+                ggml_build_forward_expand(gf, ggml_set_rows(ctx.get(), pr.second, rows, id));
+            }
+            srcs.emplace_back(is, std::move(src));
+            dsts.emplace_back(id, std::move(dst));
+        }
+        if (!srcs.empty()) {
+            if (!ggml_gallocr_alloc_graph(galloc, gf)) throw std::runtime_error("TCA: cannot allocate the gather graph");
+            for (auto & sv : srcs) ggml_backend_tensor_set(sv.first, sv.second.data(), 0, sv.second.size() * sizeof(int32_t));
+            for (auto & dv : dsts) ggml_backend_tensor_set(dv.first, dv.second.data(), 0, dv.second.size() * sizeof(int64_t));
+            if (ggml_backend_graph_compute(be, gf) != GGML_STATUS_SUCCESS) throw std::runtime_error("TCA: gather graph failed");
+            ggml_backend_synchronize(be);
+        }
+    }
+    const int64_t t2 = ggml_time_us();
+    t_dev_build_us += 0.0;
+    t_dev_compute_us += (double) (t1 - t0);
+    t_dev_read_us += (double) (t2 - t1);
+}
+
 void llama_tca_memory::ensure_pos(layer_t & L) {
     if (L.pos_valid) return;
     if (sched) ggml_backend_sched_synchronize(sched);
@@ -487,11 +695,17 @@ void llama_tca_memory::clear(bool data) {
     }
     if (data) {
         for (auto & b : bufs) ggml_backend_buffer_clear(b.get(), 0);
-        for (auto & L : layers) ggml_backend_tensor_set(L.bud, L.bud_host.data(), 0, L.bud_host.size() * sizeof(float));
+        for (auto & L : layers) {
+            ggml_backend_tensor_set(L.bud, L.bud_host.data(), 0, L.bud_host.size() * sizeof(float));
+            init_hold_pos(L);
+        }
     }
     n_seen = 0;
     frontier = 0;
     pending = false;
+    pending_final = false;
+    cur_final = false;
+    prev_prefill = false;
 }
 
 bool llama_tca_memory::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
@@ -515,6 +729,7 @@ bool llama_tca_memory::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
         }
         n_seen = (uint32_t) pending_first_pos;
         pending = false;
+        pending_final = false;
     } else {
         compact_pending();
     }
@@ -559,7 +774,7 @@ std::map<ggml_backend_buffer_type_t, size_t> llama_tca_memory::memory_breakdown(
     return ret;
 }
 
-static const uint32_t TCA_STATE_MAGIC = 0x31414354; // "TCA1"
+static const uint32_t TCA_STATE_MAGIC = 0x32414354; // "TCA2": + retention flag, the hold tier's rows
 
 void llama_tca_memory::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
     GGML_UNUSED(flags);
@@ -567,7 +782,9 @@ void llama_tca_memory::state_write(llama_io_write_i & io, llama_seq_id seq_id, l
     const uint32_t magic = TCA_STATE_MAGIC;
     const uint32_t n_layers = (seq_id <= 0) ? (uint32_t) layers.size() : 0;
     const uint32_t seen = (seq_id <= 0) ? n_seen : 0;
+    const uint32_t hold = cfg.hold ? 1 : 0;
     io.write(&magic, sizeof(magic));
+    io.write(&hold, sizeof(hold));
     io.write(&seen, sizeof(seen));
     io.write(&frontier, sizeof(frontier));
     io.write(&n_layers, sizeof(n_layers));
@@ -585,15 +802,26 @@ void llama_tca_memory::state_write(llama_io_write_i & io, llama_seq_id seq_id, l
                 io.write_tensor(L.v, (size_t) h.off * rv, (size_t) h.len * rv);
             }
         }
+        if (hold && seen) {
+            for (uint32_t g = 0; g < L.n_head_kv; ++g) {
+                io.write_tensor(L.hk, (size_t) g * n_ctx * rk, (size_t) seen * rk);
+                io.write_tensor(L.hv, (size_t) g * n_ctx * rv, (size_t) seen * rv);
+            }
+        }
     }
 }
 
 void llama_tca_memory::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
     GGML_UNUSED(flags);
     if (seq_id > 0) throw std::runtime_error("TCA: only sequence 0 exists");
-    uint32_t magic = 0, seen = 0, fr = 0, n_layers = 0;
+    uint32_t magic = 0, hold = 0, seen = 0, fr = 0, n_layers = 0;
     io.read(&magic, sizeof(magic));
-    if (magic != TCA_STATE_MAGIC) throw std::runtime_error("TCA: state was not written by a TCA context");
+    if (magic != TCA_STATE_MAGIC) throw std::runtime_error("TCA: state was not written by a TCA context of this version");
+    io.read(&hold, sizeof(hold));
+    if (hold != (cfg.hold ? 1u : 0u)) {
+        throw std::runtime_error(std::string("TCA: state was saved with tca_retention='") + (hold ? "hold" : "stream") +
+                                 "', this context uses '" + (cfg.hold ? "hold" : "stream") + "'");
+    }
     io.read(&seen, sizeof(seen));
     io.read(&fr, sizeof(fr));
     io.read(&n_layers, sizeof(n_layers));
@@ -619,6 +847,12 @@ void llama_tca_memory::state_read(llama_io_read_i & io, llama_seq_id seq_id, lla
                 io.read_tensor(L.v, (size_t) h.off * rv, (size_t) len * rv);
                 std::vector<float> pf(h.pos.begin(), h.pos.end());
                 ggml_backend_tensor_set(L.kpos, pf.data(), (size_t) h.off * sizeof(float), (size_t) len * sizeof(float));
+            }
+        }
+        if (hold && seen) {
+            for (uint32_t g = 0; g < L.n_head_kv; ++g) {
+                io.read_tensor(L.hk, (size_t) g * n_ctx * rk, (size_t) seen * rk);
+                io.read_tensor(L.hv, (size_t) g * n_ctx * rv, (size_t) seen * rv);
             }
         }
     }
@@ -674,29 +908,54 @@ public:
             for (uint32_t i = 0; i < ub->n_tokens; ++i) d[i] = ub->pos[i];
         }
         // staging for the device-resident inputs, per buffer type
-        struct stage { std::vector<float> pn; std::vector<int64_t> ix; std::vector<int32_t> mt; };
+        struct stage { std::vector<float> pn; std::vector<int64_t> ix, hix; std::vector<int32_t> mt, hmt; };
+        std::vector<int32_t> scratch, scratch_m;
         std::map<ggml_backend_buffer_type_t, stage> st;
         for (const auto & pl : layers) {
             const auto * L = mem->layer(pl.il);
             GGML_ASSERT(L);
             const slot_t & sl = slots[mem->map_il.at(pl.il)];
-            float * pn; int32_t * mt; int64_t * ix;
+            float * pn; int32_t * mt; int64_t * ix; int64_t * hix = nullptr; int32_t * hmt = nullptr;
+            const bool hold = mem->cfg.hold;
             if (sl.io) {
                 stage & S = st[sl.buft];
                 if (S.mt.empty()) {
                     S.pn.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0.0f);
                     S.ix.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0);
                     S.mt.assign((size_t) sl.io->n_meta, 0);
+                    if (hold) {
+                        S.hix.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0);
+                        S.hmt.assign((size_t) sl.io->n_meta, 0);
+                    }
                 }
                 pn = S.pn.data() + sl.o_rows;
                 ix = S.ix.data() + sl.o_rows;
                 mt = S.mt.data() + sl.o_meta;
+                if (hold) { hix = S.hix.data() + sl.o_rows; hmt = S.hmt.data() + sl.o_meta; }
             } else {
-                GGML_ASSERT(ggml_backend_buffer_is_host(pnew_all->buffer) && ggml_backend_buffer_is_host(meta_all->buffer) &&
-                            ggml_backend_buffer_is_host(idx_all->buffer));
+                GGML_ASSERT(ggml_backend_buffer_is_host(pnew_all->buffer) && ggml_backend_buffer_is_host(idx_all->buffer));
                 pn = (float *) pnew_all->data + sl.o_rows;
-                mt = (int32_t *) meta_all->data + sl.o_meta;
+                // meta is not in the graph of a final ubatch (HOLD: the attention reads hmeta)
+                if (meta_all->buffer) {
+                    GGML_ASSERT(ggml_backend_buffer_is_host(meta_all->buffer));
+                    mt = (int32_t *) meta_all->data + sl.o_meta;
+                } else {
+                    scratch_m.resize(std::max<size_t>(scratch_m.size(), 2 * (size_t) L->n_head_kv));
+                    mt = scratch_m.data();
+                }
                 ix = (int64_t *) idx_all->data + sl.o_rows;
+                if (hold) {
+                    // hmeta is in the graph only for a final ubatch (the attention over the hold tier)
+                    GGML_ASSERT(ggml_backend_buffer_is_host(hidx_all->buffer));
+                    hix = (int64_t *) hidx_all->data + sl.o_rows;
+                    if (hmeta_all->buffer) {
+                        GGML_ASSERT(ggml_backend_buffer_is_host(hmeta_all->buffer));
+                        hmt = (int32_t *) hmeta_all->data + sl.o_meta;
+                    } else {
+                        scratch.resize(std::max<size_t>(scratch.size(), 2 * (size_t) L->n_head_kv));
+                        hmt = scratch.data();
+                    }
+                }
             }
             for (uint32_t g = 0; g < L->n_head_kv; ++g) {
                 const auto & h = L->heads[g];
@@ -709,6 +968,15 @@ public:
                     ix[(size_t) t * L->n_head_kv + g] = (int64_t) h.off + std::min<uint32_t>(before + t, h.cap - 1);
                     pn[(size_t) t * L->n_head_kv + g] = (float) ub->pos[t];
                 }
+                if (hold) {
+                    const uint32_t base = g * mem->n_ctx;
+                    hmt[2 * g] = (int32_t) base;
+                    hmt[2 * g + 1] = tctx->is_full ? (int32_t) std::min<uint32_t>(mem->n_ctx, ub->n_tokens) : (int32_t) mem->n_seen;
+                    for (uint32_t t = 0; t < ub->n_tokens; ++t) {
+                        const uint32_t p = tctx->is_full ? t : (uint32_t) ub->pos[t];
+                        hix[(size_t) t * L->n_head_kv + g] = (int64_t) base + std::min<uint32_t>(p, mem->n_ctx - 1);
+                    }
+                }
             }
         }
         if (!st.empty() && mem->sched) {
@@ -720,6 +988,10 @@ public:
             ggml_backend_tensor_set(o.pnew, kv.second.pn.data(), 0, kv.second.pn.size() * sizeof(float));
             ggml_backend_tensor_set(o.idx, kv.second.ix.data(), 0, kv.second.ix.size() * sizeof(int64_t));
             ggml_backend_tensor_set(o.meta, kv.second.mt.data(), 0, kv.second.mt.size() * sizeof(int32_t));
+            if (!kv.second.hix.empty()) {
+                ggml_backend_tensor_set(o.hidx, kv.second.hix.data(), 0, kv.second.hix.size() * sizeof(int64_t));
+                ggml_backend_tensor_set(o.hmeta, kv.second.hmt.data(), 0, kv.second.hmt.size() * sizeof(int32_t));
+            }
         }
     }
 
@@ -730,6 +1002,7 @@ public:
         const auto * t = dynamic_cast<const llama_tca_memory_context *>(params.mctx);
         if (!t || !tctx || t->mem != tctx->mem || t->is_full != tctx->is_full) return false;
         if (!qpos || qpos->ne[0] != (int64_t) params.ubatch.n_tokens) return false;
+        if (final != (t->mem->cur_final && !t->is_full)) return false;  // HOLD: another graph
         tctx = t;
         return true;
     }
@@ -741,6 +1014,9 @@ public:
     ggml_tensor * pnew_all = nullptr;     // [1, sum nkv * n_tokens] f32
     ggml_tensor * meta_all = nullptr;     // [sum 2 nkv] i32
     ggml_tensor * idx_all  = nullptr;     // [sum nkv * n_tokens] i64
+    ggml_tensor * hidx_all = nullptr;     // HOLD: [sum nkv * n_tokens] i64 hold-tier rows
+    ggml_tensor * hmeta_all = nullptr;    // HOLD: [sum 2 nkv] i32 hold-tier head ranges
+    bool final = false;                   // HOLD: a prompt's last ubatch (attends the hold tier)
     std::vector<slot_t> slots;            // per layer (memory's layer order)
 };
 }  // namespace
@@ -781,6 +1057,15 @@ llm_graph_input_attn_kv * llama_tca_build_attn_inp(const llm_graph_context & g) 
     ggml_set_name(inp->pnew_all, "tca_pnew");
     ggml_set_name(inp->meta_all, "tca_meta");
     ggml_set_name(inp->idx_all, "tca_idx");
+    if (t->mem->cfg.hold) {
+        inp->hidx_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, std::max<int64_t>(1, n_rows));
+        inp->hmeta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, std::max<int64_t>(1, n_meta));
+        ggml_set_input(inp->hidx_all);
+        ggml_set_input(inp->hmeta_all);
+        ggml_set_name(inp->hidx_all, "tca_hidx");
+        ggml_set_name(inp->hmeta_all, "tca_hmeta");
+    }
+    inp->final = t->mem->cur_final && !t->is_full;
     return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
 }
 
@@ -834,6 +1119,33 @@ ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_
     ggml_tensor * k_all = ggml_set_rows(ctx0, L->k, kc, pl.idx);
     ggml_build_forward_expand(gf, k_all);
 
+    // HOLD: every row also goes to the hold tier (head g, position p at g*n_ctx + p); a prompt's
+    // last ubatch attends the hold tier (every row of the sequence), and its last n_obs queries
+    // are kept for the final selection that follows it
+    ggml_tensor * att_k = k_all, * att_v = v_all, * att_p = p_all, * att_meta = pl.meta;
+    if (mem->cfg.hold) {
+        ggml_tensor * src_hidx  = sl.io ? sl.io->hidx  : inp->hidx_all;
+        ggml_tensor * src_hmeta = sl.io ? sl.io->hmeta : inp->hmeta_all;
+        ggml_tensor * hidx  = ggml_view_1d(ctx0, src_hidx, nkv * n_tokens, sl.o_rows * sizeof(int64_t));
+        ggml_tensor * hmeta = ggml_view_1d(ctx0, src_hmeta, 2 * nkv, sl.o_meta * sizeof(int32_t));
+        ggml_tensor * hk_all = ggml_set_rows(ctx0, L->hk, kc, hidx);
+        ggml_tensor * hv_all = ggml_set_rows(ctx0, L->hv, vc, hidx);
+        ggml_build_forward_expand(gf, hk_all);
+        ggml_build_forward_expand(gf, hv_all);
+        if (inp->final) {
+            att_k = hk_all;
+            att_v = hv_all;
+            att_p = ggml_reshape_1d(ctx0, L->hkpos, ggml_nelements(L->hkpos));
+            att_meta = hmeta;
+            const int64_t n_o = std::min<int64_t>(n_tokens, L->q_obs->ne[2]);
+            ggml_tensor * q_o = ggml_view_3d(ctx0, q_cur, q_cur->ne[0], q_cur->ne[1], n_o, q_cur->nb[1], q_cur->nb[2],
+                                             (size_t) (n_tokens - n_o) * q_cur->nb[2]);
+            ggml_tensor * dst = ggml_view_3d(ctx0, L->q_obs, L->q_obs->ne[0], L->q_obs->ne[1], n_o, L->q_obs->nb[1],
+                                             L->q_obs->nb[2], 0);
+            ggml_build_forward_expand(gf, ggml_cpy(ctx0, q_o, dst));
+        }
+    }
+
     // keep the ubatch's last query for the compaction that follows this ubatch
     ggml_tensor * q_last = ggml_view_2d(ctx0, q_cur, q_cur->ne[0], q_cur->ne[1], q_cur->nb[1],
                                         (size_t) (n_tokens - 1) * q_cur->nb[2]);
@@ -841,7 +1153,7 @@ ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_
 
     ggml_tensor * q = ggml_cont(ctx0, ggml_permute(ctx0, q_cur, 0, 2, 1, 3));  // [d, n_tokens, n_head]
     if (q->type != GGML_TYPE_F32) q = ggml_cast(ctx0, q, GGML_TYPE_F32);
-    ggml_tensor * cur = ggml_tca_attn(ctx0, q, k_all, v_all, p_all, pl.meta, inp->qpos, (int) nkv, kq_scale);
+    ggml_tensor * cur = ggml_tca_attn(ctx0, q, att_k, att_v, att_p, att_meta, inp->qpos, (int) nkv, kq_scale);
     g.cb(cur, "kqv_out", il);
     cur = ggml_reshape_2d(ctx0, cur, cur->ne[0] * cur->ne[1], cur->ne[2]);
 

@@ -38,6 +38,9 @@ struct llama_tca_config {
     std::vector<uint32_t> n_head_kv;  // per layer (as calibrated)
     std::vector<float>    p;          // [sum(n_head_kv) x k_values.size()], layer-major
     bool forced = false;              // uniform forced density (uncalibrated, for benchmarks)
+    bool hold = true;                 // retention HOLD (docs/design.md "Retention"); false: STREAM
+    uint32_t n_obs = 32;              // HOLD: queries at the prompt's end that score the final selection
+    uint32_t n_whole = 4;             // HOLD: top-ranked blocks of the final selection kept whole
 };
 
 // Hand-over from tca_init_from_model to llama_model::create_memory (same thread).
@@ -103,6 +106,11 @@ public:
         std::vector<head_t> heads;
         std::vector<uint32_t> len_before; // per head, rows before the current ubatch
         std::vector<uint32_t> len_pending; // per head, rows before the ubatches since the last compaction
+        // HOLD tier: every row of the sequence, head g's row of position p at g*n_ctx + p
+        ggml_tensor * hk = nullptr;     // [d_k, n_head_kv*n_ctx] type_k
+        ggml_tensor * hv = nullptr;     // [d_v, n_head_kv*n_ctx] type_v
+        ggml_tensor * hkpos = nullptr;  // [1, n_head_kv*n_ctx] f32: g*n_ctx + p holds p (constant)
+        ggml_tensor * q_obs = nullptr;  // [d_k, n_head, n_obs] f32: the last queries of a final ubatch
     };
 
     llama_tca_memory(const llama_model & model, const llama_tca_config & cfg, ggml_type type_k,
@@ -133,6 +141,7 @@ public:
     bool fits(const llama_ubatch & ub) const;        // TCA_GGML_LAZY: room for ub without compacting
 
     void ensure_pos(layer_t & L);  // heads[].pos from the device's kpos (after device compactions)
+    void init_hold_pos(layer_t & L); // HOLD: hkpos[g*n_ctx + p] = p (constant; again after a buffer clear)
 
     layer_t * layer(int32_t il) { auto it = map_il.find(il); return it == map_il.end() ? nullptr : &layers[it->second]; }
     const layer_t * layer(int32_t il) const { auto it = map_il.find(il); return it == map_il.end() ? nullptr : &layers[it->second]; }
@@ -144,6 +153,14 @@ public:
     std::vector<layer_t> layers;
     std::map<int32_t, size_t> map_il;
     uint32_t n_seen = 0;          // tokens of the sequence held (positions 0 .. n_seen-1)
+    // HOLD: the ubatch being built/computed is a prompt's last (its last token asks for logits):
+    // it attends the hold tier, and the compaction after it selects from the hold tier
+    bool cur_final = false;
+    bool pending_final = false;   // a final ubatch ran since the last compaction
+    bool prev_prefill = false;    // the previous ubatch was a non-final multi-token ubatch
+    uint32_t n_obs_valid = 0;     // queries in q_obs (min(n_obs, the final ubatch's tokens))
+    uint64_t n_final = 0;         // final selections from the hold tier
+    uint64_t bytes_hold = 0;      // hold tier allocation
     uint32_t frontier = 0;        // F: blocks before it have been selected
     bool pending = false;         // a ubatch ran since the last compaction
     bool pending_decode = false;  // ... and it was a single token
@@ -163,6 +180,8 @@ public:
         ggml_tensor * pnew = nullptr;   // [1, rows_per_token * n_ubatch] f32
         ggml_tensor * idx  = nullptr;   // [rows_per_token * n_ubatch] i64
         ggml_tensor * meta = nullptr;   // [n_meta] i32
+        ggml_tensor * hidx = nullptr;   // [rows_per_token * n_ubatch] i64: HOLD tier rows
+        ggml_tensor * hmeta = nullptr;  // [n_meta] i32: HOLD tier head ranges
         int64_t n_meta = 0, rows_per_token = 0;
     };
     std::map<ggml_backend_buffer_type_t, io_t> io;
@@ -175,6 +194,9 @@ private:
     // selection + compaction of the layers of one buffer type: one graph of TCA_SCORE / TCA_SELECT /
     // TCA_COMPACT nodes on that device (prefill: f0 < 0; decode rule: f0 = the old frontier)
     void compact_graph(const std::vector<layer_t *> & Ls, int64_t f0);
+    // HOLD: the final selection of the layers of one buffer type, from the hold tier by the
+    // observation window's pooled scores; the kept rows are gathered into the fast tier
+    void compact_final(const std::vector<layer_t *> & Ls);
     ggml_backend_t backend_for(ggml_backend_buffer_type_t buft);
     std::vector<ggml_context_ptr> ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;

@@ -62,6 +62,13 @@ static int validate(const llama_model * model, const tca_params * tp, llama_tca_
     cfg.n_head_kv.assign(tp->n_head_kv, tp->n_head_kv + tp->n_layer);
     cfg.p.assign(tp->p, tp->p + H * tp->n_k);
     cfg.forced = tp->forced != 0;
+    if (tp->retention != TCA_RETENTION_HOLD && tp->retention != TCA_RETENTION_STREAM)
+        return fail(err, n, "tca retention: must be TCA_RETENTION_HOLD (0) or TCA_RETENTION_STREAM (1), got " + std::to_string(tp->retention));
+    if (tp->n_obs > 4096) return fail(err, n, "tca n_obs: must be in [0, 4096] (0 = default 32), got " + std::to_string(tp->n_obs));
+    if (tp->n_whole < -1 || tp->n_whole > 65536) return fail(err, n, "tca n_whole: must be in [-1, 65536] (-1 = default 4), got " + std::to_string(tp->n_whole));
+    cfg.hold = tp->retention == TCA_RETENTION_HOLD;
+    cfg.n_whole = tp->n_whole < 0 ? 4u : (uint32_t) tp->n_whole;
+    cfg.n_obs = tp->n_obs ? tp->n_obs : 32;
     return 0;
 }
 
@@ -124,6 +131,10 @@ extern "C" int tca_get_stats(const llama_context * ctx, tca_stats * out) {
     for (const auto & L : m->layers) for (const auto & h : L.heads) { kept += h.len; cap += h.cap; }
     out->rows_kept = kept;
     out->rows_cap = cap;
+    out->retention = m->cfg.hold ? TCA_RETENTION_HOLD : TCA_RETENTION_STREAM;
+    out->bytes_hold = m->bytes_hold;
+    out->rows_held = m->cfg.hold ? (uint64_t) m->n_seen * [&] { uint64_t h = 0; for (const auto & L : m->layers) h += L.n_head_kv; return h; }() : 0;
+    out->n_final = m->n_final;
     return 1;
 }
 

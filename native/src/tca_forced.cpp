@@ -36,6 +36,7 @@ extern "C" int tca_params_forced(const llama_model * model, float density, uint3
         return 1;
     }
     memset(out, 0, sizeof(*out));
+    out->n_whole = -1;  // defaults: retention HOLD, n_obs 32, n_whole 4
     if (!model) return forced_fail(out, err, err_len, "model is NULL");
     if (!(density > 0.0f && density <= 1.0f))  // also rejects NaN
         return forced_fail(out, err, err_len, "tca density must be in (0, 1], got " + std::to_string(density));

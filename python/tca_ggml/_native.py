@@ -192,6 +192,7 @@ struct tca_params {
     uint32_t n_k; const uint32_t * k_values;
     uint32_t n_layer; const uint32_t * n_head_kv;
     const float * p; int32_t forced;
+    int32_t retention; uint32_t n_obs; int32_t n_whole;
 };
 int tca_params_forced(const struct llama_model * model, float density, uint32_t block, uint32_t window,
                       struct tca_params * out, char * err, size_t err_len);
@@ -202,6 +203,7 @@ struct tca_stats {
     int32_t active; uint32_t n_layers; uint32_t n_seen; uint32_t frontier;
     uint64_t bytes_alloc; uint64_t bytes_dense; uint64_t rows_kept; uint64_t rows_cap;
     uint64_t n_compactions; double t_compact_ms; uint64_t bytes_device;
+    int32_t retention; uint64_t bytes_hold; uint64_t rows_held; uint64_t n_final;
 };
 int tca_get_stats(const struct llama_context * ctx, struct tca_stats * out);
 int64_t tca_get_head_stats(const struct llama_context * ctx, int32_t * layer, uint32_t * kv_head,

@@ -77,6 +77,12 @@ def _check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = 
     return v
 
 
+# tca_retention (native/include/tca_ggml.h TCA_RETENTION_*; docs/design.md "Retention"):
+# "hold" keeps every row until a prompt's end (the question) decides what stays; "stream"
+# evicts after every ubatch (smallest peak memory, loses what filler queries did not read).
+RETENTIONS = {"hold": 0, "stream": 1}
+
+
 @dataclass
 class LlamaState:
     """A context's state (llama-cpp-python's ``LlamaState``): the tokens in the cache and the
@@ -129,6 +135,9 @@ class Llama:
         tca_block: Optional[int] = None,
         tca_window: Optional[int] = None,
         tca_alpha: Optional[float] = None,
+        tca_retention: Optional[str] = None,
+        tca_obs: Optional[int] = None,
+        tca_whole: Optional[int] = None,
         eval_callback: Optional[Callable[[Any, bool], bool]] = None,
     ):
         self._model = None
@@ -162,7 +171,8 @@ class Llama:
         if chat_format is not None and not isinstance(chat_format, str):
             raise TypeError("chat_format must be a str or None")
         self.chat_format = chat_format
-        self.tca_config = self._tca_config(tca, tca_density, tca_block, tca_window, tca_alpha)
+        self.tca_config = self._tca_config(tca, tca_density, tca_block, tca_window, tca_alpha, tca_retention, tca_obs,
+                                           tca_whole)
 
         # ---- the file, before upstream sees it ----
         if not os.path.exists(self.model_path):
@@ -272,9 +282,15 @@ class Llama:
 
     # ------------------------------------------------------------------ TCA switches
     @staticmethod
-    def _tca_config(tca, density, block, window, alpha):
+    def _tca_config(tca, density, block, window, alpha, retention=None, obs=None, whole=None):
         if not isinstance(tca, bool):
             raise TypeError("tca must be a bool")
+        if retention is not None and retention not in RETENTIONS:
+            raise ValueError(f"tca_retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
+        if obs is not None:
+            _check_int("tca_obs", obs, 1, 4096)
+        if whole is not None:
+            _check_int("tca_whole", whole, 0, 65536)
         if density is not None and not (isinstance(density, (int, float)) and 0.0 < float(density) <= 1.0):
             raise ValueError(f"tca_density must be in (0, 1], got {density!r}")
         for name, v in (("tca_block", block), ("tca_window", window)):
@@ -286,9 +302,11 @@ class Llama:
             raise ValueError(f"tca_window ({window}) must be a multiple of tca_block ({block})")
         if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
             raise ValueError(f"tca_alpha must be in [0, 1], got {alpha!r}")
-        if not tca and any(v is not None for v in (density, block, window, alpha)):
-            raise TCAConfigError("tca_density/tca_block/tca_window/tca_alpha need tca=True")
-        return {"enabled": tca, "density": density, "block": block, "window": window, "alpha": alpha}
+        if not tca and any(v is not None for v in (density, block, window, alpha, retention, obs, whole)):
+            raise TCAConfigError("tca_density/tca_block/tca_window/tca_alpha/tca_retention/tca_obs/tca_whole "
+                                 "need tca=True")
+        return {"enabled": tca, "density": density, "block": block, "window": window, "alpha": alpha,
+                "retention": retention or "hold", "obs": obs, "whole": whole}
 
     def _tca_params(self):
         """Build the native tca_params from the GGUF's budgets (or a forced density)."""
@@ -344,6 +362,9 @@ class Llama:
         tp.n_head_kv = ffi.cast("const uint32_t *", keep["h"].ctypes.data)
         tp.p = ffi.cast("const float *", keep["p"].ctypes.data)
         tp.forced = forced
+        tp.retention = RETENTIONS[c["retention"]]
+        tp.n_obs = int(c["obs"] or 0)
+        tp.n_whole = -1 if c["whole"] is None else int(c["whole"])
         self._tca_keep = keep
         return tp
 
@@ -384,6 +405,9 @@ class Llama:
                 "rows_kept": int(st.rows_kept), "rows_cap": int(st.rows_cap),
                 "n_compactions": int(st.n_compactions), "t_compact_ms": float(st.t_compact_ms),
                 "bytes_device": int(st.bytes_device),
+                "retention": {v: k for k, v in RETENTIONS.items()}.get(int(st.retention), "?") if st.active else None,
+                "bytes_hold": int(st.bytes_hold), "bytes_fast": int(st.bytes_alloc) - int(st.bytes_hold),
+                "rows_held": int(st.rows_held), "n_final": int(st.n_final),
                 "layer": layer, "kv_head": head, "retained": ln, "capacity": cap, "coverage": cov}
 
     # ------------------------------------------------------------------ lifecycle

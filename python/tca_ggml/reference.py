@@ -408,11 +408,22 @@ class TCALayerState:
     the ubatch's last query. ``decode_step`` does the same for a single token, but
     compacts only when that token makes a new block age (n_aged grows), and then only the
     newly aged block(s), each to floor(t) tokens (``TCAHeadState.compact_decode``).
+
+    ``retention="hold"`` (docs/design.md "Retention"): every row is also kept in a hold list.
+    A *final* ubatch (a prompt's last: ``prefill_ubatch(..., final=True)``) attends the hold
+    list instead of the retained one, and then, if any block is aged, the retained list is
+    rebuilt from the hold list by one selection (``final_keep``) scored by the mean pooled
+    importance of the ubatch's last ``n_obs`` queries, with the top ``n_whole`` ranked blocks
+    kept whole (``whole_budget``). Other ubatches and decode steps behave as in "stream".
     """
 
     def __init__(self, n_head: int, n_head_kv: int, head_dim: int, p_per_head, k_values,
                  block_size: int, window: int, n_sink: int, alpha: float,
-                 scale: Optional[float] = None, v_dim: Optional[int] = None):
+                 scale: Optional[float] = None, v_dim: Optional[int] = None,
+                 retention: str = "stream", n_obs: int = 32, n_whole: int = 4):
+        if retention not in ("stream", "hold"):
+            raise ValueError(f"retention must be 'stream' or 'hold', got {retention!r}")
+        self.retention, self.n_obs, self.n_whole = retention, int(n_obs), int(n_whole)
         self.n_head, self.n_head_kv = int(n_head), int(n_head_kv)
         self.G = _group_size(self.n_head, self.n_head_kv)
         self.k_values = np.asarray(k_values)
@@ -424,18 +435,36 @@ class TCALayerState:
         self.n_seen = 0
         self.frontier = 0                       # F, a multiple of b
         self.heads = [TCAHeadState(head_dim, v_dim) for _ in range(self.n_head_kv)]
+        self.held = ([TCAHeadState(head_dim, v_dim) for _ in range(self.n_head_kv)]
+                     if retention == "hold" else None)
 
-    def _step(self, Q, K, V, always: bool) -> np.ndarray:
+    def _step(self, Q, K, V, always: bool, final: bool = False) -> np.ndarray:
         Q, K, V = (np.asarray(a, dtype=np.float64) for a in (Q, K, V))
         u = Q.shape[0]
         pos = np.arange(self.n_seen, self.n_seen + u, dtype=np.int64)
         self.n_seen += u
         n_aged = n_aged_blocks(self.n_seen, self.block_size, self.window)
         compact = n_aged > 0 if always else n_aged * self.block_size > self.frontier
+        final = bool(final) and self.held is not None
         out = np.zeros((u, self.n_head, V.shape[-1]), dtype=np.float64)
         for g, st in enumerate(self.heads):
             hs = slice(g * self.G, (g + 1) * self.G)
             st.append(pos, K[:, g], V[:, g])
+            if self.held is not None:
+                self.held[g].append(pos, K[:, g], V[:, g])
+            if final:
+                hd = self.held[g]
+                out[:, hs] = hd.attend(Q[:, hs], pos, self.scale)
+                if n_aged > 0:
+                    n_o = min(max(1, self.n_obs), u)
+                    s = np.mean([pooled_importance(Q[u - n_o + j, hs], hd.k, self.scale) for j in range(n_o)], axis=0)
+                    pw = whole_budget(self.p[g], self.k_values, n_aged, self.n_whole)
+                    keep = select_keep(hd.pos, s, pw, self.k_values, self.block_size, self.window, self.n_sink,
+                                       self.n_seen, self.alpha)
+                    st.pos, st.k, st.v = hd.pos[keep], hd.k[keep], hd.v[keep]
+                    st.coverage = float(1.0 - s[~keep].sum())
+                    st.n_compactions += 1
+                continue
             out[:, hs] = st.attend(Q[:, hs], pos, self.scale)
             if compact and not always:
                 st.compact_decode(Q[-1, hs], self.n_seen, self.frontier, self.p[g], self.k_values,
@@ -447,9 +476,10 @@ class TCALayerState:
             self.frontier = n_aged * self.block_size
         return out
 
-    def prefill_ubatch(self, Q, K, V) -> np.ndarray:
-        """Q [u, n_head, d], K/V [u, n_head_kv, d] -> output [u, n_head, d]."""
-        return self._step(Q, K, V, always=True)
+    def prefill_ubatch(self, Q, K, V, final: bool = False) -> np.ndarray:
+        """Q [u, n_head, d], K/V [u, n_head_kv, d] -> output [u, n_head, d]. ``final``: a
+        prompt's last ubatch (only meaningful with retention="hold")."""
+        return self._step(Q, K, V, always=True, final=final)
 
     def decode_step(self, q, k, v) -> np.ndarray:
         """q [n_head, d] (or [1, n_head, d]), k/v [n_head_kv, d] -> output [n_head, d]."""
@@ -465,9 +495,24 @@ class TCALayerState:
         return np.array([st.coverage for st in self.heads])
 
 
+def whole_budget(p, k_values, n_aged: int, n_whole: int) -> np.ndarray:
+    """The budget of a final selection (retention "hold"): the head's ``p`` (aligned with
+    ascending ``k_values``) with its top ``W = min(n_whole, N)`` ranks at k = b over ``N = n_aged``
+    blocks: p'_b = (W + p_b (N - W)) / N, p'_k = p_k (N - W) / N otherwise."""
+    p = np.asarray(p, dtype=np.float64)
+    N = float(n_aged)
+    W = min(float(n_whole), N)
+    if N <= 0 or W <= 0:
+        return p.copy()
+    out = p * (N - W) / N
+    out[int(np.argmax(np.asarray(k_values)))] += W / N
+    return out
+
+
 def simulate_prefill(Q, K, V, n_head_kv: int, p_per_head, k_values, block_size: int,
                      window: int, n_sink: int, alpha: float, ubatch: int,
-                     scale: Optional[float] = None, n_decode: int = 0):
+                     scale: Optional[float] = None, n_decode: int = 0,
+                     retention: str = "stream", n_obs: int = 32, n_whole: int = 4):
     """Simulate one layer of TCA over a whole sequence (design §3).
 
     ``Q``: [n, n_head, d]; ``K``, ``V``: [n, n_head_kv, d]; token i at position i. The
@@ -478,6 +523,10 @@ def simulate_prefill(Q, K, V, n_head_kv: int, p_per_head, k_values, block_size: 
     only when a block newly ages). ``ubatch=1`` with ``n_decode=0`` is *prefill* in
     one-token ubatches (compacting after every token once blocks are aged), which is not
     the decode rule.
+
+    With ``retention="hold"`` the prompt's last ubatch is final (it asks for logits: attends
+    every row, then the retained lists are selected from every row by its last ``n_obs``
+    queries; see ``TCALayerState``).
 
     Returns ``(O [n, n_head, d_v], kept_positions_per_kv_head, coverage_per_kv_head)``:
     the final retained positions of each KV head and each head's pooled coverage of q_last
@@ -492,12 +541,12 @@ def simulate_prefill(Q, K, V, n_head_kv: int, p_per_head, k_values, block_size: 
     if not 0 <= n_decode <= n:
         raise ValueError("n_decode must be in [0, n]")
     st = TCALayerState(n_head, n_head_kv, d, p_per_head, k_values, block_size, window, n_sink,
-                       alpha, scale, v_dim=V.shape[-1])
+                       alpha, scale, v_dim=V.shape[-1], retention=retention, n_obs=n_obs, n_whole=n_whole)
     out = np.zeros((n, n_head, V.shape[-1]), dtype=np.float64)
     n_pre = n - n_decode
     for a in range(0, n_pre, ubatch):
         e = min(a + ubatch, n_pre)
-        out[a:e] = st.prefill_ubatch(Q[a:e], K[a:e], V[a:e])
+        out[a:e] = st.prefill_ubatch(Q[a:e], K[a:e], V[a:e], final=e == n_pre)
     for i in range(n_pre, n):
         out[i] = st.decode_step(Q[i], K[i], V[i])
     return out, st.kept_positions(), st.coverage()

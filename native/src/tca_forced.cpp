@@ -37,6 +37,8 @@ extern "C" int tca_params_forced(const llama_model * model, float density, uint3
     }
     memset(out, 0, sizeof(*out));
     out->n_whole = -1;  // defaults: retention HOLD, n_obs 32, n_whole 4
+    // tools without Python (tca-llama-bench -tca X): TCA_GGML_RETENTION=stream picks the old rule
+    if (const char * e = getenv("TCA_GGML_RETENTION"); e && strcmp(e, "stream") == 0) out->retention = TCA_RETENTION_STREAM;
     if (!model) return forced_fail(out, err, err_len, "model is NULL");
     if (!(density > 0.0f && density <= 1.0f))  // also rejects NaN
         return forced_fail(out, err, err_len, "tca density must be in (0, 1], got " + std::to_string(density));

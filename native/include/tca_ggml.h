@@ -70,6 +70,8 @@ struct tca_params {
                                // final selection (0 = default, 32)
     int32_t n_whole;           // hold: the final selection's top-ranked blocks kept whole (k = b),
                                // taken from the head's budget shares (-1 = default, 4; 0 = none)
+    int32_t type_hold;         // hold: ggml_type of the hold tier (-1 = the cache's type_k; GGML_TYPE_Q8_0 = 8
+                               // halves it for f16 caches; K and V of the hold tier share it)
 };
 // Retention policies (docs/design.md "Retention"): HOLD keeps every row of the sequence in a
 // second tier until a prompt's last ubatch (the one that asks for logits) has been seen, attends

@@ -184,8 +184,14 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
             if (!hctx) throw std::runtime_error("TCA: ggml_init failed");
             ctxs.emplace_back(hctx);
             const int64_t n_rows = (int64_t) nkv * n_ctx;
-            L.hk = ggml_new_tensor_2d(hctx, type_k, L.d_k, n_rows);
-            L.hv = ggml_new_tensor_2d(hctx, type_v, L.d_v, n_rows);
+            const ggml_type th_k = cfg.type_hold < 0 ? type_k : (ggml_type) cfg.type_hold;
+            const ggml_type th_v = cfg.type_hold < 0 ? type_v : (ggml_type) cfg.type_hold;
+            if (ggml_row_size(th_k, L.d_k) % 4 || ggml_row_size(th_v, L.d_v) % 4 || (ggml_is_quantized(th_k) && L.d_k % ggml_blck_size(th_k))) {
+                throw std::runtime_error("TCA: the hold tier type " + std::string(ggml_type_name(th_k)) +
+                                         " does not fit head size " + std::to_string(L.d_k));
+            }
+            L.hk = ggml_new_tensor_2d(hctx, th_k, L.d_k, n_rows);
+            L.hv = ggml_new_tensor_2d(hctx, th_v, L.d_v, n_rows);
             L.hkpos = ggml_new_tensor_2d(hctx, GGML_TYPE_F32, 1, n_rows);
             ggml_format_name(L.hk, "tca_hk_l%d", il);
             ggml_format_name(L.hv, "tca_hv_l%d", il);
@@ -803,9 +809,10 @@ void llama_tca_memory::state_write(llama_io_write_i & io, llama_seq_id seq_id, l
             }
         }
         if (hold && seen) {
+            const size_t hrk = ggml_row_size(L.hk->type, L.d_k), hrv = ggml_row_size(L.hv->type, L.d_v);
             for (uint32_t g = 0; g < L.n_head_kv; ++g) {
-                io.write_tensor(L.hk, (size_t) g * n_ctx * rk, (size_t) seen * rk);
-                io.write_tensor(L.hv, (size_t) g * n_ctx * rv, (size_t) seen * rv);
+                io.write_tensor(L.hk, (size_t) g * n_ctx * hrk, (size_t) seen * hrk);
+                io.write_tensor(L.hv, (size_t) g * n_ctx * hrv, (size_t) seen * hrv);
             }
         }
     }
@@ -850,9 +857,10 @@ void llama_tca_memory::state_read(llama_io_read_i & io, llama_seq_id seq_id, lla
             }
         }
         if (hold && seen) {
+            const size_t hrk = ggml_row_size(L.hk->type, L.d_k), hrv = ggml_row_size(L.hv->type, L.d_v);
             for (uint32_t g = 0; g < L.n_head_kv; ++g) {
-                io.read_tensor(L.hk, (size_t) g * n_ctx * rk, (size_t) seen * rk);
-                io.read_tensor(L.hv, (size_t) g * n_ctx * rv, (size_t) seen * rv);
+                io.read_tensor(L.hk, (size_t) g * n_ctx * hrk, (size_t) seen * hrk);
+                io.read_tensor(L.hv, (size_t) g * n_ctx * hrv, (size_t) seen * hrv);
             }
         }
     }

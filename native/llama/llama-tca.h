@@ -41,6 +41,7 @@ struct llama_tca_config {
     bool hold = true;                 // retention HOLD (docs/design.md "Retention"); false: STREAM
     uint32_t n_obs = 32;              // HOLD: queries at the prompt's end that score the final selection
     uint32_t n_whole = 4;             // HOLD: top-ranked blocks of the final selection kept whole
+    int32_t type_hold = -1;           // HOLD: ggml_type of the hold tier (-1: the cache's)
 };
 
 // Hand-over from tca_init_from_model to llama_model::create_memory (same thread).

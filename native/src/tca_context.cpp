@@ -66,6 +66,9 @@ static int validate(const llama_model * model, const tca_params * tp, llama_tca_
         return fail(err, n, "tca retention: must be TCA_RETENTION_HOLD (0) or TCA_RETENTION_STREAM (1), got " + std::to_string(tp->retention));
     if (tp->n_obs > 4096) return fail(err, n, "tca n_obs: must be in [0, 4096] (0 = default 32), got " + std::to_string(tp->n_obs));
     if (tp->n_whole < -1 || tp->n_whole > 65536) return fail(err, n, "tca n_whole: must be in [-1, 65536] (-1 = default 4), got " + std::to_string(tp->n_whole));
+    if (tp->type_hold != -1 && tp->type_hold != GGML_TYPE_F32 && tp->type_hold != GGML_TYPE_F16 && tp->type_hold != GGML_TYPE_Q8_0)
+        return fail(err, n, "tca hold type: must be -1 (the cache's), f32, f16 or q8_0, got " + std::to_string(tp->type_hold));
+    cfg.type_hold = tp->type_hold;
     cfg.hold = tp->retention == TCA_RETENTION_HOLD;
     cfg.n_whole = tp->n_whole < 0 ? 4u : (uint32_t) tp->n_whole;
     cfg.n_obs = tp->n_obs ? tp->n_obs : 32;

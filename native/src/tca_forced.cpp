@@ -36,7 +36,8 @@ extern "C" int tca_params_forced(const llama_model * model, float density, uint3
         return 1;
     }
     memset(out, 0, sizeof(*out));
-    out->n_whole = -1;  // defaults: retention HOLD, n_obs 32, n_whole 4
+    out->n_whole = -1;  // defaults: retention HOLD, n_obs 32, n_whole 4, hold tier in the cache's type
+    out->type_hold = -1;
     // tools without Python (tca-llama-bench -tca X): TCA_GGML_RETENTION=stream picks the old rule
     if (const char * e = getenv("TCA_GGML_RETENTION"); e && strcmp(e, "stream") == 0) out->retention = TCA_RETENTION_STREAM;
     if (!model) return forced_fail(out, err, err_len, "model is NULL");

@@ -192,7 +192,7 @@ struct tca_params {
     uint32_t n_k; const uint32_t * k_values;
     uint32_t n_layer; const uint32_t * n_head_kv;
     const float * p; int32_t forced;
-    int32_t retention; uint32_t n_obs; int32_t n_whole;
+    int32_t retention; uint32_t n_obs; int32_t n_whole; int32_t type_hold;
 };
 int tca_params_forced(const struct llama_model * model, float density, uint32_t block, uint32_t window,
                       struct tca_params * out, char * err, size_t err_len);

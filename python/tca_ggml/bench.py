@@ -42,6 +42,8 @@ def _worker(a) -> dict:
             kw["tca_window"] = a.tca_window
         if a.tca_block is not None:
             kw["tca_block"] = a.tca_block
+        if a.retention is not None:
+            kw["tca_retention"] = a.retention
     n_ctx = a.depth + a.prompt + a.gen + 8
     # both arms use the dense arm's flash-attention setting: a TCA context that falls back to the
     # dense cache (n_ctx <= w + b) is then exactly the dense arm; an active TCA context ignores it
@@ -73,6 +75,9 @@ def _worker(a) -> dict:
                 "decode_tps": gen / (t2 - td) if gen else 0.0, "kv_bytes": mem["kv"],
                 "kv_dense_bytes": st["bytes_dense"] if st["active"] else mem["kv"],
                 "rows_kept": st["rows_kept"], "t_compact_ms": st["t_compact_ms"],
+                "kv_fast_bytes": st["bytes_fast"] if st["active"] else mem["kv"],
+                "kv_hold_bytes": st["bytes_hold"] if st["active"] else 0,
+                "retention": st.get("retention"),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "n_ctx": llm.n_ctx(), "threads": llm.n_threads}
     finally:
@@ -92,6 +97,8 @@ def _run_arm(a, arm, prompt) -> dict:
         cmd += ["--tca-window", str(a.tca_window)]
     if a.tca_block is not None:
         cmd += ["--tca-block", str(a.tca_block)]
+    if a.retention is not None:
+        cmd += ["--retention", a.retention]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{arm} arm failed at p={prompt}: {r.stderr.strip()[-800:]}")
@@ -121,7 +128,8 @@ def run(a) -> list:
                "tca_prefill_tps": _median([x["prefill_tps"] for x in t]),
                "dense_decode_tps": _median([x["decode_tps"] for x in d]),
                "tca_decode_tps": _median([x["decode_tps"] for x in t]),
-               "dense_kv_bytes": d[0]["kv_bytes"], "tca_kv_bytes": t[0]["kv_bytes"],
+               "dense_kv_bytes": d[0]["kv_bytes"], "tca_kv_bytes": t[0]["kv_fast_bytes"],
+               "tca_hold_bytes": t[0]["kv_hold_bytes"], "tca_retention": t[0].get("retention"),
                "dense_peak_rss": max(x["peak_rss_bytes"] for x in d), "tca_peak_rss": max(x["peak_rss_bytes"] for x in t),
                "tca_compact_ms": _median([x["t_compact_ms"] for x in t]), "threads": d[0]["threads"],
                "dense_fa": bool(a.dense_fa)}
@@ -133,7 +141,8 @@ def run(a) -> list:
             row.update({"forced_label": f[0]["label"], "forced_ttft_s": _median([x["ttft_s"] for x in f]),
                         "forced_prefill_tps": _median([x["prefill_tps"] for x in f]),
                         "forced_decode_tps": _median([x["decode_tps"] for x in f]),
-                        "forced_kv_bytes": f[0]["kv_bytes"], "forced_peak_rss": max(x["peak_rss_bytes"] for x in f),
+                        "forced_kv_bytes": f[0]["kv_fast_bytes"], "forced_hold_bytes": f[0]["kv_hold_bytes"],
+                        "forced_peak_rss": max(x["peak_rss_bytes"] for x in f),
                         "forced_compact_ms": _median([x["t_compact_ms"] for x in f])})
             row["forced_prefill_ratio"] = row["forced_prefill_tps"] / row["dense_prefill_tps"]
             row["forced_decode_ratio"] = row["forced_decode_tps"] / row["dense_decode_tps"] if row["dense_decode_tps"] else 0.0
@@ -145,15 +154,18 @@ def run(a) -> list:
 def to_markdown(rows, model) -> str:
     mib = 1 << 20
     out = [f"model: {os.path.basename(model)}; TCA: {rows[0]['tca_label'] if rows else ''}; dense: upstream "
-           f"{'flash' if rows and rows[0]['dense_fa'] else 'non-flash'} attention; threads {rows[0]['threads'] if rows else ''}",
+           f"{'flash' if rows and rows[0]['dense_fa'] else 'non-flash'} attention; threads {rows[0]['threads'] if rows else ''}; "
+           f"retention {rows[0].get('tca_retention') if rows else ''} (TCA KV = the fast tier attention reads; "
+           f"hold = the tier holding every row until a prompt's end, 0 with retention 'stream')",
            "",
-           "| p | depth | dense prefill t/s | TCA prefill t/s | ratio | dense TTFT s | TCA TTFT s | dense decode t/s | TCA decode t/s | ratio | dense KV MiB | TCA KV MiB | KV ratio | dense peak RSS MiB | TCA peak RSS MiB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| p | depth | dense prefill t/s | TCA prefill t/s | ratio | dense TTFT s | TCA TTFT s | dense decode t/s | TCA decode t/s | ratio | dense KV MiB | TCA KV MiB | KV ratio | TCA hold MiB | dense peak RSS MiB | TCA peak RSS MiB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['prompt']} | {r['depth']} | {r['dense_prefill_tps']:.1f} | {r['tca_prefill_tps']:.1f} | "
                    f"**{r['prefill_ratio']:.2f}x** | {r['dense_ttft_s']:.1f} | {r['tca_ttft_s']:.1f} | "
                    f"{r['dense_decode_tps']:.2f} | {r['tca_decode_tps']:.2f} | **{r['decode_ratio']:.2f}x** | "
                    f"{r['dense_kv_bytes'] / mib:.0f} | {r['tca_kv_bytes'] / mib:.0f} | {r['kv_ratio']:.2f} | "
+                   f"{r.get('tca_hold_bytes', 0) / mib:.0f} | "
                    f"{r['dense_peak_rss'] / mib:.0f} | {r['tca_peak_rss'] / mib:.0f} |")
     if rows and "forced_label" in rows[0]:
         out += ["", f"second TCA arm: {rows[0]['forced_label']}", "",
@@ -188,6 +200,8 @@ def add_arguments(ap) -> None:
                     help="add a third arm: forced uniform density X (uncalibrated), beside the calibrated one")
     ap.add_argument("--tca-window", type=int, default=None)
     ap.add_argument("--tca-block", type=int, default=None)
+    ap.add_argument("--retention", choices=["hold", "stream"], default=None,
+                    help="TCA retention policy (default hold; docs/design.md 'Retention')")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--dense-fa", type=int, default=1, choices=[0, 1], help="dense arm with flash attention (upstream's faster CPU path)")

@@ -138,6 +138,7 @@ class Llama:
         tca_retention: Optional[str] = None,
         tca_obs: Optional[int] = None,
         tca_whole: Optional[int] = None,
+        tca_hold_type: Optional[int] = None,
         eval_callback: Optional[Callable[[Any, bool], bool]] = None,
     ):
         self._model = None
@@ -172,7 +173,7 @@ class Llama:
             raise TypeError("chat_format must be a str or None")
         self.chat_format = chat_format
         self.tca_config = self._tca_config(tca, tca_density, tca_block, tca_window, tca_alpha, tca_retention, tca_obs,
-                                           tca_whole)
+                                           tca_whole, tca_hold_type)
 
         # ---- the file, before upstream sees it ----
         if not os.path.exists(self.model_path):
@@ -282,7 +283,7 @@ class Llama:
 
     # ------------------------------------------------------------------ TCA switches
     @staticmethod
-    def _tca_config(tca, density, block, window, alpha, retention=None, obs=None, whole=None):
+    def _tca_config(tca, density, block, window, alpha, retention=None, obs=None, whole=None, hold_type=None):
         if not isinstance(tca, bool):
             raise TypeError("tca must be a bool")
         if retention is not None and retention not in RETENTIONS:
@@ -291,6 +292,8 @@ class Llama:
             _check_int("tca_obs", obs, 1, 4096)
         if whole is not None:
             _check_int("tca_whole", whole, 0, 65536)
+        if hold_type is not None and hold_type not in (GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0):
+            raise ValueError(f"tca_hold_type must be GGML_TYPE_F32, GGML_TYPE_F16 or GGML_TYPE_Q8_0, got {hold_type!r}")
         if density is not None and not (isinstance(density, (int, float)) and 0.0 < float(density) <= 1.0):
             raise ValueError(f"tca_density must be in (0, 1], got {density!r}")
         for name, v in (("tca_block", block), ("tca_window", window)):
@@ -302,11 +305,11 @@ class Llama:
             raise ValueError(f"tca_window ({window}) must be a multiple of tca_block ({block})")
         if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
             raise ValueError(f"tca_alpha must be in [0, 1], got {alpha!r}")
-        if not tca and any(v is not None for v in (density, block, window, alpha, retention, obs, whole)):
-            raise TCAConfigError("tca_density/tca_block/tca_window/tca_alpha/tca_retention/tca_obs/tca_whole "
-                                 "need tca=True")
+        if not tca and any(v is not None for v in (density, block, window, alpha, retention, obs, whole, hold_type)):
+            raise TCAConfigError("tca_density/tca_block/tca_window/tca_alpha/tca_retention/tca_obs/tca_whole/"
+                                 "tca_hold_type need tca=True")
         return {"enabled": tca, "density": density, "block": block, "window": window, "alpha": alpha,
-                "retention": retention or "hold", "obs": obs, "whole": whole}
+                "retention": retention or "hold", "obs": obs, "whole": whole, "hold_type": hold_type}
 
     def _tca_params(self):
         """Build the native tca_params from the GGUF's budgets (or a forced density)."""
@@ -365,6 +368,7 @@ class Llama:
         tp.retention = RETENTIONS[c["retention"]]
         tp.n_obs = int(c["obs"] or 0)
         tp.n_whole = -1 if c["whole"] is None else int(c["whole"])
+        tp.type_hold = -1 if c["hold_type"] is None else int(c["hold_type"])
         self._tca_keep = keep
         return tp
 

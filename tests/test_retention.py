@@ -1,0 +1,120 @@
+"""Retention policies (docs/design.md "Retention"): the hold tier's bookkeeping, recall of rows a
+first prompt's selection dropped by a second prompt, the hold tier's type, states and parameter
+errors. Small model, forced densities, small windows: fast."""
+import numpy as np
+import pytest
+
+from tca_ggml import ContextError, Llama, TCAConfigError, texts
+from tca_ggml.llama import GGML_TYPE_Q8_0
+
+KW = dict(n_ctx=2048, n_batch=256, n_ubatch=256, n_threads=2, verbose=False, tca=True, tca_density=0.2,
+          tca_window=256, tca_block=64)
+
+
+@pytest.fixture(scope="module")
+def doc_tokens(smol_model):
+    with Llama(smol_model, vocab_only=True, verbose=False) as tok:
+        toks = tok.tokenize(texts.haystack(9000).encode(), add_bos=True)
+    assert len(toks) > 1500
+    return toks
+
+
+def _held_positions(llm, n_layer, n_kv):
+    return {(l, g): set(llm.tca_retained_positions(l, g).tolist()) for l in range(n_layer) for g in range(n_kv)}
+
+
+def test_hold_tier_bookkeeping(smol_model, doc_tokens):
+    toks = doc_tokens[:1200]
+    with Llama(smol_model, **KW) as llm:
+        llm.eval_prompt(toks)
+        st = llm.tca_stats()
+        assert st["retention"] == "hold" and st["n_final"] == 1
+        assert st["rows_held"] == len(toks) * len(set(zip(st["layer"], st["kv_head"])))
+        # the hold tier is dense-sized (same K/V type); the fast tier follows the budget
+        assert st["bytes_hold"] == pytest.approx(st["bytes_dense"], rel=0.03)  # + positions (f32 a row)
+        assert st["bytes_fast"] < 0.8 * st["bytes_dense"]
+        assert 0 < st["rows_kept"] < st["rows_held"]
+        # decode steps are not prompt ends: no new final selection
+        for t in llm.generate_tokens(toks, 8, temperature=0):
+            pass
+        assert llm.tca_stats()["n_final"] == 1
+    with Llama(smol_model, **KW, tca_retention="stream") as llm:
+        llm.eval_prompt(toks)
+        st = llm.tca_stats()
+        assert st["retention"] == "stream" and st["n_final"] == 0 and st["bytes_hold"] == 0 and st["rows_held"] == 0
+
+
+def test_second_prompt_recalls_rows_the_first_selection_dropped(smol_model, doc_tokens):
+    """Turn 2's final selection is made over every row ever seen: positions of turn 1's document
+    that turn 1's selection evicted come back when turn 2's queries want them (on 'stream' an
+    evicted row never returns)."""
+    first, second = doc_tokens[:1200], doc_tokens[1200:1500]
+    with Llama(smol_model, **KW) as llm:
+        llm.eval_prompt(first)
+        n_layer = int(max(llm.tca_stats()["layer"])) + 1
+        n_kv = int(max(llm.tca_stats()["kv_head"])) + 1
+        after1 = _held_positions(llm, n_layer, n_kv)
+        llm.eval_prompt(first + second)          # prefix reuse: only `second` is evaluated
+        assert llm.tca_stats()["n_final"] == 2
+        after2 = _held_positions(llm, n_layer, n_kv)
+    recalled = sum(len({p for p in after2[h] if p < len(first)} - after1[h]) for h in after1)
+    assert recalled > 0
+    with Llama(smol_model, **KW, tca_retention="stream") as llm:
+        llm.eval_prompt(first)
+        s1 = _held_positions(llm, n_layer, n_kv)
+        llm.eval_prompt(first + second)
+        s2 = _held_positions(llm, n_layer, n_kv)
+    assert all({p for p in s2[h] if p < len(first)} <= s1[h] for h in s1)
+
+
+def test_q8_0_hold_tier(smol_model, doc_tokens):
+    toks = doc_tokens[:1200]
+    with Llama(smol_model, **KW) as llm:
+        ref = llm.eval_logits(toks)
+        f16 = llm.tca_stats()
+    with Llama(smol_model, **KW, tca_hold_type=GGML_TYPE_Q8_0) as llm:
+        lg = llm.eval_logits(toks)
+        q8 = llm.tca_stats()
+    assert q8["bytes_hold"] < 0.6 * f16["bytes_hold"]
+    # the last ubatch reads q8_0 rows: close to the f16 hold tier, not equal
+    cos = float(np.dot(ref, lg) / np.linalg.norm(ref) / np.linalg.norm(lg))
+    assert cos > 0.99 and int(np.argmax(ref)) == int(np.argmax(lg))
+
+
+def test_state_carries_the_hold_tier(smol_model, doc_tokens):
+    toks = doc_tokens[:1200]
+    with Llama(smol_model, **KW) as a:
+        a.eval_prompt(toks)
+        st = a.save_state()
+        want = list(a.generate_tokens(toks, 8, temperature=0))
+        more = toks + want
+        a.eval_prompt(more + doc_tokens[1200:1400])   # a second prompt: needs the hold tier
+        pos_a = a.tca_retained_positions(5, 0).tolist()
+    with Llama(smol_model, **KW) as b:
+        b.load_state(st)
+        assert b.tca_stats()["rows_held"] == a_rows_held(st, b)
+        got = list(b.generate_tokens(toks, 8, temperature=0))
+        assert got == want
+        b.eval_prompt(more + doc_tokens[1200:1400])
+        assert b.tca_retained_positions(5, 0).tolist() == pos_a
+    with Llama(smol_model, **KW, tca_retention="stream") as c:
+        with pytest.raises(ContextError):
+            c.load_state(st)
+
+
+def a_rows_held(st, llm):
+    s = llm.tca_stats()
+    return st.n_tokens * len(s["layer"])
+
+
+@pytest.mark.parametrize("kw,exc", [(dict(tca_retention="lazy"), ValueError), (dict(tca_obs=0), ValueError),
+                                    (dict(tca_obs=1.5), TypeError), (dict(tca_whole=-1), ValueError),
+                                    (dict(tca_hold_type=2), ValueError)])
+def test_retention_parameter_errors(smol_model, kw, exc):
+    with pytest.raises(exc):
+        Llama(smol_model, **KW, **kw)
+
+
+def test_retention_parameters_need_tca(smol_model):
+    with pytest.raises(TCAConfigError):
+        Llama(smol_model, n_ctx=512, verbose=False, tca_retention="stream")

@@ -1,11 +1,28 @@
-"""Shared fixtures of the test suite. Helpers shared by several test files live in
-tests/_helpers.py (a module, imported as ``_helpers``)."""
+"""Shared fixtures of the test suite, and its fast/slow split.
+
+Markers (registered in pyproject.toml): ``slow`` tests load a model for long prompts, run an
+end-to-end tool, or sweep many cases; everything else is marked ``fast`` here, so that
+``pytest -m "not slow"`` (or ``-m fast``) is the developer's quick set and a plain ``pytest``
+(scripts/test.sh, CI) runs everything. Helpers shared by several test files live in
+tests/_helpers.py (a module, imported as ``_helpers``).
+"""
 import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Modules whose every test is slow, for files this suite does not mark itself.
+SLOW_MODULES = {"test_eval.py", "test_calibration.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_MODULES and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
 
 
 def _models():

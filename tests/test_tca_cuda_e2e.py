@@ -25,7 +25,7 @@ W, B = 512, 64
 
 # the session fixture `cuda` (conftest.py) skips every test here without a CUDA backend in the
 # build (CI has no GPU)
-pytestmark = pytest.mark.usefixtures("cuda")
+pytestmark = [pytest.mark.usefixtures("cuda"), pytest.mark.slow]
 
 SHAPES = [("llama-3.2-1b", 4), ("qwen2.5-0.5b", 4), ("llama-3.1-8b", 2)]  # head size 64, 64 (GQA 7), 128
 

@@ -147,7 +147,7 @@ class Llama:
         self._closed = False
         self.verbose = bool(verbose)
         self._scope = _native.Scope(self.verbose)  # this instance's log, errors, callback exceptions
-        L = _native.lib()
+        L = self._scope.call(_native.lib)
         ffi = _native.ffi
         self._L, self._ffi = L, ffi
 

@@ -122,9 +122,11 @@ def test_eval_callback_exception_propagates_and_keeps_the_cache_consistent(smol_
     state = {"raise": True}
 
     def cb(t, ask):
-        if state["raise"] and not ask:
-            raise Stop("from the eval callback")
-        return True
+        if not state["raise"]:
+            return False           # no tensor wanted: the graph runs unsplit
+        if ask:
+            return True
+        raise Stop("from the eval callback")
 
     with Llama(smol_model, n_ctx=256, n_threads=2, verbose=False, eval_callback=cb) as llm:
         toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog")

@@ -1,6 +1,7 @@
 /* The subset of upstream's llama.h (llama-cpp-python 0.3.36 / llama.cpp b11312) that
    tca_ggml's bindings use, as cffi declarations (python/tca_ggml/_native.py; the tests use the
-   same FFI). Trimmed by hand, never edited otherwise:
+   same FFI). Copied from upstream's header and trimmed; it changes only when the pin does or
+   the package needs another llama.h function:
    - enums inside structs are declared as int (their C ABI size), opaque structs as forward
      declarations, pointers the package never follows as void *;
    - the eval callback's tensor is a void * (tca_tensor_meta & co. take it as it comes).

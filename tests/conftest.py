@@ -13,8 +13,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Modules whose every test is slow, for files this suite does not mark itself.
-SLOW_MODULES = {"test_eval.py", "test_calibration.py"}
+# Modules whose every test counts as slow, for files that do not mark their tests themselves
+# (test_retention.py: 50-60 s a test; its parameter-error tests are fast but go with the file).
+SLOW_MODULES = {"test_eval.py", "test_calibration.py", "test_retention.py"}
 
 
 def pytest_collection_modifyitems(config, items):

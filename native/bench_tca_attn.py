@@ -5,6 +5,9 @@ ggml_flash_attn_ext on the same shapes (dense: every query sees every row).
     TCA_GGML_LIB=build/op/libtca_ggml.so python3 native/bench_tca_attn.py [--fa]
     TCA_GGML_LIB=build/cuda/libtca_ggml.so python3 native/bench_tca_attn.py --backend CUDA0 --fa
 
+The entry points are the test library's (libtca_ggml_test.so beside the libtca_ggml.so the package
+loads, or TCA_GGML_TEST_LIB; declared in native/tests/tca_test_ops.h).
+
 With --backend the graph runs on that ggml backend (tca_test_bench_attn_backend): each compute
 holds --ops copies of the op (launch/sync overhead amortised) and the time is per op; K/V stay
 resident, so small K/V partly hit the GPU's L2 (both ops alike).
@@ -24,25 +27,20 @@ markdown table (ms per op, speedup vs flash_attn_ext) and, with --json, the raw 
     python3 native/bench_tca_attn.py --backend CUDA0 --curve --d 128 --n-head 32 --n-head-kv 8
 """
 import argparse
-import importlib.util
 import json
 import os
 import time
 from pathlib import Path
 
-import cffi
+from tca_ggml import _native
 
 TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+HEADER = Path(__file__).resolve().parent / "tests" / "tca_test_ops.h"
 
 
-def lib_path() -> str:
-    env = os.environ.get("TCA_GGML_LIB")
-    if env:
-        return env
-    spec = importlib.util.find_spec("tca_ggml")
-    if spec is None:
-        raise SystemExit("set TCA_GGML_LIB or install tca_ggml")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "lib" / "libtca_ggml.so")
+def lib_path() -> Path:
+    env = os.environ.get("TCA_GGML_TEST_LIB")
+    return Path(env) if env else _native.library_path().with_name("libtca_ggml_test.so")
 
 
 def main() -> int:
@@ -69,12 +67,7 @@ def main() -> int:
     ap.add_argument("--decode-ops", type=int, default=50, help="--curve: op copies per graph, decode")
     ap.add_argument("--json", default=None, help="--curve: also write the numbers here")
     a = ap.parse_args()
-    ffi = cffi.FFI()
-    ffi.cdef("double tca_test_bench_attn(int which, int d, int n_head, int n_head_kv, int n_tokens, "
-             "int n_kv, int kv_type, int n_threads, int reps, int cpu_time);"
-             "double tca_test_bench_attn_backend(const char * backend, int which, int d, int n_head, int n_head_kv, "
-             "int n_tokens, int n_kv, int kv_type, int n_threads, int reps, int n_ops);")
-    lib = ffi.dlopen(lib_path())
+    ffi, lib = _native.open_library(lib_path(), HEADER)
     if a.curve:
         if not a.backend:
             raise SystemExit("--curve needs --backend")

@@ -43,7 +43,7 @@ if [[ " $steps " == *" build "* ]]; then
         cmake -S . -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DTCA_UPSTREAM_DIR=/tmp/up -DGGML_CUDA=on \
               -DCMAKE_CUDA_ARCHITECTURES=90a -DTCA_GGML_BUILD_TOOLS=ON > $OUT/cmake.log 2>&1 || { tail -40 $OUT/cmake.log | tee -a $LOG; exit 1; }
     fi
-    timeout ${BUILD_LIMIT:-420} ninja -C build/cuda -k 0 -j16 tca_ggml tca-llama-bench > $OUT/build.log 2>&1
+    timeout ${BUILD_LIMIT:-420} ninja -C build/cuda -k 0 -j16 tca_ggml tca_ggml_test tca-llama-bench > $OUT/build.log 2>&1
     rc=$?
     say "== build rc=$rc at $(el) s"
     if [ $rc -ne 0 ]; then grep -E -A8 "error|FAILED" $OUT/build.log | head -80 | tee -a $LOG; exit 1; fi
@@ -259,7 +259,7 @@ fi
 if [[ " $steps " == *" ret "* ]]; then  # bring the built library and tool back (<= 15 MiB pieces)
     mkdir -p $OUT/bin
     strip --strip-unneeded -o /tmp/libtca_ggml.so build/cuda/libtca_ggml.so
-    tar czf /tmp/bin.tgz -C /tmp libtca_ggml.so -C $PWD/build/cuda tca-llama-bench
+    tar czf /tmp/bin.tgz -C /tmp libtca_ggml.so -C $PWD/build/cuda libtca_ggml_test.so tca-llama-bench
     split -b 15M -d /tmp/bin.tgz $OUT/bin/bin.tgz.
     ls -la $OUT/bin | tee -a $LOG
 fi

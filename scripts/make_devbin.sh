@@ -6,11 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 native/upstream.py prepare > /dev/null
-ninja -C build/cuda -j${JOBS:-2} tca_ggml tca-llama-bench
+ninja -C build/cuda -j${JOBS:-2} tca_ggml tca_ggml_test tca-llama-bench
 rm -rf .devbin && mkdir -p .devbin /tmp/devbin
 strip --strip-unneeded -o /tmp/devbin/libtca_ggml.so build/cuda/libtca_ggml.so
+strip --strip-unneeded -o /tmp/devbin/libtca_ggml_test.so build/cuda/libtca_ggml_test.so   # the op tests' entry points
 strip -o /tmp/devbin/tca-llama-bench build/cuda/tca-llama-bench
 # the library is ~68 MB (CUDA kernels of every type), over the 64 MiB a device call carries: gzip
-tar czf .devbin/bin.tgz -C /tmp/devbin libtca_ggml.so tca-llama-bench
+tar czf .devbin/bin.tgz -C /tmp/devbin libtca_ggml.so libtca_ggml_test.so tca-llama-bench
 (git rev-parse --short HEAD; git diff --quiet || echo "+dirty") | tr '\n' ' ' > .devbin/REV
 ls -la .devbin

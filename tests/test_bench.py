@@ -17,6 +17,7 @@ def _args(model, **kw):
     return ap.parse_args(argv)
 
 
+@pytest.mark.slow
 def test_bench_runs_both_arms(default_model, capsys):
     a = _args(default_model, **{"-p": "2000", "-n": "2", "--density": "0.25", "--tca-window": "256", "--batch": "128",
                                 "--tca-block": "64", "--threads": "2", "-o": "json"})

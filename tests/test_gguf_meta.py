@@ -7,13 +7,11 @@ that the reading side is exercised, not just TCABudgets.validate().
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
 import signal
 import struct
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,14 +21,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 from gguf import GGUFReader, GGUFWriter, GGUFEndian, GGUFValueType as VT, GGMLQuantizationType  # noqa: E402
 
-try:
-    import tca_ggml.gguf_meta as gm
-except Exception:  # package __init__ may need the native library: load the file directly
-    _p = Path(__file__).resolve().parents[1] / "python" / "tca_ggml" / "gguf_meta.py"
-    _spec = importlib.util.spec_from_file_location("tca_ggml_gguf_meta", _p)
-    gm = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = gm
-    _spec.loader.exec_module(gm)
+import tca_ggml.gguf_meta as gm  # noqa: E402
 
 TCAMetadataError = gm.TCAMetadataError
 GGUFError = gm.GGUFError

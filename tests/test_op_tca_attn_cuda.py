@@ -25,71 +25,33 @@ exactly 0 on CUDA too, and no NaN may survive the poisoning.
 Without a CUDA backend in the build (CI has no GPU) the CUDA tests skip; the CPU-backend
 checks of the entry point itself always run.
 """
-import importlib.util
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-cffi = pytest.importorskip("cffi")
+import _helpers as H
+from _helpers import CUDA as BACKEND, KV_TYPES
 
-_spec = importlib.util.spec_from_file_location("_tca_op_cpu_test_helpers",
-                                               Path(__file__).resolve().parent / "test_op_tca_attn.py")
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
-
-BACKEND = os.environ.get("TCA_CUDA_BACKEND", "CUDA0")
-KV_TYPES = H.KV_TYPES
 NMSE_MAX = {"f32": 1e-10, "f16": 1e-6, "q8_0": 1e-6}
 NMSE_MAX_PEAKED = {"f32": 1e-10, "f16": 2e-6, "q8_0": 5e-6}
-E_BACKEND, E_UNSUPP = -10, -11
-
-_CDEF = H._CDEF + """
-int tca_test_tca_attn_backend(const char * backend, int d, int n_head, int n_head_kv, int n_tokens,
-                              int n_slots, int kv_type, const float * q, const float * k, const float * v,
-                              const int32_t * kpos, const int32_t * meta, const int32_t * qpos, float scale,
-                              int n_threads, float * out);
-"""
 
 
-@pytest.fixture(scope="module")
-def lib():
-    path = H._lib_path()
-    if not path.exists():
-        if os.environ.get("TCA_GGML_LIB"):
-            pytest.fail(f"TCA_GGML_LIB={path} does not exist")
-        pytest.fail(f"native library not built ({path}): the package must ship it")
-    ffi = cffi.FFI()
-    ffi.cdef(_CDEF)
-    return ffi, ffi.dlopen(str(path))
-
-
-def run_backend(op, backend, q, k, v, kpos, meta, qpos, scale, kv_type, n_threads=4, n_head_kv=None):
-    ffi, lib = op
+def run_backend(ops, backend, q, k, v, kpos, meta, qpos, scale, kv_type, n_threads=4, n_head_kv=None):
+    ffi, lib = ops
     n_head, n_tokens, d = q.shape
     if n_head_kv is None:
         n_head_kv = len(meta) // 2
-    q, k, v = H._f32(q), H._f32(k), H._f32(v)
-    kpos, meta, qpos = H._i32(kpos), H._i32(meta), H._i32(qpos)
+    q, k, v = H.f32(q), H.f32(k), H.f32(v)
+    kpos, meta, qpos = H.i32(kpos), H.i32(meta), H.i32(qpos)
     out = np.full((n_tokens, n_head, d), 12345.0, dtype=np.float32)
     rc = lib.tca_test_tca_attn_backend(backend.encode(), d, n_head, n_head_kv, n_tokens, k.shape[0],
                                        KV_TYPES.get(kv_type, kv_type),
-                                       H._ptr(ffi, q, "float *"), H._ptr(ffi, k, "float *"), H._ptr(ffi, v, "float *"),
-                                       H._ptr(ffi, kpos, "int32_t *"), H._ptr(ffi, meta, "int32_t *"),
-                                       H._ptr(ffi, qpos, "int32_t *"), float(scale), n_threads,
-                                       H._ptr(ffi, out, "float *"))
+                                       H.ptr(ffi, q, "float *"), H.ptr(ffi, k, "float *"), H.ptr(ffi, v, "float *"),
+                                       H.ptr(ffi, kpos, "int32_t *"), H.ptr(ffi, meta, "int32_t *"),
+                                       H.ptr(ffi, qpos, "int32_t *"), float(scale), n_threads,
+                                       H.ptr(ffi, out, "float *"))
     return rc, out
-
-
-@pytest.fixture(scope="module")
-def cuda(lib):
-    q, k, v, kpos, meta, qpos, scale = H.make_case(1, 64, 2, 1, n_head_kv=2, empty_head=False)
-    rc, _ = run_backend(lib, BACKEND, q, k, v, kpos, meta, qpos, scale, "f16")
-    if rc == E_BACKEND:
-        pytest.skip("no CUDA backend in this build (CI has no GPU)")
-    assert rc == 0, f"{BACKEND}: rc {rc}"
-    return lib
 
 
 @pytest.fixture
@@ -119,11 +81,11 @@ def _nmse_report():
                         f"median={np.median(es):.2e}\n")
 
 
-def compare(op, case, kv_type, limits=NMSE_MAX):
+def compare(ops, case, kv_type, limits=NMSE_MAX):
     q, k, v, kpos, meta, qpos, scale = case
-    rc, cpu = H.run_op(op, q, k, v, kpos, meta, qpos, scale, kv_type, n_threads=4)
+    rc, cpu = H.run_op(ops, q, k, v, kpos, meta, qpos, scale, kv_type, n_threads=4)
     assert rc == 0
-    rc, gpu = run_backend(op, BACKEND, q, k, v, kpos, meta, qpos, scale, kv_type)
+    rc, gpu = run_backend(ops, BACKEND, q, k, v, kpos, meta, qpos, scale, kv_type)
     assert rc == 0, f"CUDA rc {rc}"
     assert not np.isnan(gpu).any(), "poisoned output survived on CUDA (an element was not written)"
     zero = cpu == 0.0
@@ -240,23 +202,23 @@ def test_cuda_unsupported_shapes_are_refused(cuda):
     k = np.zeros((4, 48), np.float32)
     args = (q, k, k, np.arange(4), np.array([0, 4]), np.array([9]), 0.1, "f16")
     assert H.run_op(cuda, *args)[0] == 0
-    assert run_backend(cuda, BACKEND, *args)[0] == E_UNSUPP
+    assert run_backend(cuda, BACKEND, *args)[0] == cuda[1].TCA_TEST_E_UNSUPP
 
 
 # ------------------------------------------------------------------------ the entry point (no GPU needed)
-def test_backend_entry_on_cpu_matches_direct_cpu_op(lib):
+def test_backend_entry_on_cpu_matches_direct_cpu_op(ops):
     for kv in KV_TYPES:
         q, k, v, kpos, meta, qpos, scale = H.make_case(17, 64, 7, 5, n_head_kv=3, empty_head=True)
-        rc0, direct = H.run_op(lib, q, k, v, kpos, meta, qpos, scale, kv, n_threads=2)
-        rc1, viabe = run_backend(lib, "CPU", q, k, v, kpos, meta, qpos, scale, kv, n_threads=2)
+        rc0, direct = H.run_op(ops, q, k, v, kpos, meta, qpos, scale, kv, n_threads=2)
+        rc1, viabe = run_backend(ops, "CPU", q, k, v, kpos, meta, qpos, scale, kv, n_threads=2)
         assert rc0 == 0 and rc1 == 0
         assert np.array_equal(direct, viabe)
 
 
-def test_backend_entry_errors(lib):
+def test_backend_entry_errors(ops):
     q, k, v, kpos, meta, qpos, scale = H.make_case(3, 64, 2, 5, n_head_kv=2, empty_head=False)
-    assert run_backend(lib, "NO-SUCH-BACKEND", q, k, v, kpos, meta, qpos, scale, "f32")[0] == E_BACKEND
+    assert run_backend(ops, "NO-SUCH-BACKEND", q, k, v, kpos, meta, qpos, scale, "f32")[0] == ops[1].TCA_TEST_E_BACKEND
     bad = meta.copy()
     bad[3] = k.shape[0]
-    assert run_backend(lib, "CPU", q, k, v, kpos, bad, qpos, scale, "f32")[0] < 0
-    assert run_backend(lib, "CPU", q, k, v, kpos, meta, qpos, scale, 2)[0] < 0   # q4_0
+    assert run_backend(ops, "CPU", q, k, v, kpos, bad, qpos, scale, "f32")[0] < 0
+    assert run_backend(ops, "CPU", q, k, v, kpos, meta, qpos, scale, 2)[0] < 0   # q4_0

@@ -5,66 +5,36 @@ GGML_OP_TCA_ATTN's kpos (the retention cache's layout).
   row r of g, s[r] = mean over g's query heads of softmax_r(scale * q_h . k_r); 0 elsewhere.
 - CUDA op vs the CPU op on the same inputs (skipped without a CUDA backend: CI has no GPU).
 - tca_attn with kpos as f32 equals tca_attn with kpos as i32, bit for bit (CPU and CUDA).
-Cases reuse tests/test_op_tca_attn.py's generator: ragged heads with gaps, an empty head, NaN in
-the unused slots, heads stored out of order.
+Cases reuse the op tests' generator (tests/_helpers.py make_case): ragged heads with gaps, an
+empty head, NaN in the unused slots, heads stored out of order.
 """
-import importlib.util
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-cffi = pytest.importorskip("cffi")
-
-_spec = importlib.util.spec_from_file_location("_tca_op_cpu_test_helpers_score",
-                                               Path(__file__).resolve().parent / "test_op_tca_attn.py")
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
-
-CUDA = os.environ.get("TCA_CUDA_BACKEND", "CUDA0")
-E_BACKEND = -10
-_CDEF = H._CDEF + """
-int tca_test_tca_attn_backend_ex(const char * backend, int d, int n_head, int n_head_kv, int n_tokens,
-                                 int n_slots, int kv_type, const float * q, const float * k, const float * v,
-                                 const int32_t * kpos, const int32_t * meta, const int32_t * qpos, float scale,
-                                 int n_threads, int kpos_f32, float * out);
-int tca_test_tca_score_backend(const char * backend, int d, int n_head, int n_head_kv, int n_slots, int kv_type,
-                               const float * q, const float * k, const int32_t * meta, float scale,
-                               int n_threads, float * out);
-"""
+import _helpers as H
+from _helpers import CUDA
 
 
-@pytest.fixture(scope="module")
-def lib():
-    path = H._lib_path()
-    if not path.exists():
-        pytest.fail(f"native library not built ({path}): the package must ship it")
-    ffi = cffi.FFI()
-    ffi.cdef(_CDEF)
-    return ffi, ffi.dlopen(str(path))
-
-
-def score(lib, backend, q1, k, meta, scale, kv_type, n_threads=2):
-    ffi, L = lib
+def score(ops, backend, q1, k, meta, scale, kv_type, n_threads=2):
+    ffi, L = ops
     n_head, d = q1.shape
-    q1, k, meta = H._f32(q1), H._f32(k), H._i32(meta)
+    q1, k, meta = H.f32(q1), H.f32(k), H.i32(meta)
     out = np.full(k.shape[0], 12345.0, np.float32)
     rc = L.tca_test_tca_score_backend(backend.encode(), d, n_head, len(meta) // 2, k.shape[0], H.KV_TYPES[kv_type],
-                                      H._ptr(ffi, q1, "float *"), H._ptr(ffi, k, "float *"),
-                                      H._ptr(ffi, meta, "int32_t *"), float(scale), n_threads,
-                                      H._ptr(ffi, out, "float *"))
+                                      H.ptr(ffi, q1, "float *"), H.ptr(ffi, k, "float *"),
+                                      H.ptr(ffi, meta, "int32_t *"), float(scale), n_threads,
+                                      H.ptr(ffi, out, "float *"))
     return rc, out
 
 
-def attn(lib, backend, case, kv_type, kpos_f32, n_threads=2):
-    ffi, L = lib
+def attn(ops, backend, case, kv_type, kpos_f32, n_threads=2):
+    ffi, L = ops
     q, k, v, kpos, meta, qpos, scale = case
     n_head, n_tokens, d = q.shape
-    q, k, v = H._f32(q), H._f32(k), H._f32(v)
-    kpos, meta, qpos = H._i32(kpos), H._i32(meta), H._i32(qpos)
+    q, k, v = H.f32(q), H.f32(k), H.f32(v)
+    kpos, meta, qpos = H.i32(kpos), H.i32(meta), H.i32(qpos)
     out = np.full((n_tokens, n_head, d), 12345.0, np.float32)
-    P = lambda a, t="float *": H._ptr(ffi, a, t)  # noqa: E731
+    P = lambda a, t="float *": H.ptr(ffi, a, t)  # noqa: E731
     rc = L.tca_test_tca_attn_backend_ex(backend.encode(), d, n_head, len(meta) // 2, n_tokens, k.shape[0],
                                         H.KV_TYPES[kv_type], P(q), P(k), P(v), P(kpos, "int32_t *"),
                                         P(meta, "int32_t *"), P(qpos, "int32_t *"), float(scale), n_threads,
@@ -100,11 +70,11 @@ SCORE_CASES = [(kv, d, g) for kv in H.KV_TYPES for d in (64, 128) for g in (1, 4
 
 
 @pytest.mark.parametrize("kv_type,d,gqa", SCORE_CASES)
-def test_score_cpu_matches_reference(lib, kv_type, d, gqa):
+def test_score_cpu_matches_reference(ops, kv_type, d, gqa):
     q1, k, meta, scale = _case(d * 31 + gqa + 3 * list(H.KV_TYPES).index(kv_type), d, gqa, qscale=2.0)
-    rc, out = score(lib, "CPU", q1, k, meta, scale, kv_type)
+    rc, out = score(ops, "CPU", q1, k, meta, scale, kv_type)
     assert rc == 0
-    ref = reference(q1, H._stored(lib, kv_type, k, meta), meta, scale)
+    ref = reference(q1, H.stored(ops, kv_type, k, meta), meta, scale)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-9)
     # every head's probabilities sum to 1 (an empty head contributes nothing)
@@ -119,46 +89,37 @@ def test_score_cpu_matches_reference(lib, kv_type, d, gqa):
     assert (out[~inside] == 0).all()
 
 
-def test_score_reference_is_sensitive(lib):
+def test_score_reference_is_sensitive(ops):
     """The check above can fail: a one-row change of K moves the scores beyond its tolerance."""
     q1, k, meta, scale = _case(5, 64, 4, qscale=2.0)
     k2 = k.copy()
     off = int(meta[0])
     k2[off] += 0.5
-    rc, out = score(lib, "CPU", q1, k2, meta, scale, "f32")
+    rc, out = score(ops, "CPU", q1, k2, meta, scale, "f32")
     assert rc == 0
     ref = reference(q1, k, meta, scale)
     assert np.abs(out - ref).max() > 1e-4
 
 
-def test_score_bad_arguments(lib):
-    ffi, L = lib
+def test_score_bad_arguments(ops):
+    ffi, L = ops
     q1, k, meta, scale = _case(1, 64, 2)
     meta_bad = meta.copy()
     meta_bad[1] = k.shape[0] + 5
-    assert score(lib, "CPU", q1, k, meta_bad, scale, "f32")[0] == -4
-    assert score(lib, "NoSuchBackend", q1, k, meta, scale, "f32")[0] == E_BACKEND
+    assert score(ops, "CPU", q1, k, meta_bad, scale, "f32")[0] == L.TCA_TEST_E_META
+    assert score(ops, "NoSuchBackend", q1, k, meta, scale, "f32")[0] == L.TCA_TEST_E_BACKEND
 
 
 @pytest.mark.parametrize("kv_type", list(H.KV_TYPES))
-def test_attn_kpos_f32_equals_i32_cpu(lib, kv_type):
+def test_attn_kpos_f32_equals_i32_cpu(ops, kv_type):
     case = H.make_case(11, 64, 4, 9)
-    rc_i, out_i = attn(lib, "CPU", case, kv_type, False)
-    rc_f, out_f = attn(lib, "CPU", case, kv_type, True)
+    rc_i, out_i = attn(ops, "CPU", case, kv_type, False)
+    rc_f, out_f = attn(ops, "CPU", case, kv_type, True)
     assert rc_i == rc_f == 0
     assert np.array_equal(out_i, out_f)
 
 
 # ---------------------------------------------------------------------------------- CUDA
-@pytest.fixture(scope="module")
-def cuda(lib):
-    q1, k, meta, scale = _case(1, 64, 2)
-    rc, _ = score(lib, CUDA, q1, k, meta, scale, "f32")
-    if rc == E_BACKEND:
-        pytest.skip(f"no CUDA backend in this build (CI has no GPU): {CUDA} not found")
-    return lib
-
-
 @pytest.mark.parametrize("kv_type,d,gqa", SCORE_CASES + [("f16", 256, 4), ("q8_0", 128, 8)])
 def test_score_cuda_matches_cpu(cuda, kv_type, d, gqa):
     q1, k, meta, scale = _case(d * 17 + gqa, d, gqa, qscale=2.0)

@@ -1,18 +1,10 @@
 """NumPy reference of the TCA math (python/tca_ggml/reference.py, docs/design.md §3-4)."""
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-try:
-    import tca_ggml.reference as R
-except Exception:  # the package may import a native library that is not built yet
-    _p = Path(__file__).resolve().parent.parent / "python" / "tca_ggml" / "reference.py"
-    _spec = importlib.util.spec_from_file_location("tca_reference", _p)
-    R = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(R)
+from tca_ggml import reference as R
 
 
 def _qkv(n, n_head, n_head_kv, d, seed=0, qscale=1.0):

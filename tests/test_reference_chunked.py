@@ -1,19 +1,11 @@
 """Chunked-prefill calibration (reference.calibrate_head_chunked, design §4): the fast replay
 must equal a brute-force replay through TCALayerState, position for position."""
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-try:
-    import tca_ggml.reference as R
-except Exception:  # the package may import a native library that is not built yet
-    _p = Path(__file__).resolve().parent.parent / "python" / "tca_ggml" / "reference.py"
-    _spec = importlib.util.spec_from_file_location("tca_reference", _p)
-    R = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(R)
+from tca_ggml import reference as R
 
 
 def _grid(b):

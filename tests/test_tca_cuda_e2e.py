@@ -12,7 +12,6 @@ What must hold:
   differing rows can move.
 Skipped without a CUDA backend in the build (CI has no GPU).
 """
-import importlib.util
 import os
 from pathlib import Path
 
@@ -22,27 +21,11 @@ import pytest
 from tca_ggml import Llama
 from tca_ggml.random_model import write_random_gguf
 
-cffi = pytest.importorskip("cffi")
-
 W, B = 512, 64
 
-
-def _has_cuda() -> bool:
-    spec = importlib.util.spec_from_file_location("_tca_op_helpers_e2e", Path(__file__).resolve().parent / "test_op_tca_attn.py")
-    H = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(H)
-    ffi = cffi.FFI()
-    ffi.cdef("int tca_test_tca_score_backend(const char * backend, int d, int n_head, int n_head_kv, int n_slots,"
-             " int kv_type, const float * q, const float * k, const int32_t * meta, float scale, int n_threads, float * out);")
-    L = ffi.dlopen(str(H._lib_path()))
-    q = np.zeros(64, np.float32); k = np.zeros(64, np.float32); m = np.array([0, 1], np.int32); o = np.zeros(1, np.float32)
-    rc = L.tca_test_tca_score_backend(b"CUDA0", 64, 1, 1, 1, 0, ffi.cast("float *", ffi.from_buffer(q)),
-                                      ffi.cast("float *", ffi.from_buffer(k)), ffi.cast("int32_t *", ffi.from_buffer(m)),
-                                      1.0, 1, ffi.cast("float *", ffi.from_buffer(o)))
-    return rc == 0
-
-
-pytestmark = pytest.mark.skipif(not _has_cuda(), reason="no CUDA backend in this build (CI has no GPU)")
+# the session fixture `cuda` (conftest.py) skips every test here without a CUDA backend in the
+# build (CI has no GPU)
+pytestmark = [pytest.mark.usefixtures("cuda"), pytest.mark.slow]
 
 SHAPES = [("llama-3.2-1b", 4), ("qwen2.5-0.5b", 4), ("llama-3.1-8b", 2)]  # head size 64, 64 (GQA 7), 128
 

@@ -27,41 +27,90 @@ def _logits(model, toks, **kw):
     return lg, st
 
 
-def test_full_density_matches_dense(default_model, prompt_tokens):
+N_STEPS = 16   # greedy decode steps after the prompt in the full-density comparison
+
+
+@pytest.fixture(scope="module")
+def full_density_runs(default_model, prompt_tokens):
+    """Dense, upstream's flash path and TCA at full density on one prompt, each followed by N_STEPS
+    greedy decode steps teacher-forced along dense's own greedy tokens (so one flipped near-tie does
+    not change every later step). Per arm: logits [N_STEPS + 1, n_vocab] (row 0: the prompt's last
+    token), the tokens fed, and TCA's stats after the prompt and at the end. The prompt ends 4
+    tokens before a block leaves the window (n - W a multiple of B), so decode runs a compaction."""
+    n = ((len(prompt_tokens) - W) // B) * B + W - 4
+    toks = prompt_tokens[:n]
+
+    def run(force=None, **kw):
+        with Llama(default_model, n_ctx=2048, n_batch=512, n_threads=2, n_threads_batch=2, verbose=False,
+                   **kw) as llm:
+            fed = list(toks)
+            llm.eval_prompt(fed)
+            st0 = llm.tca_stats()
+            rows = [llm._logits_last()]
+            for i in range(N_STEPS):
+                fed.append(int(rows[-1].argmax()) if force is None else force[i])
+                llm.eval_prompt(fed)               # reuses the cache: decodes the one new token
+                rows.append(llm._logits_last())
+            return dict(logits=np.array(rows), tokens=fed[n:], st0=st0, st=llm.tca_stats())
+
+    dense = run()
+    fa = run(dense["tokens"], flash_attn=True)
+    tca = run(dense["tokens"], tca=True, tca_density=1.0, tca_window=W, tca_block=B)
+    return toks, dense, fa, tca
+
+
+def _nmse(a, b):
+    return float(((a.astype(np.float64) - b) ** 2).sum() / (a.astype(np.float64) ** 2).sum())
+
+
+@pytest.mark.slow
+def test_full_density_matches_dense(full_density_runs):
     """End to end on a Q4_K model the logits of any two attention implementations differ by
     activation-quantization noise: upstream's own dense paths (flash vs non-flash) differ by
     NMSE ~9e-4 here. TCA at full density must sit inside that band (the op itself matches
     dense to 1e-6 given the same inputs: test_retention_matches_numpy_reference)."""
-    dense, st0 = _logits(default_model, prompt_tokens)
-    dense_fa, _ = _logits(default_model, prompt_tokens, flash_attn=True)
-    assert not st0["active"]
-    tca, st = _logits(default_model, prompt_tokens, tca=True, tca_density=1.0, tca_window=W, tca_block=B)
+    toks, dense, fa, tca = full_density_runs
+    assert not dense["st0"]["active"]
+    st = tca["st0"]
     assert st["active"] and st["n_compactions"] >= 1
-    assert st["rows_kept"] == len(prompt_tokens) * len(st["retained"])  # nothing evicted
-    nm = lambda a, b: float(((a - b) ** 2).sum() / (a ** 2).sum())
-    band = nm(dense, dense_fa)
-    assert nm(dense, tca) <= 2.0 * band + 1e-6, (nm(dense, tca), band)
-    assert int(dense.argmax()) == int(tca.argmax())
+    assert st["rows_kept"] == len(toks) * len(st["retained"])  # nothing evicted
+    band = _nmse(dense["logits"][0], fa["logits"][0])
+    assert _nmse(dense["logits"][0], tca["logits"][0]) <= 2.0 * band + 1e-6, (band,)
+    assert int(dense["logits"][0].argmax()) == int(tca["logits"][0].argmax())
 
 
-def test_full_density_greedy_agrees_like_upstreams_own_paths(default_model):
-    """Greedy text at full density vs dense, 3 prompts of > 2x the window. Upstream's own
-    flash and non-flash dense paths disagree on one of these three (quantized-activation
-    noise flips a near-tie); TCA must agree with dense at least as often as they do."""
-    hay = texts.haystack(40000)
-    prompts = [hay[:6000], hay[9000:15000] + "\n\nIn summary,", "def merge_sort(xs):\n" + hay[20000:25000]]
+@pytest.mark.slow
+def test_full_density_greedy_tokens_match_dense(full_density_runs):
+    """Greedy decoding at full density follows dense, step by step along dense's greedy tokens
+    (a decode compaction included): at every step TCA's logits sit inside the band of upstream's
+    own flash vs non-flash paths (2x their largest NMSE over the steps), and TCA picks dense's
+    token at every step whose top-2 logit gap exceeds twice the most upstream's two paths move such
+    a gap. Only near-ties, where upstream's own paths may disagree too, are exempt, and they must be
+    a minority. (Measured: flash moves a top-2 gap by <= 0.17, TCA by <= 0.15; 14 of 17 steps are
+    checked; TCA and the flash path both flip the one step whose gap is 0.016.)"""
+    toks, dense, fa, tca = full_density_runs
+    D, F, T = dense["logits"], fa["logits"], tca["logits"]
+    band = max(_nmse(D[i], F[i]) for i in range(len(D)))
+    rows, top = np.arange(len(D)), np.argsort(D, axis=1)[:, -2:]     # dense's runner-up and token
+    gap = lambda X: X[rows, top[:, 1]] - X[rows, top[:, 0]]           # noqa: E731
+    noise = float(np.abs(gap(F) - gap(D)).max())   # how far upstream's own paths move a top-2 gap
+    confident = gap(D) > 2.0 * noise
+    for i in range(len(D)):
+        assert _nmse(D[i], T[i]) <= 2.0 * band + 1e-6, (i, _nmse(D[i], T[i]), band)
+    same = T.argmax(axis=1) == D.argmax(axis=1)
+    print(f"full density, {len(D)} greedy steps: NMSE vs dense <= {max(_nmse(D[i], T[i]) for i in rows):.2e} "
+          f"(band {band:.2e}); top-2 gaps moved by flash <= {noise:.3f}, by TCA <= "
+          f"{float(np.abs(gap(T) - gap(D)).max()):.3f}; steps checked {int(confident.sum())}, "
+          f"same token {int(same.sum())}")
+    assert confident.sum() >= len(D) // 2, (confident.sum(), noise)   # the check is not vacuous
+    assert same[confident].all(), (np.flatnonzero(confident & ~same), noise)
+    # decode kept every row and ran the compaction of the block that left the window
+    st0, st = tca["st0"], tca["st"]
+    assert st["rows_kept"] == (len(toks) + N_STEPS) * len(st["retained"])
+    assert st["n_compactions"] > st0["n_compactions"]
 
-    def greedy(**kw):
-        with Llama(default_model, n_ctx=2048, n_threads=2, verbose=False, **kw) as llm:
-            return [llm(p, max_tokens=16, temperature=0)["choices"][0]["text"] for p in prompts]
-    dense = greedy()
-    fa = greedy(flash_attn=True)
-    tca = greedy(tca=True, tca_density=1.0, tca_window=W, tca_block=B)
-    agree_fa = sum(a == b for a, b in zip(dense, fa))
-    agree_tca = sum(a == b for a, b in zip(dense, tca))
-    assert agree_tca >= min(agree_fa, 2), (agree_tca, agree_fa, dense, tca)
 
-
+@pytest.mark.slow
 def test_short_context_is_exactly_dense(default_model):
     """n_ctx <= w + b: TCA is not instantiated at all (dense cache, same logits bit for bit)."""
     toks = list(range(1000, 1100))
@@ -117,6 +166,7 @@ def _capture(model, toks, layer, **kw):
     return {k: v for k, v in got.items()}, kept, st
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer,density,tol,retention", [(0, 1.0, 1e-6, "hold"), (0, 0.25, 1e-6, "stream"),
                                                           (13, 0.25, 1e-6, "stream"), (0, 0.25, 1e-6, "hold"),
                                                           (13, 0.25, 1e-6, "hold")])
@@ -178,6 +228,7 @@ def test_memory_follows_budgets(default_model, prompt_tokens):
     assert sizes[0.25]["bytes_alloc"] < 0.4 * dense_bytes
 
 
+@pytest.mark.slow
 def test_prefix_reuse_truncates_the_retention(default_model, prompt_tokens):
     """A second prompt sharing a prefix truncates the TCA memory (seq_rm) and continues."""
     with Llama(default_model, n_ctx=2048, n_threads=2, verbose=False, tca=True, tca_density=0.25,
@@ -217,6 +268,7 @@ def test_forced_budget_shape():
     assert forced_budget(1.0, k)[-1] == 1.0
 
 
+@pytest.mark.slow
 def test_unsupported_sequence_operation_is_a_clear_error(default_model, prompt_tokens):
     """The retention memory can truncate but not cut a hole: a clear ContextError, and the
     context stays usable. Dense (upstream) accepts the same call."""
@@ -249,6 +301,7 @@ json.dump({"pos": pos, "n_compactions": st["n_compactions"]}, open(sys.argv[3] +
 """
 
 
+@pytest.mark.slow
 def test_device_input_layout_is_the_same_computation(default_model, prompt_tokens, tmp_path):
     """The GPU layout of the graph's per-layer inputs (tensors of the retention memory, uploaded once
     per ubatch: TCA_GGML_IO=1 forces it on the CPU) computes exactly what the host-input layout does:
@@ -275,6 +328,8 @@ def test_device_input_layout_is_the_same_computation(default_model, prompt_token
     assert n_all < len(toks) * len(mh["pos"])  # rows were evicted
     np.testing.assert_array_equal(li, lh)
 
+
+@pytest.mark.slow
 def test_quantized_kv_cache(tmp_path):
     """q8_0 K/V: upstream requires flash attention for a quantized V cache; a TCA context
     turns it on by itself (its own attention reads q8_0 directly), and at full density it
@@ -300,6 +355,7 @@ def test_quantized_kv_cache(tmp_path):
     assert nm(out["tca25"][0], out["dense"][0]) > 10 * nm(out["tca1"][0], out["dense"][0])
 
 
+@pytest.mark.slow
 def test_decode_compresses_only_the_block_leaving_the_window(tmp_path):
     """TCA-SPEC's decode rule, in C: during decode a compaction touches only the block(s) that
     just left the window, each cut to floor(t) tokens (t = the head's expected tokens per block);
@@ -357,6 +413,7 @@ def test_c_forced_params_equal_python_forced_budget(default_model):
         assert L.tca_params_forced(model, 0.2, 100, 4096, tp, err, 256) != 0  # not a power of two
 
 
+@pytest.mark.slow
 def test_save_and_load_state_round_trips_the_retention(default_model, prompt_tokens):
     """save_state / load_state (llama-cpp-python's API) with TCA after compactions: a fresh context
     that loads the state decodes the same greedy tokens as the context that saved it; a dense

@@ -18,7 +18,7 @@ def _prompts():
     return [
         ("short", "The capital of France is"),
         ("code", "def quicksort(arr):\n    \"\"\"Sort a list.\"\"\"\n"),
-        ("long", long_text + "\n\nSummary of the essays above in one sentence:"),
+        pytest.param("long", long_text + "\n\nSummary of the essays above in one sentence:", marks=pytest.mark.slow),
     ]
 
 
@@ -30,7 +30,7 @@ def dense(default_model):
     llm.close()
 
 
-@pytest.mark.parametrize("name,prompt", _prompts(), ids=[p[0] for p in _prompts()])
+@pytest.mark.parametrize("name,prompt", _prompts(), ids=["short", "code", "long"])
 def test_greedy_identical_to_llama_simple(dense, default_model, llama_simple, name, prompt):
     toks = dense.tokenize(prompt.encode(), add_bos=True, special=True)
     if name == "long":

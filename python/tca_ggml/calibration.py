@@ -5,8 +5,17 @@ replays that math on the Q/K captured from one dense pass and measures, for ever
 budget of the grid, the share of probe queries' dense softmax mass the retained rows keep
 (coverage). The sparsest candidate reaching tau wins; none -> dense. NumPy only, float64.
 
-Two simulations, one per way of calibrating the "stream" retention:
+Three simulations, one per retention policy the budgets are calibrated for:
 
+* **final** (`calibrate_head_final`; the default of `tca-ggml calibrate`): the "hold" retention
+  (docs/design.md "Retention"). Nothing is evicted during a prompt; after the prompt's last
+  ubatch one selection over every row decides what stays: pooled importance = mean over the
+  prompt's last ``n_obs`` queries (no causal mask), the block metric / ranking / per-block top-k
+  of `reference.select_keep`, with the top ``n_whole`` ranked blocks kept whole
+  (`reference.whole_budget`). Queries after the prompt (the answer, decoded) attend what stayed;
+  blocks leaving the window meanwhile are cut by the decode rule. One dense pass over a text with
+  several questions gives several prompts (`Episode`: the prefix up to a question, its answer the
+  probes); coverage is the mean over all probes.
 * **chunked** (`calibrate_head_chunked`): the "stream" retention: after every prefill ubatch
   all aged blocks are re-selected with that ubatch's last query and evictions are final; a
   probe (last 256 + 256 random positions) is scored against the set retained after its ubatch.
@@ -18,6 +27,7 @@ The candidate grid (`candidate_grid`) is the one of design §4 and the one `gguf
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -27,7 +37,9 @@ from . import reference as R
 __all__ = [
     "candidate_grid", "probe_positions", "coverage_of_kept", "candidate_coverages",
     "calibrate_head", "chunked_evictions", "chunked_probe_coverage",
-    "chunked_candidate_coverages", "calibrate_head_chunked",
+    "chunked_candidate_coverages", "calibrate_head_chunked", "Episode", "final_scores",
+    "final_evictions", "final_probe_coverage", "final_candidate_coverages",
+    "tail_episode", "calibrate_head_final",
 ]
 
 
@@ -369,3 +381,206 @@ def calibrate_head_chunked(Qg, Kg, tau: float = 0.9, block_size: int = 128, wind
                                          alpha, probes, ubatch, scale)
     return _pick_sparsest(p_list, t, cov, k_values, tau)
 
+
+# --------------------------------------------------------------------------- final (hold) calibration
+@dataclass
+class Episode:
+    """One simulated prompt of the "hold" retention on a captured sequence.
+
+    The prompt is positions [0, ``end``): its last ubatch attends every row, then the final
+    selection, scored by the queries at [end - n_obs, end), decides what stays. ``probes`` are
+    query positions scored against what is retained when they run. Positions >= end are decode
+    steps (an answer): they see the final selection and the decode rule's cuts of the steps
+    before them. Positions < end (inside the prompt) are scored against the final selection as
+    if they ran after it -- an upper bound on what a prompt query loses, since in inference the
+    prompt's last ubatch attends every row.
+    """
+    end: int
+    probes: np.ndarray
+
+    def __post_init__(self):
+        self.end = int(self.end)
+        self.probes = np.asarray(self.probes, dtype=np.int64).reshape(-1)
+        if self.end < 1:
+            raise ValueError("an episode's prompt must hold at least one token")
+        if self.probes.size and self.probes.min() < 0:
+            raise ValueError("probe positions must be >= 0")
+
+    @property
+    def upto(self) -> int:
+        """Positions the episode reads: the prompt and every probe."""
+        return max(self.end, int(self.probes.max()) + 1) if self.probes.size else self.end
+
+
+def final_scores(Qg, Kg, end: int, n_obs: int = 32, scale: Optional[float] = None) -> np.ndarray:
+    """Pooled importance of a final selection: the mean over the prompt's last ``n_obs`` queries
+    (positions [end - n_obs, end), fewer if the prompt is shorter) of each query's
+    ``reference.pooled_importance`` over every row [0, end) -- no causal mask inside the window,
+    as in `reference.TCALayerState` (retention "hold"). Float64 [end]."""
+    Qg = np.asarray(Qg, dtype=np.float64)
+    if Qg.ndim == 2:
+        Qg = Qg[:, None, :]
+    Kg = np.asarray(Kg[:end], dtype=np.float64)
+    _, G, d = Qg.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    n_o = max(1, min(int(n_obs), int(end)))
+    acc = np.zeros(int(end), dtype=np.float64)
+    step = max(1, (1 << 22) // max(1, G * int(end)))
+    for a in range(end - n_o, end, step):
+        z = min(a + step, end)
+        lg = (Qg[a:z].reshape(-1, d) @ Kg.T) * float(scale)
+        acc += R._softmax_rows(lg).reshape(z - a, G, -1).mean(axis=1).sum(axis=0)
+    return acc / n_o
+
+
+def _cut_decode_blocks(ret, s, lo: int, F: int, kt: int, block_size: int) -> np.ndarray:
+    """The decode rule on one head: rows of ``ret`` (ascending positions) in [lo, F) keep, per
+    block, their ``kt`` rows of largest pooled score (`reference.pool_scores`; ties: lower
+    position first). Returns the positions cut."""
+    b = int(block_size)
+    idx = np.nonzero((ret >= lo) & (ret < F))[0]
+    if idx.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    pos = ret[idx]
+    sp = R.pool_scores(pos, s[idx], b)
+    bid = pos // b
+    _, inv, counts = np.unique(bid, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)
+    o = np.lexsort((pos, -sp, inv))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(idx.size) - starts[inv[o]]
+    return pos[o[rank >= kt]]
+
+
+def final_evictions(Qg, Kg, p_list, k_values, block_size: int, window: int, n_sink: int,
+                    alpha: float, episode: Episode, n_obs: int = 32, n_whole: int = 4,
+                    scale: Optional[float] = None) -> np.ndarray:
+    """Replay the "hold" retention of one KV head for one episode, every budget at once.
+
+    After the prompt [0, end): if any block is aged (N = n_aged_blocks(end) > 0), the rows kept
+    are ``select_keep`` over every row with the scores of `final_scores` and the budget
+    ``reference.whole_budget(p, k_values, N, n_whole)`` (what `reference.TCALayerState` does
+    with retention "hold" on a prompt's last ubatch). Then the decode steps end .. upto-1: a
+    step whose token makes a block age cuts the block(s) that left the window to floor(t)
+    rows by its own query over the rows retained then (`TCAHeadState.compact_decode`).
+
+    Returns int64 ``[C, upto]``: for candidate c and key i, the position of the step after
+    which key i is gone (end - 1 for the final selection, the decode step's position for a
+    cut), or ``np.iinfo(np.int64).max`` if it stays. A probe at q sees key i <= q iff
+    ``evict[c, i] >= max(q, end)`` (a step attends before its own cut).
+    """
+    Qg = np.asarray(Qg, dtype=np.float64)
+    if Qg.ndim == 2:
+        Qg = Qg[:, None, :]
+    Kg = np.asarray(Kg, dtype=np.float64)
+    e, upto = episode.end, episode.upto
+    if upto > min(Qg.shape[0], Kg.shape[0]):
+        raise ValueError(f"episode reads {upto} positions, the capture holds {Kg.shape[0]}")
+    b = int(block_size)
+    C = len(p_list)
+    evict = np.full((C, upto), _NEVER, dtype=np.int64)
+    N = R.n_aged_blocks(e, b, window)
+    if N > 0:
+        s = final_scores(Qg, Kg, e, n_obs, scale)
+        pos = np.arange(e, dtype=np.int64)
+        for c, p in enumerate(p_list):
+            pw = R.whole_budget(p, k_values, N, n_whole)
+            keep = _select_keep_vec(pos, s, pw, k_values, b, window, n_sink, e, alpha)
+            evict[c, :e][~keep] = e - 1
+    frontier = N * b
+    for q in range(e, upto):
+        F = R.n_aged_blocks(q + 1, b, window) * b
+        if F <= frontier:
+            continue
+        for c, p in enumerate(p_list):
+            kt = max(1, int(math.floor(R.expected_tokens(p, k_values) + 1e-9)))
+            ret = np.nonzero(evict[c, :q + 1] == _NEVER)[0]
+            s = R.pooled_importance(Qg[q], Kg[ret], scale)
+            evict[c, _cut_decode_blocks(ret, s, max(frontier, int(n_sink)), F, kt, b)] = q
+        frontier = F
+    return evict
+
+
+def final_probe_coverage(Qg, Kg, evict, episode: Episode, scale: Optional[float] = None,
+                         chunk: Optional[int] = None) -> np.ndarray:
+    """Coverage of each probe of ``episode``: the share of its pooled dense softmax mass
+    (``mean_h softmax(Qg[q, h] . Kg[:q+1]^T * scale)``) on keys it still sees (``evict`` from
+    `final_evictions`: key i <= q is seen iff ``evict[c, i] >= max(q, end)``). Window and sinks
+    are never evicted, so they count as kept. Float64 ``[C, n_probe]``; O(chunk * G * n)
+    memory."""
+    Qg = np.asarray(Qg, dtype=np.float64)
+    if Qg.ndim == 2:
+        Qg = Qg[:, None, :]
+    Kg = np.asarray(Kg, dtype=np.float64)
+    _, G, d = Qg.shape
+    evict = np.atleast_2d(np.asarray(evict, dtype=np.int64))
+    C = evict.shape[0]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    probes = episode.probes
+    cov = np.ones((C, probes.size), dtype=np.float64)
+    if probes.size == 0:
+        return cov
+    thr = np.maximum(probes, episode.end)
+    m_all = int(probes.max()) + 1
+    if chunk is None:
+        chunk = max(1, (1 << 22) // max(1, (G + C) * m_all))
+    for a in range(0, probes.size, chunk):
+        qp = probes[a:a + chunk]
+        m = int(qp.max()) + 1
+        lg = (Qg[qp].reshape(-1, d) @ Kg[:m].T).reshape(qp.size, G, m) * float(scale)
+        lg = np.where((np.arange(m)[None, :] <= qp[:, None])[:, None, :], lg, -np.inf)
+        pooled = R._softmax_rows(lg).mean(axis=1)                       # [c, m]
+        gone = evict[:, None, :m] < thr[a:a + chunk][None, :, None]     # [C, c, m]
+        cov[:, a:a + chunk] = 1.0 - np.einsum("qm,cqm->cq", pooled, gone.astype(np.float64))
+    return cov
+
+
+def final_candidate_coverages(Qg, Kg, p_list, k_values, block_size: int, window: int,
+                              n_sink: int, alpha: float, episodes: Sequence[Episode],
+                              n_obs: int = 32, n_whole: int = 4,
+                              scale: Optional[float] = None) -> np.ndarray:
+    """Every episode's final selection and probe coverage for every budget in ``p_list``.
+
+    Returns float64 ``[C, total probes]``, the episodes' probes concatenated in order."""
+    out = []
+    for ep in episodes:
+        ev = final_evictions(Qg, Kg, p_list, k_values, block_size, window, n_sink, alpha, ep,
+                             n_obs, n_whole, scale)
+        out.append(final_probe_coverage(Qg, Kg, ev, ep, scale))
+    if not out:
+        return np.zeros((len(p_list), 0))
+    return np.concatenate(out, axis=1)
+
+
+def tail_episode(n: int, n_tail: int = 256) -> Episode:
+    """Without questions in the text: a prompt of ``n - n_tail`` tokens whose last ``n_tail``
+    tokens are decoded (the probes)."""
+    n_tail = max(1, min(int(n_tail), int(n) - 1))
+    return Episode(int(n) - n_tail, np.arange(int(n) - n_tail, int(n)))
+
+
+def calibrate_head_final(Qg, Kg, episodes: Optional[Sequence[Episode]] = None, tau: float = 0.9,
+                         block_size: int = 128, window: int = 4096, n_sink: int = 4,
+                         alpha: float = 0.5, mu=None, sigma=None, k_values=None,
+                         scale: Optional[float] = None, n_obs: int = 32, n_whole: int = 4):
+    """Design §4 for one KV head, for the "hold" retention.
+
+    For every candidate budget of the grid (as ``calibrate_head``) and every episode: the
+    final selection at the episode's prompt end (`final_evictions`), then each probe's
+    coverage against what it sees (`final_probe_coverage`). Coverage = mean over all
+    probes of all episodes; the sparsest candidate (smallest t; ties lower index) reaching
+    tau wins, none -> dense (index -1). ``episodes`` defaults to `tail_episode` of the whole
+    capture.
+
+    Returns ``(candidate_index, p, density = t / b, coverage)``; dense: ``dense_p``, 1.0, 1.0.
+    """
+    p_list, t, k_values = _grid_lists(block_size, mu, sigma, k_values)
+    if episodes is None:
+        episodes = [tail_episode(np.asarray(Kg).shape[0])]
+    cov = final_candidate_coverages(Qg, Kg, p_list, k_values, block_size, window, n_sink, alpha,
+                                    episodes, n_obs, n_whole, scale)
+    if cov.shape[1] == 0:
+        raise ValueError("no probe queries: the episodes hold no probe positions")
+    return _pick_sparsest(p_list, t, cov.mean(axis=1), k_values, tau)

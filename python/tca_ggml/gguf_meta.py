@@ -63,8 +63,11 @@ __all__ = [
     "tca_kv_items", "add_to_writer", "log_gaussian_grid", "make_random_budgets",
 ]
 
-SCHEMA_VERSION = 1
-KNOWN_VERSIONS = (1,)
+# 1: budgets calibrated for the "stream" retention (chunked / single-shot calibration);
+# 2: for the "hold" retention (final-selection calibration, calibration.calibrate_head_final).
+# Same keys and meaning of every key; readers accept both.
+SCHEMA_VERSION = 2
+KNOWN_VERSIONS = (1, 2)
 MAX_ARRAY_LEN = 1 << 24          # arrays longer than this are refused (design.md section 2)
 MAX_BLOCK_SIZE = 4096
 P_SUM_TOL = 1e-3                 # p rows must sum to 1 +- this

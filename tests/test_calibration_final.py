@@ -203,13 +203,13 @@ def test_calibration_text_has_facts_questions_and_answer_probes():
         prompt = tok.decode(ct.tokens[:ep.end])
         answer = tok.decode([ct.tokens[q] for q in ep.probes])
         assert prompt.endswith("?\nA:") and np.array_equal(ep.probes, np.arange(ep.end, ep.end + ep.probes.size))
-        m = re.fullmatch(r" The (.+) for (.+) is (\d{7})\.", answer)
-        assert m, answer
-        assert prompt.rsplit("Q: ", 1)[1].startswith(f"What is the {m.group(1)} for {m.group(2)}?")
+        assert re.fullmatch(r" \d{7}\.", answer), answer
+        m = re.fullmatch(r"What is the (.+) for (.+)\?\nA:", prompt.rsplit("Q: ", 1)[1])
+        assert m, prompt[-80:]
         asked.append(m.group(2))
         # the fact is planted once in the document, before the questions
         doc = ct.text[:ct.text.index("Answer each question")]
-        assert doc.count(f"The {m.group(1)} for {m.group(2)} is {m.group(3)}.") == 1
+        assert doc.count(f"The {m.group(1)} for {m.group(2)} is{answer}") == 1
     assert sorted(asked) == sorted(f[0] for f in ct.facts)
     depths = [f[3] for f in ct.facts]
     assert min(depths) < 0.1 and max(depths) > 0.9

@@ -118,10 +118,11 @@ def build_calibration_text(tokenize: Callable[[str, bool], List[int]], n_ctx: in
 
     ``tokenize(text, add_bos)`` -> token ids. The facts sit at depths spread evenly over
     [0.03, 0.97] of the document; the question block at the end asks for every fact in a
-    seeded order, each question followed by its answer:
+    seeded order, each question followed by its answer, the number alone (so nearly every answer
+    token is a query that reads the fact):
 
         Q: What is the access code for Mira Castellanos?
-        A: The access code for Mira Castellanos is 4829103.
+        A: 4829103.
 
     The document, the block's header and every question / answer / newline are tokenized one
     by one and concatenated, so a prompt ends exactly after "A:" and the answer's tokens are
@@ -142,7 +143,7 @@ def build_calibration_text(tokenize: Callable[[str, bool], List[int]], n_ctx: in
     pieces = [(header, False)]
     for i in order:
         nm, th, num = facts[i]
-        pieces += [(f"Q: What is the {th} for {nm}?\nA:", False), (f" The {th} for {nm} is {num}.", True),
+        pieces += [(f"Q: What is the {th} for {nm}?\nA:", False), (f" {num}.", True),
                    ("\n", False)]
     tail_toks = [tokenize(t, False) for t, _ in pieces]
     n_tail = sum(len(t) for t in tail_toks)
@@ -248,6 +249,26 @@ def capture_qk(model_path: str, tokens: list, n_threads: Optional[int] = None,
     return Capture(Q, K, n)
 
 
+def save_capture(path, cap: Capture, episodes=None) -> None:
+    """Write a capture (and the final mode's episodes) to an .npz, to study the search offline
+    (calibration/compare_modes.py --load) without another dense pass."""
+    arrs = {f"Q{i}": q for i, q in enumerate(cap.Q)}
+    arrs.update({f"K{i}": k for i, k in enumerate(cap.K)})
+    episodes = episodes or []
+    arrs.update({f"probes{j}": ep.probes for j, ep in enumerate(episodes)})
+    np.savez(path, n_layer=len(cap.Q), n_tokens=cap.n_tokens,
+             ends=np.array([ep.end for ep in episodes], dtype=np.int64), **arrs)
+
+
+def load_capture(path):
+    """(Capture, episodes) written by `save_capture`."""
+    z = np.load(path)
+    n_layer = int(z["n_layer"])
+    cap = Capture([z[f"Q{i}"] for i in range(n_layer)], [z[f"K{i}"] for i in range(n_layer)],
+                  int(z["n_tokens"]))
+    return cap, [calibration.Episode(int(e), z[f"probes{j}"]) for j, e in enumerate(z["ends"])]
+
+
 MODES = ("final", "chunked", "single")
 
 
@@ -273,7 +294,7 @@ def calibrate(model_path: str, out_path: Optional[str] = None, text: Optional[st
               alpha: float = 0.5, block: int = 128, window: int = 4096, n_sink: int = 4,
               n_threads: Optional[int] = None, progress: bool = True, overwrite: bool = False,
               mode: str = "final", ubatch: int = 512, n_obs: int = 32, n_whole: int = 4,
-              n_facts: Optional[int] = None, seed: int = 0):
+              n_facts: Optional[int] = None, seed: int = 0, save_capture_path: Optional[str] = None):
     """Calibrate `model_path`; write `out_path` (if given); return the TCABudgets.
 
     ``mode``: "final" (default) simulates the "hold" retention on a text with planted facts
@@ -284,6 +305,7 @@ def calibrate(model_path: str, out_path: Optional[str] = None, text: Optional[st
     the per-ubatch re-selection of the "stream" retention with ubatches of ``ubatch`` tokens
     (inference's n_ubatch, llama.cpp's default is 512); "single" one selection with the last
     query (``ubatch`` unused). Both read ``text`` (default: the essays) as it is.
+    ``save_capture_path``: also write the captured Q/K (and episodes) there (`save_capture`).
     """
     from .gguf_meta import TCABudgets, read_model_shape, write_calibrated
     from .llama import Llama
@@ -325,6 +347,8 @@ def calibrate(model_path: str, out_path: Optional[str] = None, text: Optional[st
     t0 = time.perf_counter()
     cap = capture_qk(model_path, tokens, n_threads=n_threads, progress=progress)
     t_pass = time.perf_counter() - t0
+    if save_capture_path:
+        save_capture(save_capture_path, cap, episodes)
     mu, sigma, k_values = calibration.candidate_grid(block)
     n_layer = len(cap.Q)
     n_head_kv = [int(k.shape[1]) for k in cap.K]

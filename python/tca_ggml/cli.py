@@ -34,7 +34,8 @@ def _cmd_calibrate(a) -> int:
     b = calibrate.calibrate(a.model, a.output, text=text, text_name=name, n_ctx=a.ctx, tau=a.tau,
                             alpha=a.alpha, block=a.block, window=a.window, n_threads=a.threads,
                             overwrite=a.force, mode=a.mode, ubatch=a.ubatch, n_obs=a.n_obs,
-                            n_whole=a.whole, n_facts=a.facts, seed=a.seed)
+                            n_whole=a.whole, n_facts=a.facts, seed=a.seed,
+                            save_capture_path=a.save_capture)
     dt = time.perf_counter() - t0
     _print_table(b)
     print(f"\ncalibrated {a.model} -> {a.output} in {dt:.0f} s "
@@ -138,6 +139,8 @@ def main(argv=None) -> int:
     c.add_argument("--facts", type=int, default=None,
                    help="final mode: planted facts / questions (default: one per 1024 tokens, 4..16)")
     c.add_argument("--seed", type=int, default=0, help="final mode: seed of the facts and the question order")
+    c.add_argument("--save-capture", metavar="CAP.npz",
+                   help="also write the captured Q/K (f16) there, for calibration/compare_modes.py --load")
     c.add_argument("-f", "--force", action="store_true", help="overwrite the output")
     i = sub.add_parser("inspect", help="show a GGUF's TCA budgets")
     i.add_argument("model")

@@ -194,15 +194,23 @@ def _select_keep_vec(pos, s, p, k_values, block_size: int, window: int, n_sink: 
     hit = np.searchsorted(cum, u, side="right")          # smallest i with u < C_i
     kj = np.empty(nb, dtype=np.int64)
     kj[order] = k_desc[np.minimum(hit, k_desc.size - 1)]
-    # top-k per block: order by (block, -s, pos); idx is ascending in pos and block
-    _, inv, counts = np.unique(bid, return_inverse=True, return_counts=True)
-    inv = inv.reshape(-1)
-    o = np.lexsort((pos[idx], -R.pool_scores(pos[idx], s[idx], b), inv))
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(idx.size) - starts[inv[o]]
-    keep[idx] = False
-    keep[idx[o[rank < kj[inv[o]]]]] = True
+    rank, inv = _rank_in_block(pos[idx], s[idx], b)
+    keep[idx] = rank < kj[inv]
     return keep
+
+
+def _rank_in_block(pos, s, block_size: int):
+    """Per-block top-k order of design §3 step 4, vectorised: each row's rank within its block by
+    pooled score (`reference.pool_scores`, descending; ties: lower position first), and its
+    block's index among the distinct blocks. ``pos`` ascending. Returns (rank, block_index)."""
+    b = int(block_size)
+    _, inv, counts = np.unique(pos // b, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)
+    o = np.lexsort((pos, -R.pool_scores(pos, s, b), inv))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(pos.size, dtype=np.int64)
+    rank[o] = np.arange(pos.size) - starts[inv[o]]
+    return rank, inv
 
 
 def _ubatch_ends(n: int, ubatch: int) -> np.ndarray:
@@ -442,15 +450,8 @@ def _cut_decode_blocks(ret, s, lo: int, F: int, kt: int, block_size: int) -> np.
     idx = np.nonzero((ret >= lo) & (ret < F))[0]
     if idx.size == 0:
         return np.zeros(0, dtype=np.int64)
-    pos = ret[idx]
-    sp = R.pool_scores(pos, s[idx], b)
-    bid = pos // b
-    _, inv, counts = np.unique(bid, return_inverse=True, return_counts=True)
-    inv = inv.reshape(-1)
-    o = np.lexsort((pos, -sp, inv))
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(idx.size) - starts[inv[o]]
-    return pos[o[rank >= kt]]
+    rank, _ = _rank_in_block(ret[idx], s[idx], b)
+    return ret[idx[rank >= kt]]
 
 
 def final_evictions(Qg, Kg, p_list, k_values, block_size: int, window: int, n_sink: int,

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from tca_ggml import calibrate, reference
+from tca_ggml import calibrate, calibration
 from tca_ggml.llama import Llama
 
 
@@ -31,7 +31,7 @@ def main():
     t0 = time.time()
     cap = calibrate.capture_qk(a.model, toks, n_threads=a.threads, progress=False)
     print(f"capture {a.ctx} tokens: {time.time() - t0:.0f} s")
-    mu, sigma, kv = reference.candidate_grid(a.block)
+    mu, sigma, kv = calibration.candidate_grid(a.block)
     layers = [int(x) for x in a.layers.split(",")]
     for alpha in [float(x) for x in a.alphas.split(",")]:
         dens = []
@@ -40,7 +40,7 @@ def main():
             Q, K = cap.Q[il], cap.K[il]
             G = Q.shape[1] // K.shape[1]
             for g in range(K.shape[1]):
-                c, p, d, cov = reference.calibrate_head(Q[:, g * G:(g + 1) * G].astype(np.float32),
+                c, p, d, cov = calibration.calibrate_head(Q[:, g * G:(g + 1) * G].astype(np.float32),
                                                         K[:, g].astype(np.float32), tau=a.tau,
                                                         block_size=a.block, window=a.window, alpha=alpha,
                                                         mu=mu, sigma=sigma, k_values=kv)

@@ -37,7 +37,19 @@ def test_calibrated_budgets_are_sane(calibrated):
     # every non-dense head reached tau on the calibration text
     assert (cov[~dense] >= b.tau - 1e-6).all()
     assert dens.mean() < 0.95  # something is actually sparse on real weights
-    assert b.calib_n_tokens == CTX and len(b.calib_text_sha256) == 64
+    # the default mode: planted facts and questions, sized to the context, budgets for "hold"
+    assert CTX - 8 <= b.calib_n_tokens <= CTX and len(b.calib_text_sha256) == 64
+    assert b.version == 2 and b.calib_tool.endswith("(final, n_obs 32, whole 4)")
+    assert "4 planted facts" in b.calib_text_name
+
+
+def test_chunked_mode_still_calibrates(smol_model, tmp_path):
+    b = calibrate.calibrate(smol_model, str(tmp_path / "c.tca.gguf"), n_ctx=CTX, window=W, block=B,
+                            n_threads=2, progress=False, mode="chunked")
+    assert b.version == 1 and b.calib_tool.endswith("(chunked, ubatch 512)") and b.calib_n_tokens == CTX
+    assert gm.read_budgets(tmp_path / "c.tca.gguf") == b
+    rc, err, r = _native_read(tmp_path / "c.tca.gguf")
+    assert rc == 0, err
 
 
 def _native_read(path):
@@ -114,7 +126,8 @@ def test_calibrated_model_runs_with_tca(calibrated):
         assert isinstance(text, str)
         st = llm.tca_stats()
         assert st["n_compactions"] > 0 and st["rows_kept"] < len(toks) * 90
-        assert st["bytes_alloc"] < st["bytes_dense"]
+        # the fast tier is budgeted; with retention "hold" (the default) the hold tier is dense-sized
+        assert st["bytes_fast"] < st["bytes_dense"] and st["bytes_alloc"] == st["bytes_fast"] + st["bytes_hold"]
     # stock llama.cpp loading (our dense path = upstream) still reads the file
     with Llama(str(out1), n_ctx=256, verbose=False) as llm:
         assert llm("Hello", max_tokens=2, temperature=0)["choices"][0]["text"] is not None

@@ -6,6 +6,8 @@ import pytest
 
 from tca_ggml import reference as R
 
+from tca_ggml import calibration as CAL  # noqa: E402  (the calibration search)
+
 
 def _qkv(n, n_head, n_head_kv, d, seed=0, qscale=1.0):
     rng = np.random.default_rng(seed)
@@ -47,20 +49,20 @@ def test_log_gaussian_p_normalised_and_unimodal():
 
 
 def test_candidate_grid():
-    mu, sigma, k = R.candidate_grid()
+    mu, sigma, k = CAL.candidate_grid()
     assert mu.dtype == np.float32 and sigma.dtype == np.float32 and k.dtype == np.uint32
     assert len(mu) == len(sigma) == 14
     assert mu[0] == 0.0 and mu[-1] == 7.0 and np.all(np.diff(mu) > 0)
     assert np.all(sigma == 1.0)
     assert list(k) == [1, 2, 4, 8, 16, 32, 64, 128]
-    mu, sigma, k = R.candidate_grid(16, m=5, sigma=0.5)
+    mu, sigma, k = CAL.candidate_grid(16, m=5, sigma=0.5)
     np.testing.assert_allclose(mu, [0, 1, 2, 3, 4])
     assert np.all(sigma == 0.5) and list(k) == [1, 2, 4, 8, 16]
     # expected tokens grow with mu: the grid is ordered sparsest first
     t = [R.expected_tokens(R.log_gaussian_p(k, m_, s_), k) for m_, s_ in zip(mu, sigma)]
     assert np.all(np.diff(t) > 0)
     with pytest.raises(ValueError):
-        R.candidate_grid(12)
+        CAL.candidate_grid(12)
 
 
 def test_expected_tokens_and_dense_p():
@@ -457,14 +459,14 @@ def test_error_bound_after_one_compaction():
 
 # --------------------------------------------------------------------------- calibration
 def test_probe_positions():
-    pp = R.probe_positions(2000, seed=3)
+    pp = CAL.probe_positions(2000, seed=3)
     assert pp.size == 512 and np.all(np.diff(pp) > 0)
     assert np.array_equal(pp[-256:], np.arange(1744, 2000))
-    assert np.array_equal(pp, R.probe_positions(2000, seed=3))
-    assert not np.array_equal(pp, R.probe_positions(2000, seed=4))
-    assert np.array_equal(R.probe_positions(300), np.arange(300))
-    assert np.array_equal(R.probe_positions(100), np.arange(100))
-    assert R.probe_positions(600, 10, 20).size == 30
+    assert np.array_equal(pp, CAL.probe_positions(2000, seed=3))
+    assert not np.array_equal(pp, CAL.probe_positions(2000, seed=4))
+    assert np.array_equal(CAL.probe_positions(300), np.arange(300))
+    assert np.array_equal(CAL.probe_positions(100), np.arange(100))
+    assert CAL.probe_positions(600, 10, 20).size == 30
 
 
 def test_coverage_of_kept_matches_full_matrix():
@@ -481,12 +483,12 @@ def test_coverage_of_kept_matches_full_matrix():
     a = np.exp(lg - lg.max(-1, keepdims=True))
     a = (a / a.sum(-1, keepdims=True)).mean(0)
     exp = np.array([a[q, :q + 1][keep[:q + 1]].sum() for q in probes])
-    got = R.coverage_of_kept(Qg, Kg, keep, probes, chunk=2)
+    got = CAL.coverage_of_kept(Qg, Kg, keep, probes, chunk=2)
     np.testing.assert_allclose(got, exp, rtol=0, atol=1e-12)
-    both = R.coverage_of_kept(Qg, Kg, np.stack([keep, keep2]), probes)
+    both = CAL.coverage_of_kept(Qg, Kg, np.stack([keep, keep2]), probes)
     assert both.shape == (2, 5)
     np.testing.assert_allclose(both[0], got, atol=1e-12)
-    assert np.all(R.coverage_of_kept(Qg, Kg, np.ones(n, bool), probes) == 1.0)
+    assert np.all(CAL.coverage_of_kept(Qg, Kg, np.ones(n, bool), probes) == 1.0)
 
 
 def test_calibrate_head_dense_when_tau_one():
@@ -494,24 +496,24 @@ def test_calibrate_head_dense_when_tau_one():
     n, G, d, b, w = 300, 2, 16, 16, 32
     Qg = rng.normal(size=(n, G, d))
     Kg = rng.normal(size=(n, d))
-    idx, p, density, cov = R.calibrate_head(Qg, Kg, tau=1.0, block_size=b, window=w)
+    idx, p, density, cov = CAL.calibrate_head(Qg, Kg, tau=1.0, block_size=b, window=w)
     assert idx == -1 and density == 1.0 and cov == 1.0
     assert np.array_equal(p, R.dense_p(_k(b)))
     # a reachable tau on the same data gives a real candidate that meets it
-    idx, p, density, cov = R.calibrate_head(Qg, Kg, tau=0.7, block_size=b, window=w)
+    idx, p, density, cov = CAL.calibrate_head(Qg, Kg, tau=0.7, block_size=b, window=w)
     assert 0 <= idx < 14 and cov >= 0.7 and 0 < density < 1
-    mu, sigma, k = R.candidate_grid(b)
+    mu, sigma, k = CAL.candidate_grid(b)
     np.testing.assert_allclose(p, R.log_gaussian_p(k, mu[idx], sigma[idx]))
     assert density == pytest.approx(R.expected_tokens(p, k) / b)
     # it is the sparsest one that reaches tau
-    probes = R.probe_positions(n)
+    probes = CAL.probe_positions(n)
     ps = [R.log_gaussian_p(k, m_, s_) for m_, s_ in zip(mu, sigma)]
-    _, covs = R.candidate_coverages(Qg, Kg, ps, k, b, w, 4, 0.5, probes)
+    _, covs = CAL.candidate_coverages(Qg, Kg, ps, k, b, w, 4, 0.5, probes)
     ok = [c for c in range(14) if covs[c] >= 0.7]
     assert idx == min(ok, key=lambda c: R.expected_tokens(ps[c], k))
     assert covs[idx] == pytest.approx(cov)
     # short text: nothing is aged, every candidate covers everything -> sparsest
-    idx, _, _, cov = R.calibrate_head(Qg[:40], Kg[:40], tau=1.0, block_size=b, window=w)
+    idx, _, _, cov = CAL.calibrate_head(Qg[:40], Kg[:40], tau=1.0, block_size=b, window=w)
     assert idx == 0 and cov == 1.0
 
 
@@ -524,14 +526,14 @@ def test_calibrate_head_peaked_attention_picks_sparsest():
     Kg[:, 0] = 0.0
     Kg[n_sink] = 20 * u                          # one dominant token, not a sink, in aged block 0
     Qg = rng.normal(size=(n, G, d)) * 0.1 + 20 * u
-    idx, p, density, cov = R.calibrate_head(Qg, Kg, tau=0.99, block_size=b, window=w,
+    idx, p, density, cov = CAL.calibrate_head(Qg, Kg, tau=0.99, block_size=b, window=w,
                                             n_sink=n_sink)
-    mu, sigma, k = R.candidate_grid(b)
+    mu, sigma, k = CAL.candidate_grid(b)
     t = [R.expected_tokens(R.log_gaussian_p(k, m_, s_), k) for m_, s_ in zip(mu, sigma)]
     assert idx == int(np.argmin(t)) == 0
     assert cov > 0.999 and density == pytest.approx(t[0] / b)
     # deterministic
-    again = R.calibrate_head(Qg, Kg, tau=0.99, block_size=b, window=w, n_sink=n_sink)
+    again = CAL.calibrate_head(Qg, Kg, tau=0.99, block_size=b, window=w, n_sink=n_sink)
     assert again[0] == idx and again[2] == density and again[3] == cov
     assert np.array_equal(again[1], p)
 
@@ -540,8 +542,8 @@ def test_calibrate_head_deterministic_random():
     rng = np.random.default_rng(18)
     Qg = rng.normal(size=(700, 3, 8)) * 2
     Kg = rng.normal(size=(700, 8))
-    r1 = R.calibrate_head(Qg, Kg, tau=0.85, block_size=16, window=64, seed=5)
-    r2 = R.calibrate_head(Qg, Kg, tau=0.85, block_size=16, window=64, seed=5)
+    r1 = CAL.calibrate_head(Qg, Kg, tau=0.85, block_size=16, window=64, seed=5)
+    r2 = CAL.calibrate_head(Qg, Kg, tau=0.85, block_size=16, window=64, seed=5)
     assert r1[0] == r2[0] and r1[2] == r2[2] and r1[3] == r2[3] and np.array_equal(r1[1], r2[1])
 
 
@@ -565,4 +567,4 @@ def test_pooled_ranking_keeps_neighbours_of_what_the_query_reads():
     assert keep[17:24].all()                           # the peak and its 3 + 3 neighbours
     assert not keep[28]                                # the middling one lost its seat (k = 8: 7 + 1 more)
     # the vectorised form agrees
-    assert np.array_equal(keep, R._select_keep_vec(pos, s, _onehot(k, 8), k, b, w, n_sink, n_seen, 0.5))
+    assert np.array_equal(keep, CAL._select_keep_vec(pos, s, _onehot(k, 8), k, b, w, n_sink, n_seen, 0.5))

@@ -1,4 +1,4 @@
-"""Chunked-prefill calibration (reference.calibrate_head_chunked, design §4): the fast replay
+"""Chunked-prefill calibration (calibration.calibrate_head_chunked, design §4): the fast replay
 must equal a brute-force replay through TCALayerState, position for position."""
 import math
 
@@ -7,9 +7,11 @@ import pytest
 
 from tca_ggml import reference as R
 
+from tca_ggml import calibration as CAL  # noqa: E402  (the calibration search)
+
 
 def _grid(b):
-    mu, sigma, k = R.candidate_grid(b)
+    mu, sigma, k = CAL.candidate_grid(b)
     return [R.log_gaussian_p(k, m_, s_) for m_, s_ in zip(mu, sigma)], k
 
 
@@ -28,7 +30,7 @@ def _brute_force(Qg, Kg, p, k, b, w, n_sink, alpha, ubatch, probes):
     for i, q in enumerate(probes):
         keep = np.zeros(n, dtype=bool)
         keep[after[q // ubatch]] = True
-        cov[i] = R.coverage_of_kept(Qg, Kg, keep, [q])[0]
+        cov[i] = CAL.coverage_of_kept(Qg, Kg, keep, [q])[0]
     return after, cov
 
 
@@ -43,9 +45,9 @@ def test_chunked_replay_equals_brute_force(n, G, d, b, w, ubatch, n_sink, alpha,
     Qg = rng.normal(size=(n, G, d)) * 2.0
     Kg = rng.normal(size=(n, d))
     p_list, k = _grid(b)
-    probes = R.probe_positions(n, 40, 60, seed=seed)
-    evict = R.chunked_evictions(Qg, Kg, p_list, k, b, w, n_sink, alpha, ubatch)
-    cov = R.chunked_probe_coverage(Qg, Kg, evict, probes, ubatch, chunk=7)
+    probes = CAL.probe_positions(n, 40, 60, seed=seed)
+    evict = CAL.chunked_evictions(Qg, Kg, p_list, k, b, w, n_sink, alpha, ubatch)
+    cov = CAL.chunked_probe_coverage(Qg, Kg, evict, probes, ubatch, chunk=7)
     ends = [min(a + ubatch, n) for a in range(0, n, ubatch)]
     n_evicted = 0
     for c, p in enumerate(p_list):
@@ -57,7 +59,7 @@ def test_chunked_replay_equals_brute_force(n, G, d, b, w, ubatch, n_sink, alpha,
         n_evicted += int((evict[c] != np.iinfo(np.int64).max).sum())
     assert n_evicted > 0                       # the case actually evicts something
     # the aggregate helper and the head calibration use the same numbers
-    _, mean_cov = R.chunked_candidate_coverages(Qg, Kg, p_list, k, b, w, n_sink, alpha,
+    _, mean_cov = CAL.chunked_candidate_coverages(Qg, Kg, p_list, k, b, w, n_sink, alpha,
                                                 probes, ubatch)
     np.testing.assert_allclose(mean_cov, cov.mean(axis=1), rtol=0, atol=1e-15)
 
@@ -75,15 +77,15 @@ def test_select_keep_vec_equals_select_keep():
         p = p_list[trial % len(p_list)]
         args = (pos, s, p, k, 16, int(rng.integers(0, 64)), int(rng.integers(0, 6)), n_seen,
                 float(rng.choice([0.0, 0.5, 1.0])))
-        assert np.array_equal(R._select_keep_vec(*args), R.select_keep(*args)), trial
+        assert np.array_equal(CAL._select_keep_vec(*args), R.select_keep(*args)), trial
 
 
 def test_chunked_deterministic():
     rng = np.random.default_rng(18)
     Qg = rng.normal(size=(900, 3, 8)) * 2
     Kg = rng.normal(size=(900, 8))
-    r1 = R.calibrate_head_chunked(Qg, Kg, tau=0.6, block_size=16, window=64, ubatch=64, seed=5)
-    r2 = R.calibrate_head_chunked(Qg, Kg, tau=0.6, block_size=16, window=64, ubatch=64, seed=5)
+    r1 = CAL.calibrate_head_chunked(Qg, Kg, tau=0.6, block_size=16, window=64, ubatch=64, seed=5)
+    r2 = CAL.calibrate_head_chunked(Qg, Kg, tau=0.6, block_size=16, window=64, ubatch=64, seed=5)
     assert r1[0] == r2[0] and r1[2] == r2[2] and r1[3] == r2[3] and np.array_equal(r1[1], r2[1])
     assert 0 <= r1[0] < 14 and r1[3] >= 0.6
 
@@ -93,12 +95,12 @@ def test_chunked_dense_when_tau_one_and_sparsest_when_short():
     n, G, d, b, w = 600, 2, 16, 16, 32
     Qg = rng.normal(size=(n, G, d))
     Kg = rng.normal(size=(n, d))
-    idx, p, density, cov = R.calibrate_head_chunked(Qg, Kg, tau=1.0, block_size=b, window=w,
+    idx, p, density, cov = CAL.calibrate_head_chunked(Qg, Kg, tau=1.0, block_size=b, window=w,
                                                     ubatch=64)
     assert idx == -1 and density == 1.0 and cov == 1.0
-    assert np.array_equal(p, R.dense_p(R.candidate_grid(b)[2]))
+    assert np.array_equal(p, R.dense_p(CAL.candidate_grid(b)[2]))
     # short text: nothing ever ages -> every candidate covers everything -> sparsest
-    idx, _, _, cov = R.calibrate_head_chunked(Qg[:40], Kg[:40], tau=1.0, block_size=b,
+    idx, _, _, cov = CAL.calibrate_head_chunked(Qg[:40], Kg[:40], tau=1.0, block_size=b,
                                               window=w, ubatch=16)
     assert idx == 0 and cov == 1.0
 
@@ -112,7 +114,7 @@ def test_chunked_peaked_attention_picks_sparsest():
     Kg[:, 0] = 0.0
     Kg[n_sink] = 20 * u                          # one dominant token, not a sink, in aged block 0
     Qg = rng.normal(size=(n, G, d)) * 0.1 + 20 * u
-    idx, p, density, cov = R.calibrate_head_chunked(Qg, Kg, tau=0.99, block_size=b, window=w,
+    idx, p, density, cov = CAL.calibrate_head_chunked(Qg, Kg, tau=0.99, block_size=b, window=w,
                                                     n_sink=n_sink, ubatch=64)
     p_list, k = _grid(b)
     t = [R.expected_tokens(q, k) for q in p_list]
@@ -153,8 +155,8 @@ def test_chunked_is_not_denser_than_single_shot_when_queries_drift(monkeypatch):
     monkeypatch.setattr(R, "POOL_RADIUS", 0)
     b, w, u = 16, 128, 64
     Qg, Kg = _drifting_head(b=b)
-    single = R.calibrate_head(Qg, Kg, tau=0.9, block_size=b, window=w)
-    chunked = R.calibrate_head_chunked(Qg, Kg, tau=0.9, block_size=b, window=w, ubatch=u)
+    single = CAL.calibrate_head(Qg, Kg, tau=0.9, block_size=b, window=w)
+    chunked = CAL.calibrate_head_chunked(Qg, Kg, tau=0.9, block_size=b, window=w, ubatch=u)
     assert chunked[2] <= single[2]
     assert chunked[0] == 0 and chunked[3] > 0.99      # sparsest budget, near-full coverage
     assert single[2] > 3 * chunked[2]                   # the single shot needs far more
@@ -178,12 +180,12 @@ def test_one_ubatch_is_the_single_shot():
     Qg = rng.normal(size=(800, 2, 8)) * 1.5
     Kg = rng.normal(size=(800, 8))
     p_list, k = _grid(16)
-    probes = R.probe_positions(800)
-    masks, cs = R.candidate_coverages(Qg, Kg, p_list, k, 16, 64, 4, 0.5, probes)
-    evict, cc = R.chunked_candidate_coverages(Qg, Kg, p_list, k, 16, 64, 4, 0.5, probes,
+    probes = CAL.probe_positions(800)
+    masks, cs = CAL.candidate_coverages(Qg, Kg, p_list, k, 16, 64, 4, 0.5, probes)
+    evict, cc = CAL.chunked_candidate_coverages(Qg, Kg, p_list, k, 16, 64, 4, 0.5, probes,
                                               ubatch=800)
     assert np.array_equal(evict == np.iinfo(np.int64).max, masks)
     np.testing.assert_allclose(cc, cs, rtol=0, atol=1e-12)
-    a = R.calibrate_head(Qg, Kg, tau=0.6, block_size=16, window=64)
-    b = R.calibrate_head_chunked(Qg, Kg, tau=0.6, block_size=16, window=64, ubatch=4096)
+    a = CAL.calibrate_head(Qg, Kg, tau=0.6, block_size=16, window=64)
+    b = CAL.calibrate_head_chunked(Qg, Kg, tau=0.6, block_size=16, window=64, ubatch=4096)
     assert a[0] == b[0] and a[2] == b[2] and abs(a[3] - b[3]) < 1e-12

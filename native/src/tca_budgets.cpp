@@ -84,7 +84,9 @@ extern "C" int tca_budgets_read(const char * path, tca_budgets * out, char * err
     auto done = [&](int code) { if (code < 0) tca_budgets_free(out); gguf_free(g); return code; };
     if (r.find("tca.version") < 0) return done(1);
     if ((rc = r.u32("tca.version", out->version))) return done(rc);
-    if (out->version != 1) return done(r.fail("tca.version", "unknown version " + std::to_string(out->version)));
+    // 1: calibrated for the "stream" retention, 2: for "hold" (same keys, same meaning)
+    if (out->version != 1 && out->version != 2)
+        return done(r.fail("tca.version", "unknown version " + std::to_string(out->version) + " (known: 1, 2)"));
     if ((rc = r.u32("tca.block_size", out->block))) return done(rc);
     if (out->block == 0 || (out->block & (out->block - 1)) || out->block > 4096) return done(r.fail("tca.block_size", "not a power of two in [1, 4096]"));
     if ((rc = r.u32("tca.window", out->window))) return done(rc);

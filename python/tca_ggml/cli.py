@@ -2,6 +2,7 @@
 
     tca-ggml calibrate MODEL.gguf -o MODEL.tca.gguf [--text FILE] [--ctx N] [--tau 0.9]
                        [--alpha 0.5] [--block 128] [--window 4096] [--threads N]
+                       [--mode final|chunked|single] [--n-obs 32] [--whole 4] [--facts N]
     tca-ggml inspect MODEL.gguf [--json] [--plot out.png]
     tca-ggml strip MODEL.gguf -o OUT.gguf
     tca-ggml bench -m MODEL.gguf [-p 4096,8192] [-n 32] [-d 0] [-r 1] [-o md|json] [--density X]
@@ -32,7 +33,9 @@ def _cmd_calibrate(a) -> int:
     t0 = time.perf_counter()
     b = calibrate.calibrate(a.model, a.output, text=text, text_name=name, n_ctx=a.ctx, tau=a.tau,
                             alpha=a.alpha, block=a.block, window=a.window, n_threads=a.threads,
-                            overwrite=a.force, mode=a.mode, ubatch=a.ubatch)
+                            overwrite=a.force, mode=a.mode, ubatch=a.ubatch, n_obs=a.n_obs,
+                            n_whole=a.whole, n_facts=a.facts, seed=a.seed,
+                            save_capture_path=a.save_capture)
     dt = time.perf_counter() - t0
     _print_table(b)
     print(f"\ncalibrated {a.model} -> {a.output} in {dt:.0f} s "
@@ -126,9 +129,18 @@ def main(argv=None) -> int:
     c.add_argument("--block", type=int, default=128)
     c.add_argument("--window", type=int, default=4096)
     c.add_argument("--threads", type=int, default=None)
-    c.add_argument("--mode", choices=["chunked", "single"], default="chunked",
-                   help="chunked: replay llama.cpp's per-ubatch re-selection (default); single: one selection with the last query")
+    c.add_argument("--mode", choices=["final", "chunked", "single"], default="final",
+                   help="final (default): budgets for the 'hold' retention -- planted facts and questions, the final "
+                        "selection at each question, the answers' queries scored against what stays; chunked: the "
+                        "'stream' retention's per-ubatch re-selection; single: one selection with the last query")
     c.add_argument("--ubatch", type=int, default=512, help="ubatch size the chunked mode replays")
+    c.add_argument("--n-obs", type=int, default=32, help="final mode: observation window (inference's tca_obs)")
+    c.add_argument("--whole", type=int, default=4, help="final mode: top blocks kept whole (inference's tca_whole)")
+    c.add_argument("--facts", type=int, default=None,
+                   help="final mode: planted facts / questions (default: one per 1024 tokens, 4..16)")
+    c.add_argument("--seed", type=int, default=0, help="final mode: seed of the facts and the question order")
+    c.add_argument("--save-capture", metavar="CAP.npz",
+                   help="also write the captured Q/K (f16) there, for calibration/compare_modes.py --load")
     c.add_argument("-f", "--force", action="store_true", help="overwrite the output")
     i = sub.add_parser("inspect", help="show a GGUF's TCA budgets")
     i.add_argument("model")

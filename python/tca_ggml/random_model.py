@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, LlamaFileType
 
 # --------------------------------------------------------------------------------------------
 # shapes (values from the models' published config.json)
@@ -101,13 +102,10 @@ SHAPES: Dict[str, ModelShape] = {s.name: s for s in (
 
 WTYPES = ("q8_0", "f16", "f32")
 
-# ggml type ids / llama_ftype ids (stable integers, as in ggml.h / llama.h)
-_GGML_F32, _GGML_F16, _GGML_Q8_0 = 0, 1, 8
-_WTYPE_GGML = {"q8_0": _GGML_Q8_0, "f16": _GGML_F16, "f32": _GGML_F32}
-_WTYPE_FTYPE = {"q8_0": 7, "f16": 1, "f32": 0}  # LLAMA_FTYPE_MOSTLY_Q8_0 / MOSTLY_F16 / ALL_F32
-_GGML_TYPE_NAME = {_GGML_F32: "f32", _GGML_F16: "f16", _GGML_Q8_0: "q8_0"}
-QK8_0 = 32
-_Q8_BLOCK = 2 + QK8_0  # f16 d + 32 x int8
+# ggml type ids, their block sizes and llama_ftype ids: gguf-py's tables (ggml.h / llama.h)
+_WTYPE_GGML = {"q8_0": int(QT.Q8_0), "f16": int(QT.F16), "f32": int(QT.F32)}
+_WTYPE_FTYPE = {"q8_0": LlamaFileType.MOSTLY_Q8_0, "f16": LlamaFileType.MOSTLY_F16, "f32": LlamaFileType.ALL_F32}
+QK8_0, _Q8_BLOCK = GGML_QUANT_SIZES[QT.Q8_0]  # 32 values a block: f16 d + 32 x int8 = 34 bytes
 
 # scale of the random matrices: N(0, gain^2 / fan_in). Pre-norm blocks see RMS-1 inputs; the
 # projections back into the residual stream get gain 0.5 so the stream grows ~sqrt(n_layer)/2
@@ -139,23 +137,22 @@ def get_shape(shape: Union[str, ModelShape]) -> ModelShape:
 class TensorSpec:
     name: str
     ne: Tuple[int, ...]      # ggml order (ne0 = row length), as llama.cpp's create_tensor dims
-    ggml_type: int           # 0 f32, 1 f16, 8 q8_0
+    ggml_type: int           # gguf.GGMLQuantizationType value: 0 f32, 1 f16, 8 q8_0
     nbytes: int
     kind: str                # "random" (std) | "ones" | "bias" | "rope_freqs"
     std: float = 0.0
 
     @property
     def type_name(self) -> str:
-        return _GGML_TYPE_NAME[self.ggml_type]
+        return QT(self.ggml_type).name.lower()
 
 
 def _nbytes(ne: Sequence[int], ggml_type: int) -> int:
     n = int(np.prod(ne))
-    if ggml_type == _GGML_Q8_0:
-        if ne[0] % QK8_0:
-            raise ValueError(f"row length {ne[0]} is not a multiple of {QK8_0} (needed for q8_0)")
-        return n // QK8_0 * _Q8_BLOCK
-    return n * (4 if ggml_type == _GGML_F32 else 2)
+    blk, size = GGML_QUANT_SIZES[QT(ggml_type)]
+    if ne[0] % blk:
+        raise ValueError(f"row length {ne[0]} is not a multiple of {blk} (needed for {QT(ggml_type).name.lower()})")
+    return n // blk * size
 
 
 def tensor_plan(shape: Union[str, ModelShape], wtype: str = "q8_0",
@@ -175,7 +172,7 @@ def tensor_plan(shape: Union[str, ModelShape], wtype: str = "q8_0",
         out.append(TensorSpec(name, ne, wt, _nbytes(ne, wt), "random", std))
 
     def vec(name, n, kind, std=0.0):
-        out.append(TensorSpec(name, (n,), _GGML_F32, 4 * n, kind, std))
+        out.append(TensorSpec(name, (n,), int(QT.F32), 4 * n, kind, std))
 
     E, F = s.n_embd, s.n_ff
     mat("token_embd.weight", E, s.n_vocab, 1.0 / math.sqrt(E))
@@ -311,7 +308,7 @@ def _gguf_writer(path: str, s: ModelShape, wtype: str, L: int, n_ctx: int, plan:
                  budgets=None):
     """A gguf.GGUFWriter holding the model's metadata and tensor infos (the data is streamed by
     the caller after ``write_ti_data_to_file``)."""
-    from gguf import GGMLQuantizationType, GGUFValueType as VT, GGUFWriter
+    from gguf import GGUFValueType as VT, GGUFWriter
     a = s.arch
     w = GGUFWriter(path, a)                                   # general.architecture first
     w.add_string("general.name", f"random {s.name}")
@@ -342,7 +339,7 @@ def _gguf_writer(path: str, s: ModelShape, wtype: str, L: int, n_ctx: int, plan:
         gguf_meta.add_to_writer(w, budgets)
     for t in plan:   # GGUFWriter takes numpy-order shapes; the bytes are given, not computed
         w.add_tensor_info(t.name, tuple(reversed(t.ne)), np.float32, t.nbytes,
-                          raw_dtype=GGMLQuantizationType(t.ggml_type))
+                          raw_dtype=QT(t.ggml_type))
     assert w.data_alignment == _GGUF_ALIGNMENT
     return w
 

@@ -152,22 +152,57 @@ def make_case(seed, d, gqa, n_tokens, n_head_kv=3, empty_head=True, shuffle_rows
         rows_pos.append(pos)
     # slot layout: heads in a random order, random unused gaps between them (NaN there)
     order = rng.permutation(n_head_kv)
+    return pack_case(rng, rows_pos, order, int(rng.integers(0, 7)), 9, -7, d, n_head, qpos, qscale)
+
+
+def pack_case(rng, rows_pos, order, first, max_gap, unused_pos, d, n_head, qpos, qscale=1.0):
+    """An op case from each KV head's retained positions ``rows_pos[g]``: the heads' rows stored
+    in ``order`` from slot ``first`` on, a random gap of [0, max_gap) unused slots after each
+    (K/V NaN, position ``unused_pos``); random K/V rows and queries (``n_head`` heads, one token
+    a position of ``qpos``, scaled by ``qscale``). Returns (q, k, v, kpos, meta, qpos, scale)."""
+    n_head_kv = len(rows_pos)
     meta = np.zeros(2 * n_head_kv, np.int64)
-    cursor = int(rng.integers(0, 7))
+    cursor = first
     for g in order:
         meta[2 * g], meta[2 * g + 1] = cursor, len(rows_pos[g])
-        cursor += len(rows_pos[g]) + int(rng.integers(0, 9))
-    n_slots = cursor
-    k = np.full((n_slots, d), np.nan, np.float32)
-    v = np.full((n_slots, d), np.nan, np.float32)
-    kpos = np.full(n_slots, -7, np.int64)
+        cursor += len(rows_pos[g]) + int(rng.integers(0, max_gap))
+    k = np.full((cursor, d), np.nan, np.float32)
+    v = np.full((cursor, d), np.nan, np.float32)
+    kpos = np.full(cursor, unused_pos, np.int64)
     for g in range(n_head_kv):
         off, ln = meta[2 * g], meta[2 * g + 1]
         k[off:off + ln] = rng.normal(size=(ln, d))
         v[off:off + ln] = rng.normal(size=(ln, d))
         kpos[off:off + ln] = rows_pos[g]
-    q = (rng.normal(size=(n_head, n_tokens, d)) * qscale).astype(np.float32)
+    q = (rng.normal(size=(n_head, len(qpos), d)) * qscale).astype(np.float32)
     return q, k, v, kpos, meta, qpos, 1.0 / np.sqrt(d)
+
+
+def blind_queries_case(n_head):
+    """Queries at positions 50 and 99 see no key (keys at 100..109), 100 sees exactly one,
+    int32 max sees all: (q, k, v, kpos, meta, qpos, scale) with one KV head of 10 rows."""
+    d, T = 64, 6
+    rng = np.random.default_rng(5)
+    k = rng.normal(size=(10, d)).astype(np.float32)
+    v = rng.normal(size=(10, d)).astype(np.float32)
+    kpos = np.arange(100, 110)
+    meta = np.array([0, 10])
+    qpos = np.array([50, 99, 100, 104, 109, 2**31 - 1])
+    q = rng.normal(size=(n_head, T, d)).astype(np.float32)
+    return q, k, v, kpos, meta, qpos, 0.125
+
+
+def peaked_attention(n, G=2, d=16, n_sink=4, seed=17):
+    """(Qg [n, G, d], Kg [n, d]) where every query attends almost only to one token (position
+    n_sink, not a sink, in aged block 0): the sparsest candidate covers it."""
+    rng = np.random.default_rng(seed)
+    u = np.zeros(d)
+    u[0] = 1.0
+    Kg = rng.normal(size=(n, d))
+    Kg[:, 0] = 0.0
+    Kg[n_sink] = 20 * u
+    Qg = rng.normal(size=(n, G, d)) * 0.1 + 20 * u
+    return Qg, Kg
 
 
 def stored(ops, kv_type, x, meta):

@@ -174,6 +174,38 @@ def test_error_types():
 
 
 # ------------------------------------------------------------------------------------------
+# read_kv: every KV pair (what Llama.metadata returns)
+
+def _reader_values(path):
+    """{key: value} through gguf.GGUFReader (the independent parser), strings decoded."""
+    r = GGUFReader(str(path))
+    return {n: f.contents() for n, f in r.fields.items() if not n.startswith("GGUF.")}
+
+
+@pytest.mark.parametrize("kw", [{}, dict(endianess=GGUFEndian.BIG), dict(alignment=64)])
+def test_read_kv_matches_reader(tmp_path, kw):
+    path = build_model(tmp_path / "m.gguf", gm.tca_kv_items(budgets()), **kw)
+    md = gm.read_kv(path)
+    want = _reader_values(path)
+    assert list(md) == list(want)
+    nested = md.pop("test.nested")
+    assert nested == [[1, 2, 3], [4]]                     # (GGUFReader flattens nested arrays)
+    want.pop("test.nested")
+    for k, v in want.items():
+        assert md[k] == v and type(md[k]) is type(v), k
+        if isinstance(v, list):
+            assert [type(x) for x in md[k]] == [type(x) for x in v], k
+    assert md["tokenizer.ggml.tokens"] == TOKENS and md["test.bool"] is True
+    assert md["test.u64"] == 2**40 + 3 and md["llama.block_count"] == N_LAYER
+    assert md["tca.budget.p"] == pytest.approx(budgets().p.reshape(-1).tolist())
+
+
+def test_read_kv_invalid_utf8_replaced(tmp_path):
+    path = build_model(tmp_path / "m.gguf", extra=lambda w: w.add_key_value("x.s", b"\xff ok", VT.STRING))
+    assert gm.read_kv(path)["x.s"] == "\ufffd ok"
+
+
+# ------------------------------------------------------------------------------------------
 # round trip and byte-exact copies
 
 def test_no_tca_returns_none(model):
@@ -429,6 +461,8 @@ def test_hostile_huge_array_declared(tmp_path, count):
     assert ei.value.key == "tca.budget.density" and "limit" in str(ei.value)
     with deadline(), pytest.raises(GGUFError):      # copying it: structurally corrupt, no hang
         gm.strip(path, tmp_path / "s.gguf")
+    with deadline(), pytest.raises(GGUFError):
+        gm.read_kv(path)
 
 
 def test_huge_non_tca_array_declared(model, tmp_path):
@@ -437,7 +471,7 @@ def test_huge_non_tca_array_declared(model, tmp_path):
         f.seek(off)
         f.write(struct.pack("<Q", 2**40))
     with deadline():
-        for fn in (gm.read_budgets, gm.read_model_shape):
+        for fn in (gm.read_budgets, gm.read_model_shape, gm.read_kv):
             with pytest.raises(GGUFError):
                 fn(model)
 
@@ -511,7 +545,7 @@ def test_truncated(model, tmp_path, where):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(cal.read_bytes()[:n])
     with deadline():
-        for fn in (gm.read_budgets, gm.read_model_shape, lambda p: gm.strip(p, tmp_path / "o.gguf"),
+        for fn in (gm.read_budgets, gm.read_model_shape, gm.read_kv, lambda p: gm.strip(p, tmp_path / "o.gguf"),
                    lambda p: gm.write_calibrated(p, tmp_path / "o.gguf", budgets())):
             with pytest.raises(GGUFError) as ei:
                 fn(bad)
@@ -529,7 +563,7 @@ def test_not_gguf(tmp_path, content):
     p = tmp_path / "junk.gguf"
     p.write_bytes(content)
     with deadline():
-        for fn in (gm.read_budgets, gm.read_model_shape):
+        for fn in (gm.read_budgets, gm.read_model_shape, gm.read_kv):
             with pytest.raises(GGUFError):
                 fn(p)
 

@@ -22,7 +22,7 @@ import pytest
 
 from tca_ggml import reference as R
 
-from _helpers import KV_TYPES, f32, i32, make_case, nmse, ptr, reference, run_op, stored
+from _helpers import KV_TYPES, blind_queries_case, f32, i32, make_case, nmse, ptr, reference, run_op, stored
 
 NMSE_MAX = {"f32": 1e-10, "f16": 1e-6, "q8_0": 1e-6}   # vs the reference on stored values
 # vs the reference on the unrounded f32 inputs: only a sanity check that the type is used
@@ -65,20 +65,13 @@ def test_unsorted_rows_large_logits_and_long_heads(ops, kv_type):
 
 
 def test_queries_that_see_nothing_give_zero(ops):
-    d, T = 64, 6
-    rng = np.random.default_rng(5)
-    k = rng.normal(size=(10, d)).astype(np.float32)
-    v = rng.normal(size=(10, d)).astype(np.float32)
-    kpos = np.arange(100, 110)
-    meta = np.array([0, 10])
-    qpos = np.array([50, 99, 100, 104, 109, 2**31 - 1])    # the first two see no key; int32 max sees all
-    q = rng.normal(size=(2, T, d)).astype(np.float32)
-    rc, out = run_op(ops, q, k, v, kpos, meta, qpos, 0.125, "f32")
+    q, k, v, kpos, meta, qpos, scale = blind_queries_case(2)
+    rc, out = run_op(ops, q, k, v, kpos, meta, qpos, scale, "f32")
     assert rc == 0
     assert np.all(out[:2] == 0.0)
     # a query seeing exactly one key returns that key's value row
     np.testing.assert_allclose(out[2, 0], v[0], rtol=1e-6, atol=1e-6)
-    ref = reference(q, k, v, kpos, meta, qpos, 0.125)
+    ref = reference(q, k, v, kpos, meta, qpos, scale)
     assert nmse(out, ref) <= NMSE_MAX["f32"]
 
 

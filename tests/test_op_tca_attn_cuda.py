@@ -127,21 +127,7 @@ def make_long_case(seed, d, gqa, n_tokens, lens, qscale=1.0):
         tail = min(ln // 3, 300)
         aged = np.sort(rng.choice(P - tail, size=ln - tail, replace=False))
         rows_pos.append(np.concatenate([aged, np.arange(P - tail, P)]))
-    meta = np.zeros(2 * n_head_kv, np.int64)
-    cursor = 3
-    for g in rng.permutation(n_head_kv):
-        meta[2 * g], meta[2 * g + 1] = cursor, len(rows_pos[g])
-        cursor += len(rows_pos[g]) + int(rng.integers(0, 40))
-    k = np.full((cursor, d), np.nan, np.float32)
-    v = np.full((cursor, d), np.nan, np.float32)
-    kpos = np.full(cursor, -3, np.int64)
-    for g in range(n_head_kv):
-        off, ln = meta[2 * g], meta[2 * g + 1]
-        k[off:off + ln] = rng.normal(size=(ln, d))
-        v[off:off + ln] = rng.normal(size=(ln, d))
-        kpos[off:off + ln] = rows_pos[g]
-    q = (rng.normal(size=(gqa * n_head_kv, n_tokens, d)) * qscale).astype(np.float32)
-    return q, k, v, kpos, meta, qpos, 1.0 / np.sqrt(d)
+    return H.pack_case(rng, rows_pos, rng.permutation(n_head_kv), 3, 40, -3, d, gqa * n_head_kv, qpos, qscale)
 
 
 LONG = [(kv, path, d, t) for kv in KV_TYPES for path in _paths(kv) for d in (64, 128) for t in (1, 3, 64)]
@@ -162,16 +148,9 @@ def test_cuda_unsorted_rows_large_logits(cuda, kernel, kv_type):
 
 @pytest.mark.parametrize("kernel", ["ffma", "mma", "mma1", "mma2t1", "mma2t2", "vec"], indirect=True)
 def test_cuda_queries_that_see_nothing_give_zero(cuda, kernel):
-    d, T = 64, 6
-    rng = np.random.default_rng(5)
-    k = rng.normal(size=(10, d)).astype(np.float32)
-    v = rng.normal(size=(10, d)).astype(np.float32)
-    kpos = np.arange(100, 110)
-    meta = np.array([0, 10])
-    qpos = np.array([50, 99, 100, 104, 109, 2**31 - 1])   # the first two see no key; int32 max sees all
-    q = rng.normal(size=(16, T, d)).astype(np.float32)    # 16 query heads: the mma kernel can run
+    case = H.blind_queries_case(16)                       # 16 query heads: the mma kernel can run
     for kv in ("f32", "f16"):
-        _, cpu, gpu = compare(cuda, (q, k, v, kpos, meta, qpos, 0.125), kv)
+        _, cpu, gpu = compare(cuda, case, kv)
         assert np.all(gpu[:2] == 0.0)
         if kv == "f32":   # one visible key: that key's value row
             np.testing.assert_allclose(gpu[2, 0], v[0], rtol=1e-6, atol=1e-6)

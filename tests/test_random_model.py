@@ -10,8 +10,8 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
+from tca_ggml import gguf_meta as gm  # noqa: E402
 from tca_ggml import random_model as rm  # noqa: E402
-from tca_ggml.gguf_util import read_metadata  # noqa: E402
 
 PROMPT = b"The quick brown fox jumps over the lazy dog. 0123456789 \xc3\xa9\n  end"
 
@@ -33,42 +33,16 @@ def _expect_meta(s, n_layer=None, n_ctx=None):
     }
 
 
-def _scan_header(path):
-    """(metadata, tensors) through tca_ggml.gguf_meta's strict header scanner: milliseconds,
-    where gguf.GGUFReader takes seconds on a 128K-token vocabulary. Scalars and strings are
-    decoded; arrays are given as their element count."""
-    import struct
-    from tca_ggml import gguf_meta as gm
-    lay = gm._scan(str(path))
-    fmt = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-    md = {}
-    with open(path, "rb") as f:
-        head = f.read(lay.ti_start)
-    for k, kv in lay.kv.items():
-        if kv.vtype == 9:  # array
-            md[k] = kv.count
-        elif kv.vtype == 8:  # string
-            (n,) = struct.unpack_from("<Q", head, kv.value_off)
-            md[k] = head[kv.value_off + 8:kv.value_off + 8 + n].decode()
-        else:
-            md[k] = struct.unpack_from("<" + fmt[kv.vtype], head, kv.value_off)[0]
-    return md, lay
-
-
-def _check_meta(path, s, wtype, md=None, **kw):
-    if md is None:
-        md = read_metadata(str(path))  # gguf.GGUFReader
+def _check_meta(path, s, wtype, **kw):
+    md = gm.read_kv(path)
     for k, v in _expect_meta(s, **kw).items():
         assert md[k] == v, (k, md[k], v)
     a = s.arch
     assert md[f"{a}.rope.freq_base"] == pytest.approx(s.rope_freq_base)
     assert md[f"{a}.attention.layer_norm_rms_epsilon"] == pytest.approx(s.rms_eps)
     assert md["general.file_type"] == {"q8_0": 7, "f16": 1, "f32": 0}[wtype]
-    if isinstance(md["tokenizer.ggml.tokens"], int):  # _scan_header: counts only
-        assert md["tokenizer.ggml.tokens"] == md["tokenizer.ggml.token_type"] == s.n_vocab
-    else:
-        assert len(md["tokenizer.ggml.tokens"]) == s.n_vocab == len(md["tokenizer.ggml.token_type"])
-        assert len(set(md["tokenizer.ggml.tokens"])) == s.n_vocab
+    assert len(md["tokenizer.ggml.tokens"]) == s.n_vocab == len(md["tokenizer.ggml.token_type"])
+    assert len(set(md["tokenizer.ggml.tokens"])) == s.n_vocab
     return md
 
 
@@ -188,8 +162,8 @@ def test_real_shape_header_loads_in_llama_cpp(native_lib, tmp_path, name):
     p = tmp_path / f"{name}.gguf"
     plan = rm.tensor_plan(name, "q8_0")
     rm.write_random_gguf(p, name, "q8_0", data=False)
-    md, lay = _scan_header(p)
-    _check_meta(p, s, "q8_0", md=md)
+    _check_meta(p, s, "q8_0")
+    lay = gm._scan(p)
     assert [(t.name, t.shape, t.ggml_type, t.nbytes) for t in lay.tensors] == \
         [(t.name, t.ne, t.ggml_type, t.nbytes) for t in plan]
     last = lay.tensors[-1]

@@ -8,6 +8,8 @@ from tca_ggml import reference as R
 
 from tca_ggml import calibration as CAL  # noqa: E402  (the calibration search)
 
+from _helpers import peaked_attention  # noqa: E402
+
 
 def _qkv(n, n_head, n_head_kv, d, seed=0, qscale=1.0):
     rng = np.random.default_rng(seed)
@@ -518,14 +520,8 @@ def test_calibrate_head_dense_when_tau_one():
 
 
 def test_calibrate_head_peaked_attention_picks_sparsest():
-    rng = np.random.default_rng(17)
-    n, G, d, b, w, n_sink = 600, 2, 16, 16, 32, 4
-    u = np.zeros(d)
-    u[0] = 1.0
-    Kg = rng.normal(size=(n, d))
-    Kg[:, 0] = 0.0
-    Kg[n_sink] = 20 * u                          # one dominant token, not a sink, in aged block 0
-    Qg = rng.normal(size=(n, G, d)) * 0.1 + 20 * u
+    n, b, w, n_sink = 600, 16, 32, 4
+    Qg, Kg = peaked_attention(n, n_sink=n_sink)   # one dominant token, not a sink, in aged block 0
     idx, p, density, cov = CAL.calibrate_head(Qg, Kg, tau=0.99, block_size=b, window=w,
                                             n_sink=n_sink)
     mu, sigma, k = CAL.candidate_grid(b)

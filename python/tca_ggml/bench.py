@@ -218,10 +218,9 @@ def main_cli(a) -> int:
     if a.n < 0 or a.d < 0 or a.r < 1:
         print("error: -n and -d must be >= 0, -r >= 1", file=sys.stderr)
         return 2
-    from .gguf_meta import read_budgets
+    from .gguf_meta import read_budgets, read_kv
     try:
-        from .gguf_util import read_metadata
-        md = read_metadata(a.model)
+        md = read_kv(a.model)
         arch = md.get("general.architecture")
         n_ctx_train = int(md.get(f"{arch}.context_length", 0))
     except Exception as e:  # noqa: BLE001

@@ -75,6 +75,14 @@ def probe_positions(n: int, n_last: int = 256, n_random: int = 256, seed: int = 
     return np.sort(np.concatenate([rnd.astype(np.int64), last]))
 
 
+def _as_qk(Qg, Kg):
+    """(Qg, Kg) as float64, Qg as [n, G, d] (a [n, d] Qg is one query head)."""
+    Qg = np.asarray(Qg, dtype=np.float64)
+    if Qg.ndim == 2:
+        Qg = Qg[:, None, :]
+    return Qg, np.asarray(Kg, dtype=np.float64)
+
+
 def coverage_of_kept(Qg, Kg, keep_mask, probe_pos, scale: Optional[float] = None,
                      chunk: Optional[int] = None) -> np.ndarray:
     """Kept share of each probe query's pooled dense softmax mass.
@@ -89,10 +97,7 @@ def coverage_of_kept(Qg, Kg, keep_mask, probe_pos, scale: Optional[float] = None
     Probe rows are processed in chunks, so memory is O(chunk * G * n), never n x n.
     Returns float64 [n_probe] or [C, n_probe].
     """
-    Qg = np.asarray(Qg, dtype=np.float64)
-    Kg = np.asarray(Kg, dtype=np.float64)
-    if Qg.ndim == 2:
-        Qg = Qg[:, None, :]
+    Qg, Kg = _as_qk(Qg, Kg)
     n, G, d = Qg.shape
     keep = np.asarray(keep_mask, dtype=bool)
     single = keep.ndim == 1
@@ -171,17 +176,10 @@ def _select_keep_vec(pos, s, p, k_values, block_size: int, window: int, n_sink: 
     Ranking uses ``assign_k``'s rule (stable sort of -h, ``(r + 0.5)/N < C_i`` found by
     ``searchsorted``), and the per-block top-k one global ``lexsort`` by (block, -pooled s, pos).
     """
-    pos = np.asarray(pos, dtype=np.int64)
-    s = np.asarray(s, dtype=np.float64)
-    b = int(block_size)
-    F = R.n_aged_blocks(n_seen, b, window) * b
-    keep = np.ones(pos.shape, dtype=bool)
-    cand = (pos >= n_sink) & (pos < F)
-    if not cand.any():
+    pos, s, keep, idx, _, h = R.aged_rows(pos, s, block_size, window, n_sink, n_seen, alpha)
+    if h is None:
         return keep
-    idx = np.nonzero(cand)[0]
-    bid = pos[idx] // b
-    h, _, _ = R.block_scores(s[idx], bid, alpha)
+    b = int(block_size)
     # assign_k, vectorised
     k = np.asarray(k_values).astype(np.int64)
     pk = np.asarray(p, dtype=np.float64)
@@ -238,10 +236,7 @@ def chunked_evictions(Qg, Kg, p_list, k_values, block_size: int, window: int, n_
     which key i was evicted, or ``np.iinfo(np.int64).max`` if it never is. Key i is
     retained after ubatch j iff ``i < e_j and evict[c, i] > j``.
     """
-    Qg = np.asarray(Qg, dtype=np.float64)
-    Kg = np.asarray(Kg, dtype=np.float64)
-    if Qg.ndim == 2:
-        Qg = Qg[:, None, :]
+    Qg, Kg = _as_qk(Qg, Kg)
     n, G, d = Qg.shape
     if Kg.shape[0] != n:
         raise ValueError("Qg and Kg must have the same number of positions")
@@ -295,10 +290,7 @@ def chunked_probe_coverage(Qg, Kg, evict, probe_pos, ubatch: int = 512,
 
     Returns float64 ``[C, n_probe]`` aligned with ``probe_pos``.
     """
-    Qg = np.asarray(Qg, dtype=np.float64)
-    Kg = np.asarray(Kg, dtype=np.float64)
-    if Qg.ndim == 2:
-        Qg = Qg[:, None, :]
+    Qg, Kg = _as_qk(Qg, Kg)
     n, G, d = Qg.shape
     evict = np.atleast_2d(np.asarray(evict, dtype=np.int64))
     if evict.shape[1] != Kg.shape[0]:
@@ -425,10 +417,7 @@ def final_scores(Qg, Kg, end: int, n_obs: int = 32, scale: Optional[float] = Non
     (positions [end - n_obs, end), fewer if the prompt is shorter) of each query's
     ``reference.pooled_importance`` over every row [0, end) -- no causal mask inside the window,
     as in `reference.TCALayerState` (retention "hold"). Float64 [end]."""
-    Qg = np.asarray(Qg, dtype=np.float64)
-    if Qg.ndim == 2:
-        Qg = Qg[:, None, :]
-    Kg = np.asarray(Kg[:end], dtype=np.float64)
+    Qg, Kg = _as_qk(Qg, Kg[:end])
     _, G, d = Qg.shape
     if scale is None:
         scale = 1.0 / math.sqrt(d)
@@ -471,10 +460,7 @@ def final_evictions(Qg, Kg, p_list, k_values, block_size: int, window: int, n_si
     cut), or ``np.iinfo(np.int64).max`` if it stays. A probe at q sees key i <= q iff
     ``evict[c, i] >= max(q, end)`` (a step attends before its own cut).
     """
-    Qg = np.asarray(Qg, dtype=np.float64)
-    if Qg.ndim == 2:
-        Qg = Qg[:, None, :]
-    Kg = np.asarray(Kg, dtype=np.float64)
+    Qg, Kg = _as_qk(Qg, Kg)
     e, upto = episode.end, episode.upto
     if upto > min(Qg.shape[0], Kg.shape[0]):
         raise ValueError(f"episode reads {upto} positions, the capture holds {Kg.shape[0]}")
@@ -510,10 +496,7 @@ def final_probe_coverage(Qg, Kg, evict, episode: Episode, scale: Optional[float]
     `final_evictions`: key i <= q is seen iff ``evict[c, i] >= max(q, end)``). Window and sinks
     are never evicted, so they count as kept. Float64 ``[C, n_probe]``; O(chunk * G * n)
     memory."""
-    Qg = np.asarray(Qg, dtype=np.float64)
-    if Qg.ndim == 2:
-        Qg = Qg[:, None, :]
-    Kg = np.asarray(Kg, dtype=np.float64)
+    Qg, Kg = _as_qk(Qg, Kg)
     _, G, d = Qg.shape
     evict = np.atleast_2d(np.asarray(evict, dtype=np.int64))
     C = evict.shape[0]

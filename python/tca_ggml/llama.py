@@ -461,8 +461,8 @@ class Llama:
     def metadata(self) -> Dict[str, Any]:
         """All GGUF key/value pairs, arrays included (as lists)."""
         if self._metadata is None:
-            from .gguf_util import read_metadata
-            self._metadata = read_metadata(self.model_path)
+            from .gguf_meta import read_kv
+            self._metadata = read_kv(self.model_path)
         return self._metadata
 
     def memory_bytes(self) -> Dict[str, int]:

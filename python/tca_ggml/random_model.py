@@ -12,8 +12,9 @@ every matmul, the KV cache and attention cost what they cost in the real model.
 Fast and with bounded memory: one pool of random values (a few tens of MB) is drawn once and
 each tensor is written as a window (at a random offset, wrapping) of that pool, prepared once
 per distinct scale. Q8_0 blocks (f16 scale + 32 int8) are built directly as bytes, never
-quantized element by element: the 8B shape (8.5 GB at Q8_0) is disk-bound. The GGUF is
-written directly (NumPy is the only dependency; `gguf` only for --random-budgets).
+quantized element by element: the 8B shape (8.5 GB at Q8_0) is disk-bound. The header
+(metadata, tensor infos) is written by `gguf.GGUFWriter`; the tensor data is streamed after it
+(the lent GPU machine gets `gguf` from the carried wheels, scripts/gpu/make_devcarry.sh).
 """
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ import argparse
 import math
 import os
 import shutil
-import struct
 import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, LlamaFileType
 
 # --------------------------------------------------------------------------------------------
 # shapes (values from the models' published config.json)
@@ -101,13 +102,10 @@ SHAPES: Dict[str, ModelShape] = {s.name: s for s in (
 
 WTYPES = ("q8_0", "f16", "f32")
 
-# ggml type ids / llama_ftype ids (stable integers, as in ggml.h / llama.h)
-_GGML_F32, _GGML_F16, _GGML_Q8_0 = 0, 1, 8
-_WTYPE_GGML = {"q8_0": _GGML_Q8_0, "f16": _GGML_F16, "f32": _GGML_F32}
-_WTYPE_FTYPE = {"q8_0": 7, "f16": 1, "f32": 0}  # LLAMA_FTYPE_MOSTLY_Q8_0 / MOSTLY_F16 / ALL_F32
-_GGML_TYPE_NAME = {_GGML_F32: "f32", _GGML_F16: "f16", _GGML_Q8_0: "q8_0"}
-QK8_0 = 32
-_Q8_BLOCK = 2 + QK8_0  # f16 d + 32 x int8
+# ggml type ids, their block sizes and llama_ftype ids: gguf-py's tables (ggml.h / llama.h)
+_WTYPE_GGML = {"q8_0": int(QT.Q8_0), "f16": int(QT.F16), "f32": int(QT.F32)}
+_WTYPE_FTYPE = {"q8_0": LlamaFileType.MOSTLY_Q8_0, "f16": LlamaFileType.MOSTLY_F16, "f32": LlamaFileType.ALL_F32}
+QK8_0, _Q8_BLOCK = GGML_QUANT_SIZES[QT.Q8_0]  # 32 values a block: f16 d + 32 x int8 = 34 bytes
 
 # scale of the random matrices: N(0, gain^2 / fan_in). Pre-norm blocks see RMS-1 inputs; the
 # projections back into the residual stream get gain 0.5 so the stream grows ~sqrt(n_layer)/2
@@ -139,23 +137,22 @@ def get_shape(shape: Union[str, ModelShape]) -> ModelShape:
 class TensorSpec:
     name: str
     ne: Tuple[int, ...]      # ggml order (ne0 = row length), as llama.cpp's create_tensor dims
-    ggml_type: int           # 0 f32, 1 f16, 8 q8_0
+    ggml_type: int           # gguf.GGMLQuantizationType value: 0 f32, 1 f16, 8 q8_0
     nbytes: int
     kind: str                # "random" (std) | "ones" | "bias" | "rope_freqs"
     std: float = 0.0
 
     @property
     def type_name(self) -> str:
-        return _GGML_TYPE_NAME[self.ggml_type]
+        return QT(self.ggml_type).name.lower()
 
 
 def _nbytes(ne: Sequence[int], ggml_type: int) -> int:
     n = int(np.prod(ne))
-    if ggml_type == _GGML_Q8_0:
-        if ne[0] % QK8_0:
-            raise ValueError(f"row length {ne[0]} is not a multiple of {QK8_0} (needed for q8_0)")
-        return n // QK8_0 * _Q8_BLOCK
-    return n * (4 if ggml_type == _GGML_F32 else 2)
+    blk, size = GGML_QUANT_SIZES[QT(ggml_type)]
+    if ne[0] % blk:
+        raise ValueError(f"row length {ne[0]} is not a multiple of {blk} (needed for {QT(ggml_type).name.lower()})")
+    return n // blk * size
 
 
 def tensor_plan(shape: Union[str, ModelShape], wtype: str = "q8_0",
@@ -175,7 +172,7 @@ def tensor_plan(shape: Union[str, ModelShape], wtype: str = "q8_0",
         out.append(TensorSpec(name, ne, wt, _nbytes(ne, wt), "random", std))
 
     def vec(name, n, kind, std=0.0):
-        out.append(TensorSpec(name, (n,), _GGML_F32, 4 * n, kind, std))
+        out.append(TensorSpec(name, (n,), int(QT.F32), 4 * n, kind, std))
 
     E, F = s.n_embd, s.n_ff
     mat("token_embd.weight", E, s.n_vocab, 1.0 / math.sqrt(E))
@@ -304,63 +301,47 @@ class _Pools:
         return mv
 
 
-# GGUF v3, written directly (the generator needs only NumPy: the GPU machine has no `gguf`)
-_GGUF_ALIGNMENT = 32
-_VT_U32, _VT_I32, _VT_F32, _VT_BOOL, _VT_STR, _VT_ARR = 4, 5, 6, 7, 8, 9
-_VT_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_ALIGNMENT = 32  # gguf.GGUFWriter's default (general.alignment is not written)
 
 
-def _gguf_str(x: Union[str, bytes]) -> bytes:
-    b = x.encode("utf-8") if isinstance(x, str) else bytes(x)
-    return struct.pack("<Q", len(b)) + b
-
-
-class _KVWriter:
-    """Collects key/values as GGUF bytes. add_key_value has gguf.GGUFWriter's signature (value
-    types as ints or gguf.GGUFValueType), so gguf_meta.add_to_writer works on it."""
-
-    def __init__(self):
-        self.items: Dict[str, bytes] = {}
-
-    def add_key_value(self, key: str, val, vtype, sub_type=None) -> None:
-        vtype = int(vtype)
-        if vtype == _VT_STR:
-            body = _gguf_str(val)
-        elif vtype == _VT_ARR:
-            sub = int(sub_type)
-            if sub == _VT_STR:
-                data = b"".join(_gguf_str(v) for v in val)
-            elif sub in _VT_SCALAR:
-                data = np.asarray(val, dtype="<" + _VT_SCALAR[sub]).tobytes()
-            else:
-                raise ValueError(f"{key}: unsupported array element type {sub}")
-            body = struct.pack("<IQ", sub, len(val)) + data
-        elif vtype in _VT_SCALAR:
-            body = struct.pack("<" + _VT_SCALAR[vtype], val)
-        else:
-            raise ValueError(f"{key}: unsupported value type {vtype}")
-        self.items[key] = _gguf_str(key) + struct.pack("<I", vtype) + body
-
-    def u32(self, key, v):
-        self.add_key_value(key, int(v), _VT_U32)
-
-    def f32(self, key, v):
-        self.add_key_value(key, float(v), _VT_F32)
-
-    def str(self, key, v):
-        self.add_key_value(key, v, _VT_STR)
-
-
-def _header(kv: _KVWriter, plan: List[TensorSpec]) -> bytes:
-    parts = [b"GGUF", struct.pack("<IQQ", 3, len(plan), len(kv.items))]
-    parts.extend(kv.items.values())
-    offset = 0
-    for t in plan:
-        parts.append(_gguf_str(t.name) + struct.pack("<I", len(t.ne)) + struct.pack(f"<{len(t.ne)}Q", *t.ne)
-                     + struct.pack("<IQ", t.ggml_type, offset))
-        offset += -(-t.nbytes // _GGUF_ALIGNMENT) * _GGUF_ALIGNMENT
-    head = b"".join(parts)
-    return head + b"\0" * ((-len(head)) % _GGUF_ALIGNMENT)
+def _gguf_writer(path: str, s: ModelShape, wtype: str, L: int, n_ctx: int, plan: List[TensorSpec],
+                 budgets=None):
+    """A gguf.GGUFWriter holding the model's metadata and tensor infos (the data is streamed by
+    the caller after ``write_ti_data_to_file``)."""
+    from gguf import GGUFValueType as VT, GGUFWriter
+    a = s.arch
+    w = GGUFWriter(path, a)                                   # general.architecture first
+    w.add_string("general.name", f"random {s.name}")
+    w.add_uint32("general.file_type", _WTYPE_FTYPE[wtype])
+    if wtype == "q8_0":
+        w.add_uint32("general.quantization_version", 2)
+    w.add_uint32(f"{a}.vocab_size", s.n_vocab)
+    w.add_uint32(f"{a}.block_count", L)
+    w.add_uint32(f"{a}.context_length", n_ctx)
+    w.add_uint32(f"{a}.embedding_length", s.n_embd)
+    w.add_uint32(f"{a}.feed_forward_length", s.n_ff)
+    w.add_uint32(f"{a}.attention.head_count", s.n_head)
+    w.add_uint32(f"{a}.attention.head_count_kv", s.n_head_kv)
+    w.add_float32(f"{a}.rope.freq_base", s.rope_freq_base)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", s.rms_eps)
+    w.add_uint32(f"{a}.rope.dimension_count", s.head_dim)
+    tokens, types, merges = synthetic_vocab(s)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", s.tokenizer_pre)
+    w.add_key_value("tokenizer.ggml.tokens", tokens, VT.ARRAY, VT.STRING)
+    w.add_key_value("tokenizer.ggml.token_type", types, VT.ARRAY, VT.INT32)
+    w.add_key_value("tokenizer.ggml.merges", merges, VT.ARRAY, VT.STRING)
+    w.add_uint32("tokenizer.ggml.bos_token_id", s.bos_id)
+    w.add_uint32("tokenizer.ggml.eos_token_id", s.eos_id)
+    w.add_bool("tokenizer.ggml.add_bos_token", s.add_bos)
+    if budgets is not None:
+        from . import gguf_meta
+        gguf_meta.add_to_writer(w, budgets)
+    for t in plan:   # GGUFWriter takes numpy-order shapes; the bytes are given, not computed
+        w.add_tensor_info(t.name, tuple(reversed(t.ne)), np.float32, t.nbytes,
+                          raw_dtype=QT(t.ggml_type))
+    assert w.data_alignment == _GGUF_ALIGNMENT
+    return w
 
 
 def write_random_gguf(path: Union[str, os.PathLike], shape: Union[str, ModelShape], wtype: str = "q8_0",
@@ -395,41 +376,20 @@ def write_random_gguf(path: Union[str, os.PathLike], shape: Union[str, ModelShap
                       f"{free / 2**30:.1f} GiB free")
 
     rng = np.random.default_rng(seed)
-    a = s.arch
-    kv = _KVWriter()
-    kv.str("general.architecture", a)
-    kv.str("general.name", f"random {s.name}")
-    kv.u32("general.file_type", _WTYPE_FTYPE[wtype])
-    if wtype == "q8_0":
-        kv.u32("general.quantization_version", 2)
-    kv.u32(f"{a}.vocab_size", s.n_vocab)
-    kv.u32(f"{a}.block_count", L)
-    kv.u32(f"{a}.context_length", n_ctx)
-    kv.u32(f"{a}.embedding_length", s.n_embd)
-    kv.u32(f"{a}.feed_forward_length", s.n_ff)
-    kv.u32(f"{a}.attention.head_count", s.n_head)
-    kv.u32(f"{a}.attention.head_count_kv", s.n_head_kv)
-    kv.f32(f"{a}.rope.freq_base", s.rope_freq_base)
-    kv.f32(f"{a}.attention.layer_norm_rms_epsilon", s.rms_eps)
-    kv.u32(f"{a}.rope.dimension_count", s.head_dim)
-    tokens, types, merges = synthetic_vocab(s)
-    kv.str("tokenizer.ggml.model", "gpt2")
-    kv.str("tokenizer.ggml.pre", s.tokenizer_pre)
-    kv.add_key_value("tokenizer.ggml.tokens", tokens, _VT_ARR, _VT_STR)
-    kv.add_key_value("tokenizer.ggml.token_type", types, _VT_ARR, _VT_I32)
-    kv.add_key_value("tokenizer.ggml.merges", merges, _VT_ARR, _VT_STR)
-    kv.u32("tokenizer.ggml.bos_token_id", s.bos_id)
-    kv.u32("tokenizer.ggml.eos_token_id", s.eos_id)
-    kv.add_key_value("tokenizer.ggml.add_bos_token", s.add_bos, _VT_BOOL)
+    budgets = None
     if random_budgets:
         from . import gguf_meta
-        gguf_meta.add_to_writer(kv, gguf_meta.make_random_budgets(L, s.n_head_kv, seed=seed))
-    head = _header(kv, plan)
+        budgets = gguf_meta.make_random_budgets(L, s.n_head_kv, seed=seed)
 
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as fout:
-            fout.write(head)
+        w = _gguf_writer(tmp, s, wtype, L, n_ctx, plan, budgets)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        fout = w.fout[0]
+        try:
+            fout.write(b"\0" * (-fout.tell() % _GGUF_ALIGNMENT))
             data_start = fout.tell()
             # a pool no larger than the data (small models), else _POOL_BLOCKS reused by windows
             n_rand = sum(int(np.prod(t.ne)) for t in plan if t.kind == "random")
@@ -463,6 +423,8 @@ def write_random_gguf(path: Union[str, os.PathLike], shape: Union[str, ModelShap
                     fout.write(b"\0" * (data_start + offset - fout.tell()))
                     assert fout.tell() == data_start + offset, t.name
             fout.truncate(data_start + offset)  # data=False: ends in a hole
+        finally:
+            w.close()
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -61,7 +61,7 @@ import numpy as np
 
 __all__ = [
     "log_gaussian_p", "expected_tokens", "dense_p", "n_aged_blocks",
-    "assign_k", "pooled_importance", "block_scores", "select_keep", "sparse_attention",
+    "assign_k", "pooled_importance", "block_scores", "aged_rows", "select_keep", "sparse_attention",
     "dense_attention", "TCAHeadState", "TCALayerState", "simulate_prefill",
     "simulate_decode_step",
 ]
@@ -220,6 +220,26 @@ def pool_scores(pos, s, block_size: int, radius: Optional[int] = None) -> np.nda
     return out
 
 
+def aged_rows(pos, s, block_size: int, window: int, n_sink: int, n_seen: int, alpha: float):
+    """The first steps of ``select_keep`` (design §3 steps 2-3), shared with its vectorised
+    twin ``calibration._select_keep_vec``: ``(pos int64, s float64, keep, idx, bid, h)`` with
+    ``keep`` all True, ``idx`` the rows in aged blocks that are not sinks, ``bid`` their block
+    ids and ``h`` the block scores (``block_scores``) -- ``h`` None when no row is aged."""
+    pos = np.asarray(pos, dtype=np.int64)
+    s = np.asarray(s, dtype=np.float64)
+    if pos.shape != s.shape:
+        raise ValueError("pos and s must have the same shape")
+    b = int(block_size)
+    F = n_aged_blocks(n_seen, b, window) * b
+    keep = np.ones(pos.shape, dtype=bool)
+    idx = np.nonzero((pos >= n_sink) & (pos < F))[0]
+    if idx.size == 0:
+        return pos, s, keep, idx, None, None
+    bid = pos[idx] // b
+    h, _, _ = block_scores(s[idx], bid, alpha)
+    return pos, s, keep, idx, bid, h
+
+
 def select_keep(pos, s, p, k_values, block_size: int, window: int, n_sink: int,
                 n_seen: int, alpha: float) -> np.ndarray:
     """Which retained tokens survive one compaction (design §3 steps 2-4).
@@ -235,19 +255,10 @@ def select_keep(pos, s, p, k_values, block_size: int, window: int, n_sink: int,
 
     Returns a bool mask aligned with ``pos``.
     """
-    pos = np.asarray(pos, dtype=np.int64)
-    s = np.asarray(s, dtype=np.float64)
-    if pos.shape != s.shape:
-        raise ValueError("pos and s must have the same shape")
-    b = int(block_size)
-    F = n_aged_blocks(n_seen, b, window) * b
-    keep = np.ones(pos.shape, dtype=bool)
-    cand = (pos >= n_sink) & (pos < F)
-    if not cand.any():
+    pos, s, keep, idx, bid, h = aged_rows(pos, s, block_size, window, n_sink, n_seen, alpha)
+    if h is None:
         return keep
-    idx = np.nonzero(cand)[0]
-    bid = pos[idx] // b
-    h, _, _ = block_scores(s[idx], bid, alpha)
+    b = int(block_size)
     blocks = np.unique(bid)
     kj = assign_k(h, p, k_values)
     sp = np.zeros_like(s)

@@ -4,7 +4,7 @@
 #   mkdir -p /tmp/up && tar xzf .devcarry/upstream.tgz -C /tmp/up
 #   cmake -S . -B build/cuda -DTCA_UPSTREAM_DIR=/tmp/up -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90a
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 src=$(python3 native/upstream.py prepare)
 tmp=$(mktemp -d)
 mkdir -p "$tmp/examples" .devcarry

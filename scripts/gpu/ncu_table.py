@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Per-kernel GPU time from an `ncu --csv --metrics gpu__time_duration.sum` log (scripts/gpu_suite.sh).
+"""Per-kernel GPU time from an `ncu --csv --metrics gpu__time_duration.sum` log (scripts/gpu/gpu_suite.sh).
 
-    python3 scripts/ncu_table.py LOG --last N [--per NAME:K] [--top 14]
+    python3 scripts/gpu/ncu_table.py LOG --last N [--per NAME:K] [--top 14]
 
 Sums the durations of the last N profiled kernels by kernel name (templates and arguments cut) and
 prints them, largest first. With --per NAME:K the sums are divided by (launches of NAME) / K, e.g.

@@ -3,14 +3,14 @@
 # side-by-side benchmark with the patched llama-bench (TCA vs upstream flash attention, same
 # build, same random-weight model of a real shape, same run). Tables and logs under $OUT.
 #
-# Here:   bash scripts/make_devcarry.sh          (pinned+patched upstream, cffi wheels -> .devcarry/)
-# There:  bash scripts/gpu_suite.sh build test   (first call, ~6 min)
-#         bash scripts/gpu_suite.sh bench8b      (later calls; the build stays while the machine is warm)
+# Here:   bash scripts/gpu/make_devcarry.sh        (pinned+patched upstream, cffi wheels -> .devcarry/)
+# There:  bash scripts/gpu/gpu_suite.sh build test (first call, ~6 min)
+#         bash scripts/gpu/gpu_suite.sh bench8b    (later calls; the build stays while the machine is warm)
 # Steps: build, test, bench1b, bench8b, benchq8 (8B with q8_0 K/V), smoke (a quick 1B/8K check), kern (the
 # attention kernels alone vs flash attention), curve (the kernel-level forced-density curve), vprof (ncu of the
 # decode attention kernels: the op alone and a real 1B token at 128K), and the rest below.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 T0=$(date +%s)
 el() { echo $(( $(date +%s) - T0 )); }
 LOG=$OUT/log
@@ -34,7 +34,7 @@ export PYTHONPATH=$PWD/python:/tmp/pydeps
 export TCA_GGML_LIB=$PWD/build/cuda/libtca_ggml.so
 
 if [ -f .devbin/bin.tgz ] && [[ " $steps " != *" build "* ]]; then
-    # prebuilt here with the same nvcc (13.0) for sm_90a: bash scripts/make_devbin.sh
+    # prebuilt here with the same nvcc (13.0) for sm_90a: bash scripts/gpu/make_devbin.sh
     mkdir -p build/cuda && tar xzf .devbin/bin.tgz -C build/cuda && say "== prebuilt library ($(cat .devbin/REV 2>/dev/null))"
 fi
 if [[ " $steps " == *" build "* ]]; then
@@ -202,8 +202,8 @@ if [[ " $steps " == *" prof "* ]]; then  # where a compaction's GPU time goes: 1
         > $OUT/prof.md 2> $OUT/prof.err
     say "   rc=$? at $(el) s"
     # the compaction kernels: 13 launches a layer (score 3, select 4, compact 2 x K/V/kpos)
-    python3 scripts/ncu_table.py $OUT/prof.csv --last 208 --label "decode-time compaction: " | tee -a $LOG
-    python3 scripts/ncu_table.py $OUT/prof.csv --per tca_score_stats:16 --label "per compaction (16 layers): " | tee -a $LOG
+    python3 scripts/gpu/ncu_table.py $OUT/prof.csv --last 208 --label "decode-time compaction: " | tee -a $LOG
+    python3 scripts/gpu/ncu_table.py $OUT/prof.csv --per tca_score_stats:16 --label "per compaction (16 layers): " | tee -a $LOG
 fi
 if [[ " $steps " == *" vprof "* ]]; then  # decode attention kernels under ncu: the op alone (sections) and a real 1B token at 128K
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
@@ -227,7 +227,7 @@ if [[ " $steps " == *" vprof "* ]]; then  # decode attention kernels under ncu: 
             --log-file $OUT/vtok_$arm.csv $BENCH -m /dev/shm/l1b.gguf -fa 1 -ub 2048 -b 2048 -ngl 99 -r 1 --no-warmup \
             -p 0 -n 8 -d 131072 -tca $arm -o md > $OUT/vtok_$arm.md 2> $OUT/vtok_$arm.err
         say "   vtok arm $arm rc=$? at $(el) s"
-        python3 scripts/ncu_table.py $OUT/vtok_$arm.csv --label "arm $arm, 128K decode, 2 tokens: " | tee -a $LOG
+        python3 scripts/gpu/ncu_table.py $OUT/vtok_$arm.csv --label "arm $arm, 128K decode, 2 tokens: " | tee -a $LOG
     done
 fi
 if [[ " $steps " == *" tgr "* ]]; then  # 1B decode at 128K depth, dense vs 0.1, 5 repetitions (decode rows vary +-5% a run)
@@ -265,7 +265,7 @@ if [[ " $steps " == *" ncu "* ]]; then  # per-kernel GPU time of decode steps (1
             --log-file $OUT/ncu_$arm.csv $BENCH -m /dev/shm/l1b.gguf -fa 1 -ub 2048 -b 2048 -ngl 99 -r 1 --no-warmup \
             -p 0 -n 24 -d 4096 --tca-window 1024 --tca-block 128 -tca $arm -o md > $OUT/ncu_$arm.md 2> $OUT/ncu_$arm.err
         say "   arm $arm rc=$? at $(el) s: $(grep -c gpu__time_duration $OUT/ncu_$arm.csv) kernels"
-        python3 scripts/ncu_table.py $OUT/ncu_$arm.csv --last 640 --label "arm $arm, the last decode steps: " | tee -a $LOG
+        python3 scripts/gpu/ncu_table.py $OUT/ncu_$arm.csv --last 640 --label "arm $arm, the last decode steps: " | tee -a $LOG
     done
 fi
 if [[ " $steps " == *" ret "* ]]; then  # bring the built library and tool back (<= 15 MiB pieces)

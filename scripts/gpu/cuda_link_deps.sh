@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Prepare a CUDA build HERE (a machine with nvcc but no GPU driver and no cuBLAS), for
-# scripts/make_devbin.sh: cuBLAS headers + libraries from the nvidia-cublas wheel (PyPI), and a link
+# scripts/gpu/make_devbin.sh: cuBLAS headers + libraries from the nvidia-cublas wheel (PyPI), and a link
 # stub for libcuda (soname libcuda.so.1, the driver symbols ggml-cuda's VMM pool uses; the GPU
 # machine brings the real driver). Everything goes under .cache/cuda-link (git-ignored); then
 # build/cuda is configured for sm_90a with the patched llama-bench.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 D=$PWD/.cache/cuda-link
 mkdir -p "$D/stub"
 if [ ! -f "$D/cublas/nvidia/cu13/lib/libcublas.so" ]; then
@@ -26,4 +26,4 @@ cmake -S . -B "${BUILD:-build/cuda}" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_
     -DTCA_GGML_BUILD_TOOLS=ON -DGGML_CUDA_NCCL=OFF -DCUDA_cublas_LIBRARY=$L/libcublas.so \
     -DCUDA_cublasLt_LIBRARY=$L/libcublasLt.so -DCUDA_cuda_driver_LIBRARY=$D/stub/libcuda.so \
     "-DCMAKE_CUDA_FLAGS=-I$I" "-DCMAKE_CXX_FLAGS=-I$I" > /dev/null
-echo "configured ${BUILD:-build/cuda}; now: bash scripts/make_devbin.sh (first build ~25 min on 2 cores)"
+echo "configured ${BUILD:-build/cuda}; now: bash scripts/gpu/make_devbin.sh (first build ~25 min on 2 cores)"

@@ -65,7 +65,7 @@ def _exported(path):
 @pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) not installed")
 def test_no_test_entry_points_in_the_production_library(native_lib):
     syms = _exported(native_lib)
-    assert "tca_init_from_model" in syms
+    assert "tca_context_create" in syms
     assert not [s for s in syms if s.startswith("tca_test_")]
     test_lib = native_lib.with_name("libtca_ggml_test.so")
     if test_lib.exists():  # built unless -DTCA_GGML_BUILD_TESTS=OFF

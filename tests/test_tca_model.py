@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tca_ggml import ContextError, Llama, TCAConfigError, reference, texts
-from tca_ggml.llama import forced_budget
+from tca_ggml.reference import forced_budget
 
 W, B = 256, 64
 
@@ -399,29 +399,33 @@ def test_decode_compresses_only_the_block_leaving_the_window(tmp_path):
             assert np.array_equal(after[after >= F1], np.arange(F1, len(toks) + len(out) - 1 + 1)[:(after >= F1).sum()])
 
 
-def test_c_forced_params_equal_python_forced_budget(default_model):
-    """tca_params_forced (what the patched llama-bench's -tca uses) builds the same uniform budget
-    as Python's forced_budget, for every (layer, KV head), and refuses bad densities clearly."""
+def test_native_forced_budget_equals_the_reference():
+    """tca_forced_budget (what tca_context_create uses for tca_density=X, and the patched
+    llama-bench's -tca) is the NumPy reference forced_budget, and bad values are refused clearly
+    by the one validator (tca_config_check)."""
     from tca_ggml import _native
     ffi = _native.ffi
     L = _native.lib()
-    with Llama(default_model, n_ctx=512, verbose=False) as llm:
-        model = llm._model
-        err = ffi.new("char[256]")
-        for d, b in ((0.2, 128), (0.25, 64), (0.39, 128), (1.0, 128), (0.01, 128)):
-            tp = ffi.new("struct tca_params *")
-            assert L.tca_params_forced(model, d, b, 4096, tp, err, 256) == 0, ffi.string(err)
-            k = [tp.k_values[i] for i in range(tp.n_k)]
-            assert k == [2 ** i for i in range(tp.n_k)] and k[-1] == b and tp.forced == 1
-            H = sum(tp.n_head_kv[i] for i in range(tp.n_layer))
-            p = np.array([tp.p[i] for i in range(H * tp.n_k)]).reshape(H, tp.n_k)
-            np.testing.assert_allclose(p, np.broadcast_to(forced_budget(d, k), p.shape), atol=1e-6)
-            L.tca_params_free(tp)
-        for bad in (0.0, -0.5, 1.5, float("nan")):
-            tp = ffi.new("struct tca_params *")
-            assert L.tca_params_forced(model, bad, 128, 4096, tp, err, 256) != 0
-            assert b"density" in ffi.string(err)
-        assert L.tca_params_forced(model, 0.2, 100, 4096, tp, err, 256) != 0  # not a power of two
+    for d, b in ((0.2, 128), (0.25, 64), (0.39, 128), (1.0, 128), (0.01, 128), (0.3, 1), (0.7, 4096)):
+        n_k = b.bit_length()
+        p = ffi.new("float[]", n_k)
+        assert L.tca_forced_budget(d, b, p, n_k) == 0
+        k = [2 ** i for i in range(n_k)]
+        np.testing.assert_allclose(np.array(list(p)), forced_budget(d, k), atol=1e-6)
+    p = ffi.new("float[]", 13)
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        assert L.tca_forced_budget(bad, 128, p, 8) != 0
+    assert L.tca_forced_budget(0.2, 100, p, 7) != 0  # not a power of two
+    assert L.tca_forced_budget(0.2, 128, p, 7) != 0  # n_k != log2(b) + 1
+    err = ffi.new("char[256]")
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        c = ffi.new("struct tca_config *", {"set": L.TCA_SET_DENSITY, "density": bad})
+        assert L.tca_config_check(c, err, 256) != 0 and b"tca_density" in ffi.string(err)
+    c = ffi.new("struct tca_config *", {"set": L.TCA_SET_DENSITY | L.TCA_SET_BLOCK, "density": 0.2, "block": 100})
+    assert L.tca_config_check(c, err, 256) != 0 and b"power of two" in ffi.string(err)
+    c = ffi.new("struct tca_config *", {"set": L.TCA_SET_DENSITY | L.TCA_SET_BLOCK | L.TCA_SET_WINDOW,
+                                        "density": 0.2, "block": 64, "window": 512})
+    assert L.tca_config_check(c, err, 256) == 0, ffi.string(err)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@
 //    single-buffered one).
 // TCA_CUDA_ATTN=ffma|mma|mma1|mma2|mma2t1|mma2t2|vec (environment, read per call) forces one kernel
 // (tests, benchmarks). The other TCA ops (TCA_SCORE, TCA_SELECT, TCA_COMPACT): tca-select.cu.
+#include <string>
 #include "tca-attn.cuh"
 #include "tca-attn-common.cuh"
 #include "tca-attn-ffma.cuh"
@@ -180,7 +181,9 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const int     cc  = ggml_cuda_info().devices[ctx.device].cc;
     const int     nsm = ggml_cuda_info().devices[ctx.device].nsm;
 
-    const char * force = getenv("TCA_CUDA_ATTN");
+    // TCA_CUDA_ATTN=ffma|mma|mma1|mma2|mma2t1|mma2t2|vec forces a kernel (A/B); read once per process
+    static const std::string force_env = [] { const char * e = getenv("TCA_CUDA_ATTN"); return std::string(e ? e : ""); }();
+    const char * force = force_env.empty() ? nullptr : force_env.c_str();
     const bool   can_mma = (k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_Q8_0) && ampere_mma_available(cc);
     // TCA_CUDA_VEC=0: FFMA instead of the vector kernel for f16 decode (A/B and fallback)
     static const bool vec_on = [] { const char * e = getenv("TCA_CUDA_VEC"); return !e || atoi(e) != 0; }();

@@ -25,7 +25,7 @@ TCA_API const char * tca_upstream_version(void);
 // sizeof / offsetof of llama.h structs as this library was compiled: the Python
 // bindings check their declarations against these at import (name: "llama_model_params",
 // "llama_context_params", "llama_batch", "llama_chat_message", "llama_sampler_chain_params";
-// field: NULL for sizeof), and the sizeof of this header's structs ("tca_params", "tca_stats",
+// field: NULL for sizeof), and the sizeof of this header's structs ("tca_config", "tca_stats",
 // "tca_budgets"; the bindings' declarations are read from this header). Returns -1 for an
 // unknown name.
 TCA_API int64_t tca_abi_layout(const char * struct_name, const char * field);
@@ -59,27 +59,45 @@ TCA_API int tca_tensor_get_f32(const struct ggml_tensor * t, float * dst, int64_
 // ---- TCA contexts ------------------------------------------------------------------
 struct llama_model;
 struct llama_context_params;
+struct tca_budgets;
 
-// Budgets as validated from a GGUF's tca.* keys (docs/design.md §2), or a forced density.
-struct tca_params {
-    uint32_t block;            // b, power of two
-    uint32_t window;           // w, multiple of b
-    uint32_t n_sink;           // first tokens always kept
-    float    alpha;            // importance / diversity weight
-    uint32_t n_k;              // len(k_values) = log2(b) + 1
-    const uint32_t * k_values; // 1, 2, 4, ..., b
-    uint32_t n_layer;          // = the model's layer count
-    const uint32_t * n_head_kv; // [n_layer]
-    const float * p;           // [sum(n_head_kv) * n_k], layer-major, rows sum to 1
-    int32_t forced;            // 1: uniform forced density (uncalibrated, benchmarks only)
-    int32_t retention;         // TCA_RETENTION_HOLD (0, default) or TCA_RETENTION_STREAM (1)
-    uint32_t n_obs;            // hold: observation window, the prompt's last queries that score the
-                               // final selection (0 = default, 32)
-    int32_t n_whole;           // hold: the final selection's top-ranked blocks kept whole (k = b),
-                               // taken from the head's budget shares (-1 = default, 4; 0 = none)
-    int32_t type_hold;         // hold: ggml_type of the hold tier (-1 = the cache's type_k; GGML_TYPE_Q8_0 = 8
-                               // halves it for f16 caches; K and V of the hold tier share it)
+// ---- the one entry that configures a TCA context -------------------------------------------
+// Everything the caller knows about a context's TCA configuration, as plain numbers. The budgets
+// come from a GGUF's tca.* keys (struct tca_budgets, tca_budgets_read below) or, with
+// TCA_SET_DENSITY, from a forced uniform density; every other field is an optional override.
+//
+// Shape contract: a field is read only when its TCA_SET_* bit is in `set`; otherwise the default
+// in [brackets] applies ("budgets" = the calibrated value of the tca_budgets passed; without them
+// the forced-density defaults). Ranges are checked by tca_config_check (also called by
+// tca_context_create: the only place where TCA configuration is validated). Every message names
+// the parameter as the Python API spells it (tca_block, tca_window, ...).
+struct tca_config {
+    uint32_t set;        // TCA_SET_* bits: which of the fields below are given
+    double   density;    // DENSITY: forced uniform kept share of each aged block, (0, 1]
+                         //   (uncalibrated, benchmarks only) [none: the budgets are required]
+    int64_t  block;      // BLOCK: b, a power of two in [1, 4096]; with calibrated budgets only
+                         //   their own block size [budgets: tca.block_size, else 128]
+    int64_t  window;     // WINDOW: w, a multiple of b, in [1, 2^20] [budgets: tca.window, else 4096]
+    float    alpha;      // ALPHA: importance / diversity weight in [0, 1] [budgets: tca.alpha, else 0.5]
+    int64_t  n_sink;     // N_SINK: first tokens always kept, [0, 65536] [budgets: tca.n_sink, else 4]
+    int32_t  retention;  // RETENTION: TCA_RETENTION_HOLD or TCA_RETENTION_STREAM
+                         //   [HOLD; TCA_GGML_RETENTION=stream picks STREAM, for tools without Python]
+    int64_t  n_obs;      // N_OBS: hold: the prompt's last queries that score the final selection,
+                         //   [1, 4096] [32]
+    int64_t  n_whole;    // N_WHOLE: hold: the final selection's top-ranked blocks kept whole (k = b),
+                         //   taken from the head's budget shares, [0, 65536] [4]
+    int32_t  type_hold;  // TYPE_HOLD: hold: ggml_type of the hold tier, GGML_TYPE_F32 (0), F16 (1)
+                         //   or Q8_0 (8; halves it for f16 caches) [the cache's type_k]
 };
+#define TCA_SET_DENSITY   1
+#define TCA_SET_BLOCK     2
+#define TCA_SET_WINDOW    4
+#define TCA_SET_ALPHA     8
+#define TCA_SET_N_SINK    16
+#define TCA_SET_RETENTION 32
+#define TCA_SET_N_OBS     64
+#define TCA_SET_N_WHOLE   128
+#define TCA_SET_TYPE_HOLD 256
 // Retention policies (docs/design.md "Retention"): HOLD keeps every row of the sequence in a
 // second tier until a prompt's last ubatch (the one that asks for logits) has been seen, attends
 // it there, and selects what stays by that ubatch's last n_obs queries; STREAM evicts for good
@@ -87,12 +105,28 @@ struct tca_params {
 #define TCA_RETENTION_HOLD   0
 #define TCA_RETENTION_STREAM 1
 
-// llama_init_from_model with the TCA retention memory instead of the dense KV cache.
-// Contexts with n_ctx <= window + block, and models whose memory is not the plain KV cache
-// (SWA, recurrent, hybrid), get upstream's dense cache (logged; tca_get_stats says active=0).
-// On error returns NULL with a message naming the offending key/parameter in err.
-TCA_API struct llama_context * tca_init_from_model(struct llama_model * model, struct llama_context_params params,
-                                                   const struct tca_params * tp, char * err, size_t err_len);
+// The fields of *c on their own (no model, no budgets): 0 when valid; otherwise nonzero with a
+// message in err. For early, clear errors (before a model is loaded); tca_context_create runs it too.
+TCA_API int tca_config_check(const struct tca_config * c, char * err, size_t err_len);
+
+// llama_init_from_model with the TCA retention memory instead of the dense KV cache, configured by
+// budgets (a GGUF's, from tca_budgets_read; NULL: none) and *c (see struct tca_config). Validates
+// once: *c's fields, the budget source (budgets or TCA_SET_DENSITY), the budgets against the model
+// (layers, KV heads) and the resolved window / block. When `resolved` is not NULL it receives the
+// configuration in force (every TCA_SET_* bit set; density only with TCA_SET_DENSITY), also when the
+// context falls back to the dense cache. Contexts with n_ctx <= window + block, and models whose
+// memory is not the plain KV cache (SWA, recurrent, hybrid), get upstream's dense cache (logged;
+// tca_get_stats says active=0). On error returns NULL with a message in err.
+TCA_API struct llama_context * tca_context_create(struct llama_model * model, struct llama_context_params params,
+                                                  const struct tca_budgets * budgets, const struct tca_config * c,
+                                                  struct tca_config * resolved, char * err, size_t err_len);
+
+// The forced (uncalibrated) budget, the same for every (layer, KV head): the kept-rows distribution
+// over k_values 1, 2, 4, ..., block (n_k = log2(block) + 1 values into p) with expectation
+// t = clamp(density * block, 1, block): one-hot on t when t is a power of two, otherwise the mix
+// of the two powers of two around t (python: tca_ggml.reference.forced_budget is its reference).
+// Returns 0, or nonzero for a density outside (0, 1], a bad block or n_k != log2(block) + 1.
+TCA_API int tca_forced_budget(double density, uint32_t block, float * p, uint32_t n_k);
 
 struct tca_stats {
     int32_t  active;           // 1 when the context runs TCA
@@ -136,18 +170,6 @@ struct tca_budgets {
 // 0: read and valid; 1: the file has no tca.* keys; -1: error, err names the key.
 TCA_API int  tca_budgets_read(const char * path, struct tca_budgets * out, char * err, size_t err_len);
 TCA_API void tca_budgets_free(struct tca_budgets * b);
-
-// ---- forced (uncalibrated) budgets, for tools without Python ----------------------------
-// Fill *out with a uniform forced budget of expected kept share `density` of each aged block,
-// exactly as python forced_budget(): a mix of the two powers of two around density*block
-// (one-hot when density*block is one), the same for every (layer, KV head); k_values
-// 1, 2, 4, ..., block; n_head_kv from the model; n_sink 4, alpha 0.5, forced 1.
-// density in (0, 1]; block a power of two in [1, 4096]; window a multiple of block.
-// Returns 0 on success (free with tca_params_free); otherwise nonzero, *out zeroed and a
-// message in err. The result is what tca_init_from_model takes.
-TCA_API int  tca_params_forced(const struct llama_model * model, float density, uint32_t block, uint32_t window,
-                               struct tca_params * out, char * err, size_t err_len);
-TCA_API void tca_params_free(struct tca_params * p);  // only for params filled by tca_params_forced
 
 #ifdef __cplusplus
 }

@@ -1,206 +1,21 @@
-// tca_ggml — TCA retention memory and graph integration for llama.cpp.
+// tca_ggml — TCA retention memory and graph integration for llama.cpp: what upstream's patched
+// files include (patch 0002: llama-graph.cpp, llama-model.cpp).
 //
-// llama_tca_memory is a llama_memory_i beside llama.cpp's KV caches: per layer and per KV
-// head a *ragged* retained list (sinks, compacted tokens of aged blocks, and the exact live
-// window), sized from the head's calibrated budget instead of n_ctx x all heads. After each
-// ubatch (prefill) or when a block leaves the window (decode), the blocks that aged are
-// re-selected with the ubatch's last query (docs/design.md §3) and compacted in place.
+//   llama-tca-memory.{h,cpp}  the retention memory (llama_tca_memory, llama_tca_memory_create)
+//   llama-tca-graph.cpp       the graph hooks declared here
 //
-// It is chosen by llama_model::create_memory (patch 0002) when a TCA configuration has been
-// handed over for this context (tca_init_from_model), and build_attn dispatches to
-// llama_tca_build_attn for it (patch 0002), so every architecture that uses the standard
-// attention path gets TCA without touching its model file.
+// build_attn_inp_kv / build_attn dispatch to the hooks for a context whose memory is the TCA
+// retention memory, so every architecture that uses the standard attention path gets TCA
+// without touching its model file.
 #pragma once
 
-#include "llama-memory.h"
+#include "llama-tca-memory.h"
 #include "llama-graph.h"
 
-#include "ggml-alloc.h"
-#include "ggml-cpp.h"
-
-#include <cstdint>
-#include <map>
-#include <memory>
-#include <string>
-#include <vector>
-
-struct llama_model;
-struct llama_cparams;
-class llama_tca_memory;
-
-// Budgets and switches, as validated from the GGUF's tca.* keys (or a forced density).
-struct llama_tca_config {
-    uint32_t block  = 128;
-    uint32_t window = 4096;
-    uint32_t n_sink = 4;
-    float    alpha  = 0.5f;
-    std::vector<uint32_t> k_values;   // ascending, 1 .. block
-    std::vector<uint32_t> n_head_kv;  // per layer (as calibrated)
-    std::vector<float>    p;          // [sum(n_head_kv) x k_values.size()], layer-major
-    bool forced = false;              // uniform forced density (uncalibrated, for benchmarks)
-    bool hold = true;                 // retention HOLD (docs/design.md "Retention"); false: STREAM
-    uint32_t n_obs = 32;              // HOLD: queries at the prompt's end that score the final selection
-    uint32_t n_whole = 4;             // HOLD: top-ranked blocks of the final selection kept whole
-    int32_t type_hold = -1;           // HOLD: ggml_type of the hold tier (-1: the cache's)
-};
-
-// Hand-over from tca_init_from_model to llama_model::create_memory (same thread).
-void llama_tca_set_pending(const llama_tca_config * cfg);
-const llama_tca_config * llama_tca_get_pending();
-
-// Called by llama_model::create_memory for models on the plain llama_kv_cache path.
-// Returns nullptr when no TCA was requested; throws std::runtime_error when it was but
-// cannot be honoured (the context creation then fails with that message).
-llama_memory_i * llama_tca_memory_create(const llama_model & model, const llama_memory_params & params,
-                                         const llama_cparams & cparams);
-
-// Graph hooks (patched into llm_graph_context::build_attn_inp_kv / build_attn).
+// Graph hooks (patched into llm_graph_context::build_attn_inp_kv / build_attn): nullptr when the
+// context's memory is not the TCA retention memory.
 llm_graph_input_attn_kv * llama_tca_build_attn_inp(const llm_graph_context & g);
 ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_attn_kv * inp,
                                    ggml_tensor * wo, ggml_tensor * wo_b, ggml_tensor * wo_s,
                                    ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
                                    ggml_tensor * kq_b, ggml_tensor * sinks, float kq_scale, int il);
-
-class llama_tca_memory_context : public llama_memory_context_i {
-public:
-    explicit llama_tca_memory_context(llama_memory_status status);
-    llama_tca_memory_context(llama_tca_memory * mem);  // full (graph reserve)
-    llama_tca_memory_context(llama_tca_memory * mem, std::vector<llama_ubatch> ubatches);
-
-    bool next() override;
-    bool apply() override;
-    const llama_ubatch & get_ubatch() const override;
-    llama_memory_status get_status() const override;
-
-    llama_tca_memory * mem = nullptr;
-    bool is_full = false;
-
-private:
-    llama_memory_status status;
-    std::vector<llama_ubatch> ubatches;
-    size_t i_next = 0;
-};
-
-class llama_tca_memory : public llama_memory_i {
-public:
-    struct head_t {
-        uint32_t off = 0, cap = 0, len = 0;
-        std::vector<int32_t> pos;  // ascending positions of rows [0, len)
-        std::vector<float> p;      // budget over k_values
-        float coverage = 1.0f;     // pooled q_last mass kept at the last compaction
-        uint32_t n_evicted = 0;
-    };
-    struct layer_t {
-        int32_t il = -1;
-        uint32_t n_head = 0, n_head_kv = 0, d_k = 0, d_v = 0, cap_total = 0;
-        float scale = 0.0f;        // kq_scale seen at graph build
-        ggml_tensor * k = nullptr; // [d_k, cap_total] type_k
-        ggml_tensor * v = nullptr; // [d_v, cap_total] type_v
-        ggml_tensor * kpos = nullptr;   // [1, cap_total] f32: position of each row (exact integers)
-        ggml_tensor * q_last = nullptr; // [d_k, n_head] f32: last query of the last ubatch
-        ggml_tensor * bud = nullptr;    // [2*n_k+1, n_head_kv] f32: budgets for GGML_OP_TCA_SELECT
-        std::vector<float> bud_host;    // its values (uploaded again after a clear of the buffers)
-        ggml_backend_buffer_type_t buft = nullptr;
-        bool host = true;          // buffers in host memory
-        bool pos_valid = true;     // heads[].pos mirror kpos (false after a device compaction:
-                                   // ensure_pos() reads them back when needed)
-        std::vector<head_t> heads;
-        std::vector<uint32_t> len_before; // per head, rows before the current ubatch
-        std::vector<uint32_t> len_pending; // per head, rows before the ubatches since the last compaction
-        // HOLD tier: every row of the sequence, head g's row of position p at g*n_ctx + p
-        ggml_tensor * hk = nullptr;     // [d_k, n_head_kv*n_ctx] type_k
-        ggml_tensor * hv = nullptr;     // [d_v, n_head_kv*n_ctx] type_v
-        ggml_tensor * hkpos = nullptr;  // [1, n_head_kv*n_ctx] f32: g*n_ctx + p holds p (constant)
-        ggml_tensor * q_obs = nullptr;  // [d_k, n_head, n_obs] f32: the last queries of a final ubatch
-    };
-
-    llama_tca_memory(const llama_model & model, const llama_tca_config & cfg, ggml_type type_k,
-                     ggml_type type_v, uint32_t n_ctx, uint32_t n_ubatch, bool offload = false);
-
-    ~llama_tca_memory() override;
-
-    llama_memory_context_ptr init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) override;
-    llama_memory_context_ptr init_full() override;
-    llama_memory_context_ptr init_update(llama_context * lctx, bool optimize) override;
-    bool get_can_shift() const override { return false; }
-
-    void clear(bool data) override;
-    bool seq_rm  (llama_seq_id seq_id, llama_pos p0, llama_pos p1) override;
-    void seq_cp  (llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) override;
-    void seq_keep(llama_seq_id seq_id) override;
-    void seq_add (llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) override;
-    void seq_div (llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) override;
-    llama_pos seq_pos_min(llama_seq_id seq_id) const override;
-    llama_pos seq_pos_max(llama_seq_id seq_id) const override;
-    std::map<ggml_backend_buffer_type_t, size_t> memory_breakdown() const override;
-    void state_write(llama_io_write_i & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) const override;
-    void state_read (llama_io_read_i  & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) override;
-
-    // called by the memory context
-    bool reserve_ubatch(const llama_ubatch & ub);   // before a ubatch's graph is built
-    void compact_pending();                          // after the previous ubatch was computed
-    bool fits(const llama_ubatch & ub) const;        // TCA_GGML_LAZY: room for ub without compacting
-
-    void ensure_pos(layer_t & L);  // heads[].pos from the device's kpos (after device compactions)
-    void init_hold_pos(layer_t & L); // HOLD: hkpos[g*n_ctx + p] = p (constant; again after a buffer clear)
-
-    layer_t * layer(int32_t il) { auto it = map_il.find(il); return it == map_il.end() ? nullptr : &layers[it->second]; }
-    const layer_t * layer(int32_t il) const { auto it = map_il.find(il); return it == map_il.end() ? nullptr : &layers[it->second]; }
-
-    const llama_tca_config cfg;
-    const uint32_t n_ctx;
-    const uint32_t n_ubatch;
-    ggml_type type_k, type_v;
-    std::vector<layer_t> layers;
-    std::map<int32_t, size_t> map_il;
-    uint32_t n_seen = 0;          // tokens of the sequence held (positions 0 .. n_seen-1)
-    // HOLD: the ubatch being built/computed is a prompt's last (its last token asks for logits):
-    // it attends the hold tier, and the compaction after it selects from the hold tier
-    bool cur_final = false;
-    bool pending_final = false;   // a final ubatch ran since the last compaction
-    bool prev_prefill = false;    // the previous ubatch was a non-final multi-token ubatch
-    uint32_t n_obs_valid = 0;     // queries in q_obs (min(n_obs, the final ubatch's tokens))
-    uint64_t n_final = 0;         // final selections from the hold tier
-    uint64_t bytes_hold = 0;      // hold tier allocation
-    uint32_t frontier = 0;        // F: blocks before it have been selected
-    bool pending = false;         // a ubatch ran since the last compaction
-    bool pending_decode = false;  // ... and it was a single token
-    int32_t pending_first_pos = -1; // first position of the ubatches since the last compaction
-    uint64_t bytes_dense = 0;     // what upstream's cache would allocate for the same n_ctx
-    uint64_t n_compactions = 0;
-    double t_compact_us = 0.0;
-    // device compactions (TCA_GGML_STATS): graph build + allocation + inputs, compute (the
-    // selection and the moves, synchronised), read-back of the per-head results
-    double t_dev_build_us = 0.0, t_dev_compute_us = 0.0, t_dev_read_us = 0.0;
-
-    // per device (buffer type of device layers): the graph's per-layer inputs (new rows' positions,
-    // head ranges, row indices), resident on the device and uploaded once per ubatch by the graph
-    // input's set_input. As ordinary graph inputs they were copied by the scheduler one per layer,
-    // each copy synchronising (3 per layer per token).
-    struct io_t {
-        ggml_tensor * pnew = nullptr;   // [1, rows_per_token * n_ubatch] f32
-        ggml_tensor * idx  = nullptr;   // [rows_per_token * n_ubatch] i64
-        ggml_tensor * meta = nullptr;   // [n_meta] i32
-        ggml_tensor * hidx = nullptr;   // [rows_per_token * n_ubatch] i64: HOLD tier rows
-        ggml_tensor * hmeta = nullptr;  // [n_meta] i32: HOLD tier head ranges
-        int64_t n_meta = 0, rows_per_token = 0;
-    };
-    std::map<ggml_backend_buffer_type_t, io_t> io;
-
-    // set by tca_init_from_model: the context's scheduler, synchronised before the retention
-    // cache is read or moved outside its graphs
-    ggml_backend_sched_t sched = nullptr;
-
-private:
-    // selection + compaction of the layers of one buffer type: one graph of TCA_SCORE / TCA_SELECT /
-    // TCA_COMPACT nodes on that device (prefill: f0 < 0; decode rule: f0 = the old frontier)
-    void compact_graph(const std::vector<layer_t *> & Ls, int64_t f0);
-    // HOLD: the final selection of the layers of one buffer type, from the hold tier by the
-    // observation window's pooled scores; the kept rows are gathered into the fast tier
-    void compact_final(const std::vector<layer_t *> & Ls);
-    ggml_backend_t backend_for(ggml_backend_buffer_type_t buft);
-    std::vector<ggml_context_ptr> ctxs;
-    std::vector<ggml_backend_buffer_ptr> bufs;
-    std::map<ggml_backend_buffer_type_t, ggml_backend_ptr> backends;  // compaction backends
-    std::map<ggml_backend_buffer_type_t, ggml_gallocr_ptr> gallocs;
-};

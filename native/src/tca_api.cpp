@@ -54,7 +54,7 @@ extern "C" int64_t tca_abi_layout(const char * name, const char * field) {
     if (strcmp(name, "llama_token_data") == 0) { if (!field) return sizeof(llama_token_data); return -1; }
     // the project's own structs: the bindings read their declarations from tca_ggml.h, so a
     // size mismatch means that header is not the one this library was built with
-    if (strcmp(name, "tca_params") == 0) { if (!field) return sizeof(tca_params); return -1; }
+    if (strcmp(name, "tca_config") == 0) { if (!field) return sizeof(tca_config); return -1; }
     if (strcmp(name, "tca_stats") == 0) { if (!field) return sizeof(tca_stats); return -1; }
     if (strcmp(name, "tca_budgets") == 0) { if (!field) return sizeof(tca_budgets); return -1; }
     return -1;

@@ -1,8 +1,10 @@
 // tca_ggml — the native reader of a GGUF's tca.* budgets (docs/design.md §2).
 //
-// Used by tools that have no Python (patched llama-bench etc.) and, in tests, to check that
-// what the Python writer stores is what the native side reads. Every failure names the key.
+// Llama (and any C caller) reads a model's budgets with it and hands them to tca_context_create;
+// tests check with it that what the Python writer stores is what the native side reads. Every
+// failure names the key.
 #include "tca_ggml.h"
+#include "tca_config.h"
 
 #include "gguf.h"
 #include "llama.h"
@@ -88,7 +90,7 @@ extern "C" int tca_budgets_read(const char * path, tca_budgets * out, char * err
     if (out->version != 1 && out->version != 2)
         return done(r.fail("tca.version", "unknown version " + std::to_string(out->version) + " (known: 1, 2)"));
     if ((rc = r.u32("tca.block_size", out->block))) return done(rc);
-    if (out->block == 0 || (out->block & (out->block - 1)) || out->block > 4096) return done(r.fail("tca.block_size", "not a power of two in [1, 4096]"));
+    if (!tca_block_ok(out->block)) return done(r.fail("tca.block_size", "not a power of two in [1, 4096]"));
     if ((rc = r.u32("tca.window", out->window))) return done(rc);
     if (out->window % out->block) return done(r.fail("tca.window", "not a multiple of tca.block_size"));
     if ((rc = r.u32("tca.n_sink", out->n_sink))) return done(rc);
@@ -96,8 +98,7 @@ extern "C" int tca_budgets_read(const char * path, tca_budgets * out, char * err
     if (!(out->tau > 0 && out->tau <= 1)) return done(r.fail("tca.tau", "outside (0, 1]"));
     if ((rc = r.f32("tca.alpha", out->alpha))) return done(rc);
     if (!(out->alpha >= 0 && out->alpha <= 1)) return done(r.fail("tca.alpha", "outside [0, 1]"));
-    out->n_k = 0;
-    for (uint32_t k = 1; k <= out->block; k <<= 1) ++out->n_k;
+    out->n_k = tca_n_k(out->block);
     if ((rc = r.arr("tca.k_values", GGUF_TYPE_UINT32, out->n_k, &out->k_values))) return done(rc);
     for (uint32_t i = 0; i < out->n_k; ++i) if (out->k_values[i] != (1u << i)) return done(r.fail("tca.k_values", "must be 1, 2, 4, ..., block_size"));
     out->n_grid = (uint32_t) r.arr_n("tca.grid.mu");

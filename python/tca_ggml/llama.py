@@ -49,24 +49,6 @@ class Timings:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def forced_budget(density: float, k_values) -> "np.ndarray":
-    """A uniform budget with expected kept share `density` of each aged block: a mix of the
-    two powers of two around density*b (one-hot when it is one)."""
-    import numpy as np
-    k = np.asarray(k_values, dtype=np.float64)
-    b = k.max()
-    t = min(max(density * b, k.min()), b)
-    p = np.zeros(k.size)
-    hi = int(np.searchsorted(k, t))
-    if k[hi] == t:
-        p[hi] = 1.0
-    else:
-        lo = hi - 1
-        w = (t - k[lo]) / (k[hi] - k[lo])
-        p[hi], p[lo] = w, 1.0 - w
-    return p
-
-
 def _check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -81,6 +63,32 @@ def _check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = 
 # "hold" keeps every row until a prompt's end (the question) decides what stays; "stream"
 # evicts after every ubatch (smallest peak memory, loses what filler queries did not read).
 RETENTIONS = {"hold": 0, "stream": 1}
+
+# The TCA switches of Llama(...) and the struct tca_config field + TCA_SET_* bit each sets
+# (native/include/tca_ggml.h). Their values are validated by the native owner of the TCA
+# configuration (tca_config_check / tca_context_create), never here.
+_TCA_FIELDS = (("density", "density", "TCA_SET_DENSITY"), ("block", "block", "TCA_SET_BLOCK"),
+               ("window", "window", "TCA_SET_WINDOW"), ("alpha", "alpha", "TCA_SET_ALPHA"),
+               ("obs", "n_obs", "TCA_SET_N_OBS"), ("whole", "n_whole", "TCA_SET_N_WHOLE"),
+               ("hold_type", "type_hold", "TCA_SET_TYPE_HOLD"))
+
+
+def _tca_config_struct(c: Dict[str, Any]):
+    """The native struct tca_config of the switches `c` (Llama.tca_config)."""
+    ffi, L = _native.ffi, _native.lib()
+    s = ffi.new("struct tca_config *")
+    bits = 0
+    for key, field_, bit in _TCA_FIELDS:
+        v = c[key]
+        if v is None:
+            continue
+        if isinstance(v, int):
+            v = max(-(1 << 62), min(v, 1 << 62))  # out of int64: still a range error, from the native check
+        setattr(s, field_, v)
+        bits |= getattr(L, bit)
+    s.retention = RETENTIONS[c["retention"]]  # always given: Python's default is "hold"
+    s.set = bits | L.TCA_SET_RETENTION
+    return s
 
 
 @dataclass
@@ -243,14 +251,9 @@ class Llama:
             # an exception stops the graph (False) and is re-raised after llama_decode (_decode)
             self._eval_cb = self._scope.callback("bool(void *, bool, void *)", _eval_cb, False)
             cp.cb_eval = self._eval_cb
-        self._apply_tca(cp)
-        if self._tp is not None:
-            err = ffi.new("char[1024]")
-            ctx = self._scope.call(L.tca_init_from_model, model, cp, self._tp, err, 1024)
-            if ctx == ffi.NULL:
-                L.llama_model_free(model)
-                self._model = None
-            self._scope.check(ctx != ffi.NULL, TCAConfigError, "cannot create a TCA context", _native.err_text(err))
+        self.tca_label, self._tp = "dense (upstream)", None
+        if self.tca_config["enabled"]:
+            ctx = self._tca_context(model, cp)
         else:
             ctx = self._scope.call(L.llama_init_from_model, model, cp)
         self._scope.check(ctx != ffi.NULL, ContextError,
@@ -269,97 +272,58 @@ class Llama:
     # ------------------------------------------------------------------ TCA switches
     @staticmethod
     def _tca_config(tca, density, block, window, alpha, retention=None, obs=None, whole=None, hold_type=None):
+        """The TCA switches as given. Python types are checked here; the values by the native owner
+        of the TCA configuration (tca_config_check now, for an error before the model loads, and
+        tca_context_create with the model and its budgets)."""
         if not isinstance(tca, bool):
             raise TypeError("tca must be a bool")
         if retention is not None and retention not in RETENTIONS:
             raise ValueError(f"tca_retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
-        if obs is not None:
-            _check_int("tca_obs", obs, 1, 4096)
-        if whole is not None:
-            _check_int("tca_whole", whole, 0, 65536)
-        if hold_type is not None and hold_type not in (GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0):
-            raise ValueError(f"tca_hold_type must be GGML_TYPE_F32, GGML_TYPE_F16 or GGML_TYPE_Q8_0, got {hold_type!r}")
-        if density is not None and not (isinstance(density, (int, float)) and 0.0 < float(density) <= 1.0):
-            raise ValueError(f"tca_density must be in (0, 1], got {density!r}")
-        for name, v in (("tca_block", block), ("tca_window", window)):
+        for name, v in (("tca_block", block), ("tca_window", window), ("tca_obs", obs), ("tca_whole", whole),
+                        ("tca_hold_type", hold_type)):
             if v is not None:
-                _check_int(name, v, 1, 1 << 20)
-        if block is not None and block & (block - 1):
-            raise ValueError(f"tca_block must be a power of two, got {block}")
-        if window is not None and block is not None and window % block:
-            raise ValueError(f"tca_window ({window}) must be a multiple of tca_block ({block})")
-        if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
-            raise ValueError(f"tca_alpha must be in [0, 1], got {alpha!r}")
+                _check_int(name, v)
+        for name, v in (("tca_density", density), ("tca_alpha", alpha)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+        c = {"enabled": tca, "density": density, "block": block, "window": window, "alpha": alpha,
+             "retention": retention or "hold", "obs": obs, "whole": whole, "hold_type": hold_type}
+        err = _native.ffi.new("char[512]")
+        if _native.lib().tca_config_check(_tca_config_struct(c), err, 512) != 0:
+            raise TCAConfigError(_native.err_text(err))
         if not tca and any(v is not None for v in (density, block, window, alpha, retention, obs, whole, hold_type)):
             raise TCAConfigError("tca_density/tca_block/tca_window/tca_alpha/tca_retention/tca_obs/tca_whole/"
                                  "tca_hold_type need tca=True")
-        return {"enabled": tca, "density": density, "block": block, "window": window, "alpha": alpha,
-                "retention": retention or "hold", "obs": obs, "whole": whole, "hold_type": hold_type}
+        return c
 
-    def _tca_params(self):
-        """Build the native tca_params from the GGUF's budgets (or a forced density)."""
-        import numpy as np
-        from . import reference
-        from .gguf_meta import TCAMetadataError, read_budgets, read_model_shape
+    def _tca_context(self, model, cp):
+        """tca_context_create with the GGUF's budgets (read natively) and the switches; sets
+        tca_label and _tp (the configuration in force: window, block, n_sink, ...)."""
+        L, ffi = self._L, self._ffi
         c = self.tca_config
-        ffi = self._ffi
+        err = ffi.new("char[1024]")
+        bud = ffi.new("struct tca_budgets *")
+        rc = L.tca_budgets_read(self.model_path.encode(), bud, err, 1024)
+        if rc < 0:
+            raise TCAConfigError(f"invalid TCA metadata in {self.model_path}: {_native.err_text(err)}")
         try:
-            budgets = read_budgets(self.model_path)
-        except TCAMetadataError as e:
-            raise TCAConfigError(f"invalid TCA metadata in {self.model_path}: {e}") from e
-        except ValueError as e:
-            raise ModelLoadError(f"{self.model_path}: {e}") from e
-        if c["density"] is not None:
-            _, n_layer, n_head_kv = read_model_shape(self.model_path)
-            block = c["block"] or (budgets.block_size if budgets else 128)
-            window = c["window"] if c["window"] is not None else (budgets.window if budgets else 4096)
-            k_values = np.array([1 << i for i in range(int(block).bit_length())], dtype=np.uint32)
-            p = forced_budget(float(c["density"]), k_values)
-            H = int(sum(n_head_kv))
-            P = np.tile(p, (H, 1)).astype(np.float32)
-            n_sink = budgets.n_sink if budgets else 4
-            alpha = c["alpha"] if c["alpha"] is not None else (budgets.alpha if budgets else 0.5)
-            forced = 1
-            self.tca_label = f"forced density {float(c['density']):g} (uncalibrated)"
-        else:
-            if budgets is None:
-                raise TCAConfigError(
-                    f"{self.model_path} has no TCA calibration (tca.* metadata). Calibrate it once with "
-                    f"`tca-ggml calibrate MODEL.gguf -o MODEL.tca.gguf`, or pass tca_density=X for an "
-                    f"uncalibrated uniform budget (benchmarks only)")
-            if c["block"] is not None and c["block"] != budgets.block_size:
-                raise TCAConfigError(f"tca_block={c['block']} differs from the calibrated block size "
-                                     f"{budgets.block_size}; recalibrate, or use tca_density")
-            block, k_values = budgets.block_size, np.asarray(budgets.k_values, dtype=np.uint32)
-            window = c["window"] if c["window"] is not None else budgets.window
-            n_layer, n_head_kv = budgets.n_layer, list(budgets.n_head_kv)
-            P = np.asarray(budgets.p, dtype=np.float32)
-            n_sink, forced = budgets.n_sink, 0
-            alpha = c["alpha"] if c["alpha"] is not None else budgets.alpha
-            self.tca_label = f"calibrated ({budgets.calib_text_name}, {budgets.calib_n_tokens} tokens, tau {budgets.tau:g})"
-        if window % block:
-            raise ValueError(f"tca_window ({window}) must be a multiple of the block size ({block})")
-        keep = {"k": np.ascontiguousarray(k_values, dtype=np.uint32),
-                "h": np.ascontiguousarray(n_head_kv, dtype=np.uint32),
-                "p": np.ascontiguousarray(P.reshape(-1), dtype=np.float32)}
-        tp = ffi.new("struct tca_params *")
-        tp.block, tp.window, tp.n_sink, tp.alpha = int(block), int(window), int(n_sink), float(alpha)
-        tp.n_k = keep["k"].size
-        tp.k_values = ffi.cast("const uint32_t *", keep["k"].ctypes.data)
-        tp.n_layer = int(n_layer)
-        tp.n_head_kv = ffi.cast("const uint32_t *", keep["h"].ctypes.data)
-        tp.p = ffi.cast("const float *", keep["p"].ctypes.data)
-        tp.forced = forced
-        tp.retention = RETENTIONS[c["retention"]]
-        tp.n_obs = int(c["obs"] or 0)
-        tp.n_whole = -1 if c["whole"] is None else int(c["whole"])
-        tp.type_hold = -1 if c["hold_type"] is None else int(c["hold_type"])
-        self._tca_keep = keep
-        return tp
-
-    def _apply_tca(self, cp) -> None:
-        self.tca_label = "dense (upstream)"
-        self._tp = self._tca_params() if self.tca_config["enabled"] else None
+            if c["density"] is not None:
+                self.tca_label = f"forced density {float(c['density']):g} (uncalibrated)"
+            elif rc == 0:
+                self.tca_label = (f"calibrated ({ffi.string(bud.text_name).decode('utf-8', 'replace')}, "
+                                  f"{bud.n_tokens} tokens, tau {bud.tau:g})")
+            resolved = ffi.new("struct tca_config *")
+            ctx = self._scope.call(L.tca_context_create, model, cp, bud if rc == 0 else ffi.NULL,
+                                   _tca_config_struct(c), resolved, err, 1024)
+        finally:
+            L.tca_budgets_free(bud)
+        if ctx == ffi.NULL:
+            L.llama_model_free(model)
+            self._model = None
+        self._scope.check(ctx != ffi.NULL, TCAConfigError, f"{self.model_path}: cannot create a TCA context",
+                          _native.err_text(err))
+        self._tp = resolved
+        return ctx
 
     def tca_retained_positions(self, layer: int, kv_head: int):
         """Positions (ascending, numpy int32) that (layer, kv_head) still holds."""

@@ -60,7 +60,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = [
-    "log_gaussian_p", "expected_tokens", "dense_p", "n_aged_blocks",
+    "log_gaussian_p", "expected_tokens", "dense_p", "forced_budget", "n_aged_blocks",
     "assign_k", "pooled_importance", "block_scores", "aged_rows", "select_keep", "sparse_attention",
     "dense_attention", "TCAHeadState", "TCALayerState", "simulate_prefill",
     "simulate_decode_step",
@@ -93,6 +93,25 @@ def dense_p(k_values) -> np.ndarray:
     k = np.asarray(k_values)
     p = np.zeros(k.size, dtype=np.float64)
     p[int(np.argmax(k))] = 1.0
+    return p
+
+
+def forced_budget(density: float, k_values) -> np.ndarray:
+    """A uniform budget with expected kept share `density` of each aged block: a mix of the
+    two powers of two around density*b (one-hot when it is one). The reference of the native
+    tca_forced_budget (native/include/tca_ggml.h), which tca_context_create uses for a forced
+    density (Llama(..., tca_density=X))."""
+    k = np.asarray(k_values, dtype=np.float64)
+    b = k.max()
+    t = min(max(density * b, k.min()), b)
+    p = np.zeros(k.size)
+    hi = int(np.searchsorted(k, t))
+    if k[hi] == t:
+        p[hi] = 1.0
+    else:
+        lo = hi - 1
+        w = (t - k[lo]) / (k[hi] - k[lo])
+        p[hi], p[lo] = w, 1.0 - w
     return p
 
 

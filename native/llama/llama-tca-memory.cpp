@@ -1,5 +1,5 @@
-// tca_ggml — TCA retention memory and graph integration (see llama-tca.h, docs/design.md §3).
-#include "llama-tca.h"
+// tca_ggml — the TCA retention memory (see llama-tca-memory.h, docs/design.md §3).
+#include "llama-tca-memory.h"
 
 #include "llama-batch.h"
 #include "llama-cparams.h"
@@ -51,10 +51,7 @@ llama_memory_i * llama_tca_memory_create(const llama_model & model, const llama_
     // docs/benchmarks.md), so short contexts, where little or nothing is evicted, stay dense there
     // (issue 6: never slower than 0.98x at <= 8K). TCA_GGML_GPU_MIN_CTX overrides the floor.
     if (cparams.offload_kqv) {
-        static const uint32_t gpu_min_ctx = [] {
-            const char * e = getenv("TCA_GGML_GPU_MIN_CTX");
-            return e ? (uint32_t) std::max(0, atoi(e)) : 8192u;
-        }();
+        const uint32_t gpu_min_ctx = cfg->gpu_min_ctx;
         bool on_gpu = false;
         for (uint32_t il = 0; il < model.hparams.n_layer(); ++il) {
             ggml_backend_dev_t dev = model.dev_layer(il);
@@ -89,22 +86,8 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
     const auto & hp = model.hparams;
     const uint32_t n_layer = hp.n_layer();
     const size_t n_k = cfg.k_values.size();
-    if (cfg.n_head_kv.size() != n_layer) {
-        throw std::runtime_error("TCA: tca.n_layer (" + std::to_string(cfg.n_head_kv.size()) +
-                                 ") does not match the model's " + std::to_string(n_layer) + " layers");
-    }
-    size_t H = 0;
-    for (uint32_t il = 0; il < n_layer; ++il) {
-        if (cfg.n_head_kv[il] != hp.n_head_kv(il)) {
-            throw std::runtime_error("TCA: tca.n_head_kv[" + std::to_string(il) + "] = " + std::to_string(cfg.n_head_kv[il]) +
-                                     " but the model has " + std::to_string(hp.n_head_kv(il)));
-        }
-        H += cfg.n_head_kv[il];
-    }
-    if (cfg.p.size() != H * n_k) {
-        throw std::runtime_error("TCA: tca.budget.p has " + std::to_string(cfg.p.size()) + " values, expected " +
-                                 std::to_string(H * n_k));
-    }
+    // cfg was validated against this model by its owner (tca_context_create)
+    GGML_ASSERT(cfg.n_head_kv.size() == n_layer);
     if (n_ctx > (1u << 24)) {
         throw std::runtime_error("TCA: n_ctx above 2^24 (positions are kept as exact f32)");
     }
@@ -247,9 +230,8 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
         layers.push_back(std::move(L));
     }
     // device-resident graph inputs, one set per device (TCA_GGML_IO=1: host layers too, for tests)
-    static const bool force_io = [] { const char * e = getenv("TCA_GGML_IO"); return e && atoi(e) != 0; }();
     for (const auto & L : layers) {
-        if (L.host && !force_io) continue;
+        if (L.host && !cfg.io_on_host) continue;
         auto & o = io[L.buft];
         o.n_meta += 2 * (int64_t) L.n_head_kv;
         o.rows_per_token += L.n_head_kv;
@@ -291,8 +273,7 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
 // TCA_GGML_STATS=1: one line on stderr when the context goes (for tools that do not ask, e.g.
 // llama-bench): compactions and the time they took, device work included
 llama_tca_memory::~llama_tca_memory() {
-    const char * e = getenv("TCA_GGML_STATS");
-    if (e && *e && strcmp(e, "0") != 0) {
+    if (cfg.stats_on_exit) {
         uint64_t kept = 0, cap = 0;
         for (const auto & L : layers) for (const auto & h : L.heads) { kept += h.len; cap += h.cap; }
         fprintf(stderr, "tca_stats: n_seen=%u compactions=%llu t_compact_ms=%.1f (device: build %.1f, compute %.1f, "
@@ -387,8 +368,7 @@ bool llama_tca_memory::reserve_ubatch(const llama_ubatch & ub) {
 // prompt: the prompt's own last query, as in the paper). Same allocation; more rows are attended
 // until the compaction runs.
 bool llama_tca_memory::fits(const llama_ubatch & ub) const {
-    static const bool lazy = [] { const char * e = getenv("TCA_GGML_LAZY"); return e && atoi(e) != 0; }();
-    if (!lazy) return false;
+    if (!cfg.lazy) return false;
     for (const auto & L : layers) {
         for (const auto & h : L.heads) {
             if (h.len + ub.n_tokens > h.cap) return false;
@@ -402,8 +382,8 @@ void llama_tca_memory::compact_pending() {
     pending = false;
     const bool fin = pending_final;
     pending_final = false;
-    const uint32_t n_aged = n_seen > cfg.window ? (n_seen - cfg.window) / cfg.block : 0;
-    if (n_aged == 0) return;
+    const uint32_t F = llama_tca_aged_frontier(n_seen, cfg.window, cfg.block);
+    if (F == 0) return;
     if (fin) {
         // HOLD, after a prompt's last ubatch: what stays is selected from every row of the
         // sequence (the hold tier) by the prompt's last queries
@@ -412,13 +392,13 @@ void llama_tca_memory::compact_pending() {
         std::map<ggml_backend_buffer_type_t, std::vector<layer_t *>> groups;
         for (auto & L : layers) groups[L.buft].push_back(&L);
         for (auto & kv : groups) compact_final(kv.second);
-        frontier = n_aged * cfg.block;
+        frontier = F;
         ++n_compactions;
         ++n_final;
         t_compact_us += (double) (ggml_time_us() - t0);
         return;
     }
-    if (pending_decode && n_aged * cfg.block <= frontier) return;
+    if (pending_decode && F <= frontier) return;
     if (sched) {
         ggml_backend_sched_synchronize(sched);  // the last ubatch's graph wrote K/V/q_last
     }
@@ -429,20 +409,9 @@ void llama_tca_memory::compact_pending() {
     std::map<ggml_backend_buffer_type_t, std::vector<layer_t *>> groups;
     for (auto & L : layers) groups[L.buft].push_back(&L);
     for (auto & kv : groups) compact_graph(kv.second, f0);
-    frontier = n_aged * cfg.block;
+    frontier = F;
     ++n_compactions;
     t_compact_us += (double) (ggml_time_us() - t0);
-}
-
-// Within-block ranking radius (design §3 step 4, reference.pool_scores): the largest s of the
-// same-block candidates within this many positions ranks a row (TCA_GGML_POOL; 0 = plain s).
-static int tca_pool_radius() {
-    static const int r = [] { const char * e = getenv("TCA_GGML_POOL"); return e ? std::max(0, atoi(e)) : 3; }();
-    return r;
-}
-
-static uint32_t aged_frontier(uint32_t n_seen, uint32_t window, uint32_t b) {
-    return (n_seen > window ? (n_seen - window) / b : 0) * b;
 }
 
 ggml_backend_t llama_tca_memory::backend_for(ggml_backend_buffer_type_t buft) {
@@ -471,7 +440,7 @@ void llama_tca_memory::compact_graph(const std::vector<layer_t *> & Ls, int64_t 
     ggml_backend_buffer_type_t buft = Ls[0]->buft;
     ggml_backend_t be = backend_for(buft);
     ggml_gallocr_t galloc = gallocs[buft].get();
-    const uint32_t F = aged_frontier(n_seen, cfg.window, cfg.block);
+    const uint32_t F = llama_tca_aged_frontier(n_seen, cfg.window, cfg.block);
     const size_t n_nodes = 8 * Ls.size() + 16;
 
     ggml_init_params ip = { ggml_tensor_overhead() * (8 * Ls.size() + 16) + ggml_graph_overhead_custom(n_nodes, false), nullptr, true };
@@ -485,7 +454,7 @@ void llama_tca_memory::compact_graph(const std::vector<layer_t *> & Ls, int64_t 
         ggml_set_input(meta);
         ggml_tensor * sc = ggml_tca_score(ctx.get(), L->q_last, L->k, meta, nkv, L->scale);
         ggml_tensor * se = ggml_tca_select(ctx.get(), sc, L->kpos, meta, L->bud, nkv, (int) cfg.block, (int) cfg.n_sink,
-                                           (int) F, (int) f0, cfg.alpha, tca_pool_radius());
+                                           (int) F, (int) f0, cfg.alpha, cfg.pool_radius);
         ggml_set_output(se);
         for (ggml_tensor * t : { L->k, L->v, L->kpos }) {
             ggml_build_forward_expand(gf, ggml_tca_compact(ctx.get(), t, se, nkv));
@@ -550,7 +519,7 @@ void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
     ggml_backend_buffer_type_t buft = Ls[0]->buft;
     ggml_backend_t be = backend_for(buft);
     ggml_gallocr_t galloc = gallocs[buft].get();
-    const uint32_t F = aged_frontier(n_seen, cfg.window, cfg.block);
+    const uint32_t F = llama_tca_aged_frontier(n_seen, cfg.window, cfg.block);
     const uint32_t n_q = std::max<uint32_t>(1, n_obs_valid);
     std::vector<std::vector<int32_t>> sel_host(Ls.size());
     {   // 1. scores and selection on the hold tier
@@ -574,7 +543,7 @@ void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
             ggml_tensor * bud = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, L->bud->ne[0], L->bud->ne[1]);
             ggml_set_input(bud);
             ggml_tensor * se = ggml_tca_select(ctx.get(), s, L->hkpos, meta, bud, nkv, (int) cfg.block, (int) cfg.n_sink,
-                                               (int) F, -1, cfg.alpha, tca_pool_radius());
+                                               (int) F, -1, cfg.alpha, cfg.pool_radius);
             buds.push_back(bud);
             ggml_set_output(se);
             ggml_build_forward_expand(gf, se);
@@ -682,11 +651,11 @@ void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
     t_dev_read_us += (double) (t2 - t1);
 }
 
-void llama_tca_memory::ensure_pos(layer_t & L) {
+void llama_tca_memory::ensure_pos(const layer_t & L) const {
     if (L.pos_valid) return;
     if (sched) ggml_backend_sched_synchronize(sched);
     std::vector<float> pf;
-    for (auto & h : L.heads) {
+    for (const auto & h : L.heads) {
         pf.resize(h.len);
         if (h.len) ggml_backend_tensor_get(L.kpos, pf.data(), (size_t) h.off * sizeof(float), (size_t) h.len * sizeof(float));
         h.pos.assign(pf.begin(), pf.end());
@@ -751,7 +720,7 @@ bool llama_tca_memory::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
         }
     }
     n_seen = (uint32_t) p0;
-    frontier = std::min(frontier, (n_seen > cfg.window ? (n_seen - cfg.window) / cfg.block : 0) * cfg.block);
+    frontier = std::min(frontier, llama_tca_aged_frontier(n_seen, cfg.window, cfg.block));
     return true;
 }
 
@@ -784,6 +753,9 @@ static const uint32_t TCA_STATE_MAGIC = 0x32414354; // "TCA2": + retention flag,
 
 void llama_tca_memory::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
     GGML_UNUSED(flags);
+    // upstream's interface makes state_write const, but what is saved is the memory after the
+    // compaction that the last ubatch deferred (compact_pending): the one place that completes the
+    // deferred work from a const method
     const_cast<llama_tca_memory *>(this)->compact_pending();
     const uint32_t magic = TCA_STATE_MAGIC;
     const uint32_t n_layers = (seq_id <= 0) ? (uint32_t) layers.size() : 0;
@@ -795,8 +767,8 @@ void llama_tca_memory::state_write(llama_io_write_i & io, llama_seq_id seq_id, l
     io.write(&frontier, sizeof(frontier));
     io.write(&n_layers, sizeof(n_layers));
     for (uint32_t i = 0; i < n_layers; ++i) {
-        const_cast<llama_tca_memory *>(this)->ensure_pos(const_cast<layer_t &>(layers[i]));
         const auto & L = layers[i];
+        ensure_pos(L);
         io.write(&L.il, sizeof(L.il));
         io.write(&L.n_head_kv, sizeof(L.n_head_kv));
         const size_t rk = ggml_row_size(type_k, L.d_k), rv = ggml_row_size(type_v, L.d_v);
@@ -868,6 +840,15 @@ void llama_tca_memory::state_read(llama_io_read_i & io, llama_seq_id seq_id, lla
     frontier = fr;
 }
 
+int64_t llama_tca_memory::head_positions(int32_t il, uint32_t kv_head, int32_t * pos, int64_t n_max) const {
+    const layer_t * L = layer(il);
+    if (!L || kv_head >= L->heads.size()) return -1;
+    ensure_pos(*L);
+    const auto & h = L->heads[kv_head];
+    for (int64_t i = 0; i < (int64_t) h.len && i < n_max; ++i) pos[i] = h.pos[i];
+    return h.len;
+}
+
 // ------------------------------------------------------------------------ memory context
 llama_tca_memory_context::llama_tca_memory_context(llama_memory_status s) : status(s) {}
 llama_tca_memory_context::llama_tca_memory_context(llama_tca_memory * m) : mem(m), is_full(true), status(LLAMA_MEMORY_STATUS_SUCCESS) {}
@@ -894,282 +875,3 @@ const llama_ubatch & llama_tca_memory_context::get_ubatch() const {
 
 llama_memory_status llama_tca_memory_context::get_status() const { return status; }
 
-// ------------------------------------------------------------------------ graph
-namespace {
-class llm_graph_input_attn_tca : public llm_graph_input_attn_kv {
-public:
-    llm_graph_input_attn_tca(const llama_hparams & hp, const llama_cparams & cp, const llama_tca_memory_context * t)
-        : llm_graph_input_attn_kv(hp, cp, nullptr), tctx(t) {}
-
-    struct per_layer { int32_t il; ggml_tensor * pnew; ggml_tensor * meta; ggml_tensor * idx; };
-
-    // where layer li's inputs live: host layers in this graph's input tensors (*_all), device layers
-    // in the memory's device-resident io tensors of their buffer type; offsets in elements
-    struct slot_t { const llama_tca_memory::io_t * io = nullptr; ggml_backend_buffer_type_t buft = nullptr;
-                    int64_t o_meta = 0, o_rows = 0; };
-
-    void set_input(const llama_ubatch * ub) override {
-        const llama_tca_memory * mem = tctx->mem;
-        if (qpos) {
-            GGML_ASSERT(ggml_backend_buffer_is_host(qpos->buffer));
-            int32_t * d = (int32_t *) qpos->data;
-            for (uint32_t i = 0; i < ub->n_tokens; ++i) d[i] = ub->pos[i];
-        }
-        // staging for the device-resident inputs, per buffer type
-        struct stage { std::vector<float> pn; std::vector<int64_t> ix, hix; std::vector<int32_t> mt, hmt; };
-        std::vector<int32_t> scratch, scratch_m;
-        std::map<ggml_backend_buffer_type_t, stage> st;
-        for (const auto & pl : layers) {
-            const auto * L = mem->layer(pl.il);
-            GGML_ASSERT(L);
-            const slot_t & sl = slots[mem->map_il.at(pl.il)];
-            float * pn; int32_t * mt; int64_t * ix; int64_t * hix = nullptr; int32_t * hmt = nullptr;
-            const bool hold = mem->cfg.hold;
-            if (sl.io) {
-                stage & S = st[sl.buft];
-                if (S.mt.empty()) {
-                    S.pn.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0.0f);
-                    S.ix.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0);
-                    S.mt.assign((size_t) sl.io->n_meta, 0);
-                    if (hold) {
-                        S.hix.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0);
-                        S.hmt.assign((size_t) sl.io->n_meta, 0);
-                    }
-                }
-                pn = S.pn.data() + sl.o_rows;
-                ix = S.ix.data() + sl.o_rows;
-                mt = S.mt.data() + sl.o_meta;
-                if (hold) { hix = S.hix.data() + sl.o_rows; hmt = S.hmt.data() + sl.o_meta; }
-            } else {
-                GGML_ASSERT(ggml_backend_buffer_is_host(pnew_all->buffer) && ggml_backend_buffer_is_host(idx_all->buffer));
-                pn = (float *) pnew_all->data + sl.o_rows;
-                // meta is not in the graph of a final ubatch (HOLD: the attention reads hmeta)
-                if (meta_all->buffer) {
-                    GGML_ASSERT(ggml_backend_buffer_is_host(meta_all->buffer));
-                    mt = (int32_t *) meta_all->data + sl.o_meta;
-                } else {
-                    scratch_m.resize(std::max<size_t>(scratch_m.size(), 2 * (size_t) L->n_head_kv));
-                    mt = scratch_m.data();
-                }
-                ix = (int64_t *) idx_all->data + sl.o_rows;
-                if (hold) {
-                    // hmeta is in the graph only for a final ubatch (the attention over the hold tier)
-                    GGML_ASSERT(ggml_backend_buffer_is_host(hidx_all->buffer));
-                    hix = (int64_t *) hidx_all->data + sl.o_rows;
-                    if (hmeta_all->buffer) {
-                        GGML_ASSERT(ggml_backend_buffer_is_host(hmeta_all->buffer));
-                        hmt = (int32_t *) hmeta_all->data + sl.o_meta;
-                    } else {
-                        scratch.resize(std::max<size_t>(scratch.size(), 2 * (size_t) L->n_head_kv));
-                        hmt = scratch.data();
-                    }
-                }
-            }
-            for (uint32_t g = 0; g < L->n_head_kv; ++g) {
-                const auto & h = L->heads[g];
-                // during graph reserve nothing was placed: pretend the ubatch lands at the start
-                const uint32_t before = tctx->is_full ? 0 : L->len_before[g];
-                const uint32_t len = tctx->is_full ? std::min<uint32_t>(h.cap, ub->n_tokens) : h.len;
-                mt[2 * g] = (int32_t) h.off;
-                mt[2 * g + 1] = (int32_t) len;
-                for (uint32_t t = 0; t < ub->n_tokens; ++t) {
-                    ix[(size_t) t * L->n_head_kv + g] = (int64_t) h.off + std::min<uint32_t>(before + t, h.cap - 1);
-                    pn[(size_t) t * L->n_head_kv + g] = (float) ub->pos[t];
-                }
-                if (hold) {
-                    const uint32_t base = g * mem->n_ctx;
-                    hmt[2 * g] = (int32_t) base;
-                    hmt[2 * g + 1] = tctx->is_full ? (int32_t) std::min<uint32_t>(mem->n_ctx, ub->n_tokens) : (int32_t) mem->n_seen;
-                    for (uint32_t t = 0; t < ub->n_tokens; ++t) {
-                        const uint32_t p = tctx->is_full ? t : (uint32_t) ub->pos[t];
-                        hix[(size_t) t * L->n_head_kv + g] = (int64_t) base + std::min<uint32_t>(p, mem->n_ctx - 1);
-                    }
-                }
-            }
-        }
-        if (!st.empty() && mem->sched) {
-            // the previous ubatch's graph may still be reading them
-            ggml_backend_sched_synchronize(mem->sched);
-        }
-        for (auto & kv : st) {
-            const auto & o = mem->io.at(kv.first);
-            ggml_backend_tensor_set(o.pnew, kv.second.pn.data(), 0, kv.second.pn.size() * sizeof(float));
-            ggml_backend_tensor_set(o.idx, kv.second.ix.data(), 0, kv.second.ix.size() * sizeof(int64_t));
-            ggml_backend_tensor_set(o.meta, kv.second.mt.data(), 0, kv.second.mt.size() * sizeof(int32_t));
-            if (!kv.second.hix.empty()) {
-                ggml_backend_tensor_set(o.hidx, kv.second.hix.data(), 0, kv.second.hix.size() * sizeof(int64_t));
-                ggml_backend_tensor_set(o.hmeta, kv.second.hmt.data(), 0, kv.second.hmt.size() * sizeof(int32_t));
-            }
-        }
-    }
-
-    // every TCA tensor of the graph has a shape fixed by n_tokens (the retention tensors are whole,
-    // head lengths and row indices are input values), so a graph of the same ubatch size over the
-    // same memory is reused (decode: no rebuild per token, CUDA graphs stay captured)
-    bool can_reuse(const llm_graph_params & params) override {
-        const auto * t = dynamic_cast<const llama_tca_memory_context *>(params.mctx);
-        if (!t || !tctx || t->mem != tctx->mem || t->is_full != tctx->is_full) return false;
-        if (!qpos || qpos->ne[0] != (int64_t) params.ubatch.n_tokens) return false;
-        if (final != (t->mem->cur_final && !t->is_full)) return false;  // HOLD: another graph
-        tctx = t;
-        return true;
-    }
-
-    const llama_tca_memory_context * tctx;
-    ggml_tensor * qpos = nullptr;
-    std::vector<per_layer> layers;
-    // host layers: one graph input tensor of each kind for all of them (views per layer)
-    ggml_tensor * pnew_all = nullptr;     // [1, sum nkv * n_tokens] f32
-    ggml_tensor * meta_all = nullptr;     // [sum 2 nkv] i32
-    ggml_tensor * idx_all  = nullptr;     // [sum nkv * n_tokens] i64
-    ggml_tensor * hidx_all = nullptr;     // HOLD: [sum nkv * n_tokens] i64 hold-tier rows
-    ggml_tensor * hmeta_all = nullptr;    // HOLD: [sum 2 nkv] i32 hold-tier head ranges
-    bool final = false;                   // HOLD: a prompt's last ubatch (attends the hold tier)
-    std::vector<slot_t> slots;            // per layer (memory's layer order)
-};
-}  // namespace
-
-llm_graph_input_attn_kv * llama_tca_build_attn_inp(const llm_graph_context & g) {
-    const auto * t = dynamic_cast<const llama_tca_memory_context *>(g.mctx);
-    if (!t) return nullptr;
-    auto inp = std::make_unique<llm_graph_input_attn_tca>(g.hparams, g.cparams, t);
-    inp->qpos = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, g.n_tokens);
-    ggml_set_input(inp->qpos);
-    ggml_set_name(inp->qpos, "tca_qpos");
-    int64_t n_meta = 0, n_rows = 0;
-    std::map<ggml_backend_buffer_type_t, std::pair<int64_t, int64_t>> dev_off;  // per device: meta, rows
-    for (const auto & L : t->mem->layers) {
-        llm_graph_input_attn_tca::slot_t sl;
-        if (t->mem->io.count(L.buft)) {
-            auto & d = dev_off[L.buft];
-            sl.io = &t->mem->io.at(L.buft);
-            sl.buft = L.buft;
-            sl.o_meta = d.first;
-            sl.o_rows = d.second;
-            d.first += 2 * (int64_t) L.n_head_kv;
-            d.second += (int64_t) L.n_head_kv * g.n_tokens;
-        } else {
-            sl.o_meta = n_meta;
-            sl.o_rows = n_rows;
-            n_meta += 2 * (int64_t) L.n_head_kv;
-            n_rows += (int64_t) L.n_head_kv * g.n_tokens;
-        }
-        inp->slots.push_back(sl);
-    }
-    inp->pnew_all = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, 1, std::max<int64_t>(1, n_rows));
-    inp->meta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, std::max<int64_t>(1, n_meta));
-    inp->idx_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, std::max<int64_t>(1, n_rows));
-    ggml_set_input(inp->pnew_all);
-    ggml_set_input(inp->meta_all);
-    ggml_set_input(inp->idx_all);
-    ggml_set_name(inp->pnew_all, "tca_pnew");
-    ggml_set_name(inp->meta_all, "tca_meta");
-    ggml_set_name(inp->idx_all, "tca_idx");
-    if (t->mem->cfg.hold) {
-        inp->hidx_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, std::max<int64_t>(1, n_rows));
-        inp->hmeta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, std::max<int64_t>(1, n_meta));
-        ggml_set_input(inp->hidx_all);
-        ggml_set_input(inp->hmeta_all);
-        ggml_set_name(inp->hidx_all, "tca_hidx");
-        ggml_set_name(inp->hmeta_all, "tca_hmeta");
-    }
-    inp->final = t->mem->cur_final && !t->is_full;
-    return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
-}
-
-ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_attn_kv * inp_base,
-                                   ggml_tensor * wo, ggml_tensor * wo_b, ggml_tensor * wo_s,
-                                   ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
-                                   ggml_tensor * kq_b, ggml_tensor * sinks, float kq_scale, int il) {
-    auto * inp = dynamic_cast<llm_graph_input_attn_tca *>(inp_base);
-    if (!inp) return nullptr;
-    if (kq_b || sinks) {
-        throw std::runtime_error("TCA: attention with a KQ bias or sinks is not supported by TCA");
-    }
-    llama_tca_memory * mem = inp->tctx->mem;
-    auto * L = mem->layer(il);
-    if (!L) throw std::runtime_error("TCA: layer " + std::to_string(il) + " has no retention cache");
-    L->scale = kq_scale;
-    ggml_context * ctx0 = g.ctx0;
-    ggml_cgraph * gf = g.gf;
-    const int64_t n_tokens = q_cur->ne[2];
-    const int64_t nkv = L->n_head_kv;
-
-    ggml_build_forward_expand(gf, q_cur);
-    ggml_build_forward_expand(gf, v_cur);
-
-    llm_graph_input_attn_tca::per_layer pl;
-    pl.il = il;
-    const auto & sl = inp->slots[mem->map_il.at(il)];
-    ggml_tensor * src_pnew = sl.io ? sl.io->pnew : inp->pnew_all;
-    ggml_tensor * src_meta = sl.io ? sl.io->meta : inp->meta_all;
-    ggml_tensor * src_idx  = sl.io ? sl.io->idx  : inp->idx_all;
-    pl.pnew = ggml_view_2d(ctx0, src_pnew, 1, nkv * n_tokens, sizeof(float), sl.o_rows * sizeof(float));
-    pl.meta = ggml_view_1d(ctx0, src_meta, 2 * nkv, sl.o_meta * sizeof(int32_t));
-    pl.idx  = ggml_view_1d(ctx0, src_idx, nkv * n_tokens, sl.o_rows * sizeof(int64_t));
-    inp->layers.push_back(pl);
-
-    // store this ubatch's K/V rows into each head's region. K last and as ROPE -> VIEW -> SET_ROWS,
-    // adjacent in the graph (the row indices are expanded before): the CUDA backend then writes the
-    // roped rows straight into the cache in one kernel (upstream's fusion, extended to one row per
-    // head by patch 0005); other backends run the same three nodes.
-    ggml_tensor * vc = ggml_is_contiguous(v_cur) ? v_cur : ggml_cont(ctx0, v_cur);
-    vc = ggml_reshape_2d(ctx0, vc, L->d_v, nkv * n_tokens);
-    ggml_tensor * v_all = ggml_set_rows(ctx0, L->v, vc, pl.idx);
-    ggml_tensor * p_all = ggml_reshape_1d(ctx0, ggml_set_rows(ctx0, L->kpos, pl.pnew, pl.idx), L->cap_total);
-    ggml_build_forward_expand(gf, v_all);
-    ggml_build_forward_expand(gf, p_all);
-    ggml_build_forward_expand(gf, pl.idx);
-    ggml_build_forward_expand(gf, k_cur);
-    ggml_tensor * kc = ggml_is_contiguous(k_cur)
-        ? ggml_view_2d(ctx0, k_cur, L->d_k, nkv * n_tokens, k_cur->nb[1], 0)
-        : ggml_reshape_2d(ctx0, ggml_cont(ctx0, k_cur), L->d_k, nkv * n_tokens);
-    ggml_tensor * k_all = ggml_set_rows(ctx0, L->k, kc, pl.idx);
-    ggml_build_forward_expand(gf, k_all);
-
-    // HOLD: every row also goes to the hold tier (head g, position p at g*n_ctx + p); a prompt's
-    // last ubatch attends the hold tier (every row of the sequence), and its last n_obs queries
-    // are kept for the final selection that follows it
-    ggml_tensor * att_k = k_all, * att_v = v_all, * att_p = p_all, * att_meta = pl.meta;
-    if (mem->cfg.hold) {
-        ggml_tensor * src_hidx  = sl.io ? sl.io->hidx  : inp->hidx_all;
-        ggml_tensor * src_hmeta = sl.io ? sl.io->hmeta : inp->hmeta_all;
-        ggml_tensor * hidx  = ggml_view_1d(ctx0, src_hidx, nkv * n_tokens, sl.o_rows * sizeof(int64_t));
-        ggml_tensor * hmeta = ggml_view_1d(ctx0, src_hmeta, 2 * nkv, sl.o_meta * sizeof(int32_t));
-        ggml_tensor * hk_all = ggml_set_rows(ctx0, L->hk, kc, hidx);
-        ggml_tensor * hv_all = ggml_set_rows(ctx0, L->hv, vc, hidx);
-        ggml_build_forward_expand(gf, hk_all);
-        ggml_build_forward_expand(gf, hv_all);
-        if (inp->final) {
-            att_k = hk_all;
-            att_v = hv_all;
-            att_p = ggml_reshape_1d(ctx0, L->hkpos, ggml_nelements(L->hkpos));
-            att_meta = hmeta;
-            const int64_t n_o = std::min<int64_t>(n_tokens, L->q_obs->ne[2]);
-            ggml_tensor * q_o = ggml_view_3d(ctx0, q_cur, q_cur->ne[0], q_cur->ne[1], n_o, q_cur->nb[1], q_cur->nb[2],
-                                             (size_t) (n_tokens - n_o) * q_cur->nb[2]);
-            ggml_tensor * dst = ggml_view_3d(ctx0, L->q_obs, L->q_obs->ne[0], L->q_obs->ne[1], n_o, L->q_obs->nb[1],
-                                             L->q_obs->nb[2], 0);
-            ggml_build_forward_expand(gf, ggml_cpy(ctx0, q_o, dst));
-        }
-    }
-
-    // keep the ubatch's last query for the compaction that follows this ubatch
-    ggml_tensor * q_last = ggml_view_2d(ctx0, q_cur, q_cur->ne[0], q_cur->ne[1], q_cur->nb[1],
-                                        (size_t) (n_tokens - 1) * q_cur->nb[2]);
-    ggml_build_forward_expand(gf, ggml_cpy(ctx0, q_last, L->q_last));
-
-    ggml_tensor * q = ggml_cont(ctx0, ggml_permute(ctx0, q_cur, 0, 2, 1, 3));  // [d, n_tokens, n_head]
-    if (q->type != GGML_TYPE_F32) q = ggml_cast(ctx0, q, GGML_TYPE_F32);
-    ggml_tensor * cur = ggml_tca_attn(ctx0, q, att_k, att_v, att_p, att_meta, inp->qpos, (int) nkv, kq_scale);
-    g.cb(cur, "kqv_out", il);
-    cur = ggml_reshape_2d(ctx0, cur, cur->ne[0] * cur->ne[1], cur->ne[2]);
-
-    if (wo) {
-        cur = g.build_lora_mm(wo, cur, wo_s);
-    }
-    if (wo_b) {
-        cur = ggml_add(ctx0, cur, wo_b);
-    }
-    return cur;
-}

@@ -1,0 +1,298 @@
+// tca_ggml — the TCA graph hooks (see llama-tca.h, docs/design.md §5): the attention input that
+// places a ubatch's K/V rows in each head's region of the retention memory, and the attention
+// itself (GGML_OP_TCA_ATTN over the retained rows, or over the hold tier for a prompt's last ubatch).
+#include "llama-tca.h"
+
+#include "llama-batch.h"
+#include "llama-cparams.h"
+#include "llama-impl.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+class llm_graph_input_attn_tca : public llm_graph_input_attn_kv {
+public:
+    llm_graph_input_attn_tca(const llama_hparams & hp, const llama_cparams & cp, const llama_tca_memory_context * t)
+        : llm_graph_input_attn_kv(hp, cp, nullptr), tctx(t) {}
+
+    struct per_layer { int32_t il; ggml_tensor * pnew; ggml_tensor * meta; ggml_tensor * idx; };
+
+    // where layer li's inputs live: host layers in this graph's input tensors (*_all), device layers
+    // in the memory's device-resident io tensors of their buffer type; offsets in elements
+    struct slot_t { const llama_tca_memory::io_t * io = nullptr; ggml_backend_buffer_type_t buft = nullptr;
+                    int64_t o_meta = 0, o_rows = 0; };
+
+    void set_input(const llama_ubatch * ub) override {
+        const llama_tca_memory * mem = tctx->memory();
+        if (qpos) {
+            GGML_ASSERT(ggml_backend_buffer_is_host(qpos->buffer));
+            int32_t * d = (int32_t *) qpos->data;
+            for (uint32_t i = 0; i < ub->n_tokens; ++i) d[i] = ub->pos[i];
+        }
+        // staging for the device-resident inputs, per buffer type
+        struct stage { std::vector<float> pn; std::vector<int64_t> ix, hix; std::vector<int32_t> mt, hmt; };
+        std::vector<int32_t> scratch, scratch_m;
+        std::map<ggml_backend_buffer_type_t, stage> st;
+        for (const auto & pl : layers) {
+            const auto * L = mem->layer(pl.il);
+            GGML_ASSERT(L);
+            const slot_t & sl = slots[mem->layer_index(pl.il)];
+            float * pn; int32_t * mt; int64_t * ix; int64_t * hix = nullptr; int32_t * hmt = nullptr;
+            const bool hold = mem->get_config().hold;
+            if (sl.io) {
+                stage & S = st[sl.buft];
+                if (S.mt.empty()) {
+                    S.pn.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0.0f);
+                    S.ix.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0);
+                    S.mt.assign((size_t) sl.io->n_meta, 0);
+                    if (hold) {
+                        S.hix.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0);
+                        S.hmt.assign((size_t) sl.io->n_meta, 0);
+                    }
+                }
+                pn = S.pn.data() + sl.o_rows;
+                ix = S.ix.data() + sl.o_rows;
+                mt = S.mt.data() + sl.o_meta;
+                if (hold) { hix = S.hix.data() + sl.o_rows; hmt = S.hmt.data() + sl.o_meta; }
+            } else {
+                GGML_ASSERT(ggml_backend_buffer_is_host(pnew_all->buffer) && ggml_backend_buffer_is_host(idx_all->buffer));
+                pn = (float *) pnew_all->data + sl.o_rows;
+                // meta is not in the graph of a final ubatch (HOLD: the attention reads hmeta)
+                if (meta_all->buffer) {
+                    GGML_ASSERT(ggml_backend_buffer_is_host(meta_all->buffer));
+                    mt = (int32_t *) meta_all->data + sl.o_meta;
+                } else {
+                    scratch_m.resize(std::max<size_t>(scratch_m.size(), 2 * (size_t) L->n_head_kv));
+                    mt = scratch_m.data();
+                }
+                ix = (int64_t *) idx_all->data + sl.o_rows;
+                if (hold) {
+                    // hmeta is in the graph only for a final ubatch (the attention over the hold tier)
+                    GGML_ASSERT(ggml_backend_buffer_is_host(hidx_all->buffer));
+                    hix = (int64_t *) hidx_all->data + sl.o_rows;
+                    if (hmeta_all->buffer) {
+                        GGML_ASSERT(ggml_backend_buffer_is_host(hmeta_all->buffer));
+                        hmt = (int32_t *) hmeta_all->data + sl.o_meta;
+                    } else {
+                        scratch.resize(std::max<size_t>(scratch.size(), 2 * (size_t) L->n_head_kv));
+                        hmt = scratch.data();
+                    }
+                }
+            }
+            for (uint32_t g = 0; g < L->n_head_kv; ++g) {
+                const auto & h = L->heads[g];
+                // during graph reserve nothing was placed: pretend the ubatch lands at the start
+                const uint32_t before = tctx->full() ? 0 : L->len_before[g];
+                const uint32_t len = tctx->full() ? std::min<uint32_t>(h.cap, ub->n_tokens) : h.len;
+                mt[2 * g] = (int32_t) h.off;
+                mt[2 * g + 1] = (int32_t) len;
+                for (uint32_t t = 0; t < ub->n_tokens; ++t) {
+                    ix[(size_t) t * L->n_head_kv + g] = (int64_t) h.off + std::min<uint32_t>(before + t, h.cap - 1);
+                    pn[(size_t) t * L->n_head_kv + g] = (float) ub->pos[t];
+                }
+                if (hold) {
+                    const uint32_t base = g * mem->get_n_ctx();
+                    hmt[2 * g] = (int32_t) base;
+                    hmt[2 * g + 1] = tctx->full() ? (int32_t) std::min<uint32_t>(mem->get_n_ctx(), ub->n_tokens) : (int32_t) mem->get_n_seen();
+                    for (uint32_t t = 0; t < ub->n_tokens; ++t) {
+                        const uint32_t p = tctx->full() ? t : (uint32_t) ub->pos[t];
+                        hix[(size_t) t * L->n_head_kv + g] = (int64_t) base + std::min<uint32_t>(p, mem->get_n_ctx() - 1);
+                    }
+                }
+            }
+        }
+        if (!st.empty() && mem->get_sched()) {
+            // the previous ubatch's graph may still be reading them
+            ggml_backend_sched_synchronize(mem->get_sched());
+        }
+        for (auto & kv : st) {
+            const auto & o = *mem->get_io(kv.first);
+            ggml_backend_tensor_set(o.pnew, kv.second.pn.data(), 0, kv.second.pn.size() * sizeof(float));
+            ggml_backend_tensor_set(o.idx, kv.second.ix.data(), 0, kv.second.ix.size() * sizeof(int64_t));
+            ggml_backend_tensor_set(o.meta, kv.second.mt.data(), 0, kv.second.mt.size() * sizeof(int32_t));
+            if (!kv.second.hix.empty()) {
+                ggml_backend_tensor_set(o.hidx, kv.second.hix.data(), 0, kv.second.hix.size() * sizeof(int64_t));
+                ggml_backend_tensor_set(o.hmeta, kv.second.hmt.data(), 0, kv.second.hmt.size() * sizeof(int32_t));
+            }
+        }
+    }
+
+    // every TCA tensor of the graph has a shape fixed by n_tokens (the retention tensors are whole,
+    // head lengths and row indices are input values), so a graph of the same ubatch size over the
+    // same memory is reused (decode: no rebuild per token, CUDA graphs stay captured)
+    bool can_reuse(const llm_graph_params & params) override {
+        const auto * t = dynamic_cast<const llama_tca_memory_context *>(params.mctx);
+        if (!t || !tctx || t->memory() != tctx->memory() || t->full() != tctx->full()) return false;
+        if (!qpos || qpos->ne[0] != (int64_t) params.ubatch.n_tokens) return false;
+        if (final != (t->memory()->is_cur_final() && !t->full())) return false;  // HOLD: another graph
+        tctx = t;
+        return true;
+    }
+
+    const llama_tca_memory_context * tctx;
+    ggml_tensor * qpos = nullptr;
+    std::vector<per_layer> layers;
+    // host layers: one graph input tensor of each kind for all of them (views per layer)
+    ggml_tensor * pnew_all = nullptr;     // [1, sum nkv * n_tokens] f32
+    ggml_tensor * meta_all = nullptr;     // [sum 2 nkv] i32
+    ggml_tensor * idx_all  = nullptr;     // [sum nkv * n_tokens] i64
+    ggml_tensor * hidx_all = nullptr;     // HOLD: [sum nkv * n_tokens] i64 hold-tier rows
+    ggml_tensor * hmeta_all = nullptr;    // HOLD: [sum 2 nkv] i32 hold-tier head ranges
+    bool final = false;                   // HOLD: a prompt's last ubatch (attends the hold tier)
+    std::vector<slot_t> slots;            // per layer (memory's layer order)
+};
+}  // namespace
+
+llm_graph_input_attn_kv * llama_tca_build_attn_inp(const llm_graph_context & g) {
+    const auto * t = dynamic_cast<const llama_tca_memory_context *>(g.mctx);
+    if (!t) return nullptr;
+    auto inp = std::make_unique<llm_graph_input_attn_tca>(g.hparams, g.cparams, t);
+    inp->qpos = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, g.n_tokens);
+    ggml_set_input(inp->qpos);
+    ggml_set_name(inp->qpos, "tca_qpos");
+    int64_t n_meta = 0, n_rows = 0;
+    std::map<ggml_backend_buffer_type_t, std::pair<int64_t, int64_t>> dev_off;  // per device: meta, rows
+    const llama_tca_memory * mem = t->memory();
+    for (const auto & L : mem->get_layers()) {
+        llm_graph_input_attn_tca::slot_t sl;
+        if (const auto * io = mem->get_io(L.buft)) {
+            auto & d = dev_off[L.buft];
+            sl.io = io;
+            sl.buft = L.buft;
+            sl.o_meta = d.first;
+            sl.o_rows = d.second;
+            d.first += 2 * (int64_t) L.n_head_kv;
+            d.second += (int64_t) L.n_head_kv * g.n_tokens;
+        } else {
+            sl.o_meta = n_meta;
+            sl.o_rows = n_rows;
+            n_meta += 2 * (int64_t) L.n_head_kv;
+            n_rows += (int64_t) L.n_head_kv * g.n_tokens;
+        }
+        inp->slots.push_back(sl);
+    }
+    inp->pnew_all = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, 1, std::max<int64_t>(1, n_rows));
+    inp->meta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, std::max<int64_t>(1, n_meta));
+    inp->idx_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, std::max<int64_t>(1, n_rows));
+    ggml_set_input(inp->pnew_all);
+    ggml_set_input(inp->meta_all);
+    ggml_set_input(inp->idx_all);
+    ggml_set_name(inp->pnew_all, "tca_pnew");
+    ggml_set_name(inp->meta_all, "tca_meta");
+    ggml_set_name(inp->idx_all, "tca_idx");
+    if (mem->get_config().hold) {
+        inp->hidx_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, std::max<int64_t>(1, n_rows));
+        inp->hmeta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, std::max<int64_t>(1, n_meta));
+        ggml_set_input(inp->hidx_all);
+        ggml_set_input(inp->hmeta_all);
+        ggml_set_name(inp->hidx_all, "tca_hidx");
+        ggml_set_name(inp->hmeta_all, "tca_hmeta");
+    }
+    inp->final = mem->is_cur_final() && !t->full();
+    return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
+}
+
+ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_attn_kv * inp_base,
+                                   ggml_tensor * wo, ggml_tensor * wo_b, ggml_tensor * wo_s,
+                                   ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
+                                   ggml_tensor * kq_b, ggml_tensor * sinks, float kq_scale, int il) {
+    auto * inp = dynamic_cast<llm_graph_input_attn_tca *>(inp_base);
+    if (!inp) return nullptr;
+    if (kq_b || sinks) {
+        throw std::runtime_error("TCA: attention with a KQ bias or sinks is not supported by TCA");
+    }
+    llama_tca_memory * mem = inp->tctx->memory();
+    const auto * L = mem->layer(il);
+    if (!L) throw std::runtime_error("TCA: layer " + std::to_string(il) + " has no retention cache");
+    mem->set_kq_scale(il, kq_scale);
+    ggml_context * ctx0 = g.ctx0;
+    ggml_cgraph * gf = g.gf;
+    const int64_t n_tokens = q_cur->ne[2];
+    const int64_t nkv = L->n_head_kv;
+
+    ggml_build_forward_expand(gf, q_cur);
+    ggml_build_forward_expand(gf, v_cur);
+
+    llm_graph_input_attn_tca::per_layer pl;
+    pl.il = il;
+    const auto & sl = inp->slots[mem->layer_index(il)];
+    ggml_tensor * src_pnew = sl.io ? sl.io->pnew : inp->pnew_all;
+    ggml_tensor * src_meta = sl.io ? sl.io->meta : inp->meta_all;
+    ggml_tensor * src_idx  = sl.io ? sl.io->idx  : inp->idx_all;
+    pl.pnew = ggml_view_2d(ctx0, src_pnew, 1, nkv * n_tokens, sizeof(float), sl.o_rows * sizeof(float));
+    pl.meta = ggml_view_1d(ctx0, src_meta, 2 * nkv, sl.o_meta * sizeof(int32_t));
+    pl.idx  = ggml_view_1d(ctx0, src_idx, nkv * n_tokens, sl.o_rows * sizeof(int64_t));
+    inp->layers.push_back(pl);
+
+    // store this ubatch's K/V rows into each head's region. K last and as ROPE -> VIEW -> SET_ROWS,
+    // adjacent in the graph (the row indices are expanded before): the CUDA backend then writes the
+    // roped rows straight into the cache in one kernel (upstream's fusion, extended to one row per
+    // head by patch 0005); other backends run the same three nodes.
+    ggml_tensor * vc = ggml_is_contiguous(v_cur) ? v_cur : ggml_cont(ctx0, v_cur);
+    vc = ggml_reshape_2d(ctx0, vc, L->d_v, nkv * n_tokens);
+    ggml_tensor * v_all = ggml_set_rows(ctx0, L->v, vc, pl.idx);
+    ggml_tensor * p_all = ggml_reshape_1d(ctx0, ggml_set_rows(ctx0, L->kpos, pl.pnew, pl.idx), L->cap_total);
+    ggml_build_forward_expand(gf, v_all);
+    ggml_build_forward_expand(gf, p_all);
+    ggml_build_forward_expand(gf, pl.idx);
+    ggml_build_forward_expand(gf, k_cur);
+    ggml_tensor * kc = ggml_is_contiguous(k_cur)
+        ? ggml_view_2d(ctx0, k_cur, L->d_k, nkv * n_tokens, k_cur->nb[1], 0)
+        : ggml_reshape_2d(ctx0, ggml_cont(ctx0, k_cur), L->d_k, nkv * n_tokens);
+    ggml_tensor * k_all = ggml_set_rows(ctx0, L->k, kc, pl.idx);
+    ggml_build_forward_expand(gf, k_all);
+
+    // HOLD: every row also goes to the hold tier (head g, position p at g*n_ctx + p); a prompt's
+    // last ubatch attends the hold tier (every row of the sequence), and its last n_obs queries
+    // are kept for the final selection that follows it
+    ggml_tensor * att_k = k_all, * att_v = v_all, * att_p = p_all, * att_meta = pl.meta;
+    if (mem->get_config().hold) {
+        ggml_tensor * src_hidx  = sl.io ? sl.io->hidx  : inp->hidx_all;
+        ggml_tensor * src_hmeta = sl.io ? sl.io->hmeta : inp->hmeta_all;
+        ggml_tensor * hidx  = ggml_view_1d(ctx0, src_hidx, nkv * n_tokens, sl.o_rows * sizeof(int64_t));
+        ggml_tensor * hmeta = ggml_view_1d(ctx0, src_hmeta, 2 * nkv, sl.o_meta * sizeof(int32_t));
+        ggml_tensor * hk_all = ggml_set_rows(ctx0, L->hk, kc, hidx);
+        ggml_tensor * hv_all = ggml_set_rows(ctx0, L->hv, vc, hidx);
+        ggml_build_forward_expand(gf, hk_all);
+        ggml_build_forward_expand(gf, hv_all);
+        if (inp->final) {
+            att_k = hk_all;
+            att_v = hv_all;
+            att_p = ggml_reshape_1d(ctx0, L->hkpos, ggml_nelements(L->hkpos));
+            att_meta = hmeta;
+            const int64_t n_o = std::min<int64_t>(n_tokens, L->q_obs->ne[2]);
+            ggml_tensor * q_o = ggml_view_3d(ctx0, q_cur, q_cur->ne[0], q_cur->ne[1], n_o, q_cur->nb[1], q_cur->nb[2],
+                                             (size_t) (n_tokens - n_o) * q_cur->nb[2]);
+            ggml_tensor * dst = ggml_view_3d(ctx0, L->q_obs, L->q_obs->ne[0], L->q_obs->ne[1], n_o, L->q_obs->nb[1],
+                                             L->q_obs->nb[2], 0);
+            ggml_build_forward_expand(gf, ggml_cpy(ctx0, q_o, dst));
+        }
+    }
+
+    // keep the ubatch's last query for the compaction that follows this ubatch
+    ggml_tensor * q_last = ggml_view_2d(ctx0, q_cur, q_cur->ne[0], q_cur->ne[1], q_cur->nb[1],
+                                        (size_t) (n_tokens - 1) * q_cur->nb[2]);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx0, q_last, L->q_last));
+
+    ggml_tensor * q = ggml_cont(ctx0, ggml_permute(ctx0, q_cur, 0, 2, 1, 3));  // [d, n_tokens, n_head]
+    if (q->type != GGML_TYPE_F32) q = ggml_cast(ctx0, q, GGML_TYPE_F32);
+    ggml_tensor * cur = ggml_tca_attn(ctx0, q, att_k, att_v, att_p, att_meta, inp->qpos, (int) nkv, kq_scale);
+    g.cb(cur, "kqv_out", il);
+    cur = ggml_reshape_2d(ctx0, cur, cur->ne[0] * cur->ne[1], cur->ne[2]);
+
+    if (wo) {
+        cur = g.build_lora_mm(wo, cur, wo_s);
+    }
+    if (wo_b) {
+        cur = ggml_add(ctx0, cur, wo_b);
+    }
+    return cur;
+}

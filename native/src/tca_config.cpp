@@ -1,0 +1,215 @@
+// tca_ggml — the one owner of a context's TCA configuration (project C API, native/include/tca_ggml.h):
+// tca_config_check validates what the caller gives, tca_context_create resolves it against the
+// budgets (a GGUF's, or a forced density) and the model, reads the environment knobs once
+// (docs/design.md "Knobs") and creates the context with the TCA retention memory.
+#include "tca_ggml.h"
+#include "tca_config.h"
+
+#include "llama.h"
+#include "llama-context.h"
+#include "llama-model.h"
+#include "llama-tca-memory.h"
+#include "ggml.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+bool tca_block_ok(int64_t b) { return b >= 1 && b <= 4096 && (b & (b - 1)) == 0; }
+
+uint32_t tca_n_k(uint32_t block) {
+    uint32_t n = 0;
+    for (uint32_t k = 1; k <= block; k <<= 1) ++n;
+    return n;
+}
+
+static int fail(char * err, size_t n, const std::string & msg) {
+    if (err && n) snprintf(err, n, "%s", msg.c_str());
+    return 1;
+}
+
+static std::string num(double v) {
+    char b[64];
+    snprintf(b, sizeof(b), "%g", v);
+    return b;
+}
+
+extern "C" int tca_forced_budget(double density, uint32_t block, float * p, uint32_t n_k) {
+    if (!p || !(density > 0.0 && density <= 1.0) || !tca_block_ok(block) || n_k != tca_n_k(block)) return 1;
+    // in double like numpy (tca_ggml.reference.forced_budget)
+    double row[13] = { 0.0 };  // n_k <= log2(4096) + 1
+    const double b = (double) block;
+    const double t = std::fmin(std::fmax(density * b, 1.0), b);
+    uint32_t hi = 0;
+    while (hi + 1 < n_k && (double) (1u << hi) < t) ++hi;  // numpy searchsorted(k, t), side='left'
+    if ((double) (1u << hi) == t) {
+        row[hi] = 1.0;
+    } else {
+        const uint32_t lo = hi - 1;
+        const double k_lo = (double) (1u << lo), k_hi = (double) (1u << hi);
+        const double w = (t - k_lo) / (k_hi - k_lo);
+        row[hi] = w;
+        row[lo] = 1.0 - w;
+    }
+    for (uint32_t i = 0; i < n_k; ++i) p[i] = (float) row[i];
+    return 0;
+}
+
+extern "C" int tca_config_check(const tca_config * c, char * err, size_t n) {
+    if (err && n) err[0] = 0;
+    if (!c) return fail(err, n, "tca config is NULL");
+    const uint32_t s = c->set;
+    if (s & ~(uint32_t) (TCA_SET_DENSITY | TCA_SET_BLOCK | TCA_SET_WINDOW | TCA_SET_ALPHA | TCA_SET_N_SINK |
+                         TCA_SET_RETENTION | TCA_SET_N_OBS | TCA_SET_N_WHOLE | TCA_SET_TYPE_HOLD))
+        return fail(err, n, "tca config: unknown TCA_SET_* bits " + std::to_string(s));
+    if ((s & TCA_SET_RETENTION) && c->retention != TCA_RETENTION_HOLD && c->retention != TCA_RETENTION_STREAM)
+        return fail(err, n, "tca_retention must be TCA_RETENTION_HOLD (0, 'hold') or TCA_RETENTION_STREAM (1, 'stream'), got " +
+                            std::to_string(c->retention));
+    if ((s & TCA_SET_N_OBS) && (c->n_obs < 1 || c->n_obs > 4096))
+        return fail(err, n, "tca_obs must be in [1, 4096], got " + std::to_string(c->n_obs));
+    if ((s & TCA_SET_N_WHOLE) && (c->n_whole < 0 || c->n_whole > 65536))
+        return fail(err, n, "tca_whole must be in [0, 65536], got " + std::to_string(c->n_whole));
+    if ((s & TCA_SET_TYPE_HOLD) && c->type_hold != GGML_TYPE_F32 && c->type_hold != GGML_TYPE_F16 && c->type_hold != GGML_TYPE_Q8_0)
+        return fail(err, n, "tca_hold_type must be GGML_TYPE_F32 (0), GGML_TYPE_F16 (1) or GGML_TYPE_Q8_0 (8), got " +
+                            std::to_string(c->type_hold));
+    if ((s & TCA_SET_DENSITY) && !(c->density > 0.0 && c->density <= 1.0))  // also rejects NaN
+        return fail(err, n, "tca_density must be in (0, 1], got " + num(c->density));
+    if ((s & TCA_SET_BLOCK) && !tca_block_ok(c->block))
+        return fail(err, n, "tca_block must be a power of two in [1, 4096], got " + std::to_string(c->block));
+    if ((s & TCA_SET_WINDOW) && (c->window < 1 || c->window > (1 << 20)))
+        return fail(err, n, "tca_window must be in [1, 1048576], got " + std::to_string(c->window));
+    if ((s & TCA_SET_WINDOW) && (s & TCA_SET_BLOCK) && c->window % c->block)
+        return fail(err, n, "tca_window (" + std::to_string(c->window) + ") must be a multiple of tca_block (" +
+                            std::to_string(c->block) + ")");
+    if ((s & TCA_SET_ALPHA) && !(c->alpha >= 0.0f && c->alpha <= 1.0f))
+        return fail(err, n, "tca_alpha must be in [0, 1], got " + num(c->alpha));
+    if ((s & TCA_SET_N_SINK) && (c->n_sink < 0 || c->n_sink > 65536))
+        return fail(err, n, "tca n_sink must be in [0, 65536], got " + std::to_string(c->n_sink));
+    return 0;
+}
+
+// The environment knobs (docs/design.md "Knobs"), read once per context, at its creation.
+static void read_knobs(llama_tca_config & cfg) {
+    auto env_int = [](const char * name, int dflt) { const char * e = getenv(name); return e ? atoi(e) : dflt; };
+    cfg.gpu_min_ctx = (uint32_t) std::max(0, env_int("TCA_GGML_GPU_MIN_CTX", 8192));
+    cfg.io_on_host  = env_int("TCA_GGML_IO", 0) != 0;
+    cfg.lazy        = env_int("TCA_GGML_LAZY", 0) != 0;
+    cfg.pool_radius = std::max(0, env_int("TCA_GGML_POOL", 3));
+    const char * st = getenv("TCA_GGML_STATS");
+    cfg.stats_on_exit = st && *st && strcmp(st, "0") != 0;
+}
+
+// *c (checked) + the budget source + the model -> the configuration the retention memory runs.
+static int resolve(const llama_model * model, const tca_budgets * bud, const tca_config & c, llama_tca_config & cfg,
+                   tca_config & out, char * err, size_t n) {
+    const uint32_t s = c.set;
+    const bool forced = s & TCA_SET_DENSITY;
+    if (!forced && !bud)
+        return fail(err, n, "the model has no TCA calibration (tca.* metadata). Calibrate it once with "
+                            "`tca-ggml calibrate MODEL.gguf -o MODEL.tca.gguf`, or pass tca_density=X for an "
+                            "uncalibrated uniform budget (benchmarks only)");
+    if (!forced && (s & TCA_SET_BLOCK) && (uint32_t) c.block != bud->block)
+        return fail(err, n, "tca_block=" + std::to_string(c.block) + " differs from the calibrated block size " +
+                            std::to_string(bud->block) + "; recalibrate, or use tca_density");
+    const int32_t n_layer = llama_model_n_layer(model);
+    if (n_layer <= 0) return fail(err, n, "the model has no layers");
+    cfg.block  = (s & TCA_SET_BLOCK) ? (uint32_t) c.block : (bud ? bud->block : 128u);
+    cfg.window = (s & TCA_SET_WINDOW) ? (uint32_t) c.window : (bud ? bud->window : 4096u);
+    cfg.alpha  = (s & TCA_SET_ALPHA) ? c.alpha : (bud ? bud->alpha : 0.5f);
+    cfg.n_sink = (s & TCA_SET_N_SINK) ? (uint32_t) c.n_sink : (bud ? bud->n_sink : 4u);
+    if (cfg.window % cfg.block)
+        return fail(err, n, "tca_window (" + std::to_string(cfg.window) + ") must be a multiple of the block size (" +
+                            std::to_string(cfg.block) + ")");
+    if (cfg.n_sink > 65536) return fail(err, n, "tca.n_sink: must be in [0, 65536], got " + std::to_string(cfg.n_sink));
+    const uint32_t n_k = tca_n_k(cfg.block);
+    cfg.k_values.resize(n_k);
+    for (uint32_t i = 0; i < n_k; ++i) cfg.k_values[i] = 1u << i;
+    cfg.n_head_kv.resize((size_t) n_layer);
+    size_t H = 0;
+    for (int32_t il = 0; il < n_layer; ++il) {
+        cfg.n_head_kv[il] = model->hparams.n_head_kv(il);
+        H += cfg.n_head_kv[il];
+    }
+    cfg.forced = forced;
+    if (forced) {
+        std::vector<float> row(n_k);
+        if (tca_forced_budget(c.density, cfg.block, row.data(), n_k)) return fail(err, n, "tca_density: no forced budget");
+        cfg.p.resize(H * n_k);
+        for (size_t h = 0; h < H; ++h) std::copy(row.begin(), row.end(), cfg.p.begin() + h * n_k);
+    } else {
+        // tca_budgets_read checked the file's own consistency; here: the budgets against the model
+        if (bud->n_k != n_k || !bud->k_values || !bud->n_head_kv || !bud->p)
+            return fail(err, n, "tca.k_values: must be 1, 2, 4, ..., block_size");
+        for (uint32_t i = 0; i < n_k; ++i)
+            if (bud->k_values[i] != (1u << i)) return fail(err, n, "tca.k_values: must be 1, 2, 4, ..., block_size");
+        if ((int32_t) bud->n_layer != n_layer)
+            return fail(err, n, "tca.n_layer: " + std::to_string(bud->n_layer) + " but the model has " +
+                                std::to_string(n_layer) + " layers");
+        for (int32_t il = 0; il < n_layer; ++il)
+            if (bud->n_head_kv[il] != cfg.n_head_kv[il])
+                return fail(err, n, "tca.n_head_kv[" + std::to_string(il) + "]: " + std::to_string(bud->n_head_kv[il]) +
+                                    " but the model has " + std::to_string(cfg.n_head_kv[il]));
+        if (bud->n_heads != H) return fail(err, n, "tca.n_head_kv: " + std::to_string(bud->n_heads) + " heads, the model has " + std::to_string(H));
+        cfg.p.assign(bud->p, bud->p + H * n_k);
+    }
+    int32_t retention = TCA_RETENTION_HOLD;
+    if (s & TCA_SET_RETENTION) {
+        retention = c.retention;
+    } else if (const char * e = getenv("TCA_GGML_RETENTION"); e && strcmp(e, "stream") == 0) {
+        retention = TCA_RETENTION_STREAM;  // tools without Python (tca-llama-bench -tca X)
+    }
+    cfg.hold = retention == TCA_RETENTION_HOLD;
+    cfg.n_obs = (s & TCA_SET_N_OBS) ? (uint32_t) c.n_obs : 32u;
+    cfg.n_whole = (s & TCA_SET_N_WHOLE) ? (uint32_t) c.n_whole : 4u;
+    cfg.type_hold = (s & TCA_SET_TYPE_HOLD) ? c.type_hold : -1;
+    read_knobs(cfg);
+
+    out = tca_config{};
+    out.set = TCA_SET_BLOCK | TCA_SET_WINDOW | TCA_SET_ALPHA | TCA_SET_N_SINK | TCA_SET_RETENTION | TCA_SET_N_OBS |
+              TCA_SET_N_WHOLE | TCA_SET_TYPE_HOLD | (forced ? TCA_SET_DENSITY : 0);
+    out.density = forced ? c.density : 0.0;
+    out.block = cfg.block;
+    out.window = cfg.window;
+    out.alpha = cfg.alpha;
+    out.n_sink = cfg.n_sink;
+    out.retention = retention;
+    out.n_obs = cfg.n_obs;
+    out.n_whole = cfg.n_whole;
+    out.type_hold = cfg.type_hold;
+    return 0;
+}
+
+extern "C" llama_context * tca_context_create(llama_model * model, llama_context_params params, const tca_budgets * budgets,
+                                              const tca_config * c, tca_config * resolved, char * err, size_t err_len) {
+    if (err && err_len) err[0] = 0;
+    if (!model) { fail(err, err_len, "model is NULL"); return nullptr; }
+    if (tca_config_check(c, err, err_len)) return nullptr;
+    llama_tca_config cfg;
+    tca_config out;
+    if (resolve(model, budgets, *c, cfg, out, err, err_len)) return nullptr;
+    if (resolved) *resolved = out;
+    // upstream refuses a quantized V cache without flash attention; TCA's own attention reads
+    // quantized V directly, and a context that falls back to the dense cache needs flash
+    // attention for it anyway
+    if (ggml_is_quantized(params.type_v) && params.flash_attn_type == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
+        params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    }
+    llama_tca_set_pending(&cfg);
+    llama_context * ctx = nullptr;
+    try {
+        ctx = llama_init_from_model(model, params);
+    } catch (const std::exception & e) {
+        fail(err, err_len, e.what());
+        ctx = nullptr;
+    }
+    llama_tca_set_pending(nullptr);
+    if (ctx) {
+        if (auto * m = dynamic_cast<llama_tca_memory *>(llama_get_memory(ctx))) {
+            m->set_sched(ctx->get_sched());
+        }
+    }
+    if (!ctx && err && err_len && !err[0]) fail(err, err_len, "context creation failed (see the log)");
+    return ctx;
+}

@@ -118,3 +118,22 @@ def test_retention_parameter_errors(smol_model, kw, exc):
 def test_retention_parameters_need_tca(smol_model):
     with pytest.raises(TCAConfigError):
         Llama(smol_model, n_ctx=512, verbose=False, tca_retention="stream")
+
+
+def test_whole_blocks_fit_the_fast_tier(smol_model, doc_tokens):
+    """The fast tier is sized for the final selection's n_whole whole blocks: many whole blocks at
+    a small density kept every one of them (before the sizing counted them, this overflowed the
+    fast tier inside llama_decode and aborted the process)."""
+    toks = doc_tokens[:1900]
+    kw = dict(KW, tca_density=0.05, tca_whole=16)
+    with Llama(smol_model, **kw) as llm:
+        llm.eval_prompt(toks)
+        st = llm.tca_stats()
+        assert st["n_final"] == 1
+        n_aged = (len(toks) - 256) // 64
+        assert n_aged > 16
+        # per head: at least the 16 whole blocks and the live window
+        assert (st["retained"] >= 16 * 64 + 256).all()
+        assert (st["retained"] < len(toks)).all()
+        for _ in llm.generate_tokens(toks, 4, temperature=0):
+            pass

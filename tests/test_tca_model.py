@@ -233,10 +233,11 @@ def test_memory_follows_budgets(default_model, prompt_tokens):
     q_obs = 32 * n_head * head_dim * 4 * n_layer
     assert sizes[1.0]["bytes_fast"] <= dense_bytes * (1 + 4 / per_row) * 1.005 + q_obs
     # 0.25 of the aged tokens + window + one ubatch + slack per head
-    expect = 0.25 * n_ctx + W + 2 * B + 512 + 4 + B
+    # (+ hold retention: the final selection's n_whole = 4 whole blocks)
+    expect = 0.25 * n_ctx + W + 2 * B + 512 + 4 + B + 4 * B
     per_row += 4
     assert sizes[0.25]["bytes_fast"] <= expect * per_row * len(sizes[0.25]["capacity"]) * 1.01 + q_obs
-    assert sizes[0.25]["bytes_fast"] < 0.4 * dense_bytes
+    assert sizes[0.25]["bytes_fast"] < 0.45 * dense_bytes  # 0.43: 0.25 + window, ubatch, 4 whole blocks
 
 
 @pytest.mark.slow

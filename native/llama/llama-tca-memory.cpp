@@ -70,13 +70,17 @@ llama_memory_i * llama_tca_memory_create(const llama_model & model, const llama_
 
 // ------------------------------------------------------------------------ memory
 static uint32_t head_capacity(const std::vector<float> & p, const std::vector<uint32_t> & kv,
-                              uint32_t block, uint32_t window, uint32_t n_sink, uint32_t n_ctx, uint32_t n_ubatch) {
+                              uint32_t block, uint32_t window, uint32_t n_sink, uint32_t n_ctx, uint32_t n_ubatch,
+                              uint32_t n_whole) {
     double t = 0.0;
     for (size_t i = 0; i < kv.size(); ++i) t += (double) kv[i] * p[i];
     const double n_blocks = std::ceil((double) n_ctx / block);
     // kept tokens of N aged blocks <= N*t + b/2 (assign_k rounding); + live region
     // (< w + b) + one ubatch appended before the next compaction + sinks
-    const double need = std::ceil(n_blocks * t) + block + (double) window + block + n_ubatch + n_sink;
+    // HOLD: the final selection keeps its top n_whole blocks whole, the rest at p (N - W) / N:
+    // W*b + (N - W)*t <= N*t + W*b
+    const double need = std::ceil(n_blocks * t) + block + (double) window + block + n_ubatch + n_sink +
+                        (double) n_whole * block;
     return (uint32_t) std::min<double>(n_ctx, need);
 }
 
@@ -116,7 +120,8 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
         for (uint32_t g = 0; g < nkv; ++g) {
             auto & h = L.heads[g];
             h.p.assign(cfg.p.begin() + (h_base + g) * n_k, cfg.p.begin() + (h_base + g + 1) * n_k);
-            h.cap = head_capacity(h.p, cfg.k_values, cfg.block, cfg.window, cfg.n_sink, n_ctx, n_ubatch);
+            h.cap = head_capacity(h.p, cfg.k_values, cfg.block, cfg.window, cfg.n_sink, n_ctx, n_ubatch,
+                                  cfg.hold ? cfg.n_whole : 0);
             h.off = off;
             off += h.cap;
         }

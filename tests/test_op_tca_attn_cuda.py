@@ -149,6 +149,7 @@ def test_cuda_unsorted_rows_large_logits(cuda, kernel, kv_type):
 @pytest.mark.parametrize("kernel", ["ffma", "mma", "mma1", "mma2t1", "mma2t2", "vec"], indirect=True)
 def test_cuda_queries_that_see_nothing_give_zero(cuda, kernel):
     case = H.blind_queries_case(16)                       # 16 query heads: the mma kernel can run
+    v = case[2]
     for kv in ("f32", "f16"):
         _, cpu, gpu = compare(cuda, case, kv)
         assert np.all(gpu[:2] == 0.0)

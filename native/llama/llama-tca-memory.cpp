@@ -711,7 +711,12 @@ bool llama_tca_memory::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
         pending = false;
         pending_final = false;
     } else {
-        compact_pending();
+        try {
+            compact_pending();
+        } catch (const std::exception & e) {  // seq_rm is called from llama_memory_seq_rm: no exception may leave it
+            LLAMA_LOG_ERROR("%s: %s\n", __func__, e.what());
+            return false;
+        }
     }
     if (p0 == 0) { clear(false); return true; }
     if ((uint32_t) p0 >= n_seen) return true;
@@ -867,10 +872,17 @@ bool llama_tca_memory_context::next() {
 
 bool llama_tca_memory_context::apply() {
     if (is_full || !mem) return true;
-    if (!mem->fits(ubatches[i_next])) {
-        mem->compact_pending();  // the previous ubatch has been computed by now
+    // upstream's llama_decode catches nothing: an exception from a compaction must become this
+    // ubatch's failure (llama_decode returns an error, Python raises), never std::terminate
+    try {
+        if (!mem->fits(ubatches[i_next])) {
+            mem->compact_pending();  // the previous ubatch has been computed by now
+        }
+        return mem->reserve_ubatch(ubatches[i_next]);
+    } catch (const std::exception & e) {
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, e.what());
+        return false;
     }
-    return mem->reserve_ubatch(ubatches[i_next]);
 }
 
 const llama_ubatch & llama_tca_memory_context::get_ubatch() const {

@@ -29,7 +29,12 @@ def test_bench_runs_both_arms(default_model, capsys):
     for k in ("dense_prefill_tps", "tca_prefill_tps", "dense_decode_tps", "tca_decode_tps"):
         assert row[k] > 0
     assert row["prefill_ratio"] == pytest.approx(row["tca_prefill_tps"] / row["dense_prefill_tps"])
-    assert 0 < row["kv_ratio"] < 0.7  # budget 0.25 of aged blocks + w=256 + one ubatch of 128
+    # resident after the prompt: 0.25 of the aged blocks (+ the final selection's 4 whole blocks of 64)
+    # + w=256 + the generated rows: (0.25 * 1744 + 256 + 256 + 2) / 2000 = 0.48 (+ positions, 4 B a row)
+    assert 0.3 < row["resident_ratio"] < 0.55
+    # the fast tier is allocated for its peak: that + one ubatch, the final selection's queries and slack
+    assert row["resident_ratio"] < row["kv_ratio"] < 1.0
+    assert row["tca_hold_bytes"] >= row["dense_kv_bytes"]  # retention "hold" (the default): every row
     md = bench.to_markdown(out["rows"], default_model)
     assert "forced density 0.25 (uncalibrated)" in md and "| 2000 |" in md
 

@@ -144,6 +144,8 @@ struct tca_stats {
     uint64_t bytes_hold;       // of bytes_alloc, the hold tier (every row of the sequence; 0 for STREAM)
     uint64_t rows_held;        // rows in the hold tier now, summed over layers and KV heads
     uint64_t n_final;          // final selections (prompt ends) from the hold tier
+    uint64_t bytes_resident;   // of the fast tier, the bytes of the rows held now (K + V + position):
+                               // what attention reads after a prompt; bytes_alloc - bytes_hold is its peak
 };
 TCA_API int tca_get_stats(const struct llama_context * ctx, struct tca_stats * out);  // 1 active, 0 not
 // per (layer, KV head): retained rows, capacity, coverage of q_last at the last compaction.

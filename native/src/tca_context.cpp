@@ -42,7 +42,11 @@ extern "C" int tca_get_stats(const llama_context * ctx, tca_stats * out) {
     uint64_t kept = 0, cap = 0, n_head_kv = 0;
     for (const auto & L : m->get_layers()) {
         n_head_kv += L.n_head_kv;
-        for (const auto & h : L.heads) { kept += h.len; cap += h.cap; }
+        uint64_t kept_l = 0;
+        for (const auto & h : L.heads) { kept_l += h.len; cap += h.cap; }
+        kept += kept_l;
+        out->bytes_resident += kept_l * (ggml_row_size(L.k->type, L.k->ne[0]) + ggml_row_size(L.v->type, L.v->ne[0]) +
+                                         ggml_row_size(L.kpos->type, L.kpos->ne[0]));
     }
     out->rows_kept = kept;
     out->rows_cap = cap;

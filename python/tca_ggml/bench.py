@@ -77,6 +77,7 @@ def _worker(a) -> dict:
                 "rows_kept": st["rows_kept"], "t_compact_ms": st["t_compact_ms"],
                 "kv_fast_bytes": st["bytes_fast"] if st["active"] else mem["kv"],
                 "kv_hold_bytes": st["bytes_hold"] if st["active"] else 0,
+                "kv_resident_bytes": st["bytes_resident"] if st["active"] else mem["kv"],
                 "retention": st.get("retention"),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "n_ctx": llm.n_ctx(), "threads": llm.n_threads}
@@ -129,13 +130,15 @@ def run(a) -> list:
                "dense_decode_tps": _median([x["decode_tps"] for x in d]),
                "tca_decode_tps": _median([x["decode_tps"] for x in t]),
                "dense_kv_bytes": d[0]["kv_bytes"], "tca_kv_bytes": t[0]["kv_fast_bytes"],
-               "tca_hold_bytes": t[0]["kv_hold_bytes"], "tca_retention": t[0].get("retention"),
+               "tca_hold_bytes": t[0]["kv_hold_bytes"], "tca_resident_bytes": t[0]["kv_resident_bytes"],
+               "tca_retention": t[0].get("retention"),
                "dense_peak_rss": max(x["peak_rss_bytes"] for x in d), "tca_peak_rss": max(x["peak_rss_bytes"] for x in t),
                "tca_compact_ms": _median([x["t_compact_ms"] for x in t]), "threads": d[0]["threads"],
                "dense_fa": bool(a.dense_fa)}
         row["prefill_ratio"] = row["tca_prefill_tps"] / row["dense_prefill_tps"]
         row["decode_ratio"] = row["tca_decode_tps"] / row["dense_decode_tps"] if row["dense_decode_tps"] else 0.0
         row["kv_ratio"] = row["tca_kv_bytes"] / row["dense_kv_bytes"]
+        row["resident_ratio"] = row["tca_resident_bytes"] / row["dense_kv_bytes"]
         if "forced" in res:
             f = res["forced"]
             row.update({"forced_label": f[0]["label"], "forced_ttft_s": _median([x["ttft_s"] for x in f]),
@@ -155,16 +158,18 @@ def to_markdown(rows, model) -> str:
     mib = 1 << 20
     out = [f"model: {os.path.basename(model)}; TCA: {rows[0]['tca_label'] if rows else ''}; dense: upstream "
            f"{'flash' if rows and rows[0]['dense_fa'] else 'non-flash'} attention; threads {rows[0]['threads'] if rows else ''}; "
-           f"retention {rows[0].get('tca_retention') if rows else ''} (TCA KV = the fast tier attention reads; "
+           f"retention {rows[0].get('tca_retention') if rows else ''} (TCA KV = the fast tier attention reads, allocated: "
+           f"its peak; resident = the rows it holds after the prompt and the generated tokens; "
            f"hold = the tier holding every row until a prompt's end, 0 with retention 'stream')",
            "",
-           "| p | depth | dense prefill t/s | TCA prefill t/s | ratio | dense TTFT s | TCA TTFT s | dense decode t/s | TCA decode t/s | ratio | dense KV MiB | TCA KV MiB | KV ratio | TCA hold MiB | dense peak RSS MiB | TCA peak RSS MiB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| p | depth | dense prefill t/s | TCA prefill t/s | ratio | dense TTFT s | TCA TTFT s | dense decode t/s | TCA decode t/s | ratio | dense KV MiB | TCA KV MiB | KV ratio | TCA resident MiB | resident ratio | TCA hold MiB | dense peak RSS MiB | TCA peak RSS MiB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['prompt']} | {r['depth']} | {r['dense_prefill_tps']:.1f} | {r['tca_prefill_tps']:.1f} | "
                    f"**{r['prefill_ratio']:.2f}x** | {r['dense_ttft_s']:.1f} | {r['tca_ttft_s']:.1f} | "
                    f"{r['dense_decode_tps']:.2f} | {r['tca_decode_tps']:.2f} | **{r['decode_ratio']:.2f}x** | "
                    f"{r['dense_kv_bytes'] / mib:.0f} | {r['tca_kv_bytes'] / mib:.0f} | {r['kv_ratio']:.2f} | "
+                   f"{r['tca_resident_bytes'] / mib:.0f} | {r['resident_ratio']:.2f} | "
                    f"{r.get('tca_hold_bytes', 0) / mib:.0f} | "
                    f"{r['dense_peak_rss'] / mib:.0f} | {r['tca_peak_rss'] / mib:.0f} |")
     if rows and "forced_label" in rows[0]:

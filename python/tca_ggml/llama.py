@@ -360,7 +360,7 @@ class Llama:
                 "bytes_device": int(st.bytes_device),
                 "retention": {v: k for k, v in RETENTIONS.items()}.get(int(st.retention), "?") if st.active else None,
                 "bytes_hold": int(st.bytes_hold), "bytes_fast": int(st.bytes_alloc) - int(st.bytes_hold),
-                "rows_held": int(st.rows_held), "n_final": int(st.n_final),
+                "rows_held": int(st.rows_held), "n_final": int(st.n_final), "bytes_resident": int(st.bytes_resident),
                 "layer": layer, "kv_head": head, "retained": ln, "capacity": cap, "coverage": cov}
 
     # ------------------------------------------------------------------ lifecycle

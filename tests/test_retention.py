@@ -109,7 +109,8 @@ def a_rows_held(st, llm):
 
 @pytest.mark.parametrize("kw,exc", [(dict(tca_retention="lazy"), ValueError), (dict(tca_obs=0), ValueError),
                                     (dict(tca_obs=1.5), TypeError), (dict(tca_whole=-1), ValueError),
-                                    (dict(tca_hold_type=2), ValueError)])
+                                    (dict(tca_hold_type=2), ValueError), (dict(tca_prefill="full"), ValueError),
+                                    (dict(tca_prefill="dense", tca_retention="stream"), ValueError)])
 def test_retention_parameter_errors(smol_model, kw, exc):
     with pytest.raises(exc):
         Llama(smol_model, **KW, **kw)
@@ -137,3 +138,32 @@ def test_whole_blocks_fit_the_fast_tier(smol_model, doc_tokens):
         assert (st["retained"] < len(toks)).all()
         for _ in llm.generate_tokens(toks, 4, temperature=0):
             pass
+
+
+def test_dense_prefill_is_dense_until_the_prompt_ends(smol_model, doc_tokens):
+    """tca_prefill="dense": every ubatch of a prompt attends every held row, so the prompt's last
+    logits are upstream dense's (up to the kernels' summation order), far closer than the sparse
+    prefill's; the budgets still apply from the prompt's end (same rows kept as sparse's count)."""
+    toks = doc_tokens[:1200]
+    kw = dict(KW, tca_density=0.05)
+    with Llama(smol_model, **{k: v for k, v in kw.items() if not k.startswith("tca")}) as llm:
+        llm.eval_prompt(toks)
+        ref = np.asarray(llm._logits_last(), dtype=np.float64)
+    out = {}
+    for prefill in ("sparse", "dense"):
+        with Llama(smol_model, **kw, tca_prefill=prefill) as llm:
+            llm.eval_prompt(toks)
+            lg = np.asarray(llm._logits_last(), dtype=np.float64)
+            st = llm.tca_stats()
+            assert st["prefill"] == prefill and st["n_final"] == 1
+            assert ("dense prefill" in st["label"]) == (prefill == "dense")
+            out[prefill] = (float(np.mean((lg - ref) ** 2) / np.mean(ref ** 2)), st)
+            for _ in llm.generate_tokens(toks, 4, temperature=0):
+                pass
+    nmse_dense, st_d = out["dense"]
+    nmse_sparse, st_s = out["sparse"]
+    assert nmse_dense < 1e-4, nmse_dense
+    assert nmse_dense * 10 < nmse_sparse, (nmse_dense, nmse_sparse)
+    # what stays after the prompt follows the budgets either way
+    assert st_d["rows_kept"] == st_s["rows_kept"] < st_d["rows_held"]
+    assert st_d["bytes_resident"] < 0.5 * st_d["bytes_dense"]

@@ -88,6 +88,8 @@ struct tca_config {
                          //   taken from the head's budget shares, [0, 65536] [4]
     int32_t  type_hold;  // TYPE_HOLD: hold: ggml_type of the hold tier, GGML_TYPE_F32 (0), F16 (1)
                          //   or Q8_0 (8; halves it for f16 caches) [the cache's type_k]
+    int32_t  prefill;    // PREFILL: hold: what a prompt's ubatches attend, TCA_PREFILL_SPARSE or
+                         //   TCA_PREFILL_DENSE [SPARSE; TCA_GGML_PREFILL=dense picks DENSE, for tools]
 };
 #define TCA_SET_DENSITY   1
 #define TCA_SET_BLOCK     2
@@ -98,12 +100,19 @@ struct tca_config {
 #define TCA_SET_N_OBS     64
 #define TCA_SET_N_WHOLE   128
 #define TCA_SET_TYPE_HOLD 256
+#define TCA_SET_PREFILL   512
 // Retention policies (docs/design.md "Retention"): HOLD keeps every row of the sequence in a
 // second tier until a prompt's last ubatch (the one that asks for logits) has been seen, attends
 // it there, and selects what stays by that ubatch's last n_obs queries; STREAM evicts for good
 // after every ubatch (the smallest peak; rows the filler's queries did not read are lost).
 #define TCA_RETENTION_HOLD   0
 #define TCA_RETENTION_STREAM 1
+// What the ubatches of a prompt before its last attend (docs/design.md "Retention"): SPARSE the fast
+// tier (window + sinks + the blocks the budgets kept: prefill speed-up); DENSE (hold only) every
+// held row, as upstream's cache (no prefill speed-up; the prompt's K/V rows are exactly dense's,
+// the budgets apply from the prompt's end: decode speed and resident KV as SPARSE's).
+#define TCA_PREFILL_SPARSE 0
+#define TCA_PREFILL_DENSE  1
 
 // The fields of *c on their own (no model, no budgets): 0 when valid; otherwise nonzero with a
 // message in err. For early, clear errors (before a model is loaded); tca_context_create runs it too.

@@ -45,6 +45,7 @@ struct llama_tca_config {
     uint32_t n_obs = 32;              // HOLD: queries at the prompt's end that score the final selection
     uint32_t n_whole = 4;             // HOLD: top-ranked blocks of the final selection kept whole
     int32_t type_hold = -1;           // HOLD: ggml_type of the hold tier (-1: the cache's)
+    bool dense_prefill = false;       // HOLD: every prefill ubatch attends the hold tier (TCA_PREFILL_DENSE)
     // knobs (environment, read once at context creation)
     uint32_t gpu_min_ctx = 8192;      // TCA_GGML_GPU_MIN_CTX: layers on a GPU and n_ctx <= this: dense cache
     bool io_on_host = false;          // TCA_GGML_IO: device-resident graph inputs for host layers too (tests)

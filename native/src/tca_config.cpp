@@ -62,11 +62,17 @@ extern "C" int tca_config_check(const tca_config * c, char * err, size_t n) {
     if (!c) return fail(err, n, "tca config is NULL");
     const uint32_t s = c->set;
     if (s & ~(uint32_t) (TCA_SET_DENSITY | TCA_SET_BLOCK | TCA_SET_WINDOW | TCA_SET_ALPHA | TCA_SET_N_SINK |
-                         TCA_SET_RETENTION | TCA_SET_N_OBS | TCA_SET_N_WHOLE | TCA_SET_TYPE_HOLD))
+                         TCA_SET_RETENTION | TCA_SET_N_OBS | TCA_SET_N_WHOLE | TCA_SET_TYPE_HOLD | TCA_SET_PREFILL))
         return fail(err, n, "tca config: unknown TCA_SET_* bits " + std::to_string(s));
     if ((s & TCA_SET_RETENTION) && c->retention != TCA_RETENTION_HOLD && c->retention != TCA_RETENTION_STREAM)
         return fail(err, n, "tca_retention must be TCA_RETENTION_HOLD (0, 'hold') or TCA_RETENTION_STREAM (1, 'stream'), got " +
                             std::to_string(c->retention));
+    if ((s & TCA_SET_PREFILL) && c->prefill != TCA_PREFILL_SPARSE && c->prefill != TCA_PREFILL_DENSE)
+        return fail(err, n, "tca_prefill must be TCA_PREFILL_SPARSE (0, 'sparse') or TCA_PREFILL_DENSE (1, 'dense'), got " +
+                            std::to_string(c->prefill));
+    if ((s & TCA_SET_PREFILL) && c->prefill == TCA_PREFILL_DENSE && (s & TCA_SET_RETENTION) &&
+        c->retention == TCA_RETENTION_STREAM)
+        return fail(err, n, "tca_prefill='dense' needs tca_retention='hold' (a stream retention holds no rows to attend)");
     if ((s & TCA_SET_N_OBS) && (c->n_obs < 1 || c->n_obs > 4096))
         return fail(err, n, "tca_obs must be in [1, 4096], got " + std::to_string(c->n_obs));
     if ((s & TCA_SET_N_WHOLE) && (c->n_whole < 0 || c->n_whole > 65536))
@@ -161,6 +167,15 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
         retention = TCA_RETENTION_STREAM;  // tools without Python (tca-llama-bench -tca X)
     }
     cfg.hold = retention == TCA_RETENTION_HOLD;
+    int32_t prefill = TCA_PREFILL_SPARSE;
+    if (s & TCA_SET_PREFILL) {
+        prefill = c.prefill;
+    } else if (const char * e = getenv("TCA_GGML_PREFILL"); e && strcmp(e, "dense") == 0 && cfg.hold) {
+        prefill = TCA_PREFILL_DENSE;  // tools without Python
+    }
+    if (prefill == TCA_PREFILL_DENSE && !cfg.hold)
+        return fail(err, n, "tca_prefill='dense' needs tca_retention='hold' (a stream retention holds no rows to attend)");
+    cfg.dense_prefill = prefill == TCA_PREFILL_DENSE;
     cfg.n_obs = (s & TCA_SET_N_OBS) ? (uint32_t) c.n_obs : 32u;
     cfg.n_whole = (s & TCA_SET_N_WHOLE) ? (uint32_t) c.n_whole : 4u;
     cfg.type_hold = (s & TCA_SET_TYPE_HOLD) ? c.type_hold : -1;
@@ -168,7 +183,7 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
 
     out = tca_config{};
     out.set = TCA_SET_BLOCK | TCA_SET_WINDOW | TCA_SET_ALPHA | TCA_SET_N_SINK | TCA_SET_RETENTION | TCA_SET_N_OBS |
-              TCA_SET_N_WHOLE | TCA_SET_TYPE_HOLD | (forced ? TCA_SET_DENSITY : 0);
+              TCA_SET_N_WHOLE | TCA_SET_TYPE_HOLD | TCA_SET_PREFILL | (forced ? TCA_SET_DENSITY : 0);
     out.density = forced ? c.density : 0.0;
     out.block = cfg.block;
     out.window = cfg.window;
@@ -178,6 +193,7 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
     out.n_obs = cfg.n_obs;
     out.n_whole = cfg.n_whole;
     out.type_hold = cfg.type_hold;
+    out.prefill = prefill;
     return 0;
 }
 

@@ -44,6 +44,8 @@ def _worker(a) -> dict:
             kw["tca_block"] = a.tca_block
         if a.retention is not None:
             kw["tca_retention"] = a.retention
+        if a.prefill is not None:
+            kw["tca_prefill"] = a.prefill
     n_ctx = a.depth + a.prompt + a.gen + 8
     # both arms use the dense arm's flash-attention setting: a TCA context that falls back to the
     # dense cache (n_ctx <= w + b) is then exactly the dense arm; an active TCA context ignores it
@@ -100,6 +102,8 @@ def _run_arm(a, arm, prompt) -> dict:
         cmd += ["--tca-block", str(a.tca_block)]
     if a.retention is not None:
         cmd += ["--retention", a.retention]
+    if a.prefill is not None:
+        cmd += ["--prefill", a.prefill]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{arm} arm failed at p={prompt}: {r.stderr.strip()[-800:]}")
@@ -207,6 +211,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--tca-block", type=int, default=None)
     ap.add_argument("--retention", choices=["hold", "stream"], default=None,
                     help="TCA retention policy (default hold; docs/design.md 'Retention')")
+    ap.add_argument("--prefill", choices=["sparse", "dense"], default=None,
+                    help="what a prompt's ubatches attend (default sparse; dense: every row, hold only)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--dense-fa", type=int, default=1, choices=[0, 1], help="dense arm with flash attention (upstream's faster CPU path)")

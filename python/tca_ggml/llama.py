@@ -63,6 +63,10 @@ def _check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = 
 # "hold" keeps every row until a prompt's end (the question) decides what stays; "stream"
 # evicts after every ubatch (smallest peak memory, loses what filler queries did not read).
 RETENTIONS = {"hold": 0, "stream": 1}
+# tca_prefill (TCA_PREFILL_*): what a prompt's ubatches attend. "sparse": the fast tier (prefill
+# speed-up); "dense" (hold only): every row, as upstream (no prefill speed-up, the prompt's rows
+# exactly dense's; the budgets apply from the prompt's end: decode speed-up and resident KV kept).
+PREFILLS = {"sparse": 0, "dense": 1}
 
 # The TCA switches of Llama(...) and the struct tca_config field + TCA_SET_* bit each sets
 # (native/include/tca_ggml.h). Their values are validated by the native owner of the TCA
@@ -87,7 +91,11 @@ def _tca_config_struct(c: Dict[str, Any]):
         setattr(s, field_, v)
         bits |= getattr(L, bit)
     s.retention = RETENTIONS[c["retention"]]  # always given: Python's default is "hold"
-    s.set = bits | L.TCA_SET_RETENTION
+    bits |= L.TCA_SET_RETENTION
+    if c.get("prefill") is not None:
+        s.prefill = PREFILLS[c["prefill"]]
+        bits |= L.TCA_SET_PREFILL
+    s.set = bits
     return s
 
 
@@ -147,6 +155,7 @@ class Llama:
         tca_obs: Optional[int] = None,
         tca_whole: Optional[int] = None,
         tca_hold_type: Optional[int] = None,
+        tca_prefill: Optional[str] = None,
         eval_callback: Optional[Callable[[Any, bool], bool]] = None,
     ):
         self._model = None
@@ -181,7 +190,7 @@ class Llama:
             raise TypeError("chat_format must be a str or None")
         self.chat_format = chat_format
         self.tca_config = self._tca_config(tca, tca_density, tca_block, tca_window, tca_alpha, tca_retention, tca_obs,
-                                           tca_whole, tca_hold_type)
+                                           tca_whole, tca_hold_type, tca_prefill)
 
         # ---- the file, before upstream sees it ----
         if not os.path.exists(self.model_path):
@@ -271,7 +280,8 @@ class Llama:
 
     # ------------------------------------------------------------------ TCA switches
     @staticmethod
-    def _tca_config(tca, density, block, window, alpha, retention=None, obs=None, whole=None, hold_type=None):
+    def _tca_config(tca, density, block, window, alpha, retention=None, obs=None, whole=None, hold_type=None,
+                    prefill=None):
         """The TCA switches as given. Python types are checked here; the values by the native owner
         of the TCA configuration (tca_config_check now, for an error before the model loads, and
         tca_context_create with the model and its budgets)."""
@@ -279,6 +289,8 @@ class Llama:
             raise TypeError("tca must be a bool")
         if retention is not None and retention not in RETENTIONS:
             raise ValueError(f"tca_retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
+        if prefill is not None and prefill not in PREFILLS:
+            raise ValueError(f"tca_prefill must be one of {sorted(PREFILLS)}, got {prefill!r}")
         for name, v in (("tca_block", block), ("tca_window", window), ("tca_obs", obs), ("tca_whole", whole),
                         ("tca_hold_type", hold_type)):
             if v is not None:
@@ -287,13 +299,14 @@ class Llama:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise TypeError(f"{name} must be a number, got {type(v).__name__}")
         c = {"enabled": tca, "density": density, "block": block, "window": window, "alpha": alpha,
-             "retention": retention or "hold", "obs": obs, "whole": whole, "hold_type": hold_type}
+             "retention": retention or "hold", "obs": obs, "whole": whole, "hold_type": hold_type, "prefill": prefill}
         err = _native.ffi.new("char[512]")
         if _native.lib().tca_config_check(_tca_config_struct(c), err, 512) != 0:
             raise TCAConfigError(_native.err_text(err))
-        if not tca and any(v is not None for v in (density, block, window, alpha, retention, obs, whole, hold_type)):
+        if not tca and any(v is not None for v in (density, block, window, alpha, retention, obs, whole, hold_type,
+                                                   prefill)):
             raise TCAConfigError("tca_density/tca_block/tca_window/tca_alpha/tca_retention/tca_obs/tca_whole/"
-                                 "tca_hold_type need tca=True")
+                                 "tca_hold_type/tca_prefill need tca=True")
         return c
 
     def _tca_context(self, model, cp):
@@ -323,6 +336,8 @@ class Llama:
         self._scope.check(ctx != ffi.NULL, TCAConfigError, f"{self.model_path}: cannot create a TCA context",
                           _native.err_text(err))
         self._tp = resolved
+        if resolved.prefill == L.TCA_PREFILL_DENSE:
+            self.tca_label += ", dense prefill"
         return ctx
 
     def tca_retained_positions(self, layer: int, kv_head: int):
@@ -359,6 +374,8 @@ class Llama:
                 "n_compactions": int(st.n_compactions), "t_compact_ms": float(st.t_compact_ms),
                 "bytes_device": int(st.bytes_device),
                 "retention": {v: k for k, v in RETENTIONS.items()}.get(int(st.retention), "?") if st.active else None,
+                "prefill": ({v: k for k, v in PREFILLS.items()}.get(int(self._tp.prefill), "?")
+                            if st.active and self._tp is not None else None),
                 "bytes_hold": int(st.bytes_hold), "bytes_fast": int(st.bytes_alloc) - int(st.bytes_hold),
                 "rows_held": int(st.rows_held), "n_final": int(st.n_final), "bytes_resident": int(st.bytes_resident),
                 "layer": layer, "kv_head": head, "retained": ln, "capacity": cap, "coverage": cov}

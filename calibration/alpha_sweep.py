@@ -5,7 +5,6 @@ budgets: one dense capture, then the per-head calibration for several settings.
 
 Prints, per setting, the mean calibrated density of aged blocks and the overall kept share.
 """
-import argparse
 import time
 
 import numpy as np
@@ -13,17 +12,13 @@ import numpy as np
 from tca_ggml import calibrate, calibration
 from tca_ggml.llama import Llama
 
+from common_args import capture_parser
+
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("--ctx", type=int, default=8192)
-    ap.add_argument("--window", type=int, default=4096)
-    ap.add_argument("--block", type=int, default=128)
-    ap.add_argument("--tau", type=float, default=0.9)
+    ap = capture_parser()
     ap.add_argument("--layers", default="0,6,12,18,23")
     ap.add_argument("--alphas", default="0,0.25,0.5")
-    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     name, text = calibrate.default_text()
     with Llama(a.model, vocab_only=True, verbose=False) as tok:

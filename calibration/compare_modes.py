@@ -17,7 +17,6 @@ Prints the per-layer mean density of each mode and the median over heads; for th
 the answer probes' mean and worst coverage at the sparsest candidate. The capture (Q/K of
 every layer, f16) can be saved and reloaded (~50 MB per 1K tokens for the 0.5B model).
 """
-import argparse
 import time
 
 import numpy as np
@@ -25,15 +24,11 @@ import numpy as np
 from tca_ggml import calibrate, calibration
 from tca_ggml.llama import Llama
 
+from common_args import capture_parser
+
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("--ctx", type=int, default=8192)
-    ap.add_argument("--window", type=int, default=4096)
-    ap.add_argument("--block", type=int, default=128)
-    ap.add_argument("--tau", type=float, default=0.9)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = capture_parser()
     ap.add_argument("--modes", default="final,final-w0,end,chunked")
     ap.add_argument("--layers", default=None, help="comma-separated layers (default all)")
     ap.add_argument("--save", help="write the capture and episodes to this .npz")

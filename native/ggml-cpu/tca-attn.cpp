@@ -24,6 +24,7 @@
 #include "ggml-cpu-impl.h"
 #include "ggml-impl.h"
 #include "tca-common.h"
+#include "tca-op-params.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -87,64 +88,85 @@ tca_units tca_make_units(int64_t G, int64_t T, int64_t n_head_kv, int nth) {
     return u;
 }
 
+// the SIMD vector of the kernels below (tca_simd): W floats; loads, stores, broadcast, mul, fma,
+// and the steps of an in-register W x W transpose. The ops that AVX-512 and AVX2 spell alike but
+// for the prefix (_mm512 / _mm256):
+#define TCA_SIMD_OPS(pfx) \
+    static vec  zero ()                       { return pfx##_setzero_ps(); } \
+    static vec  load (const float * x)        { return pfx##_loadu_ps(x); } \
+    static void store(float * x, vec a)       { pfx##_storeu_ps(x, a); } \
+    static vec  set1 (float x)                { return pfx##_set1_ps(x); } \
+    static vec  mul  (vec a, vec b)           { return pfx##_mul_ps(a, b); } \
+    static vec  fmadd(vec a, vec b, vec c)    { return pfx##_fmadd_ps(a, b, c); } \
+    static vec  unpacklo(vec a, vec b)        { return pfx##_unpacklo_ps(a, b); } \
+    static vec  unpackhi(vec a, vec b)        { return pfx##_unpackhi_ps(a, b); } \
+    template <int imm> static vec shuffle(vec a, vec b) { return pfx##_shuffle_ps(a, b, imm); }
+
+#if defined(__AVX512F__)
+struct tca_simd {
+    using vec = __m512;
+    static constexpr int64_t W   = 16;
+    static constexpr int     NQS = 4;   // tca_scores: 4 queries x 64 rows (16 accumulators)
+    TCA_SIMD_OPS(_mm512)
+    // last step of the transpose: the 128-bit lanes of r[0..16) across registers (t: scratch)
+    static void transpose_lanes(vec * r, vec * t) {
+        for (int i = 0; i < 4; ++i) {
+            t[i]      = _mm512_shuffle_f32x4(r[i],     r[i + 4],  0x88);
+            t[i + 4]  = _mm512_shuffle_f32x4(r[i],     r[i + 4],  0xdd);
+            t[i + 8]  = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+            t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+        }
+        for (int i = 0; i < 8; ++i) {
+            r[i]     = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+            r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+        }
+    }
+};
+#define TCA_SIMD 1
+#elif defined(__AVX2__) && defined(__FMA__)
+struct tca_simd {
+    using vec = __m256;
+    static constexpr int64_t W   = 8;
+    static constexpr int     NQS = 2;   // tca_scores: 2 queries x 32 rows (8 accumulators + 4 loads)
+    TCA_SIMD_OPS(_mm256)
+    static void transpose_lanes(vec * r, vec * t) {
+        for (int i = 0; i < 4; ++i) {
+            t[i]     = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+            t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+        }
+        for (int i = 0; i < 8; ++i) {
+            r[i] = t[i];
+        }
+    }
+};
+#define TCA_SIMD 1
+#endif
+
 // KT[k][j] = Kc[j][k] for j < TCA_C, k < d (Kc: TCA_C rows of d floats, row stride ldk)
 void tca_transpose(int64_t d, const float * Kc, int64_t ldk, float * KT) {
     int64_t k0 = 0;
-#if defined(__AVX512F__)
-    for (; k0 + 16 <= d; k0 += 16) {
-        for (int64_t j0 = 0; j0 < TCA_C; j0 += 16) {
-            __m512 r[16], t[16];
-            for (int i = 0; i < 16; ++i) {
-                r[i] = _mm512_loadu_ps(Kc + (j0 + i)*ldk + k0);
+#if defined(TCA_SIMD)
+    using S = tca_simd;
+    constexpr int W = (int) S::W;
+    for (; k0 + W <= d; k0 += W) {
+        for (int64_t j0 = 0; j0 < TCA_C; j0 += W) {
+            S::vec r[W], t[W];
+            for (int i = 0; i < W; ++i) {
+                r[i] = S::load(Kc + (j0 + i)*ldk + k0);
             }
-            for (int i = 0; i < 16; i += 2) {
-                t[i]     = _mm512_unpacklo_ps(r[i], r[i + 1]);
-                t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+            for (int i = 0; i < W; i += 2) {
+                t[i]     = S::unpacklo(r[i], r[i + 1]);
+                t[i + 1] = S::unpackhi(r[i], r[i + 1]);
             }
-            for (int i = 0; i < 16; i += 4) {
-                r[i]     = _mm512_shuffle_ps(t[i],     t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-                r[i + 1] = _mm512_shuffle_ps(t[i],     t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-                r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-                r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+            for (int i = 0; i < W; i += 4) {
+                r[i]     = S::shuffle<_MM_SHUFFLE(1, 0, 1, 0)>(t[i],     t[i + 2]);
+                r[i + 1] = S::shuffle<_MM_SHUFFLE(3, 2, 3, 2)>(t[i],     t[i + 2]);
+                r[i + 2] = S::shuffle<_MM_SHUFFLE(1, 0, 1, 0)>(t[i + 1], t[i + 3]);
+                r[i + 3] = S::shuffle<_MM_SHUFFLE(3, 2, 3, 2)>(t[i + 1], t[i + 3]);
             }
-            for (int i = 0; i < 4; ++i) {
-                t[i]      = _mm512_shuffle_f32x4(r[i],     r[i + 4],  0x88);
-                t[i + 4]  = _mm512_shuffle_f32x4(r[i],     r[i + 4],  0xdd);
-                t[i + 8]  = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-                t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
-            }
-            for (int i = 0; i < 8; ++i) {
-                r[i]     = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-                r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
-            }
-            for (int i = 0; i < 16; ++i) {
-                _mm512_storeu_ps(KT + (k0 + i)*TCA_C + j0, r[i]);
-            }
-        }
-    }
-#elif defined(__AVX2__)
-    for (; k0 + 8 <= d; k0 += 8) {
-        for (int64_t j0 = 0; j0 < TCA_C; j0 += 8) {
-            __m256 r[8], t[8];
-            for (int i = 0; i < 8; ++i) {
-                r[i] = _mm256_loadu_ps(Kc + (j0 + i)*ldk + k0);
-            }
-            for (int i = 0; i < 8; i += 2) {
-                t[i]     = _mm256_unpacklo_ps(r[i], r[i + 1]);
-                t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-            }
-            for (int i = 0; i < 8; i += 4) {
-                r[i]     = _mm256_shuffle_ps(t[i],     t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-                r[i + 1] = _mm256_shuffle_ps(t[i],     t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-                r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-                r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-            }
-            for (int i = 0; i < 4; ++i) {
-                t[i]     = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
-                t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
-            }
-            for (int i = 0; i < 8; ++i) {
-                _mm256_storeu_ps(KT + (k0 + i)*TCA_C + j0, t[i]);
+            S::transpose_lanes(r, t);
+            for (int i = 0; i < W; ++i) {
+                S::store(KT + (k0 + i)*TCA_C + j0, r[i]);
             }
         }
     }
@@ -156,103 +178,52 @@ void tca_transpose(int64_t d, const float * Kc, int64_t ldk, float * KT) {
     }
 }
 
+#if defined(TCA_SIMD)
+// S[a][0..C) = sum_k q_a[k] * KT[k][0..C) for the NQ queries qs[0..NQ), 4 vectors of rows at a
+// time; each element is the same chain of fmas over k whatever NQ
+template <int NQ>
+void tca_scores_block(int64_t d, const float * KT, const float * const * qs, float * S) {
+    using V = tca_simd;
+    constexpr int64_t W = V::W;
+    static_assert(TCA_C % (4*W) == 0, "the SIMD score kernel assumes whole groups of 4 vectors per chunk");
+    for (int64_t h = 0; h < TCA_C; h += 4*W) {
+        V::vec acc[NQ][4];
+        for (int a = 0; a < NQ; ++a) {
+            for (int b = 0; b < 4; ++b) {
+                acc[a][b] = V::zero();
+            }
+        }
+        for (int64_t k = 0; k < d; ++k) {
+            const float * kt = KT + k*TCA_C + h;
+            const V::vec k0 = V::load(kt + 0*W);
+            const V::vec k1 = V::load(kt + 1*W);
+            const V::vec k2 = V::load(kt + 2*W);
+            const V::vec k3 = V::load(kt + 3*W);
+            for (int a = 0; a < NQ; ++a) {
+                const V::vec x = V::set1(qs[a][k]);
+                acc[a][0] = V::fmadd(x, k0, acc[a][0]); acc[a][1] = V::fmadd(x, k1, acc[a][1]);
+                acc[a][2] = V::fmadd(x, k2, acc[a][2]); acc[a][3] = V::fmadd(x, k3, acc[a][3]);
+            }
+        }
+        for (int a = 0; a < NQ; ++a) {
+            for (int b = 0; b < 4; ++b) {
+                V::store(S + a*TCA_C + h + b*W, acc[a][b]);
+            }
+        }
+    }
+}
+#endif
+
 // S[i][0..C) = sum_k q_i[k] * KT[k][0..C), for nq queries
 void tca_scores(int64_t d, const float * KT, const float * const * qs, int64_t nq, float * S) {
     int64_t i = 0;
-#if defined(__AVX512F__)
-    static_assert(TCA_C == 64, "the AVX-512 score kernel assumes 64 rows per chunk");
-    for (; i + 4 <= nq; i += 4) {
-        __m512 acc[4][4];
-        for (int a = 0; a < 4; ++a) for (int b = 0; b < 4; ++b) acc[a][b] = _mm512_setzero_ps();
-        const float * q0 = qs[i + 0];
-        const float * q1 = qs[i + 1];
-        const float * q2 = qs[i + 2];
-        const float * q3 = qs[i + 3];
-        for (int64_t k = 0; k < d; ++k) {
-            const float * kt = KT + k*TCA_C;
-            const __m512 k0 = _mm512_loadu_ps(kt +  0);
-            const __m512 k1 = _mm512_loadu_ps(kt + 16);
-            const __m512 k2 = _mm512_loadu_ps(kt + 32);
-            const __m512 k3 = _mm512_loadu_ps(kt + 48);
-            const __m512 b0 = _mm512_set1_ps(q0[k]);
-            const __m512 b1 = _mm512_set1_ps(q1[k]);
-            const __m512 b2 = _mm512_set1_ps(q2[k]);
-            const __m512 b3 = _mm512_set1_ps(q3[k]);
-            acc[0][0] = _mm512_fmadd_ps(b0, k0, acc[0][0]); acc[0][1] = _mm512_fmadd_ps(b0, k1, acc[0][1]);
-            acc[0][2] = _mm512_fmadd_ps(b0, k2, acc[0][2]); acc[0][3] = _mm512_fmadd_ps(b0, k3, acc[0][3]);
-            acc[1][0] = _mm512_fmadd_ps(b1, k0, acc[1][0]); acc[1][1] = _mm512_fmadd_ps(b1, k1, acc[1][1]);
-            acc[1][2] = _mm512_fmadd_ps(b1, k2, acc[1][2]); acc[1][3] = _mm512_fmadd_ps(b1, k3, acc[1][3]);
-            acc[2][0] = _mm512_fmadd_ps(b2, k0, acc[2][0]); acc[2][1] = _mm512_fmadd_ps(b2, k1, acc[2][1]);
-            acc[2][2] = _mm512_fmadd_ps(b2, k2, acc[2][2]); acc[2][3] = _mm512_fmadd_ps(b2, k3, acc[2][3]);
-            acc[3][0] = _mm512_fmadd_ps(b3, k0, acc[3][0]); acc[3][1] = _mm512_fmadd_ps(b3, k1, acc[3][1]);
-            acc[3][2] = _mm512_fmadd_ps(b3, k2, acc[3][2]); acc[3][3] = _mm512_fmadd_ps(b3, k3, acc[3][3]);
-        }
-        for (int a = 0; a < 4; ++a) {
-            for (int b = 0; b < 4; ++b) {
-                _mm512_storeu_ps(S + (i + a)*TCA_C + 16*b, acc[a][b]);
-            }
-        }
+#if defined(TCA_SIMD)
+    constexpr int NQ = tca_simd::NQS;
+    for (; i + NQ <= nq; i += NQ) {
+        tca_scores_block<NQ>(d, KT, qs + i, S + i*TCA_C);
     }
     for (; i < nq; ++i) {
-        // same per-element operation order as the 4-query block above
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-        const float * q = qs[i];
-        for (int64_t k = 0; k < d; ++k) {
-            const float * kt = KT + k*TCA_C;
-            const __m512 b = _mm512_set1_ps(q[k]);
-            a0 = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt +  0), a0);
-            a1 = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt + 16), a1);
-            a2 = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt + 32), a2);
-            a3 = _mm512_fmadd_ps(b, _mm512_loadu_ps(kt + 48), a3);
-        }
-        _mm512_storeu_ps(S + i*TCA_C +  0, a0);
-        _mm512_storeu_ps(S + i*TCA_C + 16, a1);
-        _mm512_storeu_ps(S + i*TCA_C + 32, a2);
-        _mm512_storeu_ps(S + i*TCA_C + 48, a3);
-    }
-#elif defined(__AVX2__) && defined(__FMA__)
-    static_assert(TCA_C == 64, "the AVX2 score kernel assumes 64 rows per chunk");
-    // two queries x 32 rows at a time (12 accumulators + 4 loads fit the 16 registers)
-    for (; i + 2 <= nq; i += 2) {
-        const float * q0 = qs[i + 0];
-        const float * q1 = qs[i + 1];
-        for (int64_t h = 0; h < TCA_C; h += 32) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-            __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
-            for (int64_t k = 0; k < d; ++k) {
-                const float * kt = KT + k*TCA_C + h;
-                const __m256 k0 = _mm256_loadu_ps(kt +  0);
-                const __m256 k1 = _mm256_loadu_ps(kt +  8);
-                const __m256 k2 = _mm256_loadu_ps(kt + 16);
-                const __m256 k3 = _mm256_loadu_ps(kt + 24);
-                const __m256 x0 = _mm256_broadcast_ss(q0 + k);
-                const __m256 x1 = _mm256_broadcast_ss(q1 + k);
-                a0 = _mm256_fmadd_ps(x0, k0, a0); a1 = _mm256_fmadd_ps(x0, k1, a1);
-                a2 = _mm256_fmadd_ps(x0, k2, a2); a3 = _mm256_fmadd_ps(x0, k3, a3);
-                b0 = _mm256_fmadd_ps(x1, k0, b0); b1 = _mm256_fmadd_ps(x1, k1, b1);
-                b2 = _mm256_fmadd_ps(x1, k2, b2); b3 = _mm256_fmadd_ps(x1, k3, b3);
-            }
-            float * s0 = S + (i + 0)*TCA_C + h;
-            float * s1 = S + (i + 1)*TCA_C + h;
-            _mm256_storeu_ps(s0, a0); _mm256_storeu_ps(s0 + 8, a1); _mm256_storeu_ps(s0 + 16, a2); _mm256_storeu_ps(s0 + 24, a3);
-            _mm256_storeu_ps(s1, b0); _mm256_storeu_ps(s1 + 8, b1); _mm256_storeu_ps(s1 + 16, b2); _mm256_storeu_ps(s1 + 24, b3);
-        }
-    }
-    for (; i < nq; ++i) {
-        const float * q0 = qs[i];
-        for (int64_t h = 0; h < TCA_C; h += 32) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-            for (int64_t k = 0; k < d; ++k) {
-                const float * kt = KT + k*TCA_C + h;
-                const __m256 x0 = _mm256_broadcast_ss(q0 + k);
-                a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(kt +  0), a0);
-                a1 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(kt +  8), a1);
-                a2 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(kt + 16), a2);
-                a3 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(kt + 24), a3);
-            }
-            float * s0 = S + i*TCA_C + h;
-            _mm256_storeu_ps(s0, a0); _mm256_storeu_ps(s0 + 8, a1); _mm256_storeu_ps(s0 + 16, a2); _mm256_storeu_ps(s0 + 24, a3);
-        }
+        tca_scores_block<1>(d, KT, qs + i, S + i*TCA_C);
     }
 #else
     for (; i < nq; ++i) {
@@ -273,71 +244,40 @@ void tca_scores(int64_t d, const float * KT, const float * const * qs, int64_t n
 // A[0..d) = A*ms + sum_j p[j] * V_j   over the rows with p[j] != 0
 void tca_pv(int64_t d, float * A, float ms, const float * p, int64_t n, const float * V, int64_t ldv) {
     int64_t c = 0;
-#if defined(__AVX512F__)
-    const __m512 vms = _mm512_set1_ps(ms);
-    for (; c + 64 <= d; c += 64) {
-        __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(A + c +  0), vms);
-        __m512 a1 = _mm512_mul_ps(_mm512_loadu_ps(A + c + 16), vms);
-        __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(A + c + 32), vms);
-        __m512 a3 = _mm512_mul_ps(_mm512_loadu_ps(A + c + 48), vms);
+#if defined(TCA_SIMD)
+    using S = tca_simd;
+    constexpr int64_t W = S::W;
+    const S::vec vms = S::set1(ms);
+    for (; c + 4*W <= d; c += 4*W) {
+        S::vec a0 = S::mul(S::load(A + c + 0*W), vms);
+        S::vec a1 = S::mul(S::load(A + c + 1*W), vms);
+        S::vec a2 = S::mul(S::load(A + c + 2*W), vms);
+        S::vec a3 = S::mul(S::load(A + c + 3*W), vms);
         for (int64_t j = 0; j < n; ++j) {
             if (p[j] == 0.0f) {
                 continue;
             }
-            const __m512  b  = _mm512_set1_ps(p[j]);
+            const S::vec  b  = S::set1(p[j]);
             const float * vr = V + j*ldv + c;
-            a0 = _mm512_fmadd_ps(b, _mm512_loadu_ps(vr +  0), a0);
-            a1 = _mm512_fmadd_ps(b, _mm512_loadu_ps(vr + 16), a1);
-            a2 = _mm512_fmadd_ps(b, _mm512_loadu_ps(vr + 32), a2);
-            a3 = _mm512_fmadd_ps(b, _mm512_loadu_ps(vr + 48), a3);
+            a0 = S::fmadd(b, S::load(vr + 0*W), a0);
+            a1 = S::fmadd(b, S::load(vr + 1*W), a1);
+            a2 = S::fmadd(b, S::load(vr + 2*W), a2);
+            a3 = S::fmadd(b, S::load(vr + 3*W), a3);
         }
-        _mm512_storeu_ps(A + c +  0, a0);
-        _mm512_storeu_ps(A + c + 16, a1);
-        _mm512_storeu_ps(A + c + 32, a2);
-        _mm512_storeu_ps(A + c + 48, a3);
+        S::store(A + c + 0*W, a0);
+        S::store(A + c + 1*W, a1);
+        S::store(A + c + 2*W, a2);
+        S::store(A + c + 3*W, a3);
     }
-    for (; c + 16 <= d; c += 16) {
-        __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(A + c), vms);
+    for (; c + W <= d; c += W) {
+        S::vec a0 = S::mul(S::load(A + c), vms);
         for (int64_t j = 0; j < n; ++j) {
             if (p[j] == 0.0f) {
                 continue;
             }
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(V + j*ldv + c), a0);
+            a0 = S::fmadd(S::set1(p[j]), S::load(V + j*ldv + c), a0);
         }
-        _mm512_storeu_ps(A + c, a0);
-    }
-#elif defined(__AVX2__) && defined(__FMA__)
-    const __m256 vms = _mm256_set1_ps(ms);
-    for (; c + 32 <= d; c += 32) {
-        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(A + c +  0), vms);
-        __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(A + c +  8), vms);
-        __m256 a2 = _mm256_mul_ps(_mm256_loadu_ps(A + c + 16), vms);
-        __m256 a3 = _mm256_mul_ps(_mm256_loadu_ps(A + c + 24), vms);
-        for (int64_t j = 0; j < n; ++j) {
-            if (p[j] == 0.0f) {
-                continue;
-            }
-            const __m256  b  = _mm256_set1_ps(p[j]);
-            const float * vr = V + j*ldv + c;
-            a0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(vr +  0), a0);
-            a1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(vr +  8), a1);
-            a2 = _mm256_fmadd_ps(b, _mm256_loadu_ps(vr + 16), a2);
-            a3 = _mm256_fmadd_ps(b, _mm256_loadu_ps(vr + 24), a3);
-        }
-        _mm256_storeu_ps(A + c +  0, a0);
-        _mm256_storeu_ps(A + c +  8, a1);
-        _mm256_storeu_ps(A + c + 16, a2);
-        _mm256_storeu_ps(A + c + 24, a3);
-    }
-    for (; c + 8 <= d; c += 8) {
-        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(A + c), vms);
-        for (int64_t j = 0; j < n; ++j) {
-            if (p[j] == 0.0f) {
-                continue;
-            }
-            a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + j*ldv + c), a0);
-        }
-        _mm256_storeu_ps(A + c, a0);
+        S::store(A + c, a0);
     }
 #endif
     for (; c < d; ++c) {
@@ -355,85 +295,46 @@ void tca_pv(int64_t d, float * A, float ms, const float * p, int64_t n, const fl
 // two queries at once (shares the V loads); per query the same operations as tca_pv
 void tca_pv2(int64_t d, float * A0, float * A1, float ms0, float ms1, const float * p0, const float * p1,
              int64_t n, const float * V, int64_t ldv) {
-#if defined(__AVX512F__)
-    if (d % 64 == 0) {
-        const __m512 vms0 = _mm512_set1_ps(ms0);
-        const __m512 vms1 = _mm512_set1_ps(ms1);
-        for (int64_t c = 0; c < d; c += 64) {
-            __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(A0 + c +  0), vms0);
-            __m512 a1 = _mm512_mul_ps(_mm512_loadu_ps(A0 + c + 16), vms0);
-            __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(A0 + c + 32), vms0);
-            __m512 a3 = _mm512_mul_ps(_mm512_loadu_ps(A0 + c + 48), vms0);
-            __m512 b0 = _mm512_mul_ps(_mm512_loadu_ps(A1 + c +  0), vms1);
-            __m512 b1 = _mm512_mul_ps(_mm512_loadu_ps(A1 + c + 16), vms1);
-            __m512 b2 = _mm512_mul_ps(_mm512_loadu_ps(A1 + c + 32), vms1);
-            __m512 b3 = _mm512_mul_ps(_mm512_loadu_ps(A1 + c + 48), vms1);
+#if defined(TCA_SIMD)
+    using S = tca_simd;
+    constexpr int64_t W = S::W;
+    if (d % (4*W) == 0) {
+        const S::vec vms0 = S::set1(ms0);
+        const S::vec vms1 = S::set1(ms1);
+        for (int64_t c = 0; c < d; c += 4*W) {
+            S::vec a0 = S::mul(S::load(A0 + c + 0*W), vms0);
+            S::vec a1 = S::mul(S::load(A0 + c + 1*W), vms0);
+            S::vec a2 = S::mul(S::load(A0 + c + 2*W), vms0);
+            S::vec a3 = S::mul(S::load(A0 + c + 3*W), vms0);
+            S::vec b0 = S::mul(S::load(A1 + c + 0*W), vms1);
+            S::vec b1 = S::mul(S::load(A1 + c + 1*W), vms1);
+            S::vec b2 = S::mul(S::load(A1 + c + 2*W), vms1);
+            S::vec b3 = S::mul(S::load(A1 + c + 3*W), vms1);
             for (int64_t j = 0; j < n; ++j) {
                 const bool u0 = p0[j] != 0.0f, u1 = p1[j] != 0.0f;
                 if (!u0 && !u1) {
                     continue;
                 }
                 const float * vr = V + j*ldv + c;
-                const __m512 v0 = _mm512_loadu_ps(vr +  0);
-                const __m512 v1 = _mm512_loadu_ps(vr + 16);
-                const __m512 v2 = _mm512_loadu_ps(vr + 32);
-                const __m512 v3 = _mm512_loadu_ps(vr + 48);
+                const S::vec v0 = S::load(vr + 0*W);
+                const S::vec v1 = S::load(vr + 1*W);
+                const S::vec v2 = S::load(vr + 2*W);
+                const S::vec v3 = S::load(vr + 3*W);
                 if (u0) {
-                    const __m512 w = _mm512_set1_ps(p0[j]);
-                    a0 = _mm512_fmadd_ps(w, v0, a0); a1 = _mm512_fmadd_ps(w, v1, a1);
-                    a2 = _mm512_fmadd_ps(w, v2, a2); a3 = _mm512_fmadd_ps(w, v3, a3);
+                    const S::vec w = S::set1(p0[j]);
+                    a0 = S::fmadd(w, v0, a0); a1 = S::fmadd(w, v1, a1);
+                    a2 = S::fmadd(w, v2, a2); a3 = S::fmadd(w, v3, a3);
                 }
                 if (u1) {
-                    const __m512 w = _mm512_set1_ps(p1[j]);
-                    b0 = _mm512_fmadd_ps(w, v0, b0); b1 = _mm512_fmadd_ps(w, v1, b1);
-                    b2 = _mm512_fmadd_ps(w, v2, b2); b3 = _mm512_fmadd_ps(w, v3, b3);
+                    const S::vec w = S::set1(p1[j]);
+                    b0 = S::fmadd(w, v0, b0); b1 = S::fmadd(w, v1, b1);
+                    b2 = S::fmadd(w, v2, b2); b3 = S::fmadd(w, v3, b3);
                 }
             }
-            _mm512_storeu_ps(A0 + c +  0, a0); _mm512_storeu_ps(A0 + c + 16, a1);
-            _mm512_storeu_ps(A0 + c + 32, a2); _mm512_storeu_ps(A0 + c + 48, a3);
-            _mm512_storeu_ps(A1 + c +  0, b0); _mm512_storeu_ps(A1 + c + 16, b1);
-            _mm512_storeu_ps(A1 + c + 32, b2); _mm512_storeu_ps(A1 + c + 48, b3);
-        }
-        return;
-    }
-#elif defined(__AVX2__) && defined(__FMA__)
-    if (d % 32 == 0) {
-        const __m256 vms0 = _mm256_set1_ps(ms0);
-        const __m256 vms1 = _mm256_set1_ps(ms1);
-        for (int64_t c = 0; c < d; c += 32) {
-            __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(A0 + c +  0), vms0);
-            __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(A0 + c +  8), vms0);
-            __m256 a2 = _mm256_mul_ps(_mm256_loadu_ps(A0 + c + 16), vms0);
-            __m256 a3 = _mm256_mul_ps(_mm256_loadu_ps(A0 + c + 24), vms0);
-            __m256 b0 = _mm256_mul_ps(_mm256_loadu_ps(A1 + c +  0), vms1);
-            __m256 b1 = _mm256_mul_ps(_mm256_loadu_ps(A1 + c +  8), vms1);
-            __m256 b2 = _mm256_mul_ps(_mm256_loadu_ps(A1 + c + 16), vms1);
-            __m256 b3 = _mm256_mul_ps(_mm256_loadu_ps(A1 + c + 24), vms1);
-            for (int64_t j = 0; j < n; ++j) {
-                const bool u0 = p0[j] != 0.0f, u1 = p1[j] != 0.0f;
-                if (!u0 && !u1) {
-                    continue;
-                }
-                const float * vr = V + j*ldv + c;
-                const __m256 v0 = _mm256_loadu_ps(vr +  0);
-                const __m256 v1 = _mm256_loadu_ps(vr +  8);
-                const __m256 v2 = _mm256_loadu_ps(vr + 16);
-                const __m256 v3 = _mm256_loadu_ps(vr + 24);
-                if (u0) {
-                    const __m256 w = _mm256_set1_ps(p0[j]);
-                    a0 = _mm256_fmadd_ps(w, v0, a0); a1 = _mm256_fmadd_ps(w, v1, a1);
-                    a2 = _mm256_fmadd_ps(w, v2, a2); a3 = _mm256_fmadd_ps(w, v3, a3);
-                }
-                if (u1) {
-                    const __m256 w = _mm256_set1_ps(p1[j]);
-                    b0 = _mm256_fmadd_ps(w, v0, b0); b1 = _mm256_fmadd_ps(w, v1, b1);
-                    b2 = _mm256_fmadd_ps(w, v2, b2); b3 = _mm256_fmadd_ps(w, v3, b3);
-                }
-            }
-            _mm256_storeu_ps(A0 + c +  0, a0); _mm256_storeu_ps(A0 + c +  8, a1);
-            _mm256_storeu_ps(A0 + c + 16, a2); _mm256_storeu_ps(A0 + c + 24, a3);
-            _mm256_storeu_ps(A1 + c +  0, b0); _mm256_storeu_ps(A1 + c +  8, b1);
-            _mm256_storeu_ps(A1 + c + 16, b2); _mm256_storeu_ps(A1 + c + 24, b3);
+            S::store(A0 + c + 0*W, a0); S::store(A0 + c + 1*W, a1);
+            S::store(A0 + c + 2*W, a2); S::store(A0 + c + 3*W, a3);
+            S::store(A1 + c + 0*W, b0); S::store(A1 + c + 1*W, b1);
+            S::store(A1 + c + 2*W, b2); S::store(A1 + c + 3*W, b3);
         }
         return;
     }
@@ -450,28 +351,14 @@ extern "C" size_t ggml_compute_forward_tca_attn_work_size(const struct ggml_tens
 }
 
 extern "C" void ggml_compute_forward_tca_attn(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
-    const ggml_tensor * q    = dst->src[0];
-    const ggml_tensor * k    = dst->src[1];
-    const ggml_tensor * v    = dst->src[2];
-    const ggml_tensor * kpos = dst->src[3];
-    const ggml_tensor * meta = dst->src[4];
-    const ggml_tensor * qpos = dst->src[5];
-
-    const int64_t d         = q->ne[0];
-    const int64_t T         = q->ne[1];
-    const int64_t n_head    = q->ne[2];
-    const int64_t n_slots   = k->ne[1];
-    const int64_t n_head_kv = ggml_get_op_params_i32(dst, 0);
-    const float   scale     = ggml_get_op_params_f32(dst, 1);
+    const tca_attn_op op = tca_attn_op_get(dst);
+    const auto & [q, k, v, kpos, meta, qpos, d, T, n_head, n_slots, n_head_kv, scale] = op;
 
     GGML_ASSERT(dst->type == GGML_TYPE_F32 && q->type == GGML_TYPE_F32);
     GGML_ASSERT(k->type == v->type);
     GGML_ASSERT(ggml_is_contiguous(q) && ggml_is_contiguous(k) && ggml_is_contiguous(v) && ggml_is_contiguous(dst));
     GGML_ASSERT(ggml_is_contiguous(kpos) && ggml_is_contiguous(meta) && ggml_is_contiguous(qpos));
-    GGML_ASSERT(k->ne[0] == d && v->ne[0] == d && v->ne[1] == n_slots);
-    GGML_ASSERT(dst->ne[0] == d && dst->ne[1] == n_head && dst->ne[2] == T);
-    GGML_ASSERT(n_head_kv > 0 && n_head % n_head_kv == 0);
-    GGML_ASSERT(ggml_nelements(meta) == 2*n_head_kv && ggml_nelements(kpos) == n_slots && ggml_nelements(qpos) == T);
+    GGML_ASSERT(tca_attn_op_shapes_ok(op, dst) && "tca_attn: shapes outside the op's contract");
 
     const int ith = params->ith;
     const int nth = params->nth;
@@ -496,10 +383,7 @@ extern "C" void ggml_compute_forward_tca_attn(const struct ggml_compute_params *
     const int32_t * hm = (const int32_t *) meta->data;
     const int32_t * qp = (const int32_t *) qpos->data;
 
-    for (int64_t g = 0; g < n_head_kv; ++g) {
-        GGML_ASSERT(hm[2*g] >= 0 && hm[2*g + 1] >= 0 && (int64_t) hm[2*g] + hm[2*g + 1] <= n_slots &&
-                    "tca_attn: head range outside the K/V slots");
-    }
+    GGML_ASSERT(tca_head_ranges_ok(hm, n_head_kv, n_slots) && "tca_attn: head range outside the K/V slots");
 
     const int64_t G = n_head / n_head_kv;
     const tca_units U = tca_make_units(G, T, n_head_kv, nth);

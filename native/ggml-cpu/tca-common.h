@@ -21,4 +21,14 @@ void tca_to_f32(ggml_type type, const void * src, float * dst, int64_t n) {
     }
 }
 
+// meta's (offset, length) pairs, one per KV head, inside [0, n_slots)
+bool tca_head_ranges_ok(const int32_t * hm, int64_t n_head_kv, int64_t n_slots) {
+    for (int64_t g = 0; g < n_head_kv; ++g) {
+        if (hm[2*g] < 0 || hm[2*g + 1] < 0 || (int64_t) hm[2*g] + hm[2*g + 1] > n_slots) {
+            return false;
+        }
+    }
+    return true;
+}
+
 } // namespace

@@ -11,6 +11,7 @@
 #include "ggml-cpu-impl.h"
 #include "ggml-impl.h"
 #include "tca-common.h"
+#include "tca-op-params.h"
 
 #include <algorithm>
 #include <cmath>
@@ -50,10 +51,7 @@ extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params 
     GGML_ASSERT(n_head_kv > 0 && n_head % n_head_kv == 0 && k->ne[0] == d);
 
     const int32_t * hm = (const int32_t *) meta->data;
-    for (int64_t g = 0; g < n_head_kv; ++g) {
-        GGML_ASSERT(hm[2*g] >= 0 && hm[2*g + 1] >= 0 && (int64_t) hm[2*g] + hm[2*g + 1] <= n_slots &&
-                    "tca_score: head range outside the K slots");
-    }
+    GGML_ASSERT(tca_head_ranges_ok(hm, n_head_kv, n_slots) && "tca_score: head range outside the K slots");
 
     const int ith = params->ith;
     const int nth = params->nth;
@@ -120,15 +118,9 @@ extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params 
 // on max-pooled scores with ties to the lower row (= reference.select_keep on the same f32 scores).
 namespace {
 
-struct tca_sel_params {
-    int64_t n_head_kv;
-    int32_t block, n_sink, F, f0, radius, n_k;
-    double  alpha;
-};
-
 // one KV head: rows [0, len) of s/kpos (region-relative), output sel (region-relative slots,
 // absolute source rows = off + r) and the 4-entry tail
-void tca_select_one(const tca_sel_params & P, const float * s, const float * kpos, int64_t off, int64_t len,
+void tca_select_one(const tca_select_params & P, const float * s, const float * kpos, int64_t off, int64_t len,
                     const float * bud, int32_t * sel, int32_t * tail) {
     const int64_t b = P.block;
     const int n_k = P.n_k;
@@ -228,29 +220,18 @@ extern "C" void ggml_compute_forward_tca_select(const struct ggml_compute_params
     const ggml_tensor * meta = dst->src[2];
     const ggml_tensor * bud  = dst->src[3];
 
-    tca_sel_params P;
-    P.n_head_kv = ggml_get_op_params_i32(dst, 0);
-    P.block     = ggml_get_op_params_i32(dst, 1);
-    P.n_sink    = ggml_get_op_params_i32(dst, 2);
-    P.F         = ggml_get_op_params_i32(dst, 3);
-    P.f0        = ggml_get_op_params_i32(dst, 4);
-    P.alpha     = (double) ggml_get_op_params_f32(dst, 5);
-    P.radius    = ggml_get_op_params_i32(dst, 6);
-    P.n_k       = (int32_t) (bud->ne[0] - 1) / 2;
+    const tca_select_params P = tca_select_params_get(dst);
 
     const int64_t n_slots = ggml_nelements(s);
     const int32_t * hm = (const int32_t *) meta->data;
-    for (int64_t g = 0; g < P.n_head_kv; ++g) {
-        GGML_ASSERT(hm[2*g] >= 0 && hm[2*g + 1] >= 0 && (int64_t) hm[2*g] + hm[2*g + 1] <= n_slots &&
-                    "tca_select: head range outside the slots");
-    }
+    GGML_ASSERT(tca_head_ranges_ok(hm, P.H, n_slots) && "tca_select: head range outside the slots");
     int32_t * out = (int32_t *) dst->data;
     const int ith = params->ith, nth = params->nth;
     if (ith == 0) {
         for (int64_t i = 0; i < n_slots; ++i) out[i] = -1;
     }
     ggml_barrier(params->threadpool);
-    for (int64_t g = ith; g < P.n_head_kv; g += nth) {
+    for (int64_t g = ith; g < P.H; g += nth) {
         const int64_t off = hm[2*g], len = hm[2*g + 1];
         tca_select_one(P, (const float *) s->data + off, (const float *) kpos->data + off, off, len,
                        (const float *) bud->data + g*bud->ne[0], out + off, out + n_slots + 4*g);

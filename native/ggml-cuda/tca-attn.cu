@@ -18,6 +18,7 @@
 #include "tca-attn-ffma.cuh"
 #include "tca-attn-mma.cuh"
 #include "tca-attn-vec.cuh"
+#include "tca-op-params.h"
 
 #include <algorithm>
 #include <climits>
@@ -97,15 +98,14 @@ bool ggml_cuda_op_tca_attn_supported(int device, const ggml_tensor * op) {
     GGML_UNUSED_VARS(device, op);
     return false;
 #else
-    const ggml_tensor * q    = op->src[0];
-    const ggml_tensor * k    = op->src[1];
-    const ggml_tensor * v    = op->src[2];
-    const ggml_tensor * kpos = op->src[3];
-    const ggml_tensor * meta = op->src[4];
-    const ggml_tensor * qpos = op->src[5];
-    if (!q || !k || !v || !kpos || !meta || !qpos) {
-        return false;
+    for (int i = 0; i < 6; ++i) {
+        if (!op->src[i]) {
+            return false;
+        }
     }
+    const tca_attn_op a = tca_attn_op_get(op);
+    const auto & [q, k, v, kpos, meta, qpos, D, T, n_head, n_slots, n_head_kv, scale] = a;
+    GGML_UNUSED(scale);
     if (op->type != GGML_TYPE_F32 || q->type != GGML_TYPE_F32 || k->type != v->type) {
         return false;
     }
@@ -116,25 +116,13 @@ bool ggml_cuda_op_tca_attn_supported(int device, const ggml_tensor * op) {
         qpos->type != GGML_TYPE_I32) {
         return false;
     }
-    const int64_t D         = q->ne[0];
-    const int64_t T         = q->ne[1];
-    const int64_t n_head    = q->ne[2];
-    const int64_t n_slots   = k->ne[1];
-    const int64_t n_head_kv = ggml_get_op_params_i32(op, 0);
     if (D != 64 && D != 128 && D != 256) {
         return false;
     }
-    if (q->ne[3] != 1 || k->ne[0] != D || k->ne[2] != 1 || k->ne[3] != 1 ||
-        v->ne[0] != D || v->ne[1] != n_slots || v->ne[2] != 1 || v->ne[3] != 1) {
+    if (!tca_attn_op_shapes_ok(a, op)) {
         return false;
     }
-    if (op->ne[0] != D || op->ne[1] != n_head || op->ne[2] != T || op->ne[3] != 1) {
-        return false;
-    }
-    if (n_head_kv <= 0 || n_head % n_head_kv != 0) {
-        return false;
-    }
-    if (ggml_nelements(kpos) != n_slots || ggml_nelements(meta) != 2*n_head_kv || ggml_nelements(qpos) != T) {
+    if (q->ne[3] != 1 || k->ne[2] != 1 || k->ne[3] != 1 || v->ne[2] != 1 || v->ne[3] != 1 || op->ne[3] != 1) {
         return false;
     }
     for (const ggml_tensor * t : { q, k, v, kpos, meta, qpos, (const ggml_tensor *) op }) {
@@ -158,19 +146,7 @@ bool ggml_cuda_op_tca_attn_supported(int device, const ggml_tensor * op) {
 }
 
 void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
-    const ggml_tensor * q    = dst->src[0];
-    const ggml_tensor * k    = dst->src[1];
-    const ggml_tensor * v    = dst->src[2];
-    const ggml_tensor * kpos = dst->src[3];
-    const ggml_tensor * meta = dst->src[4];
-    const ggml_tensor * qpos = dst->src[5];
-
-    const int64_t D         = q->ne[0];
-    const int64_t T         = q->ne[1];
-    const int64_t n_head    = q->ne[2];
-    const int64_t n_slots   = k->ne[1];
-    const int64_t n_head_kv = ggml_get_op_params_i32(dst, 0);
-    const float   scale     = ggml_get_op_params_f32(dst, 1);
+    const auto [q, k, v, kpos, meta, qpos, D, T, n_head, n_slots, n_head_kv, scale] = tca_attn_op_get(dst);
 
     GGML_ASSERT(ggml_cuda_op_tca_attn_supported(ctx.device, dst) && "tca_attn: unsupported on CUDA");
     const size_t align = k->type == GGML_TYPE_Q8_0 ? 4 : 16;

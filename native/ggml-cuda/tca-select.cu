@@ -4,6 +4,7 @@
 // tca-select.cuh (included by tca-attn.cuh, the header upstream's dispatch includes).
 #include "tca-select.cuh"
 #include "tca-attn-common.cuh"  // tca_warp_sum, tca_warp_max
+#include "tca-op-params.h"
 
 #include <algorithm>
 #include <climits>
@@ -365,7 +366,9 @@ void ggml_cuda_op_tca_score(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
 // last bits and two blocks whose scores tie to ~1e-16 may swap ranks.
 namespace {
 
-struct tca_sel_args {
+// op_params (H, block, n_sink, F, f0, alpha, radius) and n_k: tca_select_params (tca-op-params.h, shared
+// with the CPU kernel)
+struct tca_sel_args : tca_select_params {
     const float * s;      // [n_slots]
     const float * kpos;   // [n_slots]
     const int   * meta;   // [2*H]
@@ -379,8 +382,7 @@ struct tca_sel_args {
     int         * kb;     // kept rows of the block
     int         * out;    // first destination slot of the block (region-relative)
     int         * rk;     // rank of the block by score (prefill)
-    int n_slots, H, n_k, block, n_sink, F, f0, radius, j0, NB;
-    double alpha;
+    int n_slots, j0, NB;
 };
 
 // first row r in [0, len) of the region with kpos[r] >= p (rows ascending)
@@ -719,15 +721,8 @@ void ggml_cuda_op_tca_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst)
     a.meta   = (const int *) meta->data;
     a.bud    = (const float *) bud->data;
     a.sel    = (int *) dst->data;
+    static_cast<tca_select_params &>(a) = tca_select_params_get(dst);
     a.n_slots = (int) ggml_nelements(s);
-    a.H      = ggml_get_op_params_i32(dst, 0);
-    a.block  = ggml_get_op_params_i32(dst, 1);
-    a.n_sink = ggml_get_op_params_i32(dst, 2);
-    a.F      = ggml_get_op_params_i32(dst, 3);
-    a.f0     = ggml_get_op_params_i32(dst, 4);
-    a.alpha  = (double) ggml_get_op_params_f32(dst, 5);
-    a.radius = ggml_get_op_params_i32(dst, 6);
-    a.n_k    = (int) (bud->ne[0] - 1)/2;
     const int lo = a.f0 >= 0 ? std::max(a.f0, a.n_sink) : a.n_sink;
     a.j0 = lo / a.block;
     a.NB = std::max(0, a.F / a.block - a.j0);

@@ -435,6 +435,43 @@ ggml_backend_t llama_tca_memory::backend_for(ggml_backend_buffer_type_t buft) {
     return be;
 }
 
+// A no-alloc context for n_nodes tensors and a graph of n_nodes nodes in it (the device graphs below)
+struct tca_graph_ctx {
+    ggml_context_ptr ctx;
+    ggml_cgraph * gf;
+};
+
+static tca_graph_ctx tca_new_graph(size_t n_nodes) {
+    ggml_init_params ip = { ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false), nullptr, true };
+    ggml_context_ptr ctx{ggml_init(ip)};
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), n_nodes, false);
+    return { std::move(ctx), gf };
+}
+
+// Selection graphs (compact_graph, compact_final): the layer's head-range input of TCA_SCORE /
+// TCA_SELECT ([2*n_head_kv] i32; its score scale defaults to 1/sqrt(d_k)) ...
+static ggml_tensor * tca_meta_input(ggml_context * ctx, llama_tca_memory::layer_t * L) {
+    if (L->scale == 0.0f) L->scale = 1.0f / std::sqrt((float) L->d_k);
+    ggml_tensor * meta = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 2 * (int64_t) L->n_head_kv);
+    ggml_set_input(meta);
+    return meta;
+}
+
+// ... and its upload once the graph is allocated: range(L, g) is KV head g's (offset, length)
+template <typename R>
+static void tca_set_meta(const std::vector<llama_tca_memory::layer_t *> & Ls, const std::vector<ggml_tensor *> & metas, R range) {
+    std::vector<int32_t> mt;
+    for (size_t i = 0; i < Ls.size(); ++i) {
+        mt.clear();
+        for (uint32_t g = 0; g < Ls[i]->n_head_kv; ++g) {
+            const std::pair<uint32_t, uint32_t> r = range(*Ls[i], g);
+            mt.push_back((int32_t) r.first);
+            mt.push_back((int32_t) r.second);
+        }
+        ggml_backend_tensor_set(metas[i], mt.data(), 0, mt.size() * sizeof(int32_t));
+    }
+}
+
 // Selection and compaction of the layers of one buffer type, in one graph on that device (the CPU too):
 // per layer GGML_OP_TCA_SCORE (importance of every retained row), GGML_OP_TCA_SELECT (blocks,
 // ranking, budgets, per-block top-k: which rows stay, where they go) and GGML_OP_TCA_COMPACT on K,
@@ -442,21 +479,14 @@ ggml_backend_t llama_tca_memory::backend_for(ggml_backend_buffer_type_t buft) {
 void llama_tca_memory::compact_graph(const std::vector<layer_t *> & Ls, int64_t f0) {
     if (Ls.empty()) return;
     const int64_t t0 = ggml_time_us();
-    ggml_backend_buffer_type_t buft = Ls[0]->buft;
-    ggml_backend_t be = backend_for(buft);
-    ggml_gallocr_t galloc = gallocs[buft].get();
+    ggml_backend_t be = backend_for(Ls[0]->buft);  // also makes the buffer type's gallocr
+    ggml_gallocr_t galloc = gallocs[Ls[0]->buft].get();
     const uint32_t F = llama_tca_aged_frontier(n_seen, cfg.window, cfg.block);
-    const size_t n_nodes = 8 * Ls.size() + 16;
-
-    ggml_init_params ip = { ggml_tensor_overhead() * (8 * Ls.size() + 16) + ggml_graph_overhead_custom(n_nodes, false), nullptr, true };
-    ggml_context_ptr ctx{ggml_init(ip)};
-    ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), n_nodes, false);
+    auto [ctx, gf] = tca_new_graph(8 * Ls.size() + 16);
     std::vector<ggml_tensor *> metas, sels;
     for (layer_t * L : Ls) {
-        if (L->scale == 0.0f) L->scale = 1.0f / std::sqrt((float) L->d_k);
         const int nkv = (int) L->n_head_kv;
-        ggml_tensor * meta = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, 2 * nkv);
-        ggml_set_input(meta);
+        ggml_tensor * meta = tca_meta_input(ctx.get(), L);
         ggml_tensor * sc = ggml_tca_score(ctx.get(), L->q_last, L->k, meta, nkv, L->scale);
         ggml_tensor * se = ggml_tca_select(ctx.get(), sc, L->kpos, meta, L->bud, nkv, (int) cfg.block, (int) cfg.n_sink,
                                            (int) F, (int) f0, cfg.alpha, cfg.pool_radius);
@@ -468,12 +498,7 @@ void llama_tca_memory::compact_graph(const std::vector<layer_t *> & Ls, int64_t 
         sels.push_back(se);
     }
     if (!ggml_gallocr_alloc_graph(galloc, gf)) throw std::runtime_error("TCA: cannot allocate the selection graph");
-    std::vector<int32_t> mt;
-    for (size_t i = 0; i < Ls.size(); ++i) {
-        mt.clear();
-        for (const auto & h : Ls[i]->heads) { mt.push_back((int32_t) h.off); mt.push_back((int32_t) h.len); }
-        ggml_backend_tensor_set(metas[i], mt.data(), 0, mt.size() * sizeof(int32_t));
-    }
+    tca_set_meta(Ls, metas, [](const layer_t & L, uint32_t g) { return std::make_pair(L.heads[g].off, L.heads[g].len); });
     const int64_t t1 = ggml_time_us();
     if (ggml_backend_graph_compute(be, gf) != GGML_STATUS_SUCCESS) throw std::runtime_error("TCA: selection graph failed");
     ggml_backend_synchronize(be);
@@ -521,23 +546,17 @@ void llama_tca_memory::init_hold_pos(layer_t & L) {
 void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
     if (Ls.empty()) return;
     const int64_t t0 = ggml_time_us();
-    ggml_backend_buffer_type_t buft = Ls[0]->buft;
-    ggml_backend_t be = backend_for(buft);
-    ggml_gallocr_t galloc = gallocs[buft].get();
+    ggml_backend_t be = backend_for(Ls[0]->buft);  // also makes the buffer type's gallocr
+    ggml_gallocr_t galloc = gallocs[Ls[0]->buft].get();
     const uint32_t F = llama_tca_aged_frontier(n_seen, cfg.window, cfg.block);
     const uint32_t n_q = std::max<uint32_t>(1, n_obs_valid);
     std::vector<std::vector<int32_t>> sel_host(Ls.size());
     {   // 1. scores and selection on the hold tier
-        const size_t n_nodes = (4 * (size_t) n_q + 8) * Ls.size() + 16;
-        ggml_init_params ip = { ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false), nullptr, true };
-        ggml_context_ptr ctx{ggml_init(ip)};
-        ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), n_nodes, false);
+        auto [ctx, gf] = tca_new_graph((4 * (size_t) n_q + 8) * Ls.size() + 16);
         std::vector<ggml_tensor *> metas, sels, buds;
         for (layer_t * L : Ls) {
-            if (L->scale == 0.0f) L->scale = 1.0f / std::sqrt((float) L->d_k);
             const int nkv = (int) L->n_head_kv;
-            ggml_tensor * meta = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, 2 * nkv);
-            ggml_set_input(meta);
+            ggml_tensor * meta = tca_meta_input(ctx.get(), L);
             ggml_tensor * s = nullptr;
             for (uint32_t j = 0; j < n_q; ++j) {
                 ggml_tensor * qj = ggml_view_2d(ctx.get(), L->q_obs, L->d_k, L->n_head, L->q_obs->nb[1], (size_t) j * L->q_obs->nb[2]);
@@ -556,11 +575,8 @@ void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
             sels.push_back(se);
         }
         if (!ggml_gallocr_alloc_graph(galloc, gf)) throw std::runtime_error("TCA: cannot allocate the final selection graph");
-        std::vector<int32_t> mt;
+        tca_set_meta(Ls, metas, [&](const layer_t &, uint32_t g) { return std::make_pair(g * n_ctx, n_seen); });
         for (size_t i = 0; i < Ls.size(); ++i) {
-            mt.clear();
-            for (uint32_t g = 0; g < Ls[i]->n_head_kv; ++g) { mt.push_back((int32_t) (g * n_ctx)); mt.push_back((int32_t) n_seen); }
-            ggml_backend_tensor_set(metas[i], mt.data(), 0, mt.size() * sizeof(int32_t));
             // the head's budget with its top n_whole ranks at k = b: p'_0 = (W + p_0 (N - W)) / N,
             // p'_i = p_i (N - W) / N over the N aged blocks (every aged block has candidates: the
             // hold tier holds every row)
@@ -585,10 +601,7 @@ void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
     }
     const int64_t t1 = ggml_time_us();
     {   // 2. gather the kept rows into the fast tier
-        const size_t n_nodes = 16 * Ls.size() + 16;
-        ggml_init_params ip = { ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false), nullptr, true };
-        ggml_context_ptr ctx{ggml_init(ip)};
-        ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), n_nodes, false);
+        auto [ctx, gf] = tca_new_graph(16 * Ls.size() + 16);
         std::vector<std::pair<ggml_tensor *, std::vector<int32_t>>> srcs;
         std::vector<std::pair<ggml_tensor *, std::vector<int64_t>>> dsts;
         for (size_t i = 0; i < Ls.size(); ++i) {

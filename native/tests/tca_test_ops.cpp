@@ -155,6 +155,41 @@ TCA_TEST_API int tca_test_tca_attn(int d, int n_head, int n_head_kv, int n_token
     return TCA_TEST_OK;
 }
 
+namespace {
+
+// The benchmarks' data: every KV head holds n_kv rows (positions 0 .. n_kv-1), token t is at
+// position n_kv + t (every query sees every row), Q, K, V ~ N(0, 1) from a fixed seed. False when
+// tca_test_check rejects the shapes.
+struct tca_bench_data {
+    std::vector<int32_t> meta, qpos, kpos;
+    std::vector<float>   Q, K, V;
+    float                scale;
+};
+
+bool tca_bench_make(tca_bench_data & B, int d, int n_head, int n_head_kv, int n_tokens, int n_kv, int kv_type,
+                    int n_threads) {
+    const int n_slots = n_kv*n_head_kv;
+    B.meta.assign(2*(size_t) n_head_kv, 0);
+    B.qpos.assign(n_tokens, 0);
+    B.kpos.assign(n_slots, 0);
+    for (int g = 0; g < n_head_kv; ++g) { B.meta[2*g] = g*n_kv; B.meta[2*g + 1] = n_kv; }
+    for (int j = 0; j < n_slots; ++j) B.kpos[j] = j % n_kv;
+    for (int t = 0; t < n_tokens; ++t) B.qpos[t] = n_kv + t;
+    B.scale = 1.0f/std::sqrt((float) d);
+    std::mt19937 rng(42);
+    std::normal_distribution<float> N(0.f, 1.f);
+    B.Q.resize((size_t) d*n_head*n_tokens);
+    B.K.resize((size_t) d*n_slots);
+    B.V.resize((size_t) d*n_slots);
+    for (auto & x : B.Q) x = N(rng);
+    for (auto & x : B.K) x = N(rng);
+    for (auto & x : B.V) x = N(rng);
+    return tca_test_check(d, n_head, n_head_kv, n_tokens, n_slots, kv_type, B.Q.data(), B.K.data(), B.V.data(),
+                          B.kpos.data(), B.meta.data(), B.qpos.data(), B.scale, n_threads) == TCA_TEST_OK;
+}
+
+} // namespace
+
 // Benchmark: seconds per graph compute (best of reps, after one warm-up), random data,
 // every KV head holding n_kv rows and every query seeing all of them. cpu_time != 0
 // measures the process CPU time instead of wall time (meaningful with n_threads = 1 on a
@@ -167,22 +202,10 @@ TCA_TEST_API double tca_test_bench_attn(int which, int d, int n_head, int n_head
                                         int kv_type, int n_threads, int reps, int cpu_time) {
     if (which < 0 || which > 1 || reps <= 0 || n_kv <= 0 || n_head_kv <= 0 || (int64_t) n_kv*n_head_kv > (1 << 26)) return -2.0;
     const int n_slots = n_kv*n_head_kv;
-    std::vector<int32_t> meta(2*(size_t) std::max(n_head_kv, 0)), qpos(std::max(n_tokens, 0)), kpos(n_slots);
-    for (int g = 0; g < n_head_kv; ++g) { meta[2*g] = g*n_kv; meta[2*g + 1] = n_kv; }
-    for (int j = 0; j < n_slots; ++j) kpos[j] = j % n_kv;
-    for (int t = 0; t < n_tokens; ++t) qpos[t] = n_kv + t;
-    const float scale = 1.0f/std::sqrt((float) std::max(d, 1));
     if (d <= 0 || d > 4096 || n_head <= 0 || n_head > 4096 || n_tokens <= 0 || n_tokens > (1 << 20)) return -2.0;
-    std::mt19937 rng(42);
-    std::normal_distribution<float> N(0.f, 1.f);
-    std::vector<float> Q((size_t) d*n_head*n_tokens), K((size_t) d*n_slots), V((size_t) d*n_slots);
-    for (auto & x : Q) x = N(rng);
-    for (auto & x : K) x = N(rng);
-    for (auto & x : V) x = N(rng);
-    if (tca_test_check(d, n_head, n_head_kv, n_tokens, n_slots, kv_type, Q.data(), K.data(), V.data(),
-                       kpos.data(), meta.data(), qpos.data(), scale, n_threads) != TCA_TEST_OK) {
-        return -2.0;
-    }
+    tca_bench_data data;
+    if (!tca_bench_make(data, d, n_head, n_head_kv, n_tokens, n_kv, kv_type, n_threads)) return -2.0;
+    const auto & [meta, qpos, kpos, Q, K, V, scale] = data;
 
     tca_test_graph G;
     if (which == 0) {
@@ -389,21 +412,9 @@ TCA_TEST_API double tca_test_bench_attn_backend(const char * backend, int which,
         n_head_kv <= 0 || (int64_t) n_kv*n_head_kv > (1 << 26)) return -2.0;
     if (d <= 0 || d > 4096 || n_head <= 0 || n_head > 4096 || n_tokens <= 0 || n_tokens > (1 << 20)) return -2.0;
     const int n_slots = n_kv*n_head_kv;
-    std::vector<int32_t> meta(2*(size_t) n_head_kv), qpos(n_tokens), kpos(n_slots);
-    for (int g = 0; g < n_head_kv; ++g) { meta[2*g] = g*n_kv; meta[2*g + 1] = n_kv; }
-    for (int j = 0; j < n_slots; ++j) kpos[j] = j % n_kv;
-    for (int t = 0; t < n_tokens; ++t) qpos[t] = n_kv + t;
-    const float scale = 1.0f/std::sqrt((float) d);
-    std::mt19937 rng(42);
-    std::normal_distribution<float> N(0.f, 1.f);
-    std::vector<float> Q((size_t) d*n_head*n_tokens), K((size_t) d*n_slots), V((size_t) d*n_slots);
-    for (auto & x : Q) x = N(rng);
-    for (auto & x : K) x = N(rng);
-    for (auto & x : V) x = N(rng);
-    if (tca_test_check(d, n_head, n_head_kv, n_tokens, n_slots, kv_type, Q.data(), K.data(), V.data(),
-                       kpos.data(), meta.data(), qpos.data(), scale, std::max(n_threads, 1)) != TCA_TEST_OK) {
-        return -2.0;
-    }
+    tca_bench_data data;
+    if (!tca_bench_make(data, d, n_head, n_head_kv, n_tokens, n_kv, kv_type, std::max(n_threads, 1))) return -2.0;
+    const auto & [meta, qpos, kpos, Q, K, V, scale] = data;
 
     tca_test_backend_graph B;
     const int rc = tca_test_backend_open(B, backend, std::max(n_threads, 1), 8 + (size_t) n_ops);

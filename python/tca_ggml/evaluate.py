@@ -1193,6 +1193,16 @@ def write_json(res: Dict[str, Any], path: str) -> None:
         f.write("\n")
 
 
+def _finish_plot(plt: Any, fig: Any, ax: Any, title: str, path: str) -> str:
+    """The line plots' ending (write_plots): small title and legend, saved to path, closed."""
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_plots(res: Dict[str, Any], plot_dir: str) -> List[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -1274,13 +1284,7 @@ def write_plots(res: Dict[str, Any], plot_dir: str) -> List[str]:
                         np.maximum(k["kl_per_position"], 1e-12), ".-", label=f"L={k['length']}")
         ax.set_xlabel("position")
         ax.set_ylabel("KL(dense‖TCA)")
-        ax.set_title(tl, fontsize=8)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = os.path.join(plot_dir, "kl.png")
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        written.append(p)
+        written.append(_finish_plot(plt, fig, ax, tl, os.path.join(plot_dir, "kl.png")))
     pl = res["coverage"].get("per_layer")
     if pl:
         fig, ax = plt.subplots(figsize=(6, 3))
@@ -1289,13 +1293,7 @@ def write_plots(res: Dict[str, Any], plot_dir: str) -> List[str]:
         ax.set_xlabel("layer")
         ax.set_ylabel("coverage")
         ax.set_ylim(0, 1.02)
-        ax.set_title(tl, fontsize=8)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = os.path.join(plot_dir, "coverage.png")
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        written.append(p)
+        written.append(_finish_plot(plt, fig, ax, tl, os.path.join(plot_dir, "coverage.png")))
     return written
 
 

@@ -30,6 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, LlamaFileType
 
+from ._fsutil import replace_when_done
+
 # --------------------------------------------------------------------------------------------
 # shapes (values from the models' published config.json)
 
@@ -382,7 +384,7 @@ def write_random_gguf(path: Union[str, os.PathLike], shape: Union[str, ModelShap
         budgets = gguf_meta.make_random_budgets(L, s.n_head_kv, seed=seed)
 
     tmp = path + ".tmp"
-    try:
+    with replace_when_done(tmp, path):
         w = _gguf_writer(tmp, s, wtype, L, n_ctx, plan, budgets)
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -425,13 +427,6 @@ def write_random_gguf(path: Union[str, os.PathLike], shape: Union[str, ModelShap
             fout.truncate(data_start + offset)  # data=False: ends in a hole
         finally:
             w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return {"path": path, "shape": s.name, "wtype": wtype, "n_layer": L, "n_tensors": len(plan),
             "bytes": os.path.getsize(path), "seconds": time.perf_counter() - t0}
 

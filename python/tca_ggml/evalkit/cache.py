@@ -30,6 +30,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from .._fsutil import replace_when_done
+
 CACHE_VERSION = 1
 
 
@@ -47,16 +49,9 @@ def default_dir() -> Path:
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=str(path.parent))
-    try:
+    with replace_when_done(tmp, path):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def model_dense_id(path: str, memo_dir: Optional[Path] = None) -> str:

@@ -128,3 +128,26 @@ def test_gpu_short_context_stays_dense(model):
             os.environ["TCA_GGML_GPU_MIN_CTX"] = env_before
     assert not st["active"]
     np.testing.assert_array_equal(tca, dense)
+
+
+def test_cuda_dense_prefill_matches_cpu(model):
+    """tca_prefill='dense' on CUDA: every prefill ubatch attends the hold tier on the device, so the
+    prompt's last logits are dense's (within upstream's CUDA-vs-CPU band) while the final selection
+    keeps the same rows as on the CPU."""
+    rng = np.random.default_rng(2)
+    toks = [1] + rng.integers(300, 5000, size=2999).tolist()
+    dense_cpu, _, _ = _run(model, toks, 0, flash_attn=True)
+    dense_gpu, _, _ = _run(model, toks, -1, flash_attn=True)
+    band = nmse(dense_gpu, dense_cpu)
+    kw = dict(tca=True, tca_density=0.25, tca_window=W, tca_block=B, tca_prefill="dense")
+    tc, stc, pc = _run(model, toks, 0, **kw)
+    tg, stg, pg = _run(model, toks, -1, **kw)
+    assert stg["active"] and stg["bytes_device"] == stg["bytes_alloc"] > 0
+    same = sum(len(pc[k] & pg[k]) for k in pc)
+    total = sum(len(pc[k]) for k in pc)
+    print(f"{Path(model).name} dense prefill: TCA CUDA vs CPU NMSE {nmse(tg, tc):.2e}, vs dense CUDA "
+          f"{nmse(tg, dense_gpu):.2e} (dense CUDA vs CPU {band:.2e}), kept rows equal {same}/{total}")
+    assert all(len(pc[k]) == len(pg[k]) for k in pc)
+    assert same / total >= 0.95
+    assert nmse(tg, dense_gpu) <= 4 * band + 1e-6   # the prompt attended densely on the device
+    assert nmse(tg, tc) <= 4 * band + 1e-6

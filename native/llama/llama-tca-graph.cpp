@@ -264,8 +264,9 @@ ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_
         ggml_build_forward_expand(gf, hk_all);
         ggml_build_forward_expand(gf, hv_all);
         // TCA_PREFILL_DENSE: every multi-token ubatch attends the hold tier too (the prompt's rows
-        // are dense's; the budgets apply from the prompt's end)
-        if (inp->final || (n_tokens > 1 && mem->get_config().dense_prefill)) {
+        // are dense's; the budgets apply from the prompt's end); TCA_GGML_PREFILL_LAYERS: only
+        // those layers do (experiment)
+        if (inp->final || (n_tokens > 1 && mem->get_config().prefill_dense_layer(il))) {
             att_k = hk_all;
             att_v = hv_all;
             att_p = ggml_reshape_1d(ctx0, L->hkpos, ggml_nelements(L->hkpos));

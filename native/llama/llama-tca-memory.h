@@ -46,6 +46,11 @@ struct llama_tca_config {
     uint32_t n_whole = 4;             // HOLD: top-ranked blocks of the final selection kept whole
     int32_t type_hold = -1;           // HOLD: ggml_type of the hold tier (-1: the cache's)
     bool dense_prefill = false;       // HOLD: every prefill ubatch attends the hold tier (TCA_PREFILL_DENSE)
+    int32_t dense_prefill_lo = -1;    // HOLD, sparse prefill: layers lo..hi attend the hold tier in prefill
+    int32_t dense_prefill_hi = -1;    // ubatches (TCA_GGML_PREFILL_LAYERS=lo-hi, experiment)
+    bool prefill_dense_layer(int32_t il) const {
+        return dense_prefill || (il >= dense_prefill_lo && il <= dense_prefill_hi);
+    }
     // knobs (environment, read once at context creation)
     uint32_t gpu_min_ctx = 8192;      // TCA_GGML_GPU_MIN_CTX: layers on a GPU and n_ctx <= this: dense cache
     bool io_on_host = false;          // TCA_GGML_IO: device-resident graph inputs for host layers too (tests)

@@ -176,6 +176,13 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
     if (prefill == TCA_PREFILL_DENSE && !cfg.hold)
         return fail(err, n, "tca_prefill='dense' needs tca_retention='hold' (a stream retention holds no rows to attend)");
     cfg.dense_prefill = prefill == TCA_PREFILL_DENSE;
+    if (const char * e = getenv("TCA_GGML_PREFILL_LAYERS"); e && *e && cfg.hold && !cfg.dense_prefill) {
+        int lo = -1, hi = -1;
+        if (sscanf(e, "%d-%d", &lo, &hi) != 2 || lo < 0 || hi < lo)
+            return fail(err, n, std::string("TCA_GGML_PREFILL_LAYERS must be 'lo-hi' (layer indices), got '") + e + "'");
+        cfg.dense_prefill_lo = lo;   // experiment (docs/design.md "Knobs")
+        cfg.dense_prefill_hi = hi;
+    }
     cfg.n_obs = (s & TCA_SET_N_OBS) ? (uint32_t) c.n_obs : 32u;
     cfg.n_whole = (s & TCA_SET_N_WHOLE) ? (uint32_t) c.n_whole : 4u;
     cfg.type_hold = (s & TCA_SET_TYPE_HOLD) ? c.type_hold : -1;

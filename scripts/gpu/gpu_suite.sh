@@ -234,6 +234,11 @@ if [[ " $steps " == *" tgr "* ]]; then  # 1B decode at 128K depth, dense vs 0.1,
     mk llama-3.2-1b 16 /dev/shm/l1b.gguf
     BENCH_LIMIT=150 bench tgr1b /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.1 -r 5
 fi
+if [[ " $steps " == *" tghold "* ]]; then  # 1B decode at 128K depth, dense vs 0.1, retention hold (default) and stream
+    mk llama-3.2-1b 16 /dev/shm/l1b.gguf
+    BENCH_LIMIT=${TGH_LIMIT:-240} bench tghold1b /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.1 -r 3
+    TCA_GGML_RETENTION=stream BENCH_LIMIT=${TGH_LIMIT:-240} bench tgstream1b /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.1 -r 3
+fi
 if [[ " $steps " == *" p1b "* ]]; then  # 1B: 128K prefill and decode at depth, dense vs 0.1
     mk llama-3.2-1b 16 /dev/shm/l1b.gguf
     BENCH_LIMIT=40 bench p1b_pp /dev/shm/l1b.gguf -p 131072 -n 0 -tca 0,0.1 --no-warmup

@@ -1031,6 +1031,8 @@ class Llama:
                                max_tokens: Optional[int] = None, presence_penalty: float = 0.0,
                                frequency_penalty: float = 0.0, repeat_penalty: float = 1.0,
                                model: Optional[str] = None):
+        _check_sampling(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+                        presence_penalty, seed)
         prompt = self.apply_chat_template(messages, add_generation_prompt=True)
         tokens = self.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         bos = self.token_bos()

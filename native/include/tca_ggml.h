@@ -49,8 +49,13 @@ TCA_API int tca_gguf_check(const char * path, char * err, size_t err_len);
 // caught (e.g. std::invalid_argument for a code point above U+10FFFF): on an exception they return
 // INT32_MIN with the message in err (err[0] is 0 otherwise).
 struct llama_vocab;
+struct llama_context;
 TCA_API int32_t tca_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len, int32_t * tokens,
                              int32_t n_tokens_max, int add_special, int parse_special, char * err, size_t err_len);
+// llama_decode (same result) with an exception from the graph or the memory caught: INT32_MIN and
+// the message in err.
+struct llama_batch;
+TCA_API int32_t tca_decode(struct llama_context * ctx, const struct llama_batch * batch, char * err, size_t err_len);
 TCA_API int32_t tca_token_to_piece(const struct llama_vocab * vocab, int32_t token, char * buf, int32_t length,
                                    int32_t lstrip, int special, char * err, size_t err_len);
 

@@ -206,6 +206,12 @@ extern "C" int32_t tca_tokenize(const llama_vocab * vocab, const char * text, in
     });
 }
 
+extern "C" int32_t tca_decode(llama_context * ctx, const llama_batch * batch, char * err, size_t err_len) {
+    if (err && err_len) err[0] = 0;
+    if (!ctx || !batch) { set_err(err, err_len, "context or batch is NULL"); return -1; }
+    return tca_guard(__func__, INT32_MIN, err, err_len, [&] { return llama_decode(ctx, *batch); });
+}
+
 extern "C" int32_t tca_token_to_piece(const llama_vocab * vocab, int32_t token, char * buf, int32_t length, int32_t lstrip,
                                       int special, char * err, size_t err_len) {
     if (err && err_len) err[0] = 0;

@@ -730,11 +730,13 @@ class Llama:
                 b.logits[i] = 0
             if want_last_logits and off + n == len(tokens):
                 b.logits[n - 1] = 1
-            rc = self._scope.call(L.llama_decode, ctx, b)
+            err = ffi.new("char[512]")
+            # tca_decode: llama_decode with an exception caught (INT32_MIN, the message in err)
+            rc = self._scope.call(L.tca_decode, ctx, ffi.addressof(b), err, 512)
             if rc != 0 or self._scope.pending:
                 # keep our token mirror consistent with what the cache holds
                 self._sync_tokens_after_failure()
-            self._scope.check(rc == 0, DecodeError, f"llama_decode failed with code {rc}")
+            self._scope.check(rc == 0, DecodeError, f"llama_decode failed with code {rc}", _native.err_text(err))
             self._tokens.extend(chunk)
 
     def _sync_tokens_after_failure(self) -> None:

@@ -453,8 +453,11 @@ class Llama:
         import numpy as np
         L, ffi = self._L, self._ffi
         ctx = self._live()
-        _check_int("layer", layer)
-        _check_int("kv_head", kv_head, 0, 0xFFFFFFFF)
+        if not (_is_int(layer) and _is_int(kv_head)):
+            raise TypeError(f"layer and kv_head must be ints, got {type(layer).__name__}, {type(kv_head).__name__}")
+        layer, kv_head = int(layer), int(kv_head)
+        if not (-(1 << 31) <= layer < (1 << 31) and 0 <= kv_head < (1 << 32)):
+            raise ValueError(f"no TCA retention for layer {layer}, KV head {kv_head}")
         n = self._scope.call(L.tca_get_head_positions, ctx, layer, kv_head, ffi.NULL, 0)
         self._scope.check(n != -2, ContextError, "cannot read the retained positions")
         if n < 0:

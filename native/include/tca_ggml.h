@@ -35,6 +35,30 @@ TCA_API int64_t tca_abi_layout(const char * struct_name, const char * field);
 // otherwise nonzero with a message in err (NUL-terminated, truncated to err_len).
 TCA_API int tca_gguf_check(const char * path, char * err, size_t err_len);
 
+// Every entry point of this header catches C++ exceptions (native/src/tca_guard.h): an exception
+// is logged as an error line, written into err where the function has one, and the function
+// returns its failure value; it never unwinds into the caller (which would abort a Python process).
+//
+// tca_gguf_check also refuses what upstream's loader would assert on (abort) or compute garbage
+// from: a path that is not a regular file (FIFO, directory, device), <arch>.block_count outside
+// [1, 512], a negative or non-finite <arch>.attention.layer_norm_(rms_)epsilon, a non-finite or
+// non-positive <arch>.rope.freq_base(_swa), a duplicated string in tokenizer.ggml.tokens. Linear in
+// the file's tensor and token counts.
+
+// llama_tokenize / llama_token_to_piece (same arguments and results) with upstream's exceptions
+// caught (e.g. std::invalid_argument for a code point above U+10FFFF): on an exception they return
+// INT32_MIN with the message in err (err[0] is 0 otherwise).
+struct llama_vocab;
+struct llama_context;
+TCA_API int32_t tca_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len, int32_t * tokens,
+                             int32_t n_tokens_max, int add_special, int parse_special, char * err, size_t err_len);
+// llama_decode (same result) with an exception from the graph or the memory caught: INT32_MIN and
+// the message in err.
+struct llama_batch;
+TCA_API int32_t tca_decode(struct llama_context * ctx, const struct llama_batch * batch, char * err, size_t err_len);
+TCA_API int32_t tca_token_to_piece(const struct llama_vocab * vocab, int32_t token, char * buf, int32_t length,
+                                   int32_t lstrip, int special, char * err, size_t err_len);
+
 // Self-test of the CPU backend's matrix multiplication (guards against the AMX-path
 // crash on these machines): multiplies an (n x k) weight of the given ggml type
 // (0 = f32, 1 = f16, 8 = q8_0, 12 = q4_K) by a (k x m) f32 input through the

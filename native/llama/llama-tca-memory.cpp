@@ -829,6 +829,12 @@ void llama_tca_memory::state_read(llama_io_read_i & io, llama_seq_id seq_id, lla
     io.read(&n_layers, sizeof(n_layers));
     if (n_layers != 0 && n_layers != layers.size()) throw std::runtime_error("TCA: state has a different layer count");
     if (seen > n_ctx) throw std::runtime_error("TCA: state holds more tokens than this context");
+    // the header's own consistency (a corrupted state must fail here, never decode garbage):
+    // the frontier is a block boundary inside the sequence; an empty state has no layers' rows
+    if (fr > seen || fr % cfg.block != 0)
+        throw std::runtime_error("TCA: state has an inconsistent frontier (" + std::to_string(fr) + " for " +
+                                 std::to_string(seen) + " tokens, block " + std::to_string(cfg.block) + ")");
+    if (n_layers == 0 && (seen != 0 || fr != 0)) throw std::runtime_error("TCA: state holds tokens but no layers");
     clear(false);
     for (uint32_t i = 0; i < n_layers; ++i) {
         auto & L = layers[i];
@@ -843,6 +849,21 @@ void llama_tca_memory::state_read(llama_io_read_i & io, llama_seq_id seq_id, lla
             if (len > h.cap) throw std::runtime_error("TCA: state does not fit this context's budgets");
             h.pos.resize(len);
             io.read(h.pos.data(), len * sizeof(int32_t));
+            // retained positions: strictly ascending, inside the sequence, and the live region
+            // [frontier, seen) held whole (design.md §3: it is exact)
+            uint32_t n_live = 0;
+            for (uint32_t j = 0; j < len; ++j) {
+                const int32_t q = h.pos[j];
+                if (q < 0 || (uint32_t) q >= seen || (j > 0 && q <= h.pos[j - 1]))
+                    throw std::runtime_error("TCA: state has corrupted positions (layer " + std::to_string(il) +
+                                             ": position " + std::to_string(q) + " at row " + std::to_string(j) +
+                                             ", " + std::to_string(seen) + " tokens)");
+                n_live += (uint32_t) q >= fr;
+            }
+            if (n_live != seen - fr)
+                throw std::runtime_error("TCA: state has corrupted positions (layer " + std::to_string(il) + ": " +
+                                         std::to_string(n_live) + " rows after the frontier " + std::to_string(fr) +
+                                         ", expected " + std::to_string(seen - fr) + ")");
             h.len = len;
             if (len) {
                 io.read_tensor(L.k, (size_t) h.off * rk, (size_t) len * rk);

@@ -7,25 +7,35 @@
 #include "ggml-backend.h"
 #include "gguf.h"
 #include "llama-ext.h"
+#include "llama-impl.h"
+#include "tca_guard.h"
 
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #ifndef TCA_GGML_VERSION
 #define TCA_GGML_VERSION "0.1.0"
 #endif
 
+// (these two return string literals: nothing to throw)
 extern "C" const char * tca_version(void) { return TCA_GGML_VERSION; }
 extern "C" const char * tca_upstream_version(void) { return "llama-cpp-python 0.3.36 / llama.cpp b11312 (0c1e57098)"; }
 
 #define TCA_LAYOUT(S, F)                                   \
     if (field && strcmp(field, #F) == 0) return (int64_t) offsetof(S, F);
 
-extern "C" int64_t tca_abi_layout(const char * name, const char * field) {
+static int64_t tca_abi_layout_impl(const char * name, const char * field) {
     if (!name) return -1;
     if (strcmp(name, "llama_model_params") == 0) {
         using S = llama_model_params;
@@ -65,8 +75,91 @@ static void set_err(char * err, size_t n, const std::string & msg) {
     snprintf(err, n, "%s", msg.c_str());
 }
 
-extern "C" int tca_gguf_check(const char * path, char * err, size_t err_len) {
+void tca_report_exception(const char * fn, const char * what, char * err, size_t err_len) noexcept {
+    if (!what) what = "(no message)";
+    LLAMA_LOG_ERROR("%s: %s\n", fn, what);
+    if (err && err_len) snprintf(err, err_len, "%s: %s", fn, what);
+}
+
+namespace {
+// An integer KV of any integer type (GGUF writers differ: u32, i32, u64 ...); false when absent or
+// not an integer.
+bool kv_int(const gguf_context * g, const std::string & key, long double & v) {
+    const int64_t id = gguf_find_key(g, key.c_str());
+    if (id < 0) return false;
+    switch (gguf_get_kv_type(g, id)) {
+        case GGUF_TYPE_UINT8:  v = gguf_get_val_u8(g, id);  return true;
+        case GGUF_TYPE_INT8:   v = gguf_get_val_i8(g, id);  return true;
+        case GGUF_TYPE_UINT16: v = gguf_get_val_u16(g, id); return true;
+        case GGUF_TYPE_INT16:  v = gguf_get_val_i16(g, id); return true;
+        case GGUF_TYPE_UINT32: v = gguf_get_val_u32(g, id); return true;
+        case GGUF_TYPE_INT32:  v = gguf_get_val_i32(g, id); return true;
+        case GGUF_TYPE_UINT64: v = gguf_get_val_u64(g, id); return true;
+        case GGUF_TYPE_INT64:  v = gguf_get_val_i64(g, id); return true;
+        default: return false;
+    }
+}
+
+bool kv_float(const gguf_context * g, const std::string & key, double & v) {
+    const int64_t id = gguf_find_key(g, key.c_str());
+    if (id < 0) return false;
+    switch (gguf_get_kv_type(g, id)) {
+        case GGUF_TYPE_FLOAT32: v = gguf_get_val_f32(g, id); return true;
+        case GGUF_TYPE_FLOAT64: v = gguf_get_val_f64(g, id); return true;
+        default: return false;
+    }
+}
+
+// The values upstream asserts on (GGML_ASSERT aborts the process) or computes garbage from,
+// checked before llama_model_load sees the file. Returns an empty string when sane.
+std::string check_model_metadata(const gguf_context * g) {
+    const int64_t aid = gguf_find_key(g, "general.architecture");
+    if (aid < 0 || gguf_get_kv_type(g, aid) != GGUF_TYPE_STRING) return "";  // upstream reports it
+    const std::string arch = gguf_get_val_str(g, aid);
+    long double n = 0;
+    // llama_model_load: GGML_ASSERT(n_layer_all > 0 && n_layer_all <= LLAMA_MAX_LAYERS (512))
+    const std::string kbc = arch + ".block_count";
+    if (kv_int(g, kbc, n) && (n < 1 || n > 512))
+        return kbc + ": " + std::to_string((long long) n) + " layers, must be in [1, 512]";
+    // ggml_rms_norm / ggml_norm: GGML_ASSERT(eps >= 0.0f) at the first decode
+    for (const char * suffix : { ".attention.layer_norm_rms_epsilon", ".attention.layer_norm_epsilon" }) {
+        double v = 0;
+        const std::string k = arch + suffix;
+        if (kv_float(g, k, v) && !(std::isfinite(v) && v >= 0))
+            return k + ": must be finite and >= 0, got " + std::to_string(v);
+    }
+    // a NaN, infinite or non-positive RoPE base makes every logit NaN
+    for (const char * suffix : { ".rope.freq_base", ".rope.freq_base_swa" }) {
+        double v = 0;
+        const std::string k = arch + suffix;
+        if (kv_float(g, k, v) && !(std::isfinite(v) && v > 0))
+            return k + ": must be finite and > 0, got " + std::to_string(v);
+    }
+    // llama_vocab::load: GGML_ASSERT(id_to_token.size() == token_to_id.size()): every token string
+    // must be unique (linear: one hash set over the vocabulary)
+    const int64_t tid = gguf_find_key(g, "tokenizer.ggml.tokens");
+    if (tid >= 0 && gguf_get_kv_type(g, tid) == GGUF_TYPE_ARRAY && gguf_get_arr_type(g, tid) == GGUF_TYPE_STRING) {
+        const size_t nt = gguf_get_arr_n(g, tid);
+        std::unordered_map<std::string_view, size_t> seen;
+        seen.reserve(nt);
+        for (size_t i = 0; i < nt; ++i) {
+            const char * s = gguf_get_arr_str(g, tid, i);
+            auto r = seen.emplace(std::string_view(s), i);
+            if (!r.second)
+                return "tokenizer.ggml.tokens: token " + std::to_string(i) + " duplicates token " +
+                       std::to_string(r.first->second) + " (every token string must be unique)";
+        }
+    }
+    return "";
+}
+}  // namespace
+
+static int gguf_check(const char * path, char * err, size_t err_len) {
     if (!path) { set_err(err, err_len, "path is NULL"); return 1; }
+    // a FIFO, a directory or a device never reaches fopen (a FIFO would block it forever)
+    struct stat st;
+    if (stat(path, &st) != 0) { set_err(err, err_len, std::string("cannot open file: ") + strerror(errno)); return 2; }
+    if (!S_ISREG(st.st_mode)) { set_err(err, err_len, "not a regular file (a model must be a .gguf file)"); return 2; }
     FILE * f = fopen(path, "rb");
     if (!f) { set_err(err, err_len, std::string("cannot open file: ") + strerror(errno)); return 2; }
     char magic[4] = {0};
@@ -81,35 +174,53 @@ extern "C" int tca_gguf_check(const char * path, char * err, size_t err_len) {
     gguf_init_params p = { /*no_alloc*/ true, /*ctx*/ nullptr };
     gguf_context * g = gguf_init_from_file(path, p);
     if (!g) { set_err(err, err_len, "corrupt GGUF header (key/value or tensor-info section unreadable)"); return 4; }
+    std::unique_ptr<gguf_context, void (*)(gguf_context *)> guard(g, gguf_free);
+    // the end of the data: max(offset + size) over the tensor infos, in one pass (linear: no
+    // per-name lookup)
     const size_t data_off = gguf_get_data_offset(g);
     const int64_t nt = gguf_get_n_tensors(g);
     long long need = (long long) data_off;
-    // gguf has no per-tensor size accessor that needs no ggml context; the tensor-info
-    // offsets are sorted by construction, so the end of data is max(offset + nbytes).
-    ggml_context * gctx = nullptr;
-    gguf_init_params p2 = { true, &gctx };
-    gguf_context * g2 = gguf_init_from_file(path, p2);
-    if (g2 && gctx) {
-        for (int64_t i = 0; i < nt; ++i) {
-            const char * nm = gguf_get_tensor_name(g2, i);
-            ggml_tensor * t = ggml_get_tensor(gctx, nm);
-            if (!t) continue;
-            long long end = (long long) data_off + (long long) gguf_get_tensor_offset(g2, i) + (long long) ggml_nbytes(t);
-            if (end > need) need = end;
-        }
+    for (int64_t i = 0; i < nt; ++i) {
+        const long long end = (long long) data_off + (long long) gguf_get_tensor_offset(g, i) + (long long) gguf_get_tensor_size(g, i);
+        if (end > need) need = end;
     }
-    if (g2) gguf_free(g2);
-    if (gctx) ggml_free(gctx);
-    gguf_free(g);
     if (need > fsize) {
         set_err(err, err_len, "truncated GGUF: tensor data needs " + std::to_string(need) +
                 " bytes, file has " + std::to_string(fsize));
         return 5;
     }
+    const std::string bad = check_model_metadata(g);
+    if (!bad.empty()) { set_err(err, err_len, "invalid model metadata: " + bad); return 6; }
     return 0;
 }
 
-extern "C" double tca_selftest_matmul(int type, int n, int k, int m, int n_threads) {
+extern "C" int tca_gguf_check(const char * path, char * err, size_t err_len) {
+    return tca_guard(__func__, 7, err, err_len, [&] { return gguf_check(path, err, err_len); });
+}
+
+extern "C" int32_t tca_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len, int32_t * tokens,
+                                int32_t n_tokens_max, int add_special, int parse_special, char * err, size_t err_len) {
+    if (err && err_len) err[0] = 0;
+    return tca_guard(__func__, INT32_MIN, err, err_len, [&] {
+        return llama_tokenize(vocab, text, text_len, tokens, n_tokens_max, add_special != 0, parse_special != 0);
+    });
+}
+
+extern "C" int32_t tca_decode(llama_context * ctx, const llama_batch * batch, char * err, size_t err_len) {
+    if (err && err_len) err[0] = 0;
+    if (!ctx || !batch) { set_err(err, err_len, "context or batch is NULL"); return -1; }
+    return tca_guard(__func__, INT32_MIN, err, err_len, [&] { return llama_decode(ctx, *batch); });
+}
+
+extern "C" int32_t tca_token_to_piece(const llama_vocab * vocab, int32_t token, char * buf, int32_t length, int32_t lstrip,
+                                      int special, char * err, size_t err_len) {
+    if (err && err_len) err[0] = 0;
+    return tca_guard(__func__, INT32_MIN, err, err_len, [&] {
+        return llama_token_to_piece(vocab, token, buf, length, lstrip, special != 0);
+    });
+}
+
+static double tca_selftest_matmul_impl(int type, int n, int k, int m, int n_threads) {
     if (n <= 0 || k <= 0 || m <= 0 || k % 256 != 0) return -1.0;
     const ggml_type wt = (ggml_type) type;
     if (wt != GGML_TYPE_F32 && wt != GGML_TYPE_F16 && wt != GGML_TYPE_Q8_0 && wt != GGML_TYPE_Q4_K) return -1.0;
@@ -159,7 +270,7 @@ extern "C" double tca_selftest_matmul(int type, int n, int k, int m, int n_threa
     return max_err;
 }
 
-extern "C" void tca_context_memory(const llama_context * ctx, uint64_t * model, uint64_t * context, uint64_t * compute) {
+static void tca_context_memory_impl(const llama_context * ctx, uint64_t * model, uint64_t * context, uint64_t * compute) {
     uint64_t m = 0, c = 0, k = 0;
     if (ctx) {
         for (const auto & kv : llama_get_memory_breakdown(ctx)) {
@@ -171,7 +282,7 @@ extern "C" void tca_context_memory(const llama_context * ctx, uint64_t * model, 
     if (compute) *compute = k;
 }
 
-extern "C" int tca_tensor_meta(const ggml_tensor * t, char * name, size_t name_len, int64_t * ne4, int32_t * type) {
+static int tca_tensor_meta_impl(const ggml_tensor * t, char * name, size_t name_len, int64_t * ne4, int32_t * type) {
     if (!t) return -1;
     if (name && name_len) snprintf(name, name_len, "%s", t->name);
     if (ne4) for (int i = 0; i < 4; ++i) ne4[i] = t->ne[i];
@@ -179,7 +290,7 @@ extern "C" int tca_tensor_meta(const ggml_tensor * t, char * name, size_t name_l
     return 0;
 }
 
-extern "C" int tca_tensor_get_f32(const ggml_tensor * t, float * dst, int64_t n) {
+static int tca_tensor_get_f32_impl(const ggml_tensor * t, float * dst, int64_t n) {
     if (!t || !dst) return -1;
     if (ggml_nelements(t) != n) return -2;
     if (!ggml_is_contiguous(t)) return -3;
@@ -199,9 +310,11 @@ extern "C" int tca_tensor_get_f32(const ggml_tensor * t, float * dst, int64_t n)
     return 0;
 }
 
-extern "C" const char * tca_tensor_op(const ggml_tensor * t) { return t ? ggml_op_name(t->op) : ""; }
+extern "C" const char * tca_tensor_op(const ggml_tensor * t) {
+    return tca_guard(__func__, "", nullptr, 0, [&] { return t ? ggml_op_name(t->op) : ""; });
+}
 
-extern "C" int tca_quantize(const char * src, const char * dst, int ftype, int allow_requantize, int n_threads) {
+static int tca_quantize_impl(const char * src, const char * dst, int ftype, int allow_requantize, int n_threads) {
     // llama_model_quantize (the code behind llama-quantize): it copies every metadata
     // key/value of the source, tca.* budgets included.
     if (!src || !dst) return -1;
@@ -209,9 +322,33 @@ extern "C" int tca_quantize(const char * src, const char * dst, int ftype, int a
     qp.ftype = (llama_ftype) ftype;
     qp.allow_requantize = allow_requantize != 0;
     qp.nthread = n_threads;
-    try {
-        return (int) llama_model_quantize(src, dst, &qp);
-    } catch (...) {
-        return -2;
-    }
+    return (int) llama_model_quantize(src, dst, &qp);  // an exception: -2 (tca_quantize)
+}
+
+// ---- the entry points: no exception crosses into C (tca_guard.h) ----
+extern "C" int64_t tca_abi_layout(const char * name, const char * field) {
+    return tca_guard(__func__, (int64_t) -1, nullptr, 0, [&] { return tca_abi_layout_impl(name, field); });
+}
+
+extern "C" double tca_selftest_matmul(int type, int n, int k, int m, int n_threads) {
+    return tca_guard(__func__, -5.0, nullptr, 0, [&] { return tca_selftest_matmul_impl(type, n, k, m, n_threads); });
+}
+
+extern "C" void tca_context_memory(const llama_context * ctx, uint64_t * model, uint64_t * context, uint64_t * compute) {
+    if (model) *model = 0;
+    if (context) *context = 0;
+    if (compute) *compute = 0;
+    tca_guard_void(__func__, [&] { tca_context_memory_impl(ctx, model, context, compute); });
+}
+
+extern "C" int tca_tensor_meta(const ggml_tensor * t, char * name, size_t name_len, int64_t * ne4, int32_t * type) {
+    return tca_guard(__func__, -6, nullptr, 0, [&] { return tca_tensor_meta_impl(t, name, name_len, ne4, type); });
+}
+
+extern "C" int tca_tensor_get_f32(const ggml_tensor * t, float * dst, int64_t n) {
+    return tca_guard(__func__, -6, nullptr, 0, [&] { return tca_tensor_get_f32_impl(t, dst, n); });
+}
+
+extern "C" int tca_quantize(const char * src, const char * dst, int ftype, int allow_requantize, int n_threads) {
+    return tca_guard(__func__, -2, nullptr, 0, [&] { return tca_quantize_impl(src, dst, ftype, allow_requantize, n_threads); });
 }

@@ -4,6 +4,7 @@
 // tests check with it that what the Python writer stores is what the native side reads. Every
 // failure names the key.
 #include "tca_ggml.h"
+#include "tca_guard.h"
 #include "tca_config.h"
 
 #include "gguf.h"
@@ -66,14 +67,14 @@ struct reader {
 };
 }  // namespace
 
-extern "C" void tca_budgets_free(tca_budgets * b) {
+static void tca_budgets_free_impl(tca_budgets * b) {
     if (!b) return;
     free(b->k_values); free(b->grid_mu); free(b->grid_sigma); free(b->n_head_kv);
     free(b->candidate); free(b->p); free(b->density); free(b->coverage);
     memset(b, 0, sizeof(*b));
 }
 
-extern "C" int tca_budgets_read(const char * path, tca_budgets * out, char * err, size_t err_len) {
+static int tca_budgets_read_impl(const char * path, tca_budgets * out, char * err, size_t err_len) {
     if (!out) return -1;
     memset(out, 0, sizeof(*out));
     if (err && err_len) err[0] = 0;
@@ -135,4 +136,18 @@ extern "C" int tca_budgets_read(const char * path, tca_budgets * out, char * err
     if ((rc = r.u32("tca.calib.n_tokens", out->n_tokens))) return done(rc);
     if ((rc = r.str("tca.calib.tool", out->tool, sizeof(out->tool)))) return done(rc);
     return done(0);
+}
+
+// ---- the entry points: no exception crosses into C (tca_guard.h) ----
+extern "C" void tca_budgets_free(tca_budgets * b) {
+    tca_guard_void(__func__, [&] { tca_budgets_free_impl(b); });
+}
+
+extern "C" int tca_budgets_read(const char * path, tca_budgets * out, char * err, size_t err_len) {
+    const int rc = tca_guard(__func__, -2, err, err_len, [&] { return tca_budgets_read_impl(path, out, err, err_len); });
+    if (rc == -2) {  // an exception: nothing half-read is handed out
+        tca_budgets_free(out);
+        return -1;
+    }
+    return rc;
 }

@@ -3,6 +3,7 @@
 // budgets (a GGUF's, or a forced density) and the model, reads the environment knobs once
 // (docs/design.md "Knobs") and creates the context with the TCA retention memory.
 #include "tca_ggml.h"
+#include "tca_guard.h"
 #include "tca_config.h"
 
 #include "llama.h"
@@ -36,7 +37,7 @@ static std::string num(double v) {
     return b;
 }
 
-extern "C" int tca_forced_budget(double density, uint32_t block, float * p, uint32_t n_k) {
+static int tca_forced_budget_impl(double density, uint32_t block, float * p, uint32_t n_k) {
     if (!p || !(density > 0.0 && density <= 1.0) || !tca_block_ok(block) || n_k != tca_n_k(block)) return 1;
     // in double like numpy (tca_ggml.reference.forced_budget)
     double row[13] = { 0.0 };  // n_k <= log2(4096) + 1
@@ -57,7 +58,7 @@ extern "C" int tca_forced_budget(double density, uint32_t block, float * p, uint
     return 0;
 }
 
-extern "C" int tca_config_check(const tca_config * c, char * err, size_t n) {
+static int tca_config_check_impl(const tca_config * c, char * err, size_t n) {
     if (err && n) err[0] = 0;
     if (!c) return fail(err, n, "tca config is NULL");
     const uint32_t s = c->set;
@@ -204,7 +205,7 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
     return 0;
 }
 
-extern "C" llama_context * tca_context_create(llama_model * model, llama_context_params params, const tca_budgets * budgets,
+static llama_context * tca_context_create_impl(llama_model * model, llama_context_params params, const tca_budgets * budgets,
                                               const tca_config * c, tca_config * resolved, char * err, size_t err_len) {
     if (err && err_len) err[0] = 0;
     if (!model) { fail(err, err_len, "model is NULL"); return nullptr; }
@@ -234,5 +235,23 @@ extern "C" llama_context * tca_context_create(llama_model * model, llama_context
         }
     }
     if (!ctx && err && err_len && !err[0]) fail(err, err_len, "context creation failed (see the log)");
+    return ctx;
+}
+
+// ---- the entry points: no exception crosses into C (tca_guard.h) ----
+extern "C" int tca_forced_budget(double density, uint32_t block, float * p, uint32_t n_k) {
+    return tca_guard(__func__, 1, nullptr, 0, [&] { return tca_forced_budget_impl(density, block, p, n_k); });
+}
+
+extern "C" int tca_config_check(const tca_config * c, char * err, size_t n) {
+    return tca_guard(__func__, 1, err, n, [&] { return tca_config_check_impl(c, err, n); });
+}
+
+extern "C" llama_context * tca_context_create(llama_model * model, llama_context_params params, const tca_budgets * budgets,
+                                              const tca_config * c, tca_config * resolved, char * err, size_t err_len) {
+    llama_context * ctx = tca_guard(__func__, (llama_context *) nullptr, err, err_len, [&] {
+        return tca_context_create_impl(model, params, budgets, c, resolved, err, err_len);
+    });
+    if (!ctx) llama_tca_set_pending(nullptr);  // never left pending for the next context
     return ctx;
 }

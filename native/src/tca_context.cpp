@@ -1,6 +1,7 @@
 // tca_ggml — a TCA context's statistics (project C API; the context is created by
 // tca_context_create, native/src/tca_config.cpp).
 #include "tca_ggml.h"
+#include "tca_guard.h"
 
 #include "llama.h"
 #include "llama-context.h"
@@ -23,7 +24,7 @@ static llama_tca_memory * tca_mem(const llama_context * ctx) {
     return m;
 }
 
-extern "C" int tca_get_stats(const llama_context * ctx, tca_stats * out) {
+static int tca_get_stats_impl(const llama_context * ctx, tca_stats * out) {
     if (!out) return -1;
     memset(out, 0, sizeof(*out));
     const auto * m = tca_mem(ctx);
@@ -58,7 +59,7 @@ extern "C" int tca_get_stats(const llama_context * ctx, tca_stats * out) {
     return 1;
 }
 
-extern "C" int64_t tca_get_head_stats(const llama_context * ctx, int32_t * layer, uint32_t * kv_head, uint32_t * len,
+static int64_t tca_get_head_stats_impl(const llama_context * ctx, int32_t * layer, uint32_t * kv_head, uint32_t * len,
                                       uint32_t * cap, float * coverage, int64_t n_max) {
     const auto * m = tca_mem(ctx);
     if (!m) return 0;
@@ -77,8 +78,24 @@ extern "C" int64_t tca_get_head_stats(const llama_context * ctx, int32_t * layer
     return i;
 }
 
-extern "C" int64_t tca_get_head_positions(const llama_context * ctx, int32_t il, uint32_t kv_head, int32_t * pos, int64_t n_max) {
+static int64_t tca_get_head_positions_impl(const llama_context * ctx, int32_t il, uint32_t kv_head, int32_t * pos, int64_t n_max) {
     const auto * m = tca_mem(ctx);
     if (!m) return -1;
     return m->head_positions(il, kv_head, pos, n_max);
+}
+
+// ---- the entry points: no exception crosses into C (tca_guard.h) ----
+extern "C" int tca_get_stats(const llama_context * ctx, tca_stats * out) {
+    return tca_guard(__func__, -1, nullptr, 0, [&] { return tca_get_stats_impl(ctx, out); });
+}
+
+extern "C" int64_t tca_get_head_stats(const llama_context * ctx, int32_t * layer, uint32_t * kv_head, uint32_t * len,
+                                      uint32_t * cap, float * coverage, int64_t n_max) {
+    return tca_guard(__func__, (int64_t) -1, nullptr, 0, [&] {
+        return tca_get_head_stats_impl(ctx, layer, kv_head, len, cap, coverage, n_max);
+    });
+}
+
+extern "C" int64_t tca_get_head_positions(const llama_context * ctx, int32_t il, uint32_t kv_head, int32_t * pos, int64_t n_max) {
+    return tca_guard(__func__, (int64_t) -2, nullptr, 0, [&] { return tca_get_head_positions_impl(ctx, il, kv_head, pos, n_max); });
 }

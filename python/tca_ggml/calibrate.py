@@ -33,6 +33,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sys
 import time
@@ -329,6 +330,11 @@ def calibrate(model_path: str, out_path: Optional[str] = None, text: Optional[st
     if n_ctx <= window + block:
         raise CalibrationError(f"--ctx {n_ctx} must exceed --window + --block ({window + block}) "
                                f"or nothing is ever evicted")
+    if out_path is not None:  # before the dense pass (minutes), not after it
+        from ._fsutil import check_output_path
+        if os.path.exists(out_path) and not overwrite:
+            raise FileExistsError(f"{out_path} exists (pass overwrite=True)")
+        check_output_path(out_path)
     arch, n_layer_m, n_head_kv_m = read_model_shape(model_path)
     episodes = None
     with Llama(model_path, vocab_only=True, verbose=False) as tok:

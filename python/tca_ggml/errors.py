@@ -35,3 +35,8 @@ class TCAConfigError(TCAError, ValueError):
 
 class TokenizeError(TCAError, ValueError):
     """Tokenization or detokenization failed."""
+
+
+class OutputPathError(TCAError, ValueError):
+    """An output path that must not be written: it exists and is not a regular file (a device such
+    as /dev/null, a FIFO, a directory, a socket). Writers only ever replace regular files."""

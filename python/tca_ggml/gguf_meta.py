@@ -50,6 +50,14 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+try:  # pragma: no cover - depends on how the module is loaded (see below)
+    from ._fsutil import check_output_path
+except ImportError:  # pragma: no cover - stand-alone: the same rule, a plain ValueError
+    def check_output_path(path) -> None:
+        p = os.fspath(path)
+        if os.path.exists(p) and not stat.S_ISREG(os.stat(p).st_mode):
+            raise ValueError(f"{p} exists and is not a regular file: refusing to replace it")
+
 # Errors join the package hierarchy (errors.py is pure Python) when imported as
 # tca_ggml.gguf_meta; loaded stand-alone (spec_from_file_location) they are plain ValueErrors.
 try:  # pragma: no cover - depends on how the module is loaded
@@ -547,11 +555,14 @@ class _Layout:
 def _scan(path, refuse_huge_tca: bool = True) -> _Layout:
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
     except FileNotFoundError:
         raise
     except OSError as e:
         raise GGUFError(path, f"cannot stat: {e}") from e
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block open() forever
+        raise GGUFError(path, "not a regular file (a model must be a .gguf file)")
+    size = st.st_size
     if size < 24:
         raise GGUFError(path, f"not a GGUF file (only {size} bytes)")
     with open(path, "rb") as f:
@@ -937,6 +948,7 @@ def _copy_with_kv(src, dst, extra_items: list, overwrite: bool, verify: bool,
     src, dst = Path(src), Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists (pass overwrite=True)")
+    check_output_path(dst)  # never replace a device, a FIFO, a directory
     layout = _scan(src, refuse_huge_tca=False)
     keep = [kv for kv in layout.kv.values() if not kv.key.startswith(TCA_PREFIX)]
     new_kv = [(k, _pack_kv(k, t, v, s, layout.bo)) for k, t, v, s in extra_items]

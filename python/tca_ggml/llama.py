@@ -5,8 +5,14 @@ keyword arguments raise `TypeError` (llama-cpp-python swallows them silently).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import math
 import multiprocessing
 import os
+import stat
+import struct
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -47,6 +53,101 @@ class Timings:
     @property
     def decode_tps(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def _is_int(v: Any) -> bool:
+    """An integer value (int or a numpy integer), never a bool or a float."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return True
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(v, np.integer) and not isinstance(v, np.bool_)
+
+
+def _check_tokens(tokens: Any, n_vocab: int, name: str = "token ids") -> List[int]:
+    """`tokens` as a list of ints, each in [0, n_vocab): TypeError for anything that is not an
+    integer (floats, bools, strings), TokenizeError for an id out of range. Before any native call."""
+    if isinstance(tokens, (str, bytes, bytearray)) or not hasattr(tokens, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(tokens).__name__}")
+    out = []
+    for t in tokens:
+        if not _is_int(t):
+            raise TypeError(f"{name} must be ints, got {type(t).__name__} {t!r}")
+        t = int(t)
+        if not 0 <= t < n_vocab:
+            raise TokenizeError(f"token id {t} out of range [0, {n_vocab})")
+        out.append(t)
+    return out
+
+
+def _check_float(name: str, v: Any, lo: Optional[float] = None, lo_open: bool = False) -> float:
+    """A finite real number (TypeError for a non-number or bool, ValueError for NaN / inf or
+    below `lo`)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        try:
+            import numpy as np
+            ok = isinstance(v, (np.integer, np.floating)) and not isinstance(v, np.bool_)
+        except ImportError:  # pragma: no cover
+            ok = False
+        if not ok:
+            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+    return v
+
+
+def _check_sampling(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+                    presence_penalty, seed) -> None:
+    """The sampling parameters, before the sampler chain is built: numbers and finite (a NaN
+    temperature or top_p would sample garbage silently)."""
+    _check_float("temperature", temperature)
+    _check_int("top_k", top_k)
+    for name, v in (("top_p", top_p), ("min_p", min_p), ("typical_p", typical_p),
+                    ("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        _check_float(name, v)
+    _check_float("repeat_penalty", repeat_penalty, 0.0, lo_open=True)
+    if seed is not None:
+        _check_int("seed", seed, 0, 0xFFFFFFFF)
+
+
+def _locked(method):
+    """Run `method` holding the instance's lock (``Llama._lock``, reentrant): one native context is
+    never used by two threads at once."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+# save_state's envelope: magic, then the identity of the model the state belongs to, then
+# upstream's state bytes (llama_state_get_data). load_state checks the identity first.
+_STATE_MAGIC = b"tca_ggml.state\x00\x01"
+_STATE_IDENT = struct.Struct("<iiiQ32s")   # n_vocab, n_embd, n_layer, model file size, fingerprint
+
+
+def _model_fingerprint(path: str) -> tuple:
+    """(size, sha256) of a model file: its first 4 MiB (header, metadata, vocabulary), 32 spread
+    64 KiB samples and its last 64 KiB -- tells apart two models of the same shape (different
+    weights) in milliseconds, without reading the whole file."""
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        h.update(f.read(4 << 20))
+        for i in range(1, 33):
+            f.seek(size * i // 33)
+            h.update(f.read(64 << 10))
+        f.seek(max(size - (64 << 10), 0))
+        h.update(f.read(64 << 10))
+    h.update(struct.pack("<Q", size))
+    return size, h.digest()
 
 
 def _check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
@@ -158,6 +259,7 @@ class Llama:
         tca_prefill: Optional[str] = None,
         eval_callback: Optional[Callable[[Any, bool], bool]] = None,
     ):
+        self._lock = threading.RLock()  # serialises every use of the native context (_locked)
         self._model = None
         self._ctx = None
         self._batch = None
@@ -182,6 +284,9 @@ class Llama:
             _check_int("n_threads", n_threads, 1, 4096)
         if n_threads_batch is not None:
             _check_int("n_threads_batch", n_threads_batch, 1, 4096)
+        # 0 = the model's value; NaN / inf / negative would make every logit NaN
+        _check_float("rope_freq_base", rope_freq_base, 0.0)
+        _check_float("rope_freq_scale", rope_freq_scale, 0.0)
         for name, t in (("type_k", type_k), ("type_v", type_v)):
             if t is not None and t not in _KV_TYPES:
                 raise ValueError(f"{name}={t!r} is not a supported KV cache type "
@@ -197,6 +302,8 @@ class Llama:
             raise ModelLoadError(f"model file not found: {self.model_path}")
         if os.path.isdir(self.model_path):
             raise ModelLoadError(f"model path is a directory: {self.model_path}")
+        if not stat.S_ISREG(os.stat(self.model_path).st_mode):  # a FIFO would block the loader forever
+            raise ModelLoadError(f"model path is not a regular file (a FIFO, a device, ...): {self.model_path}")
         err = ffi.new("char[512]")
         rc = L.tca_gguf_check(self.model_path.encode(), err, 512)
         self._scope.check(rc == 0, ModelLoadError, self.model_path, _native.err_text(err))
@@ -340,12 +447,19 @@ class Llama:
             self.tca_label += ", dense prefill"
         return ctx
 
+    @_locked
     def tca_retained_positions(self, layer: int, kv_head: int):
         """Positions (ascending, numpy int32) that (layer, kv_head) still holds."""
         import numpy as np
         L, ffi = self._L, self._ffi
         ctx = self._live()
-        n = L.tca_get_head_positions(ctx, layer, kv_head, ffi.NULL, 0)
+        if not (_is_int(layer) and _is_int(kv_head)):
+            raise TypeError(f"layer and kv_head must be ints, got {type(layer).__name__}, {type(kv_head).__name__}")
+        layer, kv_head = int(layer), int(kv_head)
+        if not (-(1 << 31) <= layer < (1 << 31) and 0 <= kv_head < (1 << 32)):
+            raise ValueError(f"no TCA retention for layer {layer}, KV head {kv_head}")
+        n = self._scope.call(L.tca_get_head_positions, ctx, layer, kv_head, ffi.NULL, 0)
+        self._scope.check(n != -2, ContextError, "cannot read the retained positions")
         if n < 0:
             raise ValueError(f"no TCA retention for layer {layer}, KV head {kv_head}")
         out = np.zeros(n, np.int32)
@@ -353,6 +467,7 @@ class Llama:
             L.tca_get_head_positions(ctx, layer, kv_head, ffi.cast("int32_t *", out.ctypes.data), n)
         return out
 
+    @_locked
     def tca_stats(self) -> Dict[str, Any]:
         """TCA statistics of this context: whether TCA is active, retained rows per (layer,
         KV head), bytes allocated vs dense, and the coverage of the last compaction's query."""
@@ -360,8 +475,10 @@ class Llama:
         L, ffi = self._L, self._ffi
         ctx = self._live()
         st = ffi.new("struct tca_stats *")
-        L.tca_get_stats(ctx, st)
-        n = L.tca_get_head_stats(ctx, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 0)
+        rc = self._scope.call(L.tca_get_stats, ctx, st)
+        self._scope.check(rc >= 0, ContextError, "cannot read the TCA statistics")
+        n = self._scope.call(L.tca_get_head_stats, ctx, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 0)
+        self._scope.check(n >= 0, ContextError, "cannot read the TCA statistics")
         layer = np.zeros(n, np.int32); head = np.zeros(n, np.uint32); ln = np.zeros(n, np.uint32)
         cap = np.zeros(n, np.uint32); cov = np.zeros(n, np.float32)
         if n:
@@ -381,6 +498,7 @@ class Llama:
                 "layer": layer, "kv_head": head, "retained": ln, "capacity": cap, "coverage": cov}
 
     # ------------------------------------------------------------------ lifecycle
+    @_locked
     def close(self) -> None:
         """Free the context and the model (idempotent)."""
         if self._closed:
@@ -429,6 +547,7 @@ class Llama:
     def n_vocab(self) -> int:
         return self._n_vocab
 
+    @_locked
     def n_embd(self) -> int:
         return self._L.llama_model_n_embd(self._model)
 
@@ -446,6 +565,7 @@ class Llama:
             self._metadata = read_kv(self.model_path)
         return self._metadata
 
+    @_locked
     def memory_bytes(self) -> Dict[str, int]:
         """Bytes held now: model weights, context memory (KV cache), compute buffers."""
         ffi = self._ffi
@@ -454,6 +574,7 @@ class Llama:
         return {"model": int(m[0]), "kv": int(c[0]), "compute": int(k[0])}
 
     # ------------------------------------------------------------------ tokens
+    @_locked
     def tokenize(self, text: Union[bytes, str], add_bos: bool = True, special: bool = False) -> List[int]:
         self._check_open()
         if isinstance(text, str):
@@ -461,41 +582,53 @@ class Llama:
         if not isinstance(text, (bytes, bytearray)):
             raise TypeError("text must be bytes or str")
         L, ffi = self._L, self._ffi
+        if len(text) > (1 << 31) - 16:
+            raise TokenizeError(f"text of {len(text)} bytes is too long to tokenize (at most 2^31 - 16)")
+        text = bytes(text)
+        err = ffi.new("char[512]")
         n_max = len(text) + 8
-        buf = ffi.new("llama_token[]", n_max)
-        n = L.llama_tokenize(self._vocab, bytes(text), len(text), buf, n_max, bool(add_bos), bool(special))
-        if n < 0:
+        buf = ffi.new("int32_t[]", n_max)
+        # tca_tokenize: llama_tokenize with upstream's exceptions caught (a code point above
+        # U+10FFFF throws std::invalid_argument there): INT32_MIN and the message in err
+        n = self._scope.call(L.tca_tokenize, self._vocab, text, len(text), buf, n_max, int(bool(add_bos)),
+                             int(bool(special)), err, 512)
+        if n < 0 and not err[0]:
             n_max = -n
-            buf = ffi.new("llama_token[]", n_max)
-            n = L.llama_tokenize(self._vocab, bytes(text), len(text), buf, n_max, bool(add_bos), bool(special))
-        if n < 0:
-            raise TokenizeError(f"tokenization failed ({n})")
+            buf = ffi.new("int32_t[]", n_max)
+            n = self._scope.call(L.tca_tokenize, self._vocab, text, len(text), buf, n_max, int(bool(add_bos)),
+                                 int(bool(special)), err, 512)
+        self._scope.check(n >= 0, TokenizeError, "cannot tokenize the text", _native.err_text(err),
+                          default=f"llama_tokenize returned {n}")
         return list(buf[0:n])
 
+    @_locked
     def _piece(self, token: int, special: bool = False) -> bytes:
         self._check_open()
         L, ffi = self._L, self._ffi
+        token = _check_tokens([token], self._n_vocab)[0]
+        err = ffi.new("char[512]")
         buf = ffi.new("char[]", 64)
-        n = L.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
-        if n < 0:
+        n = self._scope.call(L.tca_token_to_piece, self._vocab, token, buf, 64, 0, int(bool(special)), err, 512)
+        if n < 0 and not err[0]:
             buf = ffi.new("char[]", -n)
-            n = L.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
-        if n < 0:
-            raise TokenizeError(f"cannot convert token {token} to text")
+            n = self._scope.call(L.tca_token_to_piece, self._vocab, token, buf, -n, 0, int(bool(special)), err, 512)
+        self._scope.check(n >= 0, TokenizeError, f"cannot convert token {token} to text", _native.err_text(err))
         return ffi.buffer(buf, n)[:]
 
+    @_locked
     def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None,
                    special: bool = False) -> bytes:
-        for t in tokens:
-            if not (0 <= int(t) < self._n_vocab):
-                raise TokenizeError(f"token id {t} out of range [0, {self._n_vocab})")
+        self._check_open()
+        tokens = _check_tokens(tokens, self._n_vocab)
         if prev_tokens:
-            full = self.detokenize(list(prev_tokens) + list(tokens), special=special)
+            prev_tokens = _check_tokens(prev_tokens, self._n_vocab, "prev_tokens")
+            full = self.detokenize(prev_tokens + tokens, special=special)
             prev = self.detokenize(prev_tokens, special=special)
             return full[len(prev):]
-        return b"".join(self._piece(int(t), special) for t in tokens)
+        return b"".join(self._piece(t, special) for t in tokens)
 
     # ------------------------------------------------------------------ evaluation
+    @_locked
     def kv_cache_seq_rm(self, p0: int, p1: int = -1) -> None:
         """Remove positions [p0, p1) of sequence 0 from the cache (p1 < 0: to the end), as
         llama-cpp-python's ``_ctx.kv_cache_seq_rm``. Raises ContextError when the memory
@@ -513,6 +646,7 @@ class Llama:
         else:
             self._tokens = self._tokens[:p0] + self._tokens[end:]  # positions after p1 keep their ids
 
+    @_locked
     def save_state(self) -> LlamaState:
         """Snapshot of the cache (llama-cpp-python's ``save_state``)."""
         L, ffi = self._L, self._ffi
@@ -521,8 +655,18 @@ class Llama:
         buf = ffi.new("uint8_t[]", max(int(size), 1))
         n = self._scope.call(L.llama_state_get_data, ctx, buf, size)
         self._scope.check(0 < n <= size, ContextError, "could not serialise the context state")
-        return LlamaState(list(self._tokens), len(self._tokens), bytes(ffi.buffer(buf, n)), int(n))
+        data = _STATE_MAGIC + self._state_identity() + bytes(ffi.buffer(buf, n))
+        return LlamaState(list(self._tokens), len(self._tokens), data, len(data))
 
+    def _state_identity(self) -> bytes:
+        """The identity of this model that save_state records and load_state checks."""
+        if getattr(self, "_ident", None) is None:
+            size, digest = _model_fingerprint(self.model_path)
+            self._ident = _STATE_IDENT.pack(self._n_vocab, self._L.llama_model_n_embd(self._model),
+                                            self._L.llama_model_n_layer(self._model), size, digest)
+        return self._ident
+
+    @_locked
     def load_state(self, state: LlamaState) -> None:
         """Restore a snapshot from ``save_state`` (same model and configuration). A state that
         does not fit this context (another model, a dense cache into a TCA one, budgets that do
@@ -532,22 +676,47 @@ class Llama:
         if not isinstance(state, LlamaState):
             raise TypeError("load_state expects a LlamaState from save_state()")
         data = bytes(state.llama_state)
+        if not data:
+            raise ContextError("the state is empty (0 bytes): nothing to load")
         if len(data) != state.llama_state_size or state.n_tokens != len(state.input_ids) or state.n_tokens > self._n_ctx:
-            raise ContextError("inconsistent LlamaState")
+            raise ContextError("inconsistent LlamaState: llama_state_size, n_tokens and input_ids disagree "
+                               "(or more tokens than n_ctx)")
+        input_ids = _check_tokens(state.input_ids, self._n_vocab, "LlamaState.input_ids")
+        if data.startswith(_STATE_MAGIC):  # save_state's envelope: check the model it was saved from
+            head = len(_STATE_MAGIC) + _STATE_IDENT.size
+            if len(data) <= head:
+                raise ContextError(f"the state is truncated ({len(data)} bytes, its header alone is {head})")
+            got = _STATE_IDENT.unpack_from(data, len(_STATE_MAGIC))
+            want = _STATE_IDENT.unpack(self._state_identity())
+            if got != want:
+                names = ("n_vocab", "n_embd", "n_layer", "model file size")
+                diff = [f"{k} {a} != {b}" for k, a, b in zip(names, got, want) if a != b] or ["the weights differ"]
+                raise ContextError(f"the state was saved from another model ({', '.join(diff)}): it does not "
+                                   f"belong to {self.model_path}")
+            data = data[head:]
+        # (bytes without the envelope are handed to upstream as they are: its own checks apply)
         buf = ffi.from_buffer("uint8_t[]", data)
         n = self._scope.call(L.llama_state_set_data, ctx, buf, len(data))
         if n != len(data):
             L.llama_memory_clear(L.llama_get_memory(ctx), True)
             self._tokens = []
         self._scope.check(n == len(data), ContextError, "the state does not fit this context", default="refused")
-        self._tokens = list(state.input_ids)
+        n_cached = L.llama_memory_seq_pos_max(L.llama_get_memory(ctx), 0) + 1
+        if n_cached != len(input_ids):
+            L.llama_memory_clear(L.llama_get_memory(ctx), True)
+            self._tokens = []
+            raise ContextError(f"inconsistent LlamaState: the cache it holds has {n_cached} tokens, its "
+                               f"input_ids {len(input_ids)}")
+        self._tokens = input_ids
 
+    @_locked
     def reset(self) -> None:
         """Forget the KV cache."""
         ctx = self._live()
         self._L.llama_memory_clear(self._L.llama_get_memory(ctx), True)
         self._tokens = []
 
+    @_locked
     def _decode(self, tokens: List[int], start_pos: int, want_last_logits: bool = True) -> None:
         L, ffi = self._L, self._ffi
         ctx = self._live()
@@ -564,11 +733,13 @@ class Llama:
                 b.logits[i] = 0
             if want_last_logits and off + n == len(tokens):
                 b.logits[n - 1] = 1
-            rc = self._scope.call(L.llama_decode, ctx, b)
+            err = ffi.new("char[512]")
+            # tca_decode: llama_decode with an exception caught (INT32_MIN, the message in err)
+            rc = self._scope.call(L.tca_decode, ctx, ffi.addressof(b), err, 512)
             if rc != 0 or self._scope.pending:
                 # keep our token mirror consistent with what the cache holds
                 self._sync_tokens_after_failure()
-            self._scope.check(rc == 0, DecodeError, f"llama_decode failed with code {rc}")
+            self._scope.check(rc == 0, DecodeError, f"llama_decode failed with code {rc}", _native.err_text(err))
             self._tokens.extend(chunk)
 
     def _sync_tokens_after_failure(self) -> None:
@@ -576,19 +747,18 @@ class Llama:
         pmax = L.llama_memory_seq_pos_max(L.llama_get_memory(self._ctx), 0)
         self._tokens = self._tokens[: max(pmax + 1, 0)]
 
+    @_locked
     def eval_prompt(self, tokens: List[int]) -> int:
         """Make the cache hold exactly `tokens` with logits for the last one; reuse the
         longest common prefix with what is cached. Returns the number of reused tokens."""
         L = self._L
         ctx = self._live()
+        tokens = _check_tokens(tokens, self._n_vocab)
         if not tokens:
             raise ValueError("empty prompt")
         if len(tokens) > self._n_ctx:
             raise ContextOverflowError(
                 f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
-        for t in tokens:
-            if not (0 <= t < self._n_vocab):
-                raise TokenizeError(f"token id {t} out of range [0, {self._n_vocab})")
         n_common = 0
         for a, b in zip(self._tokens, tokens):
             if a != b:
@@ -604,6 +774,7 @@ class Llama:
         self._decode(tokens[n_common:], n_common)
         return n_common
 
+    @_locked
     def _logits_last(self):
         import numpy as np
         ptr = self._L.llama_get_logits_ith(self._ctx, -1)
@@ -611,6 +782,7 @@ class Llama:
             raise DecodeError("no logits available")
         return np.frombuffer(self._ffi.buffer(ptr, 4 * self._n_vocab), dtype=np.float32).copy()
 
+    @_locked
     def eval_logits(self, tokens: List[int]):
         """Evaluate `tokens` from an empty cache and return the last token's logits (numpy)."""
         self.reset()
@@ -643,7 +815,28 @@ class Llama:
                         frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                         seed: Optional[int] = None) -> Iterator[int]:
         """Yield sampled token ids after `tokens` until EOG or `max_tokens` (<= 0: until the
-        context is full). The prompt must fit in the context."""
+        context is full). The prompt must fit in the context.
+
+        The generator holds the instance's lock from its first step until it ends (or is closed):
+        another thread's call on this Llama waits for it, never interleaves with it."""
+        self._live()
+        tokens = _check_tokens(tokens, self._n_vocab)
+        if max_tokens is not None:
+            _check_int("max_tokens", max_tokens)
+        _check_sampling(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+                        presence_penalty, seed)
+        return self._generate_tokens(tokens, max_tokens, temperature, top_k, top_p, min_p, typical_p,
+                                     repeat_penalty, frequency_penalty, presence_penalty, seed)
+
+    def _generate_tokens(self, tokens, max_tokens, temperature, top_k, top_p, min_p, typical_p,
+                         repeat_penalty, frequency_penalty, presence_penalty, seed) -> Iterator[int]:
+        with self._lock:
+            yield from self._generate_tokens_locked(tokens, max_tokens, temperature, top_k, top_p, min_p,
+                                                    typical_p, repeat_penalty, frequency_penalty,
+                                                    presence_penalty, seed)
+
+    def _generate_tokens_locked(self, tokens, max_tokens, temperature, top_k, top_p, min_p, typical_p,
+                                repeat_penalty, frequency_penalty, presence_penalty, seed) -> Iterator[int]:
         L = self._L
         ctx = self._live()
         t0 = time.perf_counter()
@@ -678,6 +871,7 @@ class Llama:
             L.llama_sampler_free(smpl)
 
     # ------------------------------------------------------------------ completions
+    @_locked
     def create_completion(
         self,
         prompt: Union[str, List[int]],
@@ -706,19 +900,14 @@ class Llama:
             raise ValueError("logprobs is not supported by tca_ggml")
         if max_tokens is not None:
             _check_int("max_tokens", max_tokens)
-        if not isinstance(temperature, (int, float)):
-            raise TypeError("temperature must be a number")
-        _check_int("top_k", top_k)
-        if seed is not None:
-            _check_int("seed", seed, 0, 0xFFFFFFFF)
-        if repeat_penalty <= 0:
-            raise ValueError("repeat_penalty must be > 0")
+        _check_sampling(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+                        presence_penalty, seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stops = [s for s in stops if s]
         if isinstance(prompt, str):
             tokens = self.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         elif isinstance(prompt, (list, tuple)):
-            tokens = [int(t) for t in prompt]
+            tokens = _check_tokens(prompt, self._n_vocab, "prompt token ids")
         else:
             raise TypeError("prompt must be a str or a list of token ids")
         if not tokens:
@@ -800,11 +989,13 @@ class Llama:
         return self.create_completion(prompt, **kwargs)
 
     # ------------------------------------------------------------------ chat
+    @_locked
     def chat_template(self) -> Optional[str]:
         self._check_open()
         p = self._L.llama_model_chat_template(self._model, self._ffi.NULL)
         return None if p == self._ffi.NULL else self._ffi.string(p).decode("utf-8", "replace")
 
+    @_locked
     def apply_chat_template(self, messages: List[Dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render messages with the GGUF's chat template, as llama.cpp's
         llama_chat_apply_template does (built-in template recognition)."""
@@ -837,6 +1028,7 @@ class Llama:
                              "pass chat_format= with a built-in template name (e.g. 'chatml')")
         return ffi.buffer(buf, n)[:].decode("utf-8", "replace")
 
+    @_locked
     def create_chat_completion(self, messages: List[Dict[str, str]], temperature: float = 0.2,
                                top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
                                typical_p: float = 1.0, stream: bool = False,
@@ -844,6 +1036,8 @@ class Llama:
                                max_tokens: Optional[int] = None, presence_penalty: float = 0.0,
                                frequency_penalty: float = 0.0, repeat_penalty: float = 1.0,
                                model: Optional[str] = None):
+        _check_sampling(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+                        presence_penalty, seed)
         prompt = self.apply_chat_template(messages, add_generation_prompt=True)
         tokens = self.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         bos = self.token_bos()

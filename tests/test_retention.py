@@ -167,3 +167,22 @@ def test_dense_prefill_is_dense_until_the_prompt_ends(smol_model, doc_tokens):
     # what stays after the prompt follows the budgets either way
     assert st_d["rows_kept"] == st_s["rows_kept"] < st_d["rows_held"]
     assert st_d["bytes_resident"] < 0.5 * st_d["bytes_dense"]
+
+
+def test_prompt_after_truncation_equals_a_fresh_prompt(smol_model, doc_tokens):
+    """A prompt re-evaluated after the cache was cut back to its first token (another prompt ran in
+    between) is cut into the same ubatches as a fresh one (batches start at multiples of n_ubatch),
+    so the sparse prefill compacts at the same places: same logits, same kept rows."""
+    a = doc_tokens[:1400]
+    b = doc_tokens[:1] + doc_tokens[2000:3300]
+    with Llama(smol_model, **KW) as llm:
+        fresh = llm.eval_logits(a)
+        n_layer = int(max(llm.tca_stats()["layer"])) + 1
+        n_kv = int(max(llm.tca_stats()["kv_head"])) + 1
+        kept_fresh = _held_positions(llm, n_layer, n_kv)
+        llm.eval_prompt(b)
+        assert llm.eval_prompt(a) == 1                  # only the first token reused
+        again = llm._logits_last()
+        kept_again = _held_positions(llm, n_layer, n_kv)
+    assert kept_again == kept_fresh
+    np.testing.assert_allclose(again, fresh, rtol=0, atol=1e-4)

@@ -721,8 +721,14 @@ class Llama:
         L, ffi = self._L, self._ffi
         ctx = self._live()
         b = self._batch
-        for off in range(0, len(tokens), self.n_batch):
-            chunk = tokens[off: off + self.n_batch]
+        # TCA: batches start at multiples of n_ubatch (absolute positions), so a prompt is cut into
+        # the same ubatches whatever prefix was reused: the sparse prefill's compactions run at the
+        # same places and a prompt re-evaluated after a cache truncation gives what a fresh one gives
+        ub = self.n_ubatch if self.tca_config is not None and self.n_batch % self.n_ubatch == 0 else 0
+        off = 0
+        while off < len(tokens):
+            n_max = self.n_batch - ((start_pos + off) % ub if ub else 0)
+            chunk = tokens[off: off + n_max]
             n = len(chunk)
             b.n_tokens = n
             for i, t in enumerate(chunk):
@@ -741,6 +747,7 @@ class Llama:
                 self._sync_tokens_after_failure()
             self._scope.check(rc == 0, DecodeError, f"llama_decode failed with code {rc}", _native.err_text(err))
             self._tokens.extend(chunk)
+            off += n
 
     def _sync_tokens_after_failure(self) -> None:
         L = self._L

@@ -68,12 +68,13 @@ static int tca_config_check_impl(const tca_config * c, char * err, size_t n) {
     if ((s & TCA_SET_RETENTION) && c->retention != TCA_RETENTION_HOLD && c->retention != TCA_RETENTION_STREAM)
         return fail(err, n, "tca_retention must be TCA_RETENTION_HOLD (0, 'hold') or TCA_RETENTION_STREAM (1, 'stream'), got " +
                             std::to_string(c->retention));
-    if ((s & TCA_SET_PREFILL) && c->prefill != TCA_PREFILL_SPARSE && c->prefill != TCA_PREFILL_DENSE)
-        return fail(err, n, "tca_prefill must be TCA_PREFILL_SPARSE (0, 'sparse') or TCA_PREFILL_DENSE (1, 'dense'), got " +
-                            std::to_string(c->prefill));
-    if ((s & TCA_SET_PREFILL) && c->prefill == TCA_PREFILL_DENSE && (s & TCA_SET_RETENTION) &&
+    if ((s & TCA_SET_PREFILL) && c->prefill != TCA_PREFILL_SPARSE && c->prefill != TCA_PREFILL_DENSE &&
+        c->prefill != TCA_PREFILL_EARLY)
+        return fail(err, n, "tca_prefill must be TCA_PREFILL_SPARSE (0, 'sparse'), TCA_PREFILL_DENSE (1, 'dense') or "
+                            "TCA_PREFILL_EARLY (2, 'early'), got " + std::to_string(c->prefill));
+    if ((s & TCA_SET_PREFILL) && c->prefill != TCA_PREFILL_SPARSE && (s & TCA_SET_RETENTION) &&
         c->retention == TCA_RETENTION_STREAM)
-        return fail(err, n, "tca_prefill='dense' needs tca_retention='hold' (a stream retention holds no rows to attend)");
+        return fail(err, n, "tca_prefill='dense'/'early' needs tca_retention='hold' (a stream retention holds no rows to attend)");
     if ((s & TCA_SET_N_OBS) && (c->n_obs < 1 || c->n_obs > 4096))
         return fail(err, n, "tca_obs must be in [1, 4096], got " + std::to_string(c->n_obs));
     if ((s & TCA_SET_N_WHOLE) && (c->n_whole < 0 || c->n_whole > 65536))
@@ -171,13 +172,20 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
     int32_t prefill = TCA_PREFILL_SPARSE;
     if (s & TCA_SET_PREFILL) {
         prefill = c.prefill;
-    } else if (const char * e = getenv("TCA_GGML_PREFILL"); e && strcmp(e, "dense") == 0 && cfg.hold) {
-        prefill = TCA_PREFILL_DENSE;  // tools without Python
+    } else if (const char * e = getenv("TCA_GGML_PREFILL"); e && cfg.hold) {
+        if (strcmp(e, "dense") == 0) prefill = TCA_PREFILL_DENSE;  // tools without Python
+        if (strcmp(e, "early") == 0) prefill = TCA_PREFILL_EARLY;
     }
-    if (prefill == TCA_PREFILL_DENSE && !cfg.hold)
-        return fail(err, n, "tca_prefill='dense' needs tca_retention='hold' (a stream retention holds no rows to attend)");
+    if (prefill != TCA_PREFILL_SPARSE && !cfg.hold)
+        return fail(err, n, "tca_prefill='dense'/'early' needs tca_retention='hold' (a stream retention holds no rows to attend)");
     cfg.dense_prefill = prefill == TCA_PREFILL_DENSE;
-    if (const char * e = getenv("TCA_GGML_PREFILL_LAYERS"); e && *e && cfg.hold && !cfg.dense_prefill) {
+    if (prefill == TCA_PREFILL_EARLY) {
+        // the first half of the layers: their far attention is query-specific, a shared selection
+        // per ubatch misses it (docs/benchmarks.md "sessions 9-10")
+        cfg.dense_prefill_lo = 0;
+        cfg.dense_prefill_hi = n_layer / 2 - 1;
+    }
+    if (const char * e = getenv("TCA_GGML_PREFILL_LAYERS"); e && *e && cfg.hold && prefill == TCA_PREFILL_SPARSE) {
         int lo = -1, hi = -1;
         if (sscanf(e, "%d-%d", &lo, &hi) != 2 || lo < 0 || hi < lo)
             return fail(err, n, std::string("TCA_GGML_PREFILL_LAYERS must be 'lo-hi' (layer indices), got '") + e + "'");

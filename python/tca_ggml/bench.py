@@ -65,16 +65,21 @@ def _worker(a) -> dict:
         gen = 0
         td = time.perf_counter()
         tok = int(llm._logits_last().argmax())
+        t_first = 0.0
         for _ in range(a.gen):
             llm._decode([tok], len(llm._tokens))
             tok = int(llm._logits_last().argmax())
             gen += 1
+            if gen == 1:
+                # hold retention: the final selection after the prompt runs before this first step
+                t_first = time.perf_counter() - td
         t2 = time.perf_counter()
         mem = llm.memory_bytes()
         st = llm.tca_stats()
         return {"arm": a.arm, "label": llm.tca_label, "active": st["active"], "prompt": a.prompt, "depth": a.depth,
                 "gen": gen, "ttft_s": t1 - t0, "prefill_tps": a.prompt / (t1 - t0),
-                "decode_tps": gen / (t2 - td) if gen else 0.0, "kv_bytes": mem["kv"],
+                "decode_tps": gen / (t2 - td) if gen else 0.0, "first_step_s": t_first,
+                "decode_steady_tps": (gen - 1) / (t2 - td - t_first) if gen > 1 else 0.0, "kv_bytes": mem["kv"],
                 "kv_dense_bytes": st["bytes_dense"] if st["active"] else mem["kv"],
                 "rows_kept": st["rows_kept"], "t_compact_ms": st["t_compact_ms"],
                 "kv_fast_bytes": st["bytes_fast"] if st["active"] else mem["kv"],
@@ -133,6 +138,9 @@ def run(a) -> list:
                "tca_prefill_tps": _median([x["prefill_tps"] for x in t]),
                "dense_decode_tps": _median([x["decode_tps"] for x in d]),
                "tca_decode_tps": _median([x["decode_tps"] for x in t]),
+               "dense_steady_tps": _median([x["decode_steady_tps"] for x in d]),
+               "tca_steady_tps": _median([x["decode_steady_tps"] for x in t]),
+               "tca_first_step_s": _median([x["first_step_s"] for x in t]),
                "dense_kv_bytes": d[0]["kv_bytes"], "tca_kv_bytes": t[0]["kv_fast_bytes"],
                "tca_hold_bytes": t[0]["kv_hold_bytes"], "tca_resident_bytes": t[0]["kv_resident_bytes"],
                "tca_retention": t[0].get("retention"),
@@ -141,6 +149,7 @@ def run(a) -> list:
                "dense_fa": bool(a.dense_fa)}
         row["prefill_ratio"] = row["tca_prefill_tps"] / row["dense_prefill_tps"]
         row["decode_ratio"] = row["tca_decode_tps"] / row["dense_decode_tps"] if row["dense_decode_tps"] else 0.0
+        row["steady_ratio"] = row["tca_steady_tps"] / row["dense_steady_tps"] if row["dense_steady_tps"] else 0.0
         row["kv_ratio"] = row["tca_kv_bytes"] / row["dense_kv_bytes"]
         row["resident_ratio"] = row["tca_resident_bytes"] / row["dense_kv_bytes"]
         if "forced" in res:
@@ -164,14 +173,17 @@ def to_markdown(rows, model) -> str:
            f"{'flash' if rows and rows[0]['dense_fa'] else 'non-flash'} attention; threads {rows[0]['threads'] if rows else ''}; "
            f"retention {rows[0].get('tca_retention') if rows else ''} (TCA KV = the fast tier attention reads, allocated: "
            f"its peak; resident = the rows it holds after the prompt and the generated tokens; "
-           f"hold = the tier holding every row until a prompt's end, 0 with retention 'stream')",
+           f"hold = the tier holding every row until a prompt's end, 0 with retention 'stream'; decode t/s over all "
+           f"generated tokens; the 1st step holds the final selection after the prompt (retention 'hold'), the "
+           f"steady ratio leaves it out)",
            "",
-           "| p | depth | dense prefill t/s | TCA prefill t/s | ratio | dense TTFT s | TCA TTFT s | dense decode t/s | TCA decode t/s | ratio | dense KV MiB | TCA KV MiB | KV ratio | TCA resident MiB | resident ratio | TCA hold MiB | dense peak RSS MiB | TCA peak RSS MiB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| p | depth | dense prefill t/s | TCA prefill t/s | ratio | dense TTFT s | TCA TTFT s | dense decode t/s | TCA decode t/s | ratio | TCA 1st step s | steady ratio | dense KV MiB | TCA KV MiB | KV ratio | TCA resident MiB | resident ratio | TCA hold MiB | dense peak RSS MiB | TCA peak RSS MiB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['prompt']} | {r['depth']} | {r['dense_prefill_tps']:.1f} | {r['tca_prefill_tps']:.1f} | "
                    f"**{r['prefill_ratio']:.2f}x** | {r['dense_ttft_s']:.1f} | {r['tca_ttft_s']:.1f} | "
                    f"{r['dense_decode_tps']:.2f} | {r['tca_decode_tps']:.2f} | **{r['decode_ratio']:.2f}x** | "
+                   f"{r.get('tca_first_step_s', 0.0):.2f} | {r.get('steady_ratio', 0.0):.2f}x | "
                    f"{r['dense_kv_bytes'] / mib:.0f} | {r['tca_kv_bytes'] / mib:.0f} | {r['kv_ratio']:.2f} | "
                    f"{r['tca_resident_bytes'] / mib:.0f} | {r['resident_ratio']:.2f} | "
                    f"{r.get('tca_hold_bytes', 0) / mib:.0f} | "
@@ -211,7 +223,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--tca-block", type=int, default=None)
     ap.add_argument("--retention", choices=["hold", "stream"], default=None,
                     help="TCA retention policy (default hold; docs/design.md 'Retention')")
-    ap.add_argument("--prefill", choices=["sparse", "dense"], default=None,
+    ap.add_argument("--prefill", choices=["sparse", "dense", "early"], default=None,
                     help="what a prompt's ubatches attend (default sparse; dense: every row, hold only)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=512)

@@ -167,7 +167,9 @@ RETENTIONS = {"hold": 0, "stream": 1}
 # tca_prefill (TCA_PREFILL_*): what a prompt's ubatches attend. "sparse": the fast tier (prefill
 # speed-up); "dense" (hold only): every row, as upstream (no prefill speed-up, the prompt's rows
 # exactly dense's; the budgets apply from the prompt's end: decode speed-up and resident KV kept).
-PREFILLS = {"sparse": 0, "dense": 1}
+# "early": the first half of the layers attend every row, the others the fast tier (the early layers'
+# far attention is query-specific: docs/benchmarks.md "sessions 9-10").
+PREFILLS = {"sparse": 0, "dense": 1, "early": 2}
 
 # The TCA switches of Llama(...) and the struct tca_config field + TCA_SET_* bit each sets
 # (native/include/tca_ggml.h). Their values are validated by the native owner of the TCA
@@ -445,6 +447,8 @@ class Llama:
         self._tp = resolved
         if resolved.prefill == L.TCA_PREFILL_DENSE:
             self.tca_label += ", dense prefill"
+        elif resolved.prefill == L.TCA_PREFILL_EARLY:
+            self.tca_label += ", dense prefill in the first half of the layers"
         return ctx
 
     @_locked

@@ -12,6 +12,7 @@
 #include "ggml-impl.h"
 #include "tca-common.h"
 #include "tca-op-params.h"
+#include "vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -22,16 +23,20 @@
 // ---------------------------------------------------------------------------- GGML_OP_TCA_SCORE
 //
 // s[r] = 1/G * sum over g's query heads h of softmax_r(scale * q_h . k_r), rows r of KV head g.
-// Dots, exponentials and sums in double, in row order (the reference the CUDA kernel is tested
-// against: tests/test_op_tca_score.py).
-// Work: pass 1 splits the rows of all heads over the threads (logits into wdata), pass 2 (one
-// thread per query head) max and sum, pass 3 splits the rows again and pools.
+// Dots in f32 (ggml_vec_dot_f32: SIMD, as the CUDA kernel's f32 FMAs), exponentials in f32
+// (ggml_vec_soft_max_f32), the softmax sums and the pooling in double; the float64 reference is
+// tests/test_op_tca_score.py's NumPy. Until session 11 this op was scalar double throughout; at 8K
+// the hold retention's final selection (32 observation queries x every held row) then cost 2.4 s
+// on 2 threads (docs/benchmarks.md "session 11").
+// Work: pass 1 splits the rows of all heads over the threads (logits into wdata, f32), pass 2 (one
+// thread per query head) max, exp in place and sum, pass 3 splits the rows again and pools.
 
 extern "C" size_t ggml_compute_forward_tca_score_work_size(const struct ggml_tensor * node, int n_tasks) {
     const int64_t n_head  = node->src[0]->ne[1];
     const int64_t n_slots = node->src[1]->ne[1];
     const int64_t d       = node->src[0]->ne[0];
-    return sizeof(double)*(size_t) (n_head*n_slots + 2*n_head) + sizeof(float)*(size_t) (d + CACHE_LINE_SIZE_F32)*(size_t) n_tasks;
+    return sizeof(float)*(size_t) (n_head*n_slots) + sizeof(double)*(size_t) (2*n_head)
+         + sizeof(float)*(size_t) (d + CACHE_LINE_SIZE_F32)*(size_t) n_tasks;
 }
 
 extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
@@ -43,7 +48,7 @@ extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params 
     const int64_t n_head    = q->ne[1];
     const int64_t n_slots   = k->ne[1];
     const int64_t n_head_kv = ggml_get_op_params_i32(dst, 0);
-    const double  scale     = ggml_get_op_params_f32(dst, 1);
+    const float   scale     = ggml_get_op_params_f32(dst, 1);
     const int64_t G         = n_head / n_head_kv;
 
     GGML_ASSERT(dst->type == GGML_TYPE_F32 && q->type == GGML_TYPE_F32 && ggml_nelements(dst) == n_slots);
@@ -56,10 +61,9 @@ extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params 
     const int ith = params->ith;
     const int nth = params->nth;
 
-    double * logit = (double *) params->wdata;          // [n_head][n_slots]
-    double * mx    = logit + n_head*n_slots;             // [n_head]
-    double * sum   = mx + n_head;                        // [n_head]
-    float  * krow  = (float *) (sum + n_head) + ith*(d + CACHE_LINE_SIZE_F32);
+    float  * logit = (float *) params->wdata;                      // [n_head][n_slots]
+    double * sum   = (double *) (logit + n_head*n_slots);          // [n_head]
+    float  * krow  = (float *) (sum + 2*n_head) + ith*(d + CACHE_LINE_SIZE_F32);
     float  * out   = (float *) dst->data;
 
     // pass 1: logits of every (query head of g, row of g)
@@ -72,26 +76,21 @@ extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params 
             tca_to_f32(k->type, (const char *) k->data + r*k->nb[1], krow, d);
             for (int64_t j = 0; j < G; ++j) {
                 const float * qh = (const float *) q->data + (g*G + j)*d;
-                double dot = 0.0;
-                for (int64_t c = 0; c < d; ++c) {
-                    dot += (double) qh[c]*krow[c];
-                }
+                float dot;
+                ggml_vec_dot_f32((int) d, &dot, 0, qh, 0, krow, 0, 1);
                 logit[(g*G + j)*n_slots + r] = dot*scale;
             }
         }
     }
     ggml_barrier(params->threadpool);
 
-    // pass 2: max and sum per query head
+    // pass 2: per query head, exp(logit - max) in place and its sum
     for (int64_t h = ith; h < n_head; h += nth) {
         const int64_t g = h / G, off = hm[2*g], len = hm[2*g + 1];
-        const double * lg = logit + h*n_slots + off;
-        double m = -INFINITY;
+        float * lg = logit + h*n_slots + off;
+        float m = -INFINITY;
         for (int64_t r = 0; r < len; ++r) m = std::max(m, lg[r]);
-        double s = 0.0;
-        for (int64_t r = 0; r < len; ++r) s += std::exp(lg[r] - m);
-        mx[h] = m;
-        sum[h] = s;
+        sum[h] = len > 0 ? (double) ggml_vec_soft_max_f32((int) len, lg, lg, m) : 1.0;
     }
     ggml_barrier(params->threadpool);
 
@@ -104,9 +103,9 @@ extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params 
             double s = 0.0;
             for (int64_t j = 0; j < G; ++j) {
                 const int64_t h = g*G + j;
-                s += std::exp(logit[h*n_slots + r] - mx[h]) / sum[h] / (double) G;
+                s += (double) logit[h*n_slots + r] / sum[h];
             }
-            out[r] = (float) s;
+            out[r] = (float) (s / (double) G);
         }
     }
 }

@@ -167,18 +167,24 @@ def _capture(model, toks, layer, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layer,density,tol,retention", [(0, 1.0, 1e-6, "hold"), (0, 0.25, 1e-6, "stream"),
-                                                          (13, 0.25, 1e-6, "stream"), (0, 0.25, 1e-6, "hold"),
-                                                          (13, 0.25, 1e-6, "hold")])
-def test_retention_matches_numpy_reference(default_model, prompt_tokens, layer, density, tol, retention):
+@pytest.mark.parametrize("layer,density,tol,retention,prefill", [
+    (0, 1.0, 1e-6, "hold", None), (0, 0.25, 1e-6, "stream", None), (13, 0.25, 1e-6, "stream", None),
+    (0, 0.25, 1e-6, "hold", "sparse"), (13, 0.25, 1e-6, "hold", "sparse"),
+    (0, 0.25, 1e-6, "hold", None), (13, 0.25, 1e-6, "hold", None)])
+def test_retention_matches_numpy_reference(default_model, prompt_tokens, layer, density, tol, retention, prefill):
     """The C selection + compaction + sparse attention on the model's own Q/K/V equals the
     NumPy reference (design §3, "Retention") given the same inputs: same kept positions per
     head (up to float near-ties), same attention output. "hold": the prompt's last ubatch
-    attends every row and the final selection is scored by its last queries."""
+    attends every row and the final selection is scored by its last queries; the default
+    prefill with hold is "early" (layers 0-11 of 24 attend every held row in every prefill
+    ubatch: the reference's prefill="dense" for layer 0, "sparse" for layer 13)."""
     toks = prompt_tokens[:1400]
+    kw = {} if prefill is None else dict(tca_prefill=prefill)
     got, kept_c, st = _capture(default_model, toks, layer, tca=True, tca_density=density,
-                               tca_window=W, tca_block=B, tca_retention=retention)
+                               tca_window=W, tca_block=B, tca_retention=retention, **kw)
     assert st["retention"] == retention and st["n_final"] == (1 if retention == "hold" else 0)
+    assert st["prefill"] == (prefill or ("early" if retention == "hold" else "sparse"))
+    ref_prefill = "dense" if st["prefill"] == "dense" or (st["prefill"] == "early" and layer < 12) else "sparse"
     Q = np.concatenate(got["Qcur"])            # [n, n_head, d]  (Qcur is [n_tokens, n_head, d])
     K = np.concatenate(got["Kcur"])            # [n, n_head_kv, d]
     V = np.concatenate(got["Vcur"])
@@ -189,7 +195,7 @@ def test_retention_matches_numpy_reference(default_model, prompt_tokens, layer, 
     k_values = np.array([1 << i for i in range(7)])
     p = forced_budget(density, k_values)
     O_ref, kept_ref, cov_ref = reference.simulate_prefill(Q, K16, V16, 2, p, k_values, B, W, 4, 0.5,
-                                                          ubatch=512, retention=retention)
+                                                          ubatch=512, retention=retention, prefill=ref_prefill)
     for g in range(2):
         a, b = set(kept_c[g].tolist()), set(kept_ref[g].tolist())
         assert len(a) == len(b)

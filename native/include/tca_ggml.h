@@ -113,8 +113,8 @@ struct tca_config {
     int32_t  type_hold;  // TYPE_HOLD: hold: ggml_type of the hold tier, GGML_TYPE_F32 (0), F16 (1)
                          //   or Q8_0 (8; halves it for f16 caches) [the cache's type_k]
     int32_t  prefill;    // PREFILL: hold: what a prompt's ubatches attend, TCA_PREFILL_SPARSE,
-                         //   TCA_PREFILL_DENSE or TCA_PREFILL_EARLY [SPARSE; TCA_GGML_PREFILL=dense|early
-                         //   picks one, for tools]
+                         //   TCA_PREFILL_DENSE or TCA_PREFILL_EARLY [EARLY with hold, SPARSE with
+                         //   stream; TCA_GGML_PREFILL=sparse|dense|early picks one, for tools]
 };
 #define TCA_SET_DENSITY   1
 #define TCA_SET_BLOCK     2
@@ -138,7 +138,8 @@ struct tca_config {
 // the budgets apply from the prompt's end: decode speed and resident KV as SPARSE's).
 #define TCA_PREFILL_SPARSE 0
 #define TCA_PREFILL_DENSE  1
-#define TCA_PREFILL_EARLY  2   // the first half of the layers dense, the rest sparse (docs/design.md)
+#define TCA_PREFILL_EARLY  2   // the first half of the layers dense, the rest sparse (docs/design.md);
+                               // the default with HOLD since session 11
 
 // The fields of *c on their own (no model, no budgets): 0 when valid; otherwise nonzero with a
 // message in err. For early, clear errors (before a model is loaded); tca_context_create runs it too.

@@ -65,26 +65,23 @@ public:
             } else {
                 GGML_ASSERT(ggml_backend_buffer_is_host(pnew_all->buffer) && ggml_backend_buffer_is_host(idx_all->buffer));
                 pn = (float *) pnew_all->data + sl.o_rows;
-                // meta is not in the graph of a final ubatch (HOLD: the attention reads hmeta)
-                if (meta_all->buffer) {
-                    GGML_ASSERT(ggml_backend_buffer_is_host(meta_all->buffer));
-                    mt = (int32_t *) meta_all->data + sl.o_meta;
-                } else {
-                    scratch_m.resize(std::max<size_t>(scratch_m.size(), 2 * (size_t) L->n_head_kv));
-                    mt = scratch_m.data();
-                }
+                // a head-range input that this ubatch's graph does not use (meta: a final ubatch's
+                // attention reads hmeta; hmeta: only final ubatches and dense-prefill layers read
+                // it) has no buffer: its values go to a scratch vector
+                auto meta_of = [&](ggml_tensor * all, std::vector<int32_t> & scr) -> int32_t * {
+                    if (all->buffer) {
+                        GGML_ASSERT(ggml_backend_buffer_is_host(all->buffer));
+                        return (int32_t *) all->data + sl.o_meta;
+                    }
+                    scr.resize(std::max<size_t>(scr.size(), 2 * (size_t) L->n_head_kv));
+                    return scr.data();
+                };
+                mt = meta_of(meta_all, scratch_m);
                 ix = (int64_t *) idx_all->data + sl.o_rows;
                 if (hold) {
-                    // hmeta is in the graph only for a final ubatch (the attention over the hold tier)
                     GGML_ASSERT(ggml_backend_buffer_is_host(hidx_all->buffer));
                     hix = (int64_t *) hidx_all->data + sl.o_rows;
-                    if (hmeta_all->buffer) {
-                        GGML_ASSERT(ggml_backend_buffer_is_host(hmeta_all->buffer));
-                        hmt = (int32_t *) hmeta_all->data + sl.o_meta;
-                    } else {
-                        scratch.resize(std::max<size_t>(scratch.size(), 2 * (size_t) L->n_head_kv));
-                        hmt = scratch.data();
-                    }
+                    hmt = meta_of(hmeta_all, scratch);
                 }
             }
             for (uint32_t g = 0; g < L->n_head_kv; ++g) {

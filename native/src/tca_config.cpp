@@ -169,11 +169,14 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
         retention = TCA_RETENTION_STREAM;  // tools without Python (tca-llama-bench -tca X)
     }
     cfg.hold = retention == TCA_RETENTION_HOLD;
-    int32_t prefill = TCA_PREFILL_SPARSE;
+    // default: EARLY with the hold retention (fidelity first: docs/benchmarks.md "session 11"),
+    // SPARSE with stream (which holds no rows to attend)
+    int32_t prefill = cfg.hold ? TCA_PREFILL_EARLY : TCA_PREFILL_SPARSE;
     if (s & TCA_SET_PREFILL) {
         prefill = c.prefill;
     } else if (const char * e = getenv("TCA_GGML_PREFILL"); e && cfg.hold) {
-        if (strcmp(e, "dense") == 0) prefill = TCA_PREFILL_DENSE;  // tools without Python
+        if (strcmp(e, "sparse") == 0) prefill = TCA_PREFILL_SPARSE;  // tools without Python
+        if (strcmp(e, "dense") == 0) prefill = TCA_PREFILL_DENSE;
         if (strcmp(e, "early") == 0) prefill = TCA_PREFILL_EARLY;
     }
     if (prefill != TCA_PREFILL_SPARSE && !cfg.hold)
@@ -185,7 +188,7 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
         cfg.dense_prefill_lo = 0;
         cfg.dense_prefill_hi = n_layer / 2 - 1;
     }
-    if (const char * e = getenv("TCA_GGML_PREFILL_LAYERS"); e && *e && cfg.hold && prefill == TCA_PREFILL_SPARSE) {
+    if (const char * e = getenv("TCA_GGML_PREFILL_LAYERS"); e && *e && cfg.hold && prefill != TCA_PREFILL_DENSE) {
         int lo = -1, hi = -1;
         if (sscanf(e, "%d-%d", &lo, &hi) != 2 || lo < 0 || hi < lo)
             return fail(err, n, std::string("TCA_GGML_PREFILL_LAYERS must be 'lo-hi' (layer indices), got '") + e + "'");

@@ -167,8 +167,9 @@ RETENTIONS = {"hold": 0, "stream": 1}
 # tca_prefill (TCA_PREFILL_*): what a prompt's ubatches attend. "sparse": the fast tier (prefill
 # speed-up); "dense" (hold only): every row, as upstream (no prefill speed-up, the prompt's rows
 # exactly dense's; the budgets apply from the prompt's end: decode speed-up and resident KV kept).
-# "early": the first half of the layers attend every row, the others the fast tier (the early layers'
-# far attention is query-specific: docs/benchmarks.md "sessions 9-10").
+# "early" (the default with hold since session 11): the first half of the layers attend every row,
+# the others the fast tier (the early layers' far attention is query-specific, spread over rows that
+# no shared or block-granular selection catches: docs/benchmarks.md "sessions 9-10", "session 11").
 PREFILLS = {"sparse": 0, "dense": 1, "early": 2}
 
 # The TCA switches of Llama(...) and the struct tca_config field + TCA_SET_* bit each sets

@@ -421,15 +421,20 @@ class TCALayerState:
     list instead of the retained one, and then, if any block is aged, the retained list is
     rebuilt from the hold list by one selection (``final_keep``) scored by the mean pooled
     importance of the ubatch's last ``n_obs`` queries, with the top ``n_whole`` ranked blocks
-    kept whole (``whole_budget``). Other ubatches and decode steps behave as in "stream".
+    kept whole (``whole_budget``). Other ubatches and decode steps behave as in "stream",
+    except that with ``prefill="dense"`` (hold only: ``tca_prefill="dense"``, and the early
+    layers of ``"early"``) every prefill ubatch attends the hold list, as the final one does.
     """
 
     def __init__(self, n_head: int, n_head_kv: int, head_dim: int, p_per_head, k_values,
                  block_size: int, window: int, n_sink: int, alpha: float,
                  scale: Optional[float] = None, v_dim: Optional[int] = None,
-                 retention: str = "stream", n_obs: int = 32, n_whole: int = 4):
+                 retention: str = "stream", n_obs: int = 32, n_whole: int = 4, prefill: str = "sparse"):
         if retention not in ("stream", "hold"):
             raise ValueError(f"retention must be 'stream' or 'hold', got {retention!r}")
+        if prefill not in ("sparse", "dense") or (prefill == "dense" and retention != "hold"):
+            raise ValueError(f"prefill must be 'sparse' or 'dense' (dense with retention='hold'), got {prefill!r}")
+        self.dense_prefill = prefill == "dense"
         self.retention, self.n_obs, self.n_whole = retention, int(n_obs), int(n_whole)
         self.n_head, self.n_head_kv = int(n_head), int(n_head_kv)
         self.G = _group_size(self.n_head, self.n_head_kv)
@@ -472,7 +477,10 @@ class TCALayerState:
                     st.coverage = float(1.0 - s[~keep].sum())
                     st.n_compactions += 1
                 continue
-            out[:, hs] = st.attend(Q[:, hs], pos, self.scale)
+            if self.dense_prefill and always:
+                out[:, hs] = self.held[g].attend(Q[:, hs], pos, self.scale)
+            else:
+                out[:, hs] = st.attend(Q[:, hs], pos, self.scale)
             if compact and not always:
                 st.compact_decode(Q[-1, hs], self.n_seen, self.frontier, self.p[g], self.k_values,
                                   self.block_size, self.window, self.n_sink, self.scale)
@@ -519,7 +527,7 @@ def whole_budget(p, k_values, n_aged: int, n_whole: int) -> np.ndarray:
 def simulate_prefill(Q, K, V, n_head_kv: int, p_per_head, k_values, block_size: int,
                      window: int, n_sink: int, alpha: float, ubatch: int,
                      scale: Optional[float] = None, n_decode: int = 0,
-                     retention: str = "stream", n_obs: int = 32, n_whole: int = 4):
+                     retention: str = "stream", n_obs: int = 32, n_whole: int = 4, prefill: str = "sparse"):
     """Simulate one layer of TCA over a whole sequence (design §3).
 
     ``Q``: [n, n_head, d]; ``K``, ``V``: [n, n_head_kv, d]; token i at position i. The
@@ -533,7 +541,7 @@ def simulate_prefill(Q, K, V, n_head_kv: int, p_per_head, k_values, block_size: 
 
     With ``retention="hold"`` the prompt's last ubatch is final (it asks for logits: attends
     every row, then the retained lists are selected from every row by its last ``n_obs``
-    queries; see ``TCALayerState``).
+    queries; see ``TCALayerState``). ``prefill="dense"``: every prefill ubatch attends every row.
 
     Returns ``(O [n, n_head, d_v], kept_positions_per_kv_head, coverage_per_kv_head)``:
     the final retained positions of each KV head and each head's pooled coverage of q_last
@@ -548,7 +556,8 @@ def simulate_prefill(Q, K, V, n_head_kv: int, p_per_head, k_values, block_size: 
     if not 0 <= n_decode <= n:
         raise ValueError("n_decode must be in [0, n]")
     st = TCALayerState(n_head, n_head_kv, d, p_per_head, k_values, block_size, window, n_sink,
-                       alpha, scale, v_dim=V.shape[-1], retention=retention, n_obs=n_obs, n_whole=n_whole)
+                       alpha, scale, v_dim=V.shape[-1], retention=retention, n_obs=n_obs, n_whole=n_whole,
+                       prefill=prefill)
     out = np.zeros((n, n_head, V.shape[-1]), dtype=np.float64)
     n_pre = n - n_decode
     for a in range(0, n_pre, ubatch):

@@ -20,7 +20,7 @@ def _args(model, **kw):
 @pytest.mark.slow
 def test_bench_runs_both_arms(default_model, capsys):
     a = _args(default_model, **{"-p": "2000", "-n": "2", "--density": "0.25", "--tca-window": "256", "--batch": "128",
-                                "--tca-block": "64", "--threads": "2", "-o": "json"})
+                                "--tca-block": "64", "--threads": "2", "-o": "json", "--also-prefill": "sparse"})
     assert bench.main_cli(a) == 0
     out = json.loads(capsys.readouterr().out)
     (row,) = out["rows"]
@@ -35,8 +35,13 @@ def test_bench_runs_both_arms(default_model, capsys):
     # the fast tier is allocated for its peak: that + one ubatch, the final selection's queries and slack
     assert row["resident_ratio"] < row["kv_ratio"] < 1.0
     assert row["tca_hold_bytes"] >= row["dense_kv_bytes"]  # retention "hold" (the default): every row
+    # the third arm: the same budgets with sparse prefill (the TCA arm's is the default, early);
+    # what stays after the prompt is budgeted alike
+    assert row["tca_prefill"] == "early" and row["prefill2"] == "sparse"
+    assert row["prefill2_prefill_tps"] > 0 and row["prefill2_decode_tps"] > 0
+    assert row["prefill2_resident_bytes"] == pytest.approx(row["tca_resident_bytes"], rel=0.01)
     md = bench.to_markdown(out["rows"], default_model)
-    assert "forced density 0.25 (uncalibrated)" in md and "| 2000 |" in md
+    assert "forced density 0.25 (uncalibrated)" in md and "| 2000 |" in md and "prefill sparse" in md
 
 
 def test_bench_bad_input(default_model, tmp_path, capsys):

@@ -32,7 +32,7 @@ def _worker(a) -> dict:
     from . import texts
     from .llama import Llama
     kw = {}
-    if a.arm in ("tca", "forced"):
+    if a.arm in ("tca", "forced", "prefill2"):
         kw = dict(tca=True)
         if a.arm == "forced":
             kw["tca_density"] = a.also_density
@@ -46,6 +46,8 @@ def _worker(a) -> dict:
             kw["tca_retention"] = a.retention
         if a.prefill is not None:
             kw["tca_prefill"] = a.prefill
+        if a.arm == "prefill2":
+            kw["tca_prefill"] = a.also_prefill
     n_ctx = a.depth + a.prompt + a.gen + 8
     # both arms use the dense arm's flash-attention setting: a TCA context that falls back to the
     # dense cache (n_ctx <= w + b) is then exactly the dense arm; an active TCA context ignores it
@@ -76,7 +78,7 @@ def _worker(a) -> dict:
         t2 = time.perf_counter()
         mem = llm.memory_bytes()
         st = llm.tca_stats()
-        return {"arm": a.arm, "label": llm.tca_label, "active": st["active"], "prompt": a.prompt, "depth": a.depth,
+        return {"arm": a.arm, "label": llm.tca_label, "prefill": st.get("prefill"), "active": st["active"], "prompt": a.prompt, "depth": a.depth,
                 "gen": gen, "ttft_s": t1 - t0, "prefill_tps": a.prompt / (t1 - t0),
                 "decode_tps": gen / (t2 - td) if gen else 0.0, "first_step_s": t_first,
                 "decode_steady_tps": (gen - 1) / (t2 - td - t_first) if gen > 1 else 0.0, "kv_bytes": mem["kv"],
@@ -109,6 +111,8 @@ def _run_arm(a, arm, prompt) -> dict:
         cmd += ["--retention", a.retention]
     if a.prefill is not None:
         cmd += ["--prefill", a.prefill]
+    if a.also_prefill is not None:
+        cmd += ["--also-prefill", a.also_prefill]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{arm} arm failed at p={prompt}: {r.stderr.strip()[-800:]}")
@@ -123,7 +127,8 @@ def _median(xs):
 def run(a) -> list:
     rows = []
     for p in a.p:
-        arms = ("dense", "tca") + (("forced",) if a.also_density is not None else ())
+        arms = ("dense", "tca") + (("forced",) if a.also_density is not None else ()) + \
+            (("prefill2",) if a.also_prefill is not None else ())
         res = {arm: [] for arm in arms}
         for _ in range(a.r):
             for arm in arms:
@@ -163,6 +168,18 @@ def run(a) -> list:
             row["forced_prefill_ratio"] = row["forced_prefill_tps"] / row["dense_prefill_tps"]
             row["forced_decode_ratio"] = row["forced_decode_tps"] / row["dense_decode_tps"] if row["dense_decode_tps"] else 0.0
             row["forced_kv_ratio"] = row["forced_kv_bytes"] / row["dense_kv_bytes"]
+        if "prefill2" in res:
+            f = res["prefill2"]
+            row.update({"tca_prefill": t[0].get("prefill"), "prefill2": f[0].get("prefill"),
+                        "prefill2_ttft_s": _median([x["ttft_s"] for x in f]),
+                        "prefill2_prefill_tps": _median([x["prefill_tps"] for x in f]),
+                        "prefill2_decode_tps": _median([x["decode_tps"] for x in f]),
+                        "prefill2_steady_tps": _median([x["decode_steady_tps"] for x in f]),
+                        "prefill2_first_step_s": _median([x["first_step_s"] for x in f]),
+                        "prefill2_resident_bytes": f[0]["kv_resident_bytes"]})
+            row["prefill2_prefill_ratio"] = row["prefill2_prefill_tps"] / row["dense_prefill_tps"]
+            row["prefill2_decode_ratio"] = row["prefill2_decode_tps"] / row["dense_decode_tps"] if row["dense_decode_tps"] else 0.0
+            row["prefill2_steady_ratio"] = row["prefill2_steady_tps"] / row["dense_steady_tps"] if row["dense_steady_tps"] else 0.0
         rows.append(row)
     return rows
 
@@ -196,6 +213,16 @@ def to_markdown(rows, model) -> str:
             out.append(f"| {r['prompt']} | {r['forced_prefill_tps']:.1f} | **{r['forced_prefill_ratio']:.2f}x** | "
                        f"{r['forced_decode_tps']:.2f} | **{r['forced_decode_ratio']:.2f}x** | {r['forced_kv_bytes'] / mib:.0f} | "
                        f"{r['forced_kv_ratio']:.2f} | {r['forced_peak_rss'] / mib:.0f} |")
+    if rows and "prefill2" in rows[0]:
+        out += ["", f"TCA arm prefill: {rows[0]['tca_prefill']}; third arm: the same budgets with prefill "
+                    f"{rows[0]['prefill2']}", "",
+                "| p | prefill t/s | TTFT ratio vs dense | TTFT s | decode t/s | decode ratio | 1st step s | steady ratio | resident MiB |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            out.append(f"| {r['prompt']} | {r['prefill2_prefill_tps']:.1f} | **{r['prefill2_prefill_ratio']:.2f}x** | "
+                       f"{r['prefill2_ttft_s']:.1f} | {r['prefill2_decode_tps']:.2f} | **{r['prefill2_decode_ratio']:.2f}x** | "
+                       f"{r['prefill2_first_step_s']:.2f} | {r['prefill2_steady_ratio']:.2f}x | "
+                       f"{r['prefill2_resident_bytes'] / mib:.0f} |")
     return "\n".join(out)
 
 
@@ -224,7 +251,10 @@ def add_arguments(ap) -> None:
     ap.add_argument("--retention", choices=["hold", "stream"], default=None,
                     help="TCA retention policy (default hold; docs/design.md 'Retention')")
     ap.add_argument("--prefill", choices=["sparse", "dense", "early"], default=None,
-                    help="what a prompt's ubatches attend (default sparse; dense: every row, hold only)")
+                    help="what a prompt's ubatches attend (default early with hold, sparse with stream; "
+                         "dense: every row; early: every row in the first half of the layers)")
+    ap.add_argument("--also-prefill", choices=["sparse", "dense", "early"], default=None,
+                    help="add an arm: the TCA arm's budgets with this prefill mode (hold retention)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--dense-fa", type=int, default=1, choices=[0, 1], help="dense arm with flash attention (upstream's faster CPU path)")
@@ -274,7 +304,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tca-ggml bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--arm", choices=["dense", "tca", "forced"], help=argparse.SUPPRESS)
+    ap.add_argument("--arm", choices=["dense", "tca", "forced", "prefill2"], help=argparse.SUPPRESS)
     ap.add_argument("--prompt", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--gen", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)

@@ -58,37 +58,19 @@ __device__ __forceinline__ int tca_kp(const tca_args & a, int r) {
     return a.kposf ? (int) a.kposf[r] : a.kpos[r];
 }
 
-__device__ __forceinline__ float tca_warp_max(float x) {
+// butterfly reduction over the 32 lanes of a warp (every lane gets the result)
+template <typename T, typename F>
+__device__ __forceinline__ T tca_warp_reduce(T x, F f) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-        x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o, 32));
+        x = f(x, __shfl_xor_sync(0xffffffff, x, o, 32));
     }
     return x;
 }
-
-__device__ __forceinline__ float tca_warp_sum(float x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        x += __shfl_xor_sync(0xffffffff, x, o, 32);
-    }
-    return x;
-}
-
-__device__ __forceinline__ int tca_warp_min_i(int x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        x = min(x, __shfl_xor_sync(0xffffffff, x, o, 32));
-    }
-    return x;
-}
-
-__device__ __forceinline__ int tca_warp_max_i(int x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        x = max(x, __shfl_xor_sync(0xffffffff, x, o, 32));
-    }
-    return x;
-}
+__device__ __forceinline__ float tca_warp_max(float x) { return tca_warp_reduce(x, [](float a, float b) { return fmaxf(a, b); }); }
+__device__ __forceinline__ float tca_warp_sum(float x) { return tca_warp_reduce(x, [](float a, float b) { return a + b; }); }
+__device__ __forceinline__ int   tca_warp_min_i(int x) { return tca_warp_reduce(x, [](int a, int b) { return min(a, b); }); }
+__device__ __forceinline__ int   tca_warp_max_i(int x) { return tca_warp_reduce(x, [](int a, int b) { return max(a, b); }); }
 
 // the CTA of blockIdx.x: KV head g, its first query head h0 and count nh, first token t0 and count ntk
 struct tca_cta {
@@ -108,6 +90,22 @@ __device__ __forceinline__ tca_cta tca_cta_of(const tca_args & a) {
     c.t0  = tile*a.tt;
     c.ntk = min(a.tt, a.T - c.t0);
     return c;
+}
+
+// the latest query position of the CTA's NQ = nh*tt query slots (every lane of a warp gets it; no
+// barrier needed); returns false when the CTA has no valid query (then it reads no rows)
+template <int NQ>
+__device__ __forceinline__ bool tca_cta_qmax(const tca_args & a, const tca_cta & cta, int lane, int & qmax) {
+    qmax = INT_MIN;
+    bool any_valid = false;
+    for (int i = lane; i < NQ; i += 32) {
+        if (i / a.tt < cta.nh && i % a.tt < cta.ntk) {
+            qmax = max(qmax, a.qpos[cta.t0 + i % a.tt]);
+            any_valid = true;
+        }
+    }
+    qmax = tca_warp_max_i(qmax);
+    return __any_sync(0xffffffff, any_valid);
 }
 
 // rows [off, off + len) of the head, clamped to the slots (the CPU asserts this instead)

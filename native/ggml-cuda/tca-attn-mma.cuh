@@ -245,17 +245,8 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
     const int  qmin_w = tca_warp_min_i(min(v0 ? qp0 : INT_MAX, v1 ? qp1 : INT_MAX));
 
     // the CTA's latest query position (every warp computes it: no barrier needed)
-    int  qmax = INT_MIN;
-    bool any_valid = false;
-    for (int i = lane; i < NQ; i += 32) {
-        if (i / a.tt < cta.nh && i % a.tt < cta.ntk) {
-            qmax = max(qmax, a.qpos[cta.t0 + i % a.tt]);
-            any_valid = true;
-        }
-    }
-    qmax      = tca_warp_max_i(qmax);
-    any_valid = __any_sync(0xffffffff, any_valid);
-    if (!any_valid) {
+    int qmax;
+    if (!tca_cta_qmax<NQ>(a, cta, lane, qmax)) {
         ch1 = ch0;
     }
 
@@ -427,17 +418,9 @@ __global__ void __launch_bounds__(TCA_NT, tca_mma2_cfg<D, C_, MT_>::MINB) tca_at
     const int  qmax_w = tca_warp_max_i(qmax_t);
     const int  qmin_w = tca_warp_min_i(qmin_t);
 
-    int  qmax = INT_MIN;
-    bool any_valid = false;
-    for (int i = lane; i < NQ; i += 32) {
-        if (i / a.tt < cta.nh && i % a.tt < cta.ntk) {
-            qmax = max(qmax, a.qpos[cta.t0 + i % a.tt]);
-            any_valid = true;
-        }
-    }
-    qmax      = tca_warp_max_i(qmax);
-    any_valid = __any_sync(0xffffffff, any_valid);
-    if (!any_valid) {
+    // the CTA's latest query position (every warp computes it: no barrier needed)
+    int qmax;
+    if (!tca_cta_qmax<NQ>(a, cta, lane, qmax)) {
         ch1 = ch0;
     }
 

@@ -181,7 +181,8 @@ def test_end_to_end_cache_and_two_turns(smol_model, tmp_path):
               + (["--plot-dir", str(tmp_path / "plots")] if _has_matplotlib() else []))
     n = 3 + (0 if RULER_MISSING else 1)
     assert (r1["cache"]["hits"], r1["cache"]["misses"], r1["cache"]["writes"]) == (0, n, n)
-    assert r1["arms"]["tca"]["label"] == "forced density 0.25 (uncalibrated)"
+    # the default prefill (early) is named in the label
+    assert r1["arms"]["tca"]["label"] == "forced density 0.25 (uncalibrated), dense prefill in the first half of the layers"
     assert (r1["arms"]["tca"]["window"], r1["arms"]["tca"]["block"]) == (256, 64)
     # two turns in one conversation: turn 2 reuses turn 1's prompt and answer (no reset, no re-prefill)
     (tt,) = r1["twoturn"]
@@ -280,7 +281,7 @@ def test_quick_outputs(quick_full):
         assert {r["task"] for r in res["ruler"]} == {"niah_single_2", "vt"}
     for r in res["niah"]:
         assert r["length"] - 32 <= r["prompt_tokens"] <= r["length"], r
-    label = "forced density 1 (uncalibrated)"
+    label = "forced density 1 (uncalibrated), dense prefill in the first half of the layers"
     assert res["arms"]["tca"]["label"] == label and res["arms"]["tca"]["uncalibrated"]
     assert res["cache"]["enabled"] is False
     md = (d / "r.md").read_text(encoding="utf-8")

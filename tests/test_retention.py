@@ -184,6 +184,38 @@ def test_dense_prefill_is_dense_until_the_prompt_ends(smol_model, doc_tokens):
     assert st_d["bytes_resident"] < 0.5 * st_d["bytes_dense"]
 
 
+def test_logits_on_every_chunk_make_one_prompt_end(smol_model, doc_tokens):
+    """llama-cli and llama-bench decode a prompt in n_batch chunks and ask for the logits of each
+    chunk's last token. Such a token is a prompt end only if the prompt stops there: a chunk
+    followed by more of the prompt compacts as any prefill ubatch, and the final selection runs
+    once, at the real end. With dense prefill (every ubatch attends the hold tier either way) the
+    chunked prompt gives the kept rows and logits of the one-call prompt; before, every chunk ran a
+    final selection (n_final 5 for 5 chunks)."""
+    toks = doc_tokens[:1200]
+    kw = dict(KW, tca_prefill="dense")
+    with Llama(smol_model, **kw) as llm:
+        llm.eval_prompt(toks)
+        one = np.asarray(llm._logits_last(), dtype=np.float64)
+        st = llm.tca_stats()
+        n_layer, n_kv = int(max(st["layer"])) + 1, int(max(st["kv_head"])) + 1
+        kept_one = _held_positions(llm, n_layer, n_kv)
+    with Llama(smol_model, **kw) as llm:
+        for off in range(0, len(toks), 256):          # logits asked for at every chunk's last token
+            llm._decode(toks[off: off + 256], off, want_last_logits=True)
+        chunked = np.asarray(llm._logits_last(), dtype=np.float64)
+        assert llm.tca_stats()["n_final"] == 1
+        assert _held_positions(llm, n_layer, n_kv) == kept_one
+    np.testing.assert_allclose(chunked, one, rtol=0, atol=1e-5)
+    # the default prefill: one final selection too, and then decode as usual
+    with Llama(smol_model, **KW) as llm:
+        for off in range(0, len(toks), 256):
+            llm._decode(toks[off: off + 256], off, want_last_logits=True)
+        assert llm.tca_stats()["n_final"] == 1
+        for _ in llm.generate_tokens(toks, 4, temperature=0):
+            pass
+        assert llm.tca_stats()["n_final"] == 1
+
+
 def test_prompt_after_truncation_equals_a_fresh_prompt(smol_model, doc_tokens):
     """A prompt re-evaluated after the cache was cut back to its first token (another prompt ran in
     between) is cut into the same ubatches as a fresh one (batches start at multiples of n_ubatch),

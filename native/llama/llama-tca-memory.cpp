@@ -282,10 +282,10 @@ llama_tca_memory::~llama_tca_memory() {
         uint64_t kept = 0, cap = 0;
         for (const auto & L : layers) for (const auto & h : L.heads) { kept += h.len; cap += h.cap; }
         fprintf(stderr, "tca_stats: n_seen=%u compactions=%llu t_compact_ms=%.1f (device: build %.1f, compute %.1f, "
-                "read %.1f) rows_kept=%llu rows_cap=%llu\n",
+                "read %.1f) rows_kept=%llu rows_cap=%llu final=%llu final_deferred=%llu\n",
                 n_seen, (unsigned long long) n_compactions, t_compact_us / 1000.0, t_dev_build_us / 1000.0,
                 t_dev_compute_us / 1000.0, t_dev_read_us / 1000.0, (unsigned long long) kept,
-                (unsigned long long) cap);
+                (unsigned long long) cap, (unsigned long long) n_final, (unsigned long long) n_final_deferred);
     }
 }
 
@@ -382,10 +382,11 @@ bool llama_tca_memory::fits(const llama_ubatch & ub) const {
     return true;
 }
 
-void llama_tca_memory::compact_pending() {
+void llama_tca_memory::compact_pending(bool prompt_continues) {
     if (!pending) return;
     pending = false;
-    const bool fin = pending_final;
+    const bool fin = pending_final && !prompt_continues;
+    if (pending_final && prompt_continues) ++n_final_deferred;
     pending_final = false;
     const uint32_t F = llama_tca_aged_frontier(n_seen, cfg.window, cfg.block);
     if (F == 0) return;
@@ -910,7 +911,8 @@ bool llama_tca_memory_context::apply() {
     // ubatch's failure (llama_decode returns an error, Python raises), never std::terminate
     try {
         if (!mem->fits(ubatches[i_next])) {
-            mem->compact_pending();  // the previous ubatch has been computed by now
+            // the previous ubatch has been computed by now
+            mem->compact_pending(ubatches[i_next].n_tokens > 1);
         }
         return mem->reserve_ubatch(ubatches[i_next]);
     } catch (const std::exception & e) {

@@ -170,8 +170,11 @@ public:
     bool reserve_ubatch(const llama_ubatch & ub);   // before a ubatch's graph is built
     bool fits(const llama_ubatch & ub) const;        // TCA_GGML_LAZY: room for ub without compacting
     // the compaction that follows a computed ubatch runs lazily (before the next ubatch); the
-    // memory context, state saves and the C API's statistics flush it first
-    void compact_pending();
+    // memory context, state saves and the C API's statistics flush it first. prompt_continues:
+    // the next ubatch has more than one token, so a prompt end marked by a token asking for logits
+    // was not the end (llama-cli / llama-bench ask for the last token of every n_batch chunk): its
+    // final selection is left to the real end and the chunk compacts as any prefill ubatch
+    void compact_pending(bool prompt_continues = false);
 
     // retained positions of one (layer, KV head), ascending (-1: no such head); fills at most n_max
     int64_t head_positions(int32_t il, uint32_t kv_head, int32_t * pos, int64_t n_max) const;
@@ -225,6 +228,7 @@ private:
     bool prev_prefill = false;    // the previous ubatch was a non-final multi-token ubatch
     uint32_t n_obs_valid = 0;     // queries in q_obs (min(n_obs, the final ubatch's tokens))
     uint64_t n_final = 0;         // final selections from the hold tier
+    uint64_t n_final_deferred = 0; // prompt ends followed by more of the prompt (no selection there)
     uint64_t bytes_hold = 0;      // hold tier allocation
     uint32_t frontier = 0;        // F: blocks before it have been selected
     bool pending = false;         // a ubatch ran since the last compaction

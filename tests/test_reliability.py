@@ -424,3 +424,242 @@ def test_nan_parameters_and_non_integer_token_ids_are_refused(tiny):
         failed_with(res[f"{where}:big"], "TokenizeError", "out of range")
     assert res["numpy_ints"] == {"ok": True, "value": "hi"}
     assert res["still_works"]["ok"] and res["still_works"]["value"] >= 1
+
+
+# ---------------------------------------------------------------- 8. errors that name their real cause
+def with_tca_items(src: str, dst, items) -> str:
+    """A copy of `src` whose tca.* keys are exactly `items` [(key, vtype, value, subtype)], written
+    raw (gguf_meta's copier, no validation): hostile tca.* metadata on a model upstream can load."""
+    from tca_ggml import gguf_meta as gm
+    gm._copy_with_kv(src, dst, list(items), True, False, None)
+    return str(dst)
+
+
+def budgets_for_tiny(**kw):
+    from tca_ggml import gguf_meta as gm
+    return gm.make_random_budgets(2, 2, block_size=64, window=256, seed=11, dense_fraction=0.3, **kw)
+
+
+def test_tca_keys_without_tca_version_are_an_incomplete_calibration(tiny, tmp_path):
+    """Before: a GGUF with every tca.* key but tca.version read as "not calibrated" (Llama said the
+    model has no TCA calibration, read_budgets returned None, `tca-ggml inspect` said "not
+    calibrated"). After: both readers name tca.version and say the calibration is incomplete; a file
+    without any tca.* key is still "not calibrated", and the damaged file still loads without TCA."""
+    from tca_ggml import gguf_meta as gm
+    items = [it for it in gm.tca_kv_items(budgets_for_tiny()) if it[0] != "tca.version"]
+    nover = with_tca_items(tiny, tmp_path / "nover.gguf", items)
+    res = run_probe('''
+        from tca_ggml import Llama, gguf_meta as gm
+        nover, plain = sys.argv[1], sys.argv[2]
+        def dense():
+            llm = Llama(nover, n_ctx=64, verbose=False)
+            return llm("hi", max_tokens=2, temperature=0)["choices"][0]["text"]
+        emit({"llama": outcome(lambda: Llama(nover, tca=True, n_ctx=512, verbose=False) and None),
+              "forced": outcome(lambda: Llama(nover, tca=True, tca_density=0.5, n_ctx=512, verbose=False) and None),
+              "py": outcome(lambda: gm.read_budgets(nover) and None),
+              "dense": outcome(dense),
+              "plain_llama": outcome(lambda: Llama(plain, tca=True, n_ctx=512, verbose=False) and None),
+              "plain_py": outcome(lambda: gm.read_budgets(plain))})
+    ''', 60, [nover, tiny])
+    for k in ("llama", "forced"):
+        failed_with(res[k], "TCAConfigError", "tca.version", "missing", "incomplete", "tca.block_size")
+        assert "no TCA calibration" not in res[k]["msg"], res[k]
+    failed_with(res["py"], "TCAMetadataError", "tca.version", "missing", "incomplete")
+    assert res["dense"]["ok"], res["dense"]
+    failed_with(res["plain_llama"], "TCAConfigError", "no TCA calibration")
+    assert res["plain_py"] == {"ok": True, "value": None}
+    r = run_cli(["inspect", nover], 60)
+    assert r.returncode == 2 and "tca.version" in r.stderr and "not calibrated" not in r.stderr, r.stderr
+
+
+def test_quantized_kv_rows_that_do_not_fit_tca_name_the_cause(tiny):
+    """Before: q8_0 K/V with TCA on a head-size-32 model said only "context creation failed (see the
+    log)". The cause: a q8_0 row of 32 values is one 34-byte block, and the TCA retention cache and
+    hold tier move rows in 4-byte words. After: the message says so for type_k / type_v /
+    tca_hold_type, with the head size it needs and the types that fit; those types work, and q8_0
+    still works where the context falls back to the dense cache (n_ctx <= window + block)."""
+    res = run_probe('''
+        from tca_ggml import Llama
+        kw = dict(tca=True, n_ctx=256, tca_block=16, tca_window=32, tca_density=0.25, verbose=False)
+        def gen(**k):
+            llm = Llama(sys.argv[1], **{**kw, **k})
+            t = llm("hello world " * 20, max_tokens=4, temperature=0)["choices"][0]["text"]
+            return [len(t) >= 0, llm.tca_stats()["active"]]
+        emit({"q8": outcome(lambda: Llama(sys.argv[1], type_k=8, type_v=8, **kw) and None),
+              "q4_0_v": outcome(lambda: Llama(sys.argv[1], type_k=1, type_v=2, **kw) and None),
+              "hold_q8": outcome(lambda: Llama(sys.argv[1], tca_hold_type=8, **kw) and None),
+              "f16": outcome(lambda: gen(type_k=1, type_v=1)),
+              "q4_1": outcome(lambda: gen(type_k=3, type_v=3)),
+              "q8_dense_fallback": outcome(lambda: gen(type_k=8, type_v=8, tca_window=4096, tca_block=64))})
+    ''', 120, [tiny])
+    failed_with(res["q8"], "TCAConfigError", "type_k=q8_0", "head size 32", "34 bytes", "4-byte", "multiple of 64",
+                "f16")
+    assert "see the log" not in res["q8"]["msg"]
+    failed_with(res["q4_0_v"], "TCAConfigError", "type_v=q4_0", "18 bytes", "multiple of 64")
+    failed_with(res["hold_q8"], "TCAConfigError", "tca_hold_type=q8_0", "hold tier", "head size 32")
+    assert res["f16"] == {"ok": True, "value": [True, True]}, res["f16"]
+    assert res["q4_1"] == {"ok": True, "value": [True, True]}, res["q4_1"]
+    assert res["q8_dense_fallback"] == {"ok": True, "value": [True, False]}, res["q8_dense_fallback"]
+
+
+def _vt():
+    from gguf import GGUFValueType
+    return GGUFValueType
+
+
+def _edit_arr(key, attr, fn, sub_name):
+    def make(b):
+        a = np.asarray(getattr(b, attr)).reshape(-1).copy()
+        return {key: (_vt().ARRAY, fn(a).tolist(), getattr(_vt(), sub_name))}
+    return make
+
+
+def _set_at(i, v):
+    def fn(a):
+        a = a.copy()
+        a[i] = v
+        return a
+    return fn
+
+
+def _dense_not_onehot(b):
+    VT = _vt()
+    cand, p, dens = b.candidate.copy(), b.p.copy(), b.density.copy()
+    cand[0], p[0], dens[0] = -1, 0, 1.0 / 64
+    p[0, 0] = 1.0
+    return {"tca.budget.candidate": (VT.ARRAY, cand.tolist(), VT.INT32),
+            "tca.budget.p": (VT.ARRAY, p.reshape(-1).tolist(), VT.FLOAT32),
+            "tca.budget.density": (VT.ARRAY, dens.tolist(), VT.FLOAT32)}
+
+
+def _empty_grid(b):
+    VT = _vt()
+    H, K = b.p.shape
+    onehot = ([0.0] * (K - 1) + [1.0]) * H
+    return {"tca.grid.mu": (VT.ARRAY, [], VT.FLOAT32), "tca.grid.sigma": (VT.ARRAY, [], VT.FLOAT32),
+            "tca.budget.candidate": (VT.ARRAY, [-1] * H, VT.INT32), "tca.budget.p": (VT.ARRAY, onehot, VT.FLOAT32),
+            "tca.budget.density": (VT.ARRAY, [1.0] * H, VT.FLOAT32), "tca.coverage": (VT.ARRAY, [1.0] * H, VT.FLOAT32)}
+
+
+def _string(key, value):
+    return lambda b: {key: (_vt().STRING, value, None)}
+
+
+# What the native tca_budgets_read accepted and the Python validator refused (a probe over
+# tests/test_gguf_meta.py's hostile table and more, on the tiny model): the first four are the
+# issue's, the rest were found by the same probe. Each: (the key both must name, the edit).
+BUDGET_DISAGREEMENTS = {
+    "dense_not_onehot": ("tca.budget.p", _dense_not_onehot),
+    "density_inconsistent": ("tca.budget.density",
+                             _edit_arr("tca.budget.density", "density", lambda a: _set_at(1, a[1] * 0.5)(a), "FLOAT32")),
+    "mu_inf": ("tca.grid.mu", _edit_arr("tca.grid.mu", "grid_mu", _set_at(3, np.inf), "FLOAT32")),
+    "sha_not_hex": ("tca.calib.text_sha256", _string("tca.calib.text_sha256", "not-a-hash")),
+    "sha_trailing_newline": ("tca.calib.text_sha256", _string("tca.calib.text_sha256", "ab" * 32 + "\n")),
+    "name_not_utf8": ("tca.calib.text_name", _string("tca.calib.text_name", b"\xff\xfe bad")),
+    "tool_surrogate": ("tca.calib.tool", _string("tca.calib.tool", b"x \xed\xa0\x80")),
+    "sigma_nan": ("tca.grid.sigma", _edit_arr("tca.grid.sigma", "grid_sigma", _set_at(0, np.nan), "FLOAT32")),
+    "sigma_zero": ("tca.grid.sigma", _edit_arr("tca.grid.sigma", "grid_sigma", _set_at(0, 0.0), "FLOAT32")),
+    "sigma_negative": ("tca.grid.sigma", _edit_arr("tca.grid.sigma", "grid_sigma", _set_at(0, -1.0), "FLOAT32")),
+    "grid_empty": ("tca.grid.mu", _empty_grid),
+}
+# ... and the other way round: accepted by both (the native reader refused the first)
+BUDGET_AGREEMENTS = {
+    "coverage_rounded_above_1": _edit_arr("tca.coverage", "coverage", _set_at(0, np.float32(1.0000005)), "FLOAT32"),
+    "unedited": lambda b: {},
+    "utf8_name": _string("tca.calib.text_name", "ünïcödé ✓ 𝄞"),
+}
+
+
+def test_native_budget_reader_refuses_what_the_python_validator_refuses(tiny, tmp_path):
+    """Before: tca_budgets_read (the reader Llama uses) accepted budgets that gguf_meta.read_budgets
+    refuses (a dense head whose p is not one-hot, a density that is not sum_k k p_k / b, a non-finite
+    grid value, a sha256 that is not hex, strings that are not UTF-8, a non-positive spread, an
+    empty grid), and refused a coverage a float rounding above 1 that Python accepts. After: the two
+    agree on every case and name the same key."""
+    from tca_ggml import gguf_meta as gm
+    files = {}
+    for name, (key, make) in BUDGET_DISAGREEMENTS.items():
+        b = budgets_for_tiny()
+        edits = make(b)
+        items = [(k, *edits[k]) if k in edits else (k, t, v, s) for k, t, v, s in gm.tca_kv_items(b)]
+        files[name] = [key, with_tca_items(tiny, tmp_path / f"{name}.gguf", items)]
+    for name, make in BUDGET_AGREEMENTS.items():
+        b = budgets_for_tiny()
+        edits = make(b)
+        items = [(k, *edits[k]) if k in edits else (k, t, v, s) for k, t, v, s in gm.tca_kv_items(b)]
+        files[name] = [None, with_tca_items(tiny, tmp_path / f"{name}.gguf", items)]
+    res = run_probe('''
+        from tca_ggml import _native, gguf_meta as gm
+        L, ffi = _native.lib(), _native.ffi
+        def native(path):
+            out, err = ffi.new("struct tca_budgets *"), ffi.new("char[512]")
+            rc = L.tca_budgets_read(path.encode(), out, err, 512)
+            L.tca_budgets_free(out)
+            return [rc, _native.err_text(err)]
+        def py(path):
+            try:
+                return [0 if gm.read_budgets(path) is not None else 1, ""]
+            except gm.TCAMetadataError as e:
+                return [-1, e.key]
+        files = json.loads(sys.argv[1])
+        emit({name: {"native": native(path), "py": py(path)} for name, (key, path) in files.items()})
+    ''', 60, [json.dumps(files)])
+    for name, (key, _) in files.items():
+        nat, py = res[name]["native"], res[name]["py"]
+        if key is None:
+            assert nat == [0, ""] and py == [0, ""], (name, res[name])
+        else:
+            assert py == [-1, key], (name, res[name])
+            assert nat[0] == -1 and nat[1].startswith(key + ":"), (name, res[name])
+
+
+def test_a_token_whose_text_is_longer_than_64_bytes_detokenizes(smol_model):
+    """Found by scripts/fuzz/fuzz_tokenize.py (regression file tokenize-piece-longer-than-64-bytes.bin):
+    a piece longer than the first 64-byte buffer was never retried with the size upstream asked
+    for (`not err[0]` is always false: a cffi char is a one-byte bytes), so SmolLM2's token 39910
+    (76 '#') raised TokenizeError. After: it detokenizes, alone and after other tokens."""
+    res = run_probe('''
+        from tca_ggml import Llama
+        llm = Llama(sys.argv[1], vocab_only=True, verbose=False)
+        toks = llm.tokenize(b"#" * 76, add_bos=False)
+        emit({"toks": toks, "one": outcome(lambda: llm.detokenize([39910]).decode()),
+              "prev": outcome(lambda: llm.detokenize([39910], prev_tokens=[104]).decode())})
+    ''', 60, [smol_model])
+    assert res["toks"] == [39910]
+    assert res["one"] == {"ok": True, "value": "#" * 76}
+    assert res["prev"] == {"ok": True, "value": "#" * 76}
+
+
+def test_a_state_with_a_huge_architecture_length_is_refused_at_once(tiny):
+    """Found by scripts/fuzz/fuzz_state.py (regression file state-arch-length-4gib.bin): upstream's
+    state reader allocates the length of the architecture's name (a u32 at the start of its
+    state) before it checks it against the buffer: a corrupted length made load_state take 7 s
+    and 3 GB before failing. After: load_state checks that header first; the state is refused in
+    milliseconds without the allocation (with and without save_state's envelope)."""
+    res = run_probe('''
+        import resource, struct, time
+        from tca_ggml import Llama
+        from tca_ggml.llama import LlamaState, _STATE_MAGIC, _STATE_IDENT
+        llm = Llama(sys.argv[1], n_ctx=128, n_threads=1, verbose=False)
+        llm("hello", max_tokens=2, temperature=0)
+        st = llm.save_state()
+        head = len(_STATE_MAGIC) + _STATE_IDENT.size
+        data = bytearray(st.llama_state)
+        data[head:head + 4] = struct.pack("<I", 0xBB000005)
+        raw = bytes(data[head:])
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = {}
+        for name, d in (("envelope", bytes(data)), ("raw", raw)):
+            t = time.perf_counter()
+            out[name] = outcome(lambda: llm.load_state(LlamaState(st.input_ids, st.n_tokens, d, len(d))))
+            out[name + "_s"] = time.perf_counter() - t
+        out["rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+        llm.reset()
+        out["good"] = outcome(lambda: llm.load_state(st) or len(llm._tokens))
+        emit(out)
+    ''', 60, [tiny])
+    for k in ("envelope", "raw"):
+        failed_with(res[k], "ContextError", "architecture", "'llama'")
+        assert res[k + "_s"] < 1.0, res
+    assert res["rss_growth_mb"] < 200, res
+    assert res["good"]["ok"] and res["good"]["value"] > 0, res

@@ -205,7 +205,9 @@ struct tca_budgets {
     uint32_t n_heads; int32_t * candidate; float * p /* n_heads x n_k */; float * density; float * coverage;
     char text_name[256]; char text_sha256[80]; uint32_t n_tokens; char tool[128];
 };
-// 0: read and valid; 1: the file has no tca.* keys; -1: error, err names the key.
+// 0: read and valid; 1: the file has no tca.* keys; -1: error, err names the key (also tca.version
+// missing while other tca.* keys are there: an incomplete calibration). The rules are those of the
+// Python validator (tca_ggml.gguf_meta.TCABudgets.validate), tests/test_reliability.py compares them.
 TCA_API int  tca_budgets_read(const char * path, struct tca_budgets * out, char * err, size_t err_len);
 TCA_API void tca_budgets_free(struct tca_budgets * b);
 

@@ -10,6 +10,7 @@
 #include "gguf.h"
 #include "llama.h"
 
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -17,6 +18,40 @@
 #include <string>
 
 namespace {
+// the Python validator's tolerances (gguf_meta.P_SUM_TOL, DENSITY_TOL)
+constexpr double kPSumTol = 1e-3;
+constexpr double kDensityTol = 1e-3;
+
+// strict UTF-8 as Python's bytes.decode("utf-8") (no overlongs, no surrogates, <= U+10FFFF)
+bool utf8_ok(const char * s) {
+    const unsigned char * p = (const unsigned char *) s;
+    while (*p) {
+        const unsigned c = *p;
+        int n;
+        unsigned lo = 0x80, hi = 0xBF;
+        if (c < 0x80) { ++p; continue; }
+        else if (c >= 0xC2 && c <= 0xDF) n = 1;
+        else if (c == 0xE0) { n = 2; lo = 0xA0; }
+        else if (c == 0xED) { n = 2; hi = 0x9F; }
+        else if (c >= 0xE1 && c <= 0xEF) n = 2;
+        else if (c == 0xF0) { n = 3; lo = 0x90; }
+        else if (c >= 0xF1 && c <= 0xF3) n = 3;
+        else if (c == 0xF4) { n = 3; hi = 0x8F; }
+        else return false;
+        ++p;
+        for (int i = 0; i < n; ++i, ++p) {
+            if (*p < (i == 0 ? lo : 0x80) || *p > (i == 0 ? hi : 0xBF)) return false;
+        }
+    }
+    return true;
+}
+
+bool is_sha256_hex(const char * s) {
+    if (!s || strlen(s) != 64) return false;
+    for (int i = 0; i < 64; ++i) if (!isxdigit((unsigned char) s[i])) return false;
+    return true;
+}
+
 struct reader {
     gguf_context * g;
     char * err;
@@ -45,9 +80,11 @@ struct reader {
         const int64_t id = find(key);
         if (id < 0) return fail(key, "missing");
         if (gguf_get_kv_type(g, id) != GGUF_TYPE_STRING) return fail(key, "expected a string");
+        if (!utf8_ok(gguf_get_val_str(g, id))) return fail(key, "string is not UTF-8");
         snprintf(dst, cap, "%s", gguf_get_val_str(g, id));
         return 0;
     }
+    const char * raw_str(const char * key) { return gguf_get_val_str(g, find(key)); }  // after str() succeeded
     template <typename T>
     int arr(const char * key, gguf_type t, size_t want, T ** out) {
         const int64_t id = find(key);
@@ -85,7 +122,23 @@ static int tca_budgets_read_impl(const char * path, tca_budgets * out, char * er
     reader r{g, err, err_len};
     int rc = 0;
     auto done = [&](int code) { if (code < 0) tca_budgets_free(out); gguf_free(g); return code; };
-    if (r.find("tca.version") < 0) return done(1);
+    if (r.find("tca.version") < 0) {
+        // no tca.version: not calibrated, unless other tca.* keys are there -- then the calibration is
+        // incomplete or damaged, and saying "not calibrated" would hide that
+        std::string others;
+        int64_t n_others = 0;
+        for (int64_t i = 0; i < gguf_get_n_kv(g); ++i) {
+            const char * k = gguf_get_key(g, i);
+            if (k && strncmp(k, "tca.", 4) == 0) {
+                if (n_others++ < 3) others += std::string(others.empty() ? "" : ", ") + k;
+            }
+        }
+        if (n_others == 0) return done(1);
+        return done(r.fail("tca.version", "missing, but the file has " + std::to_string(n_others) + " other tca.* key" +
+                                              (n_others > 1 ? "s" : "") + " (" + others + (n_others > 3 ? ", ..." : "") +
+                                              "): a malformed or incomplete TCA calibration; recalibrate it "
+                                              "(tca-ggml calibrate) or remove the tca.* keys (tca-ggml strip)"));
+    }
     if ((rc = r.u32("tca.version", out->version))) return done(rc);
     // 1: calibrated for the "stream" retention, 2: for "hold" (same keys, same meaning)
     if (out->version != 1 && out->version != 2)
@@ -104,7 +157,14 @@ static int tca_budgets_read_impl(const char * path, tca_budgets * out, char * er
     for (uint32_t i = 0; i < out->n_k; ++i) if (out->k_values[i] != (1u << i)) return done(r.fail("tca.k_values", "must be 1, 2, 4, ..., block_size"));
     out->n_grid = (uint32_t) r.arr_n("tca.grid.mu");
     if ((rc = r.arr("tca.grid.mu", GGUF_TYPE_FLOAT32, (size_t) -1, &out->grid_mu))) return done(rc);
+    if (out->n_grid == 0) return done(r.fail("tca.grid.mu", "empty candidate grid"));
     if ((rc = r.arr("tca.grid.sigma", GGUF_TYPE_FLOAT32, out->n_grid, &out->grid_sigma))) return done(rc);
+    // the same rules as the Python validator (gguf_meta.TCABudgets.validate)
+    for (uint32_t i = 0; i < out->n_grid; ++i) {
+        if (!std::isfinite(out->grid_mu[i])) return done(r.fail("tca.grid.mu", "non-finite value at index " + std::to_string(i)));
+        if (!std::isfinite(out->grid_sigma[i])) return done(r.fail("tca.grid.sigma", "non-finite value at index " + std::to_string(i)));
+        if (!(out->grid_sigma[i] > 0)) return done(r.fail("tca.grid.sigma", "spreads must be > 0 (index " + std::to_string(i) + ")"));
+    }
     if ((rc = r.u32("tca.n_layer", out->n_layer))) return done(rc);
     if (out->n_layer == 0 || out->n_layer > 4096) return done(r.fail("tca.n_layer", "out of range"));
     if ((rc = r.arr("tca.n_head_kv", GGUF_TYPE_UINT32, out->n_layer, &out->n_head_kv))) return done(rc);
@@ -127,12 +187,22 @@ static int tca_budgets_read_impl(const char * path, tca_budgets * out, char * er
             if (!std::isfinite(v) || v < 0) return done(r.fail("tca.budget.p", "negative or not finite"));
             s += v;
         }
-        if (std::fabs(s - 1.0) > 1e-3) return done(r.fail("tca.budget.p", "a row does not sum to 1"));
-        if (!std::isfinite(out->density[h]) || out->density[h] <= 0 || out->density[h] > 1) return done(r.fail("tca.budget.density", "outside (0, 1]"));
-        if (!std::isfinite(out->coverage[h]) || out->coverage[h] < 0 || out->coverage[h] > 1) return done(r.fail("tca.coverage", "outside [0, 1]"));
+        const std::string head = "head " + std::to_string(h) + ": ";
+        if (std::fabs(s - 1.0) > kPSumTol) return done(r.fail("tca.budget.p", head + "a row does not sum to 1"));
+        if (out->candidate[h] == -1 && out->p[h * out->n_k + out->n_k - 1] < 1.0 - kPSumTol)
+            return done(r.fail("tca.budget.p", head + "dense (candidate -1) but p is not one-hot at k = block_size"));
+        if (!std::isfinite(out->density[h]) || out->density[h] <= 0 || out->density[h] > 1) return done(r.fail("tca.budget.density", head + "outside (0, 1]"));
+        double expect = 0;  // sum_k k p_k / b
+        for (uint32_t i = 0; i < out->n_k; ++i) expect += (double) out->k_values[i] * (double) out->p[h * out->n_k + i];
+        expect /= (double) out->block;
+        if (std::fabs((double) out->density[h] - expect) > kDensityTol)
+            return done(r.fail("tca.budget.density", head + std::to_string(out->density[h]) + " != sum_k k p_k / b = " + std::to_string(expect)));
+        // Python: coverage <= 1 + 1e-6 (a float32 sum of shares may round just above 1)
+        if (!std::isfinite(out->coverage[h]) || out->coverage[h] < 0 || (double) out->coverage[h] > 1.0 + 1e-6) return done(r.fail("tca.coverage", head + "outside [0, 1]"));
     }
     if ((rc = r.str("tca.calib.text_name", out->text_name, sizeof(out->text_name)))) return done(rc);
     if ((rc = r.str("tca.calib.text_sha256", out->text_sha256, sizeof(out->text_sha256)))) return done(rc);
+    if (!is_sha256_hex(r.raw_str("tca.calib.text_sha256"))) return done(r.fail("tca.calib.text_sha256", "not a hex sha256"));
     if ((rc = r.u32("tca.calib.n_tokens", out->n_tokens))) return done(rc);
     if ((rc = r.str("tca.calib.tool", out->tool, sizeof(out->tool)))) return done(rc);
     return done(0);

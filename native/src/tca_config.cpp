@@ -216,6 +216,57 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
     return 0;
 }
 
+// Why a TCA retention cache cannot hold rows of type t and head size d, or "" when it can: the memory
+// (native/llama/llama-tca-memory.cpp) moves rows in 4-byte words and keeps quantized rows as whole
+// blocks, so a row must be a whole number of blocks and a multiple of 4 bytes. q8_0 (blocks of 32
+// values in 34 bytes), q4_0 (18) and q5_0 (22) need a head size that is a multiple of 64: with head
+// size 32 a row is one block, not a multiple of 4 bytes.
+static std::string row_misfit(const char * name, const char * tier, ggml_type t, int64_t d) {
+    const int64_t blck = ggml_blck_size(t);
+    const size_t tsize = ggml_type_size(t);
+    if (d % blck == 0 && ggml_row_size(t, d) % 4 == 0) return "";
+    const size_t g = tsize % 4 == 0 ? 4 : tsize % 2 == 0 ? 2 : 1;  // gcd(type size, 4)
+    const int64_t need = blck * (int64_t) (4 / g);
+    std::string fits;
+    for (ggml_type u : { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q5_1, GGML_TYPE_Q5_0,
+                         GGML_TYPE_Q4_1, GGML_TYPE_Q4_0 }) {
+        if (d % ggml_blck_size(u) == 0 && ggml_row_size(u, d) % 4 == 0) fits += std::string(fits.empty() ? "" : ", ") + ggml_type_name(u);
+    }
+    std::string msg = std::string(name) + "=" + ggml_type_name(t) + " does not fit the TCA " + tier + " of this model: ";
+    if (d % blck) {
+        msg += "its head size " + std::to_string(d) + " is not a multiple of the " + ggml_type_name(t) + " block of " +
+               std::to_string(blck) + " values";
+    } else {
+        msg += "a row of head size " + std::to_string(d) + " is " + std::to_string(ggml_row_size(t, d)) + " bytes (" +
+               ggml_type_name(t) + " stores " + std::to_string(blck) + " values in " + std::to_string(tsize) +
+               " bytes), and TCA moves rows in 4-byte words";
+    }
+    msg += "; " + std::string(ggml_type_name(t)) + " needs a head size that is a multiple of " + std::to_string(need) +
+           ". Types that fit head size " + std::to_string(d) + ": " + fits;
+    return msg;
+}
+
+// After a failed llama_init_from_model (upstream logs the memory's exception and returns NULL): the
+// cause that a K/V type gives, in words.
+static std::string diagnose_rows(const llama_model * model, const llama_context_params & params, const llama_tca_config & cfg) {
+    const auto & hp = model->hparams;
+    for (uint32_t il = 0; il < hp.n_layer(); ++il) {
+        if (!hp.has_kv(il) || hp.n_head_kv(il) == 0) continue;
+        const int64_t dk = hp.n_embd_head_k(il), dv = hp.n_embd_head_v(il);
+        std::string m = row_misfit("type_k", "retention cache", params.type_k, dk);
+        if (m.empty()) m = row_misfit("type_v", "retention cache", params.type_v, dv);
+        if (m.empty() && cfg.hold) {
+            const bool own = cfg.type_hold >= 0;
+            const ggml_type hk = own ? (ggml_type) cfg.type_hold : params.type_k;
+            const ggml_type hv = own ? (ggml_type) cfg.type_hold : params.type_v;
+            m = row_misfit(own ? "tca_hold_type" : "type_k", "hold tier", hk, dk);
+            if (m.empty()) m = row_misfit(own ? "tca_hold_type" : "type_v", "hold tier", hv, dv);
+        }
+        if (!m.empty()) return m;
+    }
+    return "";
+}
+
 static llama_context * tca_context_create_impl(llama_model * model, llama_context_params params, const tca_budgets * budgets,
                                               const tca_config * c, tca_config * resolved, char * err, size_t err_len) {
     if (err && err_len) err[0] = 0;
@@ -245,7 +296,10 @@ static llama_context * tca_context_create_impl(llama_model * model, llama_contex
             m->set_sched(ctx->get_sched());
         }
     }
-    if (!ctx && err && err_len && !err[0]) fail(err, err_len, "context creation failed (see the log)");
+    if (!ctx && err && err_len && !err[0]) {
+        const std::string why = diagnose_rows(model, params, cfg);
+        fail(err, err_len, why.empty() ? "context creation failed (see the log)" : why);
+    }
     return ctx;
 }
 

@@ -3,7 +3,7 @@
 Pure Python: needs only numpy and the ``gguf`` package (no native library).
 
     md = read_kv("model.gguf")                # every KV pair (Llama.metadata), bounds-checked
-    b = read_budgets("model.gguf")            # TCABudgets, or None without tca.version
+    b = read_budgets("model.gguf")            # TCABudgets, or None without any tca.* key
     arch, n_layer, heads = read_model_shape("model.gguf")
     write_calibrated("model.gguf", "model.tca.gguf", b)   # streamed copy + tca.* keys
     strip("model.tca.gguf", "plain.gguf")                 # streamed copy without tca.* keys
@@ -386,7 +386,7 @@ class TCABudgets:
             bad = int(np.flatnonzero((self.coverage < 0) | (self.coverage > 1 + 1e-6))[0])
             fail("coverage", f"head {bad}: {float(self.coverage[bad])} not in [0, 1]")
 
-        if not _SHA256_RE.match(self.calib_text_sha256):
+        if not _SHA256_RE.fullmatch(self.calib_text_sha256):
             fail("calib_text_sha256", f"not a hex sha256: {self.calib_text_sha256[:80]!r}")
 
         # the model this is meant for
@@ -834,7 +834,15 @@ def _cross_check(path, layout: _Layout, keys) -> None:
 
 def _budgets_from(path, layout: _Layout) -> Optional[TCABudgets]:
     if "tca.version" not in layout.kv:
-        return None
+        others = [k for k in layout.kv if k.startswith(TCA_PREFIX)]
+        if not others:
+            return None                                     # not calibrated
+        # other tca.* keys without tca.version: damaged or incomplete, not "not calibrated"
+        raise TCAMetadataError("tca.version", f"missing, but the file has {len(others)} other tca.* "
+                                              f"key{'s' if len(others) > 1 else ''} ({', '.join(others[:3])}"
+                                              f"{', ...' if len(others) > 3 else ''}): a malformed or incomplete "
+                                              f"TCA calibration; recalibrate it (tca-ggml calibrate) or remove "
+                                              f"the tca.* keys (tca-ggml strip)", path=path)
     values = {}
     with open(path, "rb") as f:
         for key, attr, vtype, sub in SCHEMA:
@@ -900,7 +908,8 @@ def _model_shape(path, layout: _Layout):
 
 
 def read_budgets(path, check_model: bool = True, cross_check: bool = False) -> Optional[TCABudgets]:
-    """Read and validate the tca.* keys of a GGUF. None if it has no ``tca.version`` key.
+    """Read and validate the tca.* keys of a GGUF. None if it has no ``tca.*`` key at all (other
+    ``tca.*`` keys without ``tca.version`` raise TCAMetadataError naming ``tca.version``).
 
     With ``check_model`` the budgets are also checked against the file's own
     ``{arch}.block_count`` / ``{arch}.attention.head_count_kv``. With ``cross_check`` the file is

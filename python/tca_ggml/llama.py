@@ -443,8 +443,13 @@ class Llama:
         if ctx == ffi.NULL:
             L.llama_model_free(model)
             self._model = None
+        reason = _native.err_text(err)
+        if ctx == ffi.NULL and reason.startswith("context creation failed"):
+            # the native side could not name the cause: upstream's error lines do (the memory's
+            # exception, logged by llama_init_from_model)
+            reason = self._scope.take_errors() or reason
         self._scope.check(ctx != ffi.NULL, TCAConfigError, f"{self.model_path}: cannot create a TCA context",
-                          _native.err_text(err))
+                          reason)
         self._tp = resolved
         if resolved.prefill == L.TCA_PREFILL_DENSE:
             self.tca_label += ", dense prefill"
@@ -597,7 +602,7 @@ class Llama:
         # U+10FFFF throws std::invalid_argument there): INT32_MIN and the message in err
         n = self._scope.call(L.tca_tokenize, self._vocab, text, len(text), buf, n_max, int(bool(add_bos)),
                              int(bool(special)), err, 512)
-        if n < 0 and not err[0]:
+        if n < 0 and err[0] == b"\0":  # (a cffi char is a 1-byte bytes: always truthy)
             n_max = -n
             buf = ffi.new("int32_t[]", n_max)
             n = self._scope.call(L.tca_tokenize, self._vocab, text, len(text), buf, n_max, int(bool(add_bos)),
@@ -614,7 +619,7 @@ class Llama:
         err = ffi.new("char[512]")
         buf = ffi.new("char[]", 64)
         n = self._scope.call(L.tca_token_to_piece, self._vocab, token, buf, 64, 0, int(bool(special)), err, 512)
-        if n < 0 and not err[0]:
+        if n < 0 and err[0] == b"\0":  # (a cffi char is a 1-byte bytes: always truthy)
             buf = ffi.new("char[]", -n)
             n = self._scope.call(L.tca_token_to_piece, self._vocab, token, buf, -n, 0, int(bool(special)), err, 512)
         self._scope.check(n >= 0, TokenizeError, f"cannot convert token {token} to text", _native.err_text(err))
@@ -663,6 +668,15 @@ class Llama:
         data = _STATE_MAGIC + self._state_identity() + bytes(ffi.buffer(buf, n))
         return LlamaState(list(self._tokens), len(self._tokens), data, len(data))
 
+    def _arch_name(self) -> bytes:
+        """Upstream's name of this model's architecture (what its state begins with): the first
+        word of llama_model_desc."""
+        if getattr(self, "_arch", None) is None:
+            buf = self._ffi.new("char[256]")
+            self._L.llama_model_desc(self._model, buf, 256)
+            self._arch = self._ffi.string(buf).split(b" ")[0]
+        return self._arch
+
     def _state_identity(self) -> bytes:
         """The identity of this model that save_state records and load_state checks."""
         if getattr(self, "_ident", None) is None:
@@ -699,7 +713,15 @@ class Llama:
                 raise ContextError(f"the state was saved from another model ({', '.join(diff)}): it does not "
                                    f"belong to {self.model_path}")
             data = data[head:]
-        # (bytes without the envelope are handed to upstream as they are: its own checks apply)
+        # (bytes without the envelope are handed to upstream as they are: its own checks apply,
+        # after this one.) Upstream's state starts with the architecture's name as a u32 length and
+        # the bytes; its reader allocates that length (up to 4 GiB) before it checks it against
+        # the buffer, so a corrupted length cost seconds and gigabytes (scripts/fuzz/fuzz_state.py)
+        arch = self._arch_name()
+        if len(data) < 4 + len(arch) or struct.unpack_from("=I", data)[0] != len(arch) or \
+                data[4:4 + len(arch)] != arch:
+            raise ContextError(f"the state does not begin with this model's architecture ({arch.decode()!r}): "
+                               f"it is corrupted or not a state of this kind of model")
         buf = ffi.from_buffer("uint8_t[]", data)
         n = self._scope.call(L.llama_state_set_data, ctx, buf, len(data))
         if n != len(data):
@@ -745,19 +767,43 @@ class Llama:
             if want_last_logits and off + n == len(tokens):
                 b.logits[n - 1] = 1
             err = ffi.new("char[512]")
-            # tca_decode: llama_decode with an exception caught (INT32_MIN, the message in err)
-            rc = self._scope.call(L.tca_decode, ctx, ffi.addressof(b), err, 512)
-            if rc != 0 or self._scope.pending:
-                # keep our token mirror consistent with what the cache holds
-                self._sync_tokens_after_failure()
-            self._scope.check(rc == 0, DecodeError, f"llama_decode failed with code {rc}", _native.err_text(err))
-            self._tokens.extend(chunk)
+            try:
+                # tca_decode: llama_decode with an exception caught (INT32_MIN, the message in err)
+                rc = self._scope.call(L.tca_decode, ctx, ffi.addressof(b), err, 512)
+                if rc != 0 or self._scope.pending:
+                    # keep our token mirror consistent with what the cache holds
+                    self._sync_tokens_after_failure(chunk)
+                self._scope.check(rc == 0, DecodeError, f"llama_decode failed with code {rc}", _native.err_text(err))
+                self._tokens.extend(chunk)
+            except BaseException:
+                # a KeyboardInterrupt (Ctrl-C) lands between bytecodes: after the native call,
+                # before the mirror was extended -- the cache may hold the chunk
+                self._sync_tokens_after_failure(chunk)
+                raise
             off += n
 
-    def _sync_tokens_after_failure(self) -> None:
+    def _sync_tokens_after_failure(self, pending=()) -> None:
+        """Make the token mirror what the cache holds: the mirror, then a prefix of `pending` (the
+        chunk being decoded), cut at the cache's length."""
         L = self._L
         pmax = L.llama_memory_seq_pos_max(L.llama_get_memory(self._ctx), 0)
-        self._tokens = self._tokens[: max(pmax + 1, 0)]
+        held = self._tokens if len(self._tokens) > pmax else self._tokens + list(pending)
+        self._tokens = held[: max(pmax + 1, 0)]
+
+    def _resync_tokens(self) -> None:
+        """Before an evaluation: if the mirror and the cache disagree in length (an interrupt
+        between a cache change and the mirror's update), cut both to what they share."""
+        L = self._L
+        mem = L.llama_get_memory(self._ctx)
+        n_cached = L.llama_memory_seq_pos_max(mem, 0) + 1
+        if n_cached == len(self._tokens):
+            return
+        if n_cached > len(self._tokens):
+            if not self._scope.call(L.llama_memory_seq_rm, mem, 0, len(self._tokens), -1):
+                L.llama_memory_clear(mem, True)
+                self._tokens = []
+        else:
+            self._tokens = self._tokens[:max(n_cached, 0)]
 
     @_locked
     def eval_prompt(self, tokens: List[int]) -> int:
@@ -771,6 +817,7 @@ class Llama:
         if len(tokens) > self._n_ctx:
             raise ContextOverflowError(
                 f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
+        self._resync_tokens()
         n_common = 0
         for a, b in zip(self._tokens, tokens):
             if a != b:

@@ -138,15 +138,24 @@ def soak_interrupt(a) -> dict:
     res = {"check": "interrupt", "rounds": a.rounds, "interrupted": 0, "finished_first": 0, "in_prefill": 0,
            "in_generation": 0, "after": 0, "consistent": 0,
            "same_text": 0, "failures": []}
-    # the interrupt lands at a random moment of a call: the delays are drawn within the time an
-    # uninterrupted call takes on this machine (a fixed range made the check depend on its speed)
-    t0 = time.perf_counter()
-    llm(prompt(-1) * 8, max_tokens=600, temperature=0)
-    span = time.perf_counter() - t0
-    res["call_s"] = round(span, 3)
+    # the interrupt lands at a random moment of a call: a thread waits until the instance holds a
+    # random number of tokens (in the prompt's prefill or in the generation), then sends SIGINT,
+    # which Python delivers at some later bytecode. (Delays in seconds made the check depend on the
+    # machine's speed and load.)
+    def interrupter(target: int, done: threading.Event) -> None:
+        armed = False   # first the call cuts the previous round's tokens (they share only the BOS)
+        while not done.is_set():
+            n = len(llm._tokens)
+            armed = armed or n < target
+            if armed and n >= target:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.0002)
+
     for r in range(a.rounds):
-        delay = rng.uniform(0.001, 0.6 * span)
-        timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+        n_prompt = len(llm.tokenize(prompt(r) * 8))
+        done = threading.Event()
+        timer = threading.Thread(target=interrupter, args=(rng.randint(2, n_prompt + 40), done))
         got_ki = False
         timer.start()
         try:
@@ -154,6 +163,7 @@ def soak_interrupt(a) -> dict:
                 llm(prompt(r) * 8, max_tokens=600, temperature=0)
             except KeyboardInterrupt:
                 got_ki = True
+            done.set()
             timer.join()
         except KeyboardInterrupt:   # the signal came after the call ended
             got_ki = False

@@ -34,10 +34,11 @@ def test_hold_tier_bookkeeping(smol_model, doc_tokens):
         assert st["bytes_hold"] == pytest.approx(st["bytes_dense"], rel=0.03)  # + positions (f32 a row)
         assert st["bytes_fast"] < 0.8 * st["bytes_dense"]
         assert 0 < st["rows_kept"] < st["rows_held"]
-        # decode steps are not prompt ends: no new final selection
+        # decode steps are not prompt ends: no new final selection (the same prompt again is one:
+        # its last ubatch is evaluated again, test_same_prompt_twice_gives_the_same_answer)
         for t in llm.generate_tokens(toks, 8, temperature=0):
             pass
-        assert llm.tca_stats()["n_final"] == 1
+        assert llm.tca_stats()["n_final"] == 2
     with Llama(smol_model, **KW, tca_retention="stream") as llm:
         llm.eval_prompt(toks)
         st = llm.tca_stats()
@@ -211,9 +212,9 @@ def test_logits_on_every_chunk_make_one_prompt_end(smol_model, doc_tokens):
         for off in range(0, len(toks), 256):
             llm._decode(toks[off: off + 256], off, want_last_logits=True)
         assert llm.tca_stats()["n_final"] == 1
-        for _ in llm.generate_tokens(toks, 4, temperature=0):
+        for _ in llm.generate_tokens(toks, 4, temperature=0):   # the same prompt: one prompt end more
             pass
-        assert llm.tca_stats()["n_final"] == 1
+        assert llm.tca_stats()["n_final"] == 2
 
 
 def test_prompt_after_truncation_equals_a_fresh_prompt(smol_model, doc_tokens):
@@ -233,3 +234,22 @@ def test_prompt_after_truncation_equals_a_fresh_prompt(smol_model, doc_tokens):
         kept_again = _held_positions(llm, n_layer, n_kv)
     assert kept_again == kept_fresh
     np.testing.assert_allclose(again, fresh, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_prompt", [1400, 1290])   # the last ubatch: 120 tokens / 10 (< n_obs 32)
+def test_same_prompt_twice_gives_the_same_answer(smol_model, doc_tokens, n_prompt):
+    """The same prompt again after a generation (the cache holds all of it): its end is a prompt
+    end again -- the last ubatch attends every held row and its queries make the final selection --
+    so greedy tokens, logits and kept rows equal the first time's. Re-evaluating only the last token
+    (what a dense cache needs) made it a decode step over the kept rows: other tokens."""
+    p = doc_tokens[:n_prompt]
+    with Llama(smol_model, **KW) as llm:
+        first = list(llm.generate_tokens(p, 12, temperature=0))
+        reused = llm.eval_prompt(p)                     # a fresh evaluation's last ubatch again
+        assert reused == (n_prompt - 1) // 256 * 256
+        logits_again = llm._logits_last()
+        second = list(llm.generate_tokens(p, 12, temperature=0))
+    with Llama(smol_model, **KW) as fresh:
+        logits_fresh = fresh.eval_logits(p)
+    assert second == first
+    np.testing.assert_allclose(logits_again, logits_fresh, rtol=0, atol=1e-4)

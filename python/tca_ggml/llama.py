@@ -823,6 +823,16 @@ class Llama:
             if a != b:
                 break
             n_common += 1
+        if self._tp is not None and n_common >= len(tokens) - 1 and len(tokens) > 1:
+            # TCA, the cache already holds this whole prompt (the same prompt again): its end must be
+            # a prompt end again -- one ubatch that attends every held row and whose last n_obs
+            # queries make the final selection. Re-evaluating only the last token would make it a
+            # decode step over the kept rows, and the answer would differ from the first one
+            # (scripts/soak.py interrupt; test_same_prompt_twice_gives_the_same_answer). So the
+            # prompt's last ubatch, as a fresh evaluation cuts it (_decode), is evaluated again: the
+            # same queries, the same final selection.
+            n, ub = len(tokens), (self.n_ubatch if self.n_batch % self.n_ubatch == 0 else self.n_batch)
+            n_common = min(n_common, ((n - 1) // ub) * ub)
         n_common = min(n_common, len(tokens) - 1)  # always re-evaluate the last token for its logits
         if n_common < len(self._tokens):
             mem = L.llama_get_memory(ctx)

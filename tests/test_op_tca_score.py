@@ -66,6 +66,23 @@ def _case(seed, d, gqa, qscale=1.0):
     return q[:, -1, :], k, meta, scale
 
 
+def test_score_cpu_many_query_heads_in_chunks(ops):
+    """The hold retention's final selection passes its observation window as one node: n_head x
+    n_obs query heads (here 2 KV heads x 7 x 32 = 448) over long ranges, so the f32 logits (448 x
+    40000 x 4 B = 72 MB) go in two chunks of query heads; the result is still the reference's."""
+    rng = np.random.default_rng(7)
+    d, n_kv, G, n_slots = 64, 2, 7 * 32, 40000
+    q1 = rng.standard_normal((n_kv * G, d)).astype(np.float32) * 2.0
+    k = rng.standard_normal((n_slots, d)).astype(np.float32)
+    meta = np.array([0, 19000, 20000, 19500], np.int32)     # a gap after each head
+    scale = 1.0 / np.sqrt(d)
+    rc, out = score(ops, "CPU", q1, k, meta, scale, "f16")
+    assert rc == 0
+    ref = reference(q1, H.stored(ops, "f16", k, meta), meta, scale)
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-10)
+    assert (out[19000:20000] == 0).all() and (out[39500:] == 0).all()
+
+
 SCORE_CASES = [(kv, d, g) for kv in H.KV_TYPES for d in (64, 128) for g in (1, 4, 7)]
 
 

@@ -28,14 +28,24 @@
 // tests/test_op_tca_score.py's NumPy. Until session 11 this op was scalar double throughout; at 8K
 // the hold retention's final selection (32 observation queries x every held row) then cost 2.4 s
 // on 2 threads (docs/benchmarks.md "session 11").
-// Work: pass 1 splits the rows of all heads over the threads (logits into wdata, f32), pass 2 (one
-// thread per query head) max, exp in place and sum, pass 3 splits the rows again and pools.
+// Work: the query heads go in chunks of at most TCA_SCORE_CHUNK_BYTES of f32 logits (so a final
+// selection can pass every observation query as one node: n_head x n_obs "heads", the K row
+// converted once for all of them); per chunk, pass 1 splits the rows of all heads over the threads
+// (logits into wdata, f32), pass 2 splits the chunk's query heads (max, exp in place, 1/sum),
+// pass 3 splits the rows again and adds the chunk's pooled probabilities.
+
+static const int64_t TCA_SCORE_CHUNK_BYTES = 64ll << 20;
+
+static int64_t tca_score_chunk_heads(int64_t n_head, int64_t n_slots) {
+    const int64_t per = std::max<int64_t>(1, TCA_SCORE_CHUNK_BYTES / (int64_t) sizeof(float) / std::max<int64_t>(1, n_slots));
+    return std::min(n_head, per);
+}
 
 extern "C" size_t ggml_compute_forward_tca_score_work_size(const struct ggml_tensor * node, int n_tasks) {
     const int64_t n_head  = node->src[0]->ne[1];
     const int64_t n_slots = node->src[1]->ne[1];
     const int64_t d       = node->src[0]->ne[0];
-    return sizeof(float)*(size_t) (n_head*n_slots) + sizeof(double)*(size_t) (2*n_head)
+    return sizeof(float)*(size_t) (tca_score_chunk_heads(n_head, n_slots)*n_slots) + sizeof(double)*(size_t) n_head
          + sizeof(float)*(size_t) (d + CACHE_LINE_SIZE_F32)*(size_t) n_tasks;
 }
 
@@ -61,52 +71,56 @@ extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params 
     const int ith = params->ith;
     const int nth = params->nth;
 
-    float  * logit = (float *) params->wdata;                      // [n_head][n_slots]
-    double * sum   = (double *) (logit + n_head*n_slots);          // [n_head]
-    float  * krow  = (float *) (sum + 2*n_head) + ith*(d + CACHE_LINE_SIZE_F32);
+    const int64_t HC = tca_score_chunk_heads(n_head, n_slots);
+    float  * logit = (float *) params->wdata;                      // [HC][n_slots]: head h0 + i at i*n_slots
+    double * inv   = (double *) (logit + HC*n_slots);              // [n_head]: 1 / softmax sum
+    float  * krow  = (float *) (inv + n_head) + ith*(d + CACHE_LINE_SIZE_F32);
     float  * out   = (float *) dst->data;
 
-    // pass 1: logits of every (query head of g, row of g)
     const int64_t per = (n_slots + nth - 1)/nth;
     const int64_t r_lo = std::min(n_slots, ith*per), r_hi = std::min(n_slots, r_lo + per);
-    for (int64_t g = 0; g < n_head_kv; ++g) {
-        const int64_t off = hm[2*g], len = hm[2*g + 1];
-        const int64_t a = std::max(r_lo, off), b = std::min(r_hi, off + len);
-        for (int64_t r = a; r < b; ++r) {
-            tca_to_f32(k->type, (const char *) k->data + r*k->nb[1], krow, d);
-            for (int64_t j = 0; j < G; ++j) {
-                const float * qh = (const float *) q->data + (g*G + j)*d;
-                float dot;
-                ggml_vec_dot_f32((int) d, &dot, 0, qh, 0, krow, 0, 1);
-                logit[(g*G + j)*n_slots + r] = dot*scale;
+    for (int64_t r = r_lo; r < r_hi; ++r) out[r] = 0.0f;  // 0 outside the heads' ranges
+
+    for (int64_t h0 = 0; h0 < n_head; h0 += HC) {
+        const int64_t h1 = std::min(n_head, h0 + HC);
+        // pass 1: logits of every (query head of the chunk, row of its KV head g)
+        for (int64_t g = h0 / G; g <= (h1 - 1) / G; ++g) {
+            const int64_t off = hm[2*g], len = hm[2*g + 1];
+            const int64_t a = std::max(r_lo, off), b = std::min(r_hi, off + len);
+            const int64_t ha = std::max(h0, g*G), hb = std::min(h1, (g + 1)*G);
+            for (int64_t r = a; r < b; ++r) {
+                tca_to_f32(k->type, (const char *) k->data + r*k->nb[1], krow, d);
+                for (int64_t h = ha; h < hb; ++h) {
+                    float dot;
+                    ggml_vec_dot_f32((int) d, &dot, 0, (const float *) q->data + h*d, 0, krow, 0, 1);
+                    logit[(h - h0)*n_slots + r] = dot*scale;
+                }
             }
         }
-    }
-    ggml_barrier(params->threadpool);
+        ggml_barrier(params->threadpool);
 
-    // pass 2: per query head, exp(logit - max) in place and its sum
-    for (int64_t h = ith; h < n_head; h += nth) {
-        const int64_t g = h / G, off = hm[2*g], len = hm[2*g + 1];
-        float * lg = logit + h*n_slots + off;
-        float m = -INFINITY;
-        for (int64_t r = 0; r < len; ++r) m = std::max(m, lg[r]);
-        sum[h] = len > 0 ? (double) ggml_vec_soft_max_f32((int) len, lg, lg, m) : 1.0;
-    }
-    ggml_barrier(params->threadpool);
-
-    // pass 3: pooled probabilities (0 outside the heads' ranges)
-    for (int64_t r = r_lo; r < r_hi; ++r) out[r] = 0.0f;
-    for (int64_t g = 0; g < n_head_kv; ++g) {
-        const int64_t off = hm[2*g], len = hm[2*g + 1];
-        const int64_t a = std::max(r_lo, off), b = std::min(r_hi, off + len);
-        for (int64_t r = a; r < b; ++r) {
-            double s = 0.0;
-            for (int64_t j = 0; j < G; ++j) {
-                const int64_t h = g*G + j;
-                s += (double) logit[h*n_slots + r] / sum[h];
-            }
-            out[r] = (float) (s / (double) G);
+        // pass 2: per query head, exp(logit - max) in place and 1 / its sum
+        for (int64_t h = h0 + ith; h < h1; h += nth) {
+            const int64_t g = h / G, off = hm[2*g], len = hm[2*g + 1];
+            float * lg = logit + (h - h0)*n_slots + off;
+            float m = -INFINITY;
+            for (int64_t r = 0; r < len; ++r) m = std::max(m, lg[r]);
+            inv[h] = len > 0 ? 1.0 / (double) ggml_vec_soft_max_f32((int) len, lg, lg, m) : 1.0;
         }
+        ggml_barrier(params->threadpool);
+
+        // pass 3: the chunk's share of the pooled probabilities
+        for (int64_t g = h0 / G; g <= (h1 - 1) / G; ++g) {
+            const int64_t off = hm[2*g], len = hm[2*g + 1];
+            const int64_t a = std::max(r_lo, off), b = std::min(r_hi, off + len);
+            const int64_t ha = std::max(h0, g*G), hb = std::min(h1, (g + 1)*G);
+            for (int64_t r = a; r < b; ++r) {
+                double s = 0.0;
+                for (int64_t h = ha; h < hb; ++h) s += (double) logit[(h - h0)*n_slots + r] * inv[h];
+                out[r] += (float) (s / (double) G);
+            }
+        }
+        if (h1 < n_head) ggml_barrier(params->threadpool);  // the next chunk reuses the logits
     }
 }
 

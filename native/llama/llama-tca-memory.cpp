@@ -551,6 +551,7 @@ void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
     ggml_gallocr_t galloc = gallocs[Ls[0]->buft].get();
     const uint32_t F = llama_tca_aged_frontier(n_seen, cfg.window, cfg.block);
     const uint32_t n_q = std::max<uint32_t>(1, n_obs_valid);
+    const bool on_cpu = ggml_backend_is_cpu(be) && !cfg.score_per_query;
     std::vector<std::vector<int32_t>> sel_host(Ls.size());
     {   // 1. scores and selection on the hold tier
         auto [ctx, gf] = tca_new_graph((4 * (size_t) n_q + 8) * Ls.size() + 16);
@@ -559,12 +560,23 @@ void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
             const int nkv = (int) L->n_head_kv;
             ggml_tensor * meta = tca_meta_input(ctx.get(), L);
             ggml_tensor * s = nullptr;
-            for (uint32_t j = 0; j < n_q; ++j) {
-                ggml_tensor * qj = ggml_view_2d(ctx.get(), L->q_obs, L->d_k, L->n_head, L->q_obs->nb[1], (size_t) j * L->q_obs->nb[2]);
-                ggml_tensor * sj = ggml_tca_score(ctx.get(), qj, L->hk, meta, nkv, L->scale);
-                s = s ? ggml_add(ctx.get(), s, sj) : sj;
+            if (on_cpu) {
+                // one node: the window's queries as n_head x n_q query heads, head h's query o at
+                // h*n_q + o, so that KV head g pools over its G*n_q (query head, query) pairs: the
+                // mean over the window of the mean over the group, each K row converted once
+                ggml_tensor * qo = ggml_view_3d(ctx.get(), L->q_obs, L->d_k, L->n_head, n_q, L->q_obs->nb[1], L->q_obs->nb[2], 0);
+                qo = ggml_cont(ctx.get(), ggml_permute(ctx.get(), qo, 0, 2, 1, 3));   // [d, n_q, n_head]
+                qo = ggml_reshape_2d(ctx.get(), qo, L->d_k, (int64_t) n_q * L->n_head);
+                s = ggml_tca_score(ctx.get(), qo, L->hk, meta, nkv, L->scale);
+            } else {
+                // GPU kernels keep a query block and n_head logits a row on chip: one node a query
+                for (uint32_t j = 0; j < n_q; ++j) {
+                    ggml_tensor * qj = ggml_view_2d(ctx.get(), L->q_obs, L->d_k, L->n_head, L->q_obs->nb[1], (size_t) j * L->q_obs->nb[2]);
+                    ggml_tensor * sj = ggml_tca_score(ctx.get(), qj, L->hk, meta, nkv, L->scale);
+                    s = s ? ggml_add(ctx.get(), s, sj) : sj;
+                }
+                if (n_q > 1) s = ggml_scale(ctx.get(), s, 1.0f / (float) n_q);
             }
-            if (n_q > 1) s = ggml_scale(ctx.get(), s, 1.0f / (float) n_q);
             ggml_tensor * bud = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, L->bud->ne[0], L->bud->ne[1]);
             ggml_set_input(bud);
             ggml_tensor * se = ggml_tca_select(ctx.get(), s, L->hkpos, meta, bud, nkv, (int) cfg.block, (int) cfg.n_sink,

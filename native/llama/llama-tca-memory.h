@@ -56,6 +56,7 @@ struct llama_tca_config {
     bool io_on_host = false;          // TCA_GGML_IO: device-resident graph inputs for host layers too (tests)
     bool lazy = false;                // TCA_GGML_LAZY: defer compactions while every head has room (experiment)
     int pool_radius = 3;              // TCA_GGML_POOL: within-block ranking radius (0 = plain scores)
+    bool score_per_query = false;     // TCA_GGML_SCORE_PER_QUERY: the final selection's CPU score as one node a query (A/B)
     bool stats_on_exit = false;       // TCA_GGML_STATS: one line of compaction statistics on stderr at the end
 };
 

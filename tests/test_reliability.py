@@ -663,3 +663,27 @@ def test_a_state_with_a_huge_architecture_length_is_refused_at_once(tiny):
         assert res[k + "_s"] < 1.0, res
     assert res["rss_growth_mb"] < 200, res
     assert res["good"]["ok"] and res["good"]["value"] > 0, res
+
+
+def test_ctrl_c_during_calibrate_prints_one_line_and_leaves_no_file(tiny, tmp_path):
+    """SIGINT while `tca-ggml calibrate` runs its dense pass: exit 130, one line on stderr besides the
+    progress bar (no traceback), and neither the output nor a temp file in its folder."""
+    import signal
+    out = tmp_path / "out" / "c.tca.gguf"
+    out.parent.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "tca_ggml.cli", "calibrate", tiny, "-o", str(out), "--ctx", "8192",
+                          "--block", "16", "--window", "64", "--threads", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    t0 = time.time()
+    while b"[calibrate] dense pass" not in seen:         # the progress bar: the dense pass runs
+        assert p.poll() is None and time.time() - t0 < 120, seen[-2000:]
+        seen += os.read(p.stderr.fileno(), 4096)
+    p.send_signal(signal.SIGINT)
+    rest_out, rest_err = p.communicate(timeout=60)
+    err = (seen + rest_err).decode()
+    assert p.returncode == 130, err[-2000:]
+    lines = [x.strip() for x in err.replace("\r", "\n").split("\n") if x.strip()]
+    other = [x for x in lines if not x.startswith("[calibrate]")]
+    assert other == [f"interrupted: {out} not written"], other
+    assert list(out.parent.iterdir()) == []

@@ -173,6 +173,12 @@ def main(argv=None) -> int:
     except (TCAError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, no traceback; the writers (calibrate, strip) write to a temp file and
+        # rename it at the end, so nothing is left behind. (A progress line may be open: new line first.)
+        what = f": {a.output} not written" if a.cmd in ("calibrate", "strip") else ""
+        print(f"\ninterrupted{what}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

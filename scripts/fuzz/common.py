@@ -77,6 +77,20 @@ def corpus_args(target: str, argv: list) -> list:
     return argv + [str(work)] + ([str(seeds)] if seeds.is_dir() else [])
 
 
+def fuzz(target: str, argv: list, one_input, custom_mutator=None) -> None:
+    """Run a target: its corpus directories (corpus_args), a 30 s per-input timeout unless argv
+    sets one, and atheris/libFuzzer over one_input (with custom_mutator when given)."""
+    import atheris
+    argv = corpus_args(target, argv)
+    if not any(a.startswith("-timeout=") for a in argv):
+        argv.insert(1, "-timeout=30")
+    if custom_mutator is None:
+        atheris.Setup(argv, one_input)
+    else:
+        atheris.Setup(argv, one_input, custom_mutator=custom_mutator)
+    atheris.Fuzz()
+
+
 def scratch_path(name: str) -> str:
     """A path for the input file of one execution: in memory (/dev/shm) when possible."""
     base = Path("/dev/shm") if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else WORK

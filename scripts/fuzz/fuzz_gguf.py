@@ -136,11 +136,7 @@ def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
 
 def main():
     models = common.ensure_models()
-    argv = common.corpus_args("gguf", sys.argv)
-    if not any(a.startswith("-timeout=") for a in argv):
-        argv.insert(1, "-timeout=30")
-    atheris.Setup(argv, one_input, custom_mutator=custom_mutator)
-    atheris.Fuzz()
+    common.fuzz("gguf", sys.argv, one_input, custom_mutator)
 
 
 if __name__ == "__main__":

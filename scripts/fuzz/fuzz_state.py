@@ -138,11 +138,7 @@ def main():
         make_seeds()
         return
     CTX.extend(contexts())
-    argv = common.corpus_args("state", sys.argv)
-    if not any(a.startswith("-timeout=") for a in argv):
-        argv.insert(1, "-timeout=30")
-    atheris.Setup(argv, one_input, custom_mutator=custom_mutator)
-    atheris.Fuzz()
+    common.fuzz("state", sys.argv, one_input, custom_mutator)
 
 
 if __name__ == "__main__":

@@ -77,11 +77,7 @@ def main():
     smol = str(models.fetch(common.SMOL, quiet=True))
     LLMS.append((Llama(smol, vocab_only=True, verbose=False), False))
     LLMS.append((Llama(micro, vocab_only=True, verbose=False), True))
-    argv = common.corpus_args("tokenize", sys.argv)
-    if not any(a.startswith("-timeout=") for a in argv):
-        argv.insert(1, "-timeout=30")
-    atheris.Setup(argv, one_input)
-    atheris.Fuzz()
+    common.fuzz("tokenize", sys.argv, one_input)
 
 
 if __name__ == "__main__":

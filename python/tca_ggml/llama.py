@@ -214,6 +214,28 @@ class LlamaState:
     llama_state_size: int
 
 
+class _ModelHandle:
+    """A loaded llama_model and how many Llama use it (``Llama.fork``): each fork holds a
+    reference, and the model is freed when the last of them closes (never under a live context)."""
+
+    def __init__(self, L, ptr):
+        self._L, self.ptr, self._refs, self._lock = L, ptr, 1, threading.Lock()
+
+    def acquire(self) -> "_ModelHandle":
+        with self._lock:
+            if self._refs <= 0:
+                raise ContextError("the shared model has been freed")
+            self._refs += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            self._L.llama_model_free(self.ptr)
+
+
 class Llama:
     """Load a GGUF model and generate text, llama-cpp-python style.
 
@@ -261,9 +283,13 @@ class Llama:
         tca_hold_type: Optional[int] = None,
         tca_prefill: Optional[str] = None,
         eval_callback: Optional[Callable[[Any, bool], bool]] = None,
+        _share_model: Optional["Llama"] = None,   # Llama.fork: that Llama's model, not loaded again
     ):
+        # Llama.fork copies these (every argument but the model path)
+        self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "model_path", "_share_model")}
         self._lock = threading.RLock()  # serialises every use of the native context (_locked)
         self._model = None
+        self._model_handle: Optional[_ModelHandle] = None  # the reference to _model this Llama holds
         self._ctx = None
         self._batch = None
         self._closed = False
@@ -328,13 +354,18 @@ class Llama:
             progress_c = self._scope.callback("bool(float, void *)", _progress, False)
             mp.progress_callback = progress_c
         t0 = time.perf_counter()
-        model = self._scope.call(L.llama_model_load_from_file, self.model_path.encode(), mp)
+        if _share_model is not None:
+            self._model_handle = _share_model._model_handle.acquire()
+            model = self._model_handle.ptr
+        else:
+            model = self._scope.call(L.llama_model_load_from_file, self.model_path.encode(), mp)
+            if self._scope.pending and model != ffi.NULL:
+                L.llama_model_free(model)
+                model = ffi.NULL
+            self._scope.check(model != ffi.NULL, ModelLoadError, f"failed to load model {self.model_path}",
+                              default="rejected by the loader")
+            self._model_handle = _ModelHandle(L, model)
         self.load_s = time.perf_counter() - t0
-        if self._scope.pending and model != ffi.NULL:
-            L.llama_model_free(model)
-            model = ffi.NULL
-        self._scope.check(model != ffi.NULL, ModelLoadError, f"failed to load model {self.model_path}",
-                          default="rejected by the loader")
         self._model = model
         self._vocab = L.llama_model_get_vocab(model)
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
@@ -441,7 +472,7 @@ class Llama:
         finally:
             L.tca_budgets_free(bud)
         if ctx == ffi.NULL:
-            L.llama_model_free(model)
+            self._model_handle.release()  # frees the model unless a fork of it still holds it
             self._model = None
         reason = _native.err_text(err)
         if ctx == ffi.NULL and reason.startswith("context creation failed"):
@@ -523,8 +554,33 @@ class Llama:
                 L.llama_free(self._ctx)
                 self._ctx = None
             if self._model is not None:
-                L.llama_model_free(self._model)
+                self._model_handle.release()  # frees the model unless a fork of it still holds it
                 self._model = None
+
+    # the model's settings: a fork shares the loaded model, so these cannot differ from its source's
+    _MODEL_KWARGS = ("n_gpu_layers", "main_gpu", "use_mmap", "use_mlock")
+
+    def fork(self, **overrides) -> "Llama":
+        """A new Llama over this one's loaded model (not loaded again) with a context of its own:
+        this one's settings, with `overrides` for the context's (n_ctx, seed, n_threads, tca, ...).
+        A context serves one sequence (TCA: n_seq_max = 1), so N forks serve N requests at once
+        (``tca-ggml serve --parallel N``). ``fork(vocab_only=True)`` gives one without a context
+        (tokenize, detokenize, chat template) that never waits on this one's lock. The model is
+        freed when the last Llama sharing it closes, whichever that is."""
+        self._check_open()
+        if self._ctx is None:
+            raise ContextError("cannot fork a vocab_only Llama (its model has no weights loaded)")
+        bad = [k for k in overrides if k not in self._init_kwargs]
+        if bad:
+            raise TypeError(f"fork() got unexpected keyword arguments: {', '.join(sorted(bad))}")
+        fixed = [k for k in self._MODEL_KWARGS if k in overrides and overrides[k] != self._init_kwargs[k]]
+        if fixed:
+            raise ValueError(f"a fork shares the loaded model: {', '.join(fixed)} cannot differ from it")
+        kw = dict(self._init_kwargs, progress=None)
+        if overrides.get("tca") is False:   # a dense fork: the TCA switches inherited do not apply
+            kw.update({k: None for k in kw if k.startswith("tca_")})
+        kw.update(overrides)
+        return Llama(self.model_path, _share_model=self, **kw)
 
     def __enter__(self):
         return self

@@ -117,6 +117,14 @@ def _post_raw(url: str, body: bytes):
         c.close()
 
 
+def _read_data_lines(r, n: int) -> None:
+    """Read a raw SSE response (chunked transfer encoding: size lines between) up to its n-th data line."""
+    while n > 0:
+        line = r.fp.readline()
+        assert line, "the stream ended"
+        n -= line.startswith(b"data: {")
+
+
 def _metric(url: str, name: str) -> float:
     for line in _get(url + "/metrics")[1].splitlines():
         if line.startswith(f"tca_ggml_{name} "):
@@ -253,7 +261,7 @@ def test_bad_requests_are_openai_errors(server, client):
     assert st == 400
     with pytest.raises(openai.BadRequestError) as e:   # a prompt over the context
         client.completions.create(model="tiny", prompt="x " * N_CTX, max_tokens=4)
-    assert e.value.status_code == 400 and e.value.code == "context_length_exceeded"
+    assert e.value.status_code == 400 and e.value.code == "context_length_exceeded" and e.value.param == "prompt"
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=4)
     assert e.value.code == "model_not_found"
@@ -278,15 +286,13 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
     before = _metric(server, "requests_cancelled_total")
     u = urllib.parse.urlparse(server)
     c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-    body = json.dumps({"model": "tiny", "prompt": PROMPTS[5], "max_tokens": N_CTX, "temperature": 0.8,
+    # greedy: deterministic, and this prompt's text runs to the context's end (no end-of-text token)
+    body = json.dumps({"model": "tiny", "prompt": PROMPTS[5], "max_tokens": N_CTX, "temperature": 0,
                        "stream": True})
     c.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
     r = c.getresponse()
     assert r.status == 200
-    n = 0
-    while n < 3:   # a few chunks, then hang up
-        line = r.fp.readline()
-        n += line.startswith(b"data: {")
+    _read_data_lines(r, 3)   # a few chunks, then hang up
     c.sock.shutdown(socket.SHUT_RDWR)
     c.close()
     deadline = time.time() + 20
@@ -298,4 +304,41 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
     assert _metric(server, "requests_cancelled_total") == before + 1
     assert json.loads(_get(server + "/health")[1])["slots_processing"] == 0
     text, finish, _, _ = _complete(client, PROMPTS[6])   # still serving
+    assert text and finish == "length"
+
+
+def test_queue_beyond_the_slots_and_leaving_it(server, client):
+    """With every slot busy a request waits in the queue; one that hangs up while waiting leaves it,
+    and hanging up on the running ones frees their slots."""
+    u = urllib.parse.urlparse(server)
+
+    def health():
+        return json.loads(_get(server + "/health")[1])
+
+    def wait_for(cond, what):
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            h = health()
+            if cond(h):
+                return h
+            time.sleep(0.05)
+        raise AssertionError(f"{what}: {health()}")
+
+    conns = []
+    for i in range(PARALLEL + 1):   # greedy to the context's end: seconds each, far longer than this test needs
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        c.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                  body=json.dumps({"model": "tiny", "prompt": PROMPTS[i], "max_tokens": N_CTX, "temperature": 0,
+                                   "stream": True}))
+        conns.append((c, c.getresponse()))
+        if i < PARALLEL:
+            _read_data_lines(conns[-1][1], 1)   # it runs
+    wait_for(lambda h: h["slots_processing"] == PARALLEL and h["requests_queued"] == 1, "one request queued")
+    for c, _ in conns[PARALLEL:] + conns[:PARALLEL]:   # the queued one first
+        c.sock.shutdown(socket.SHUT_RDWR)
+        c.close()
+        if c is conns[PARALLEL][0]:
+            wait_for(lambda h: h["requests_queued"] == 0 and h["slots_processing"] == PARALLEL, "left the queue")
+    wait_for(lambda h: h["slots_processing"] == 0 and h["requests_queued"] == 0, "slots freed")
+    text, finish, _, _ = _complete(client, PROMPTS[7])
     assert text and finish == "length"

@@ -186,14 +186,14 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> FastAPI:
             raise _bad("stream_options", "'stream_options' must be an object", "invalid_type")
         return body
 
-    def _check_fits(tokens: List[int]) -> None:
+    def _check_fits(tokens: List[int], param: str) -> None:
         if not tokens:
-            raise _bad("prompt", "the prompt is empty")
+            raise _bad(param, "the prompt is empty")
         if len(tokens) >= engine.n_ctx:
             raise APIError(400, f"This model's maximum context length is {engine.n_ctx} tokens, however you "
                                 f"requested {len(tokens)} tokens in the prompt (a completion needs at least one "
                                 f"more). Please reduce the length of the prompt.",
-                           param="messages", code="context_length_exceeded")
+                           param=param, code="context_length_exceeded")
 
     @app.get("/health")
     async def health():
@@ -234,7 +234,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> FastAPI:
         else:
             raise _bad("prompt", "'prompt' must be a string or a list of token ids",
                        "invalid_type" if "prompt" in body else "missing_required_parameter")
-        _check_fits(tokens)
+        _check_fits(tokens, "prompt")
         echo = body.get("echo", False)
         if not isinstance(echo, bool):
             raise _bad("echo", "'echo' must be a boolean", "invalid_type")
@@ -256,7 +256,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> FastAPI:
             tokens = await asyncio.to_thread(engine.chat_tokens, messages)
         except ValueError as e:   # no chat template, or one llama.cpp does not know
             raise _bad("messages", str(e), "chat_template_error")
-        _check_fits(tokens)
+        _check_fits(tokens, "messages")
         job = Job(tokens=tokens, max_tokens=_max_tokens(body, None, "max_completion_tokens", "max_tokens"),
                   sampling=_sampling(body, 0.2), stop=_stop(body))
         return await _respond(request, body, job, chat=True)

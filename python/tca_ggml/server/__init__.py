@@ -49,7 +49,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("-np", "--parallel", type=int, default=1,
-                    help="parallel slots: contexts over the one loaded model (each --n-ctx tokens)")
+                    help="parallel slots: contexts over the one loaded model (each --n-ctx tokens; by default "
+                         "each gets 1/N of the cores: -t cores/2/N, -tb cores/N)")
     ap.add_argument("-a", "--alias", default=None, help="the model's name in the API (default: the file's stem)")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
 
@@ -88,6 +89,13 @@ def main_cli(a) -> int:
         print("error: --parallel must be >= 1 and --port in [0, 65535]", file=sys.stderr)
         return 2
     from ..errors import TCAError
+    # each slot is a context with a thread pool of its own: share the cores among them by default
+    # (Llama's defaults, half the cores to decode and all of them to prefill, divided by N)
+    cores = os.cpu_count() or 1
+    if a.threads is None:
+        a.threads = max(1, cores // 2 // a.parallel)
+    if a.threads_batch is None:
+        a.threads_batch = max(1, cores // a.parallel)
     try:
         engine = Engine(a.model, parallel=a.parallel, alias=a.alias, **llama_kwargs(a))
     except (TCAError, ValueError, TypeError, OSError) as e:

@@ -26,7 +26,7 @@ TCA_API const char * tca_upstream_version(void);
 // bindings check their declarations against these at import (name: "llama_model_params",
 // "llama_context_params", "llama_batch", "llama_chat_message", "llama_sampler_chain_params";
 // field: NULL for sizeof), and the sizeof of this header's structs ("tca_config", "tca_stats",
-// "tca_budgets"; the bindings' declarations are read from this header). Returns -1 for an
+// "tca_budgets", "tca_rpc_stats"; the bindings' declarations are read from this header). Returns -1 for an
 // unknown name.
 TCA_API int64_t tca_abi_layout(const char * struct_name, const char * field);
 
@@ -194,6 +194,29 @@ TCA_API int64_t tca_get_head_positions(const struct llama_context * ctx, int32_t
 
 // llama_model_quantize (= llama-quantize) with the common knobs; 0 on success.
 TCA_API int tca_quantize(const char * src, const char * dst, int ftype, int allow_requantize, int n_threads);
+
+// ---- ggml RPC (Llama(rpc_servers=...); docs/design.md "RPC") ------------------------------
+// 1 when this library was built with ggml's RPC client (-DTCA_GGML_RPC=ON, the default), else 0.
+TCA_API int tca_rpc_available(void);
+// Connect to an rpc-server at endpoint ("host:port", IPv4 or a host name), register it with ggml's
+// RPC backend and write its devices (ggml_backend_dev_t) to devs (at most max_devs; the caller puts
+// them, NULL-terminated, in llama_model_params.devices). Returns the number of devices, or -1 with
+// the reason in err: a malformed endpoint, a refused or timed-out connection (GGML_RPC_CONNECT_TIMEOUT
+// seconds, default 10), a failed handshake (another protocol version), a library without RPC.
+TCA_API int32_t tca_rpc_add_server(const char * endpoint, void ** devs, int32_t max_devs, char * err, size_t err_len);
+// Counters of the RPC client (native/patches/0006): per endpoint, or summed over all when endpoint
+// is NULL. 0 on success, -1 when built without RPC.
+struct tca_rpc_stats {
+    uint64_t n_cmds;         // commands sent
+    uint64_t n_round_trips;  // commands that waited for the server's response
+    uint64_t bytes_sent;     // command payload bytes
+    uint64_t bytes_recv;     // response payload bytes
+    uint64_t n_failures;     // connections that failed: refused at connect, or lost mid-session
+};
+TCA_API int tca_rpc_get_stats(const char * endpoint, struct tca_rpc_stats * out);
+// tca_decode's result when a connection to an rpc-server failed during the call (the server was
+// killed, the host vanished): the context's state is lost; err says so.
+#define TCA_DECODE_RPC_LOST -1000
 
 // ---- the native reader of tca.* metadata ----------------------------------------------
 struct tca_budgets {

@@ -504,11 +504,17 @@ void llama_tca_memory::compact_graph(const std::vector<layer_t *> & Ls, int64_t 
     if (ggml_backend_graph_compute(be, gf) != GGML_STATUS_SUCCESS) throw std::runtime_error("TCA: selection graph failed");
     ggml_backend_synchronize(be);
     const int64_t t2 = ggml_time_us();
-    std::vector<int32_t> tail;
+    // every layer's read-back queued, then one wait: over RPC one round trip's latency, not one a layer
+    std::vector<std::vector<int32_t>> tails(Ls.size());
+    for (size_t i = 0; i < Ls.size(); ++i) {
+        tails[i].resize(4 * (size_t) Ls[i]->n_head_kv);
+        ggml_backend_tensor_get_async(be, sels[i], tails[i].data(), (size_t) Ls[i]->cap_total * sizeof(int32_t),
+                                      tails[i].size() * sizeof(int32_t));
+    }
+    ggml_backend_synchronize(be);
     for (size_t i = 0; i < Ls.size(); ++i) {
         layer_t & L = *Ls[i];
-        tail.resize(4 * (size_t) L.n_head_kv);
-        ggml_backend_tensor_get(sels[i], tail.data(), (size_t) L.cap_total * sizeof(int32_t), tail.size() * sizeof(int32_t));
+        const std::vector<int32_t> & tail = tails[i];
         for (uint32_t g = 0; g < L.n_head_kv; ++g) {
             auto & h = L.heads[g];
             const int32_t * tg = tail.data() + 4 * (size_t) g;
@@ -607,10 +613,11 @@ void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
         }
         if (ggml_backend_graph_compute(be, gf) != GGML_STATUS_SUCCESS) throw std::runtime_error("TCA: final selection graph failed");
         ggml_backend_synchronize(be);
-        for (size_t i = 0; i < Ls.size(); ++i) {
+        for (size_t i = 0; i < Ls.size(); ++i) {  // queued, then one wait (RPC: one round trip's latency)
             sel_host[i].resize((size_t) ggml_nelements(sels[i]));
-            ggml_backend_tensor_get(sels[i], sel_host[i].data(), 0, sel_host[i].size() * sizeof(int32_t));
+            ggml_backend_tensor_get_async(be, sels[i], sel_host[i].data(), 0, sel_host[i].size() * sizeof(int32_t));
         }
+        ggml_backend_synchronize(be);
     }
     const int64_t t1 = ggml_time_us();
     {   // 2. gather the kept rows into the fast tier

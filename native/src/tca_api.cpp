@@ -10,6 +10,10 @@
 #include "llama-impl.h"
 #include "tca_guard.h"
 
+#ifdef TCA_GGML_RPC
+#include "ggml-rpc.h"
+#endif
+
 #include <sys/stat.h>
 
 #include <cerrno>
@@ -67,6 +71,7 @@ static int64_t tca_abi_layout_impl(const char * name, const char * field) {
     if (strcmp(name, "tca_config") == 0) { if (!field) return sizeof(tca_config); return -1; }
     if (strcmp(name, "tca_stats") == 0) { if (!field) return sizeof(tca_stats); return -1; }
     if (strcmp(name, "tca_budgets") == 0) { if (!field) return sizeof(tca_budgets); return -1; }
+    if (strcmp(name, "tca_rpc_stats") == 0) { if (!field) return sizeof(tca_rpc_stats); return -1; }
     return -1;
 }
 
@@ -209,7 +214,102 @@ extern "C" int32_t tca_tokenize(const llama_vocab * vocab, const char * text, in
 extern "C" int32_t tca_decode(llama_context * ctx, const llama_batch * batch, char * err, size_t err_len) {
     if (err && err_len) err[0] = 0;
     if (!ctx || !batch) { set_err(err, err_len, "context or batch is NULL"); return -1; }
+#ifdef TCA_GGML_RPC
+    // a connection to an rpc-server that fails during the call (patch 0006: counted, not aborted)
+    ggml_backend_rpc_stats s0, s1;
+    ggml_backend_rpc_get_stats(nullptr, &s0);
+    const int32_t rc = tca_guard(__func__, INT32_MIN, err, err_len, [&] {
+        const int32_t r = llama_decode(ctx, *batch);
+        if (s0.n_cmds > 0) {
+            // RPC in use: the outputs' read-back is queued, and a connection lost there would show
+            // only as zeroed logits read later (llama_get_logits_ith synchronizes): wait here
+            llama_synchronize(ctx);
+        }
+        return r;
+    });
+    ggml_backend_rpc_get_stats(nullptr, &s1);
+    if (s1.n_failures > s0.n_failures) {
+        set_err(err, err_len, "the connection to an rpc-server was lost during llama_decode (the server was killed "
+                              "or its host is unreachable): this context's state is lost");
+        return TCA_DECODE_RPC_LOST;
+    }
+    return rc;
+#else
     return tca_guard(__func__, INT32_MIN, err, err_len, [&] { return llama_decode(ctx, *batch); });
+#endif
+}
+
+extern "C" int tca_rpc_available(void) {
+#ifdef TCA_GGML_RPC
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+extern "C" int32_t tca_rpc_add_server(const char * endpoint, void ** devs, int32_t max_devs, char * err, size_t err_len) {
+    if (err && err_len) err[0] = 0;
+    return tca_guard(__func__, (int32_t) -1, err, err_len, [&]() -> int32_t {
+#ifdef TCA_GGML_RPC
+        const std::string ep = endpoint ? endpoint : "";
+        const size_t colon = ep.rfind(':');
+        bool ok = colon != std::string::npos && colon > 0 && colon + 1 < ep.size() && colon + 6 >= ep.size() &&
+                  ep.find(':') == colon && ep.find_first_of(" ,\t\n") == std::string::npos;
+        long port = 0;
+        for (size_t i = colon + 1; ok && i < ep.size(); ++i) {
+            ok = ep[i] >= '0' && ep[i] <= '9';
+            port = port * 10 + (ep[i] - '0');
+        }
+        if (!ok || port < 1 || port > 65535) {
+            set_err(err, err_len, "RPC endpoint '" + ep + "' is not host:port (IPv4 address or host name, port 1..65535)");
+            return -1;
+        }
+        // a probe first: ggml_backend_rpc_add_server remembers an endpoint once added, so only a
+        // fresh command tells whether the server is there now
+        ggml_backend_rpc_stats s0, s1;
+        ggml_backend_rpc_get_stats(ep.c_str(), &s0);
+        size_t free_mem = 0, total_mem = 0;
+        ggml_backend_rpc_get_device_memory(ep.c_str(), 0, &free_mem, &total_mem);
+        ggml_backend_reg_t reg = nullptr;
+        ggml_backend_rpc_get_stats(ep.c_str(), &s1);
+        if (s1.n_failures == s0.n_failures) {
+            reg = ggml_backend_rpc_add_server(ep.c_str());
+            ggml_backend_rpc_get_stats(ep.c_str(), &s1);
+        }
+        if (!reg || s1.n_failures > s0.n_failures) {
+            set_err(err, err_len, "cannot reach an rpc-server at " + ep + " (refused, timed out or another "
+                                  "protocol version; start one with `python -m tca_ggml.rpc_server`)");
+            return -1;
+        }
+        const size_t n = ggml_backend_reg_dev_count(reg);
+        for (size_t i = 0; i < n && devs && (int64_t) i < (int64_t) max_devs; ++i) {
+            devs[i] = ggml_backend_reg_dev_get(reg, i);
+        }
+        return (int32_t) n;
+#else
+        (void) endpoint; (void) devs; (void) max_devs;
+        set_err(err, err_len, "this libtca_ggml was built without RPC (-DTCA_GGML_RPC=OFF)");
+        return -1;
+#endif
+    });
+}
+
+extern "C" int tca_rpc_get_stats(const char * endpoint, struct tca_rpc_stats * out) {
+    if (!out) return -1;
+    memset(out, 0, sizeof(*out));
+#ifdef TCA_GGML_RPC
+    ggml_backend_rpc_stats s;
+    ggml_backend_rpc_get_stats(endpoint, &s);
+    out->n_cmds = s.n_cmds;
+    out->n_round_trips = s.n_round_trips;
+    out->bytes_sent = s.bytes_sent;
+    out->bytes_recv = s.bytes_recv;
+    out->n_failures = s.n_failures;
+    return 0;
+#else
+    (void) endpoint;
+    return -1;
+#endif
 }
 
 extern "C" int32_t tca_token_to_piece(const llama_vocab * vocab, int32_t token, char * buf, int32_t length, int32_t lstrip,

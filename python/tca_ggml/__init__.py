@@ -4,12 +4,12 @@
 turns on per-head selective KV retention with budgets calibrated into the GGUF.
 """
 from .errors import (TCAError, NativeLibraryError, ModelLoadError, ContextError, DecodeError,
-                     ContextOverflowError, TCAConfigError, TokenizeError)
+                     ContextOverflowError, TCAConfigError, TokenizeError, RPCError)
 
 __version__ = "0.1.0"
 
 __all__ = ["Llama", "LlamaState", "TCAError", "NativeLibraryError", "ModelLoadError", "ContextError", "DecodeError",
-           "ContextOverflowError", "TCAConfigError", "TokenizeError", "__version__"]
+           "ContextOverflowError", "TCAConfigError", "TokenizeError", "RPCError", "__version__"]
 
 
 def __getattr__(name):

@@ -265,7 +265,7 @@ _ABI_CHECKS = [
     ("llama_chat_message", None), ("llama_sampler_chain_params", None),
     # tca_ggml.h's structs: read from the header, so this catches a header that is not the one
     # the library was built with
-    ("tca_config", None), ("tca_stats", None), ("tca_budgets", None),
+    ("tca_config", None), ("tca_stats", None), ("tca_budgets", None), ("tca_rpc_stats", None),
 ]
 
 

@@ -40,3 +40,10 @@ class TokenizeError(TCAError, ValueError):
 class OutputPathError(TCAError, ValueError):
     """An output path that must not be written: it exists and is not a regular file (a device such
     as /dev/null, a FIFO, a directory, a socket). Writers only ever replace regular files."""
+
+
+class RPCError(TCAError, ConnectionError):
+    """An rpc-server of ``Llama(rpc_servers=...)`` could not be reached at load (refused, timed out,
+    another protocol version), or its connection was lost mid-session (the server was killed, the host
+    vanished): the Llama that used it cannot go on (its layers' state was there); close it and load
+    again once the server is back."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from . import _native
-from .errors import (ContextError, ContextOverflowError, DecodeError, ModelLoadError,
+from .errors import (ContextError, ContextOverflowError, DecodeError, ModelLoadError, RPCError,
                      TCAConfigError, TokenizeError)
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
@@ -250,6 +250,8 @@ class Llama:
         # model params
         n_gpu_layers: int = 0,
         main_gpu: int = 0,
+        tensor_split: Optional[Sequence[float]] = None,
+        rpc_servers: Optional[str] = None,
         vocab_only: bool = False,
         use_mmap: bool = True,
         use_mlock: bool = False,
@@ -341,6 +343,12 @@ class Llama:
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
         mp.main_gpu = main_gpu
+        self._rpc_lost: Optional[str] = None
+        if _share_model is None:
+            self._rpc_endpoints = self._rpc_devices(mp, rpc_servers, tensor_split)
+            self._rpc_failures0 = self._rpc_failures(self._rpc_endpoints)
+        else:
+            self._rpc_endpoints, self._rpc_failures0 = _share_model._rpc_endpoints, _share_model._rpc_failures0
         mp.vocab_only = bool(vocab_only)
         mp.load_mode = {(True, False): LLAMA_LOAD_MODE_MMAP, (True, True): LLAMA_LOAD_MODE_MMAP_MLOCK,
                         (False, False): LLAMA_LOAD_MODE_NONE, (False, True): LLAMA_LOAD_MODE_MLOCK}[
@@ -418,6 +426,53 @@ class Llama:
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._tokens: List[int] = []  # tokens currently in the KV cache, in order
         self.timings = Timings()
+
+    def _rpc_devices(self, mp, rpc_servers, tensor_split) -> tuple:
+        """llama-cpp-python's rpc_servers ("host:port,host:port") and tensor_split: connect to each
+        server (RPCError when one cannot be reached) and give the model its devices, NULL-terminated
+        in llama_model_params.devices (the layers n_gpu_layers offloads go there, split by
+        tensor_split; the others stay on this machine's CPU). docs/design.md "RPC"."""
+        L, ffi = self._L, self._ffi
+        if tensor_split is not None:
+            ts = [float(x) for x in tensor_split]
+            if len(ts) > 16 or any(not math.isfinite(x) or x < 0 for x in ts):
+                raise ValueError("tensor_split must be at most 16 finite, non-negative numbers")
+            self._tensor_split_c = ffi.new("float[]", ts + [0.0] * (16 - len(ts)))  # llama_max_devices() entries
+            mp.tensor_split = self._tensor_split_c
+        if rpc_servers is None:
+            return ()
+        if not isinstance(rpc_servers, str):
+            raise TypeError("rpc_servers must be a str of comma-separated host:port")
+        endpoints = tuple(e.strip() for e in rpc_servers.split(",") if e.strip())
+        if not endpoints or len(set(endpoints)) != len(endpoints):
+            raise ValueError(f"rpc_servers={rpc_servers!r}: give distinct host:port entries, comma-separated")
+        if not L.tca_rpc_available():
+            raise RPCError("this libtca_ggml was built without RPC (-DTCA_GGML_RPC=OFF)")
+        devs, err = [], ffi.new("char[512]")
+        for ep in endpoints:
+            buf = ffi.new("void *[16]")
+            n = self._scope.call(L.tca_rpc_add_server, ep.encode(), buf, 16, err, 512)
+            if n < 0:
+                raise RPCError(_native.err_text(err))
+            devs += [buf[i] for i in range(min(n, 16))]
+        self._rpc_devs_c = ffi.new("void *[]", devs + [ffi.NULL])
+        mp.devices = self._rpc_devs_c
+        return endpoints
+
+    def _rpc_failures(self, endpoints) -> int:
+        st, n = self._ffi.new("struct tca_rpc_stats *"), 0
+        for ep in endpoints:
+            self._L.tca_rpc_get_stats(ep.encode(), st)
+            n += st.n_failures
+        return n
+
+    def _rpc_check(self) -> None:
+        """RPCError when a connection to one of this Llama's rpc-servers failed since it loaded."""
+        if self._rpc_endpoints and not self._rpc_lost and \
+                self._rpc_failures(self._rpc_endpoints) > self._rpc_failures0:
+            self._rpc_lost = f"the connection to an rpc-server was lost (rpc_servers={','.join(self._rpc_endpoints)})"
+        if self._rpc_lost:
+            raise RPCError(self._rpc_lost)
 
     # ------------------------------------------------------------------ TCA switches
     @staticmethod
@@ -506,6 +561,7 @@ class Llama:
         out = np.zeros(n, np.int32)
         if n:
             L.tca_get_head_positions(ctx, layer, kv_head, ffi.cast("int32_t *", out.ctypes.data), n)
+        self._rpc_check()  # a lost server's read-back is zeros, not positions
         return out
 
     @_locked
@@ -558,7 +614,7 @@ class Llama:
                 self._model = None
 
     # the model's settings: a fork shares the loaded model, so these cannot differ from its source's
-    _MODEL_KWARGS = ("n_gpu_layers", "main_gpu", "use_mmap", "use_mlock")
+    _MODEL_KWARGS = ("n_gpu_layers", "main_gpu", "tensor_split", "rpc_servers", "use_mmap", "use_mlock")
 
     def fork(self, **overrides) -> "Llama":
         """A new Llama over this one's loaded model (not loaded again) with a context of its own:
@@ -602,6 +658,8 @@ class Llama:
     def _live(self):
         if self._closed:
             raise ContextError("this Llama has been closed")
+        if self._rpc_lost:
+            raise RPCError(self._rpc_lost)
         if self._ctx is None:
             raise ContextError("no context (vocab_only=True)")
         return self._ctx
@@ -829,6 +887,11 @@ class Llama:
                 if rc != 0 or self._scope.pending:
                     # keep our token mirror consistent with what the cache holds
                     self._sync_tokens_after_failure(chunk)
+                if rc == L.TCA_DECODE_RPC_LOST:
+                    self._rpc_lost = f"{_native.err_text(err)} (rpc_servers={','.join(self._rpc_endpoints)})"
+                    raise RPCError(self._rpc_lost)
+                if rc != 0:
+                    self._rpc_check()  # lost before this call (a read-back between decodes)
                 self._scope.check(rc == 0, DecodeError, f"llama_decode failed with code {rc}", _native.err_text(err))
                 self._tokens.extend(chunk)
             except BaseException:

@@ -7,7 +7,9 @@ query positions crossing the stored ones), runs the op through a ggml graph on t
 with NaN) and on the CPU (``tca_test_tca_attn``), both from the same stored K/V values, and
 compares. The CPU op itself is checked against a float64 reference in tests/test_op_tca_attn.py.
 
-Every CUDA kernel is exercised, whatever the dispatcher would pick (TCA_CUDA_ATTN=ffma|mma|vec):
+Every CUDA kernel is exercised, whatever the dispatcher would pick (TCA_CUDA_ATTN=ffma|mma|vec, read
+by the op per call), and the dispatch of a GPU without the tensor-core path (sm_75: TCA_CUDA_ATTN=nomma,
+TCA_CUDA_SMPBO=65536):
   ffma  f32 arithmetic throughout (every type; the decode path for f32 and q8_0 K/V)
   vec   f16 K/V, f32 arithmetic, rows streamed into registers per warp (the decode path for f16)
   mma1  the single-buffered tensor-core kernel (the default for q8_0, and for f16 with d = 256)
@@ -182,6 +184,34 @@ def test_cuda_unsupported_shapes_are_refused(cuda):
     k = np.zeros((4, 48), np.float32)
     args = (q, k, k, np.arange(4), np.array([0, 4]), np.array([9]), 0.1, "f16")
     assert H.run_op(cuda, *args)[0] == 0
+    assert run_backend(cuda, BACKEND, *args)[0] == cuda[1].TCA_TEST_E_UNSUPP
+
+
+# ------------------------------------------------------------------------ GPUs without the tensor-core path
+@pytest.fixture
+def sm75(monkeypatch):
+    """the dispatcher as on an sm_75 GPU (RTX 20xx) on whatever GPU runs the tests: no tensor-core
+    kernels (TCA_CUDA_ATTN=nomma: the vector kernel for f16 decode, FFMA otherwise) and 64 KiB of
+    shared memory a block (TCA_CUDA_SMPBO), so the FFMA query tile shrinks (d = 128: 32 -> 8 queries)"""
+    monkeypatch.setenv("TCA_CUDA_ATTN", "nomma")
+    monkeypatch.setenv("TCA_CUDA_SMPBO", "65536")
+
+
+SM75 = [(kv, d, g, t) for kv in KV_TYPES for d in (64, 128) for g in (1, 8) for t in (1, 64, 300)]
+
+
+@pytest.mark.parametrize("kv_type,d,gqa,n_tokens", SM75)
+def test_cuda_sm75_dispatch_matches_cpu(cuda, sm75, kv_type, d, gqa, n_tokens):
+    seed = 5000 + d * 10 + gqa * 100 + n_tokens + 7 * list(KV_TYPES).index(kv_type)
+    compare(cuda, H.make_case(seed, d, gqa, n_tokens, empty_head=True), kv_type)
+
+
+def test_cuda_sm75_refuses_d256(cuda, sm75):
+    # d = 256: the FFMA tile needs 67 KiB of shared memory, over sm_75's 64 KiB: refused (a
+    # TCAConfigError at context creation, never a launch that fails)
+    q = np.zeros((2, 1, 256), np.float32)
+    k = np.zeros((4, 256), np.float32)
+    args = (q, k, k, np.arange(4), np.array([0, 4]), np.array([9]), 0.1, "f16")
     assert run_backend(cuda, BACKEND, *args)[0] == cuda[1].TCA_TEST_E_UNSUPP
 
 

@@ -10,9 +10,17 @@
 //    queries (prefill): tca_attn_mma, and tca_attn_mma2 for f16 K/V with D <= 128, double-buffered
 //    with cp.async (the default for f16 prefill with D <= 128; TCA_CUDA_ATTN=mma1 forces the
 //    single-buffered one).
-// TCA_CUDA_ATTN=ffma|mma|mma1|mma2|mma2t1|mma2t2|vec (environment, read per call) forces one kernel
-// (tests, benchmarks). The other TCA ops (TCA_SCORE, TCA_SELECT, TCA_COMPACT): tca-select.cu.
-#include <string>
+// Architectures: the tensor-core kernels need sm_80 (mma.sync m16n8k16 f16 and cp.async are sm_80+,
+// ldmatrix sm_75+); compiled for an older target their bodies are NO_DEVICE_CODE, and the dispatcher
+// never picks them there: ampere_mma_available(cc) (upstream's check of the device's compute capability
+// against the highest architecture compiled in) gates them. Without them (sm_75 and older, or a build
+// whose highest arch <= the device's is older than sm_80) f16 decode runs the vector kernel and everything
+// else the FFMA kernel, its query tile shrunk to the device's shared memory (docs/design.md, "CUDA kernels
+// by GPU architecture").
+// TCA_CUDA_ATTN=ffma|mma|mma1|mma2|mma2t1|mma2t2|vec|nomma (environment, read per call: the op tests
+// force each kernel case by case) forces one kernel (tests, benchmarks); nomma picks as on a GPU
+// without the tensor-core path (vector kernel for f16 decode, FFMA otherwise). The other TCA ops
+// (TCA_SCORE, TCA_SELECT, TCA_COMPACT): tca-select.cu.
 #include "tca-attn.cuh"
 #include "tca-attn-common.cuh"
 #include "tca-attn-ffma.cuh"
@@ -66,16 +74,39 @@ void tca_dispatch_d(const tca_args & a, const ggml_type type, const bool mma, co
     }
 }
 
-// largest shared memory any kernel for (D, type) may ask for
-size_t tca_max_smem(const int D, const ggml_type type) {
-    size_t s = 0;
+// shared memory of the FFMA kernel with a query tile of NQ (1, 4, 8, 32; 32 only for D <= 128)
+static size_t tca_ffma_smem(const int D, const int NQ) {
     switch (D) {
-        case 64:  s = std::max({tca_ffma_cfg<64, 32>::SMEM,  tca_mma_cfg<64>::SMEM, tca_mma2_cfg<64, 64>::SMEM, tca_mma2_cfg<64, 32, 2>::SMEM, tca_vec_cfg<64, 8>::SMEM});  break;
-        case 128: s = std::max({tca_ffma_cfg<128, 32>::SMEM, tca_mma_cfg<128>::SMEM, tca_mma2_cfg<128, 64>::SMEM, tca_mma2_cfg<128, 32, 2>::SMEM, tca_vec_cfg<128, 8>::SMEM}); break;
-        case 256: s = std::max({tca_ffma_cfg<256, 8>::SMEM,  tca_mma_cfg<256>::SMEM, tca_vec_cfg<256, 8>::SMEM}); break;
+        case 64:  return NQ <= 1 ? tca_ffma_cfg<64, 1>::SMEM  : NQ <= 4 ? tca_ffma_cfg<64, 4>::SMEM  : NQ <= 8 ? tca_ffma_cfg<64, 8>::SMEM  : tca_ffma_cfg<64, 32>::SMEM;
+        case 128: return NQ <= 1 ? tca_ffma_cfg<128, 1>::SMEM : NQ <= 4 ? tca_ffma_cfg<128, 4>::SMEM : NQ <= 8 ? tca_ffma_cfg<128, 8>::SMEM : tca_ffma_cfg<128, 32>::SMEM;
+        case 256: return NQ <= 1 ? tca_ffma_cfg<256, 1>::SMEM : NQ <= 4 ? tca_ffma_cfg<256, 4>::SMEM : tca_ffma_cfg<256, 8>::SMEM;
         default:  return SIZE_MAX;
     }
-    GGML_UNUSED(type);
+}
+
+// whether the tensor-core kernels can run for this K/V type on device compute capability cc: sm_80+
+// (mma.sync m16n8k16 f16 and cp.async) and compiled for an architecture <= cc that has them
+static bool tca_can_mma(const int cc, const ggml_type type) {
+    return (type == GGML_TYPE_F16 || type == GGML_TYPE_Q8_0) && ampere_mma_available(cc);
+}
+
+// largest shared memory any kernel the dispatcher may pick for (D, type) on this device asks for; the
+// FFMA kernel counts with its smallest query tile (tca_ffma_nq shrinks the tile to what fits). Over
+// the device's per-block limit (smpbo) the op is refused (supports_op: a TCAConfigError at context
+// creation): D = 256 on 64 KiB-per-block GPUs (sm_75), whose FFMA tile alone needs 67 KiB.
+static size_t tca_max_smem(const int D, const ggml_type type, const int cc) {
+    size_t s = tca_ffma_smem(D, 1);
+    if (type == GGML_TYPE_F16) {
+        s = std::max(s, D == 64 ? tca_vec_cfg<64, 8>::SMEM : D == 128 ? tca_vec_cfg<128, 8>::SMEM : tca_vec_cfg<256, 8>::SMEM);
+    }
+    if (tca_can_mma(cc, type)) {
+        switch (D) {
+            case 64:  s = std::max({s, tca_mma_cfg<64>::SMEM,  tca_mma2_cfg<64, 64>::SMEM,  tca_mma2_cfg<64, 32, 2>::SMEM});  break;
+            case 128: s = std::max({s, tca_mma_cfg<128>::SMEM, tca_mma2_cfg<128, 64>::SMEM, tca_mma2_cfg<128, 32, 2>::SMEM}); break;
+            case 256: s = std::max(s, tca_mma_cfg<256>::SMEM); break;
+            default:  return SIZE_MAX;
+        }
+    }
     return s;
 }
 
@@ -84,11 +115,27 @@ int tca_vec_nq(const int64_t nq_head) {
     return nq_head <= 1 ? 1 : nq_head <= 2 ? 2 : nq_head <= 4 ? 4 : 8;
 }
 
-// FFMA query tile: the smallest of 1, 4, 8, 32 holding the KV head's queries (8 at most for D=256)
-int tca_ffma_nq(const int64_t nq_head, const int D) {
+// the device's shared memory per block (opt-in limit); TCA_CUDA_SMPBO=<bytes> lowers it (read per call:
+// with TCA_CUDA_ATTN=nomma and 65536 the dispatcher picks as on an sm_75 GPU, for tests on newer ones)
+static size_t tca_smpbo(const int device) {
+    size_t smpbo = ggml_cuda_info().devices[device].smpbo;
+    const char * e = getenv("TCA_CUDA_SMPBO");
+    if (e && *e) {
+        smpbo = std::min(smpbo, (size_t) std::max(0LL, atoll(e)));
+    }
+    return smpbo;
+}
+
+// FFMA query tile: the smallest of 1, 4, 8, 32 holding the KV head's queries (8 at most for D=256),
+// shrunk until its shared memory fits the device (smpbo: sm_75's 64 KiB takes 8 for D = 128)
+static int tca_ffma_nq(const int64_t nq_head, const int D, const size_t smpbo) {
     const int cap = D >= 256 ? 8 : 32;
     int nq = nq_head <= 1 ? 1 : nq_head <= 4 ? 4 : nq_head <= 8 ? 8 : 32;
-    return std::min(nq, cap);
+    nq = std::min(nq, cap);
+    while (nq > 1 && tca_ffma_smem(D, nq) > smpbo) {
+        nq = nq == 32 ? 8 : nq == 8 ? 4 : 1;
+    }
+    return nq;
 }
 
 } // namespace
@@ -141,7 +188,7 @@ bool ggml_cuda_op_tca_attn_supported(int device, const ggml_tensor * op) {
     if (n_slots > INT_MAX/2 || T*n_head > INT_MAX/2 || T*n_head*D > (int64_t) INT_MAX*64) {
         return false;
     }
-    return ggml_cuda_info().devices[device].smpbo >= tca_max_smem((int) D, k->type);
+    return tca_smpbo(device) >= tca_max_smem((int) D, k->type, ggml_cuda_info().devices[device].cc);
 #endif
 }
 
@@ -154,13 +201,24 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     GGML_ASSERT((uintptr_t) dst->data % 16 == 0);
 
     const int64_t G = n_head/n_head_kv;
-    const int     cc  = ggml_cuda_info().devices[ctx.device].cc;
-    const int     nsm = ggml_cuda_info().devices[ctx.device].nsm;
+    const int     cc    = ggml_cuda_info().devices[ctx.device].cc;
+    const int     nsm   = ggml_cuda_info().devices[ctx.device].nsm;
+    const size_t  smpbo = tca_smpbo(ctx.device);
 
-    // TCA_CUDA_ATTN=ffma|mma|mma1|mma2|mma2t1|mma2t2|vec forces a kernel (A/B); read once per process
-    static const std::string force_env = [] { const char * e = getenv("TCA_CUDA_ATTN"); return std::string(e ? e : ""); }();
-    const char * force = force_env.empty() ? nullptr : force_env.c_str();
-    const bool   can_mma = (k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_Q8_0) && ampere_mma_available(cc);
+    // TCA_CUDA_ATTN=ffma|mma|mma1|mma2|mma2t1|mma2t2|vec|nomma forces a kernel (A/B, tests); read per
+    // call, since the op tests force each kernel case by case in one process (a getenv per op call)
+    const char * force = getenv("TCA_CUDA_ATTN");
+    if (force && !*force) {
+        force = nullptr;
+    }
+    if (force && strcmp(force, "ffma") != 0 && strcmp(force, "vec") != 0 && strcmp(force, "nomma") != 0 &&
+        strcmp(force, "mma") != 0 && strcmp(force, "mma1") != 0 && strcmp(force, "mma2") != 0 &&
+        strcmp(force, "mma2t1") != 0 && strcmp(force, "mma2t2") != 0) {
+        GGML_ABORT("TCA_CUDA_ATTN=%s: expected ffma, vec, nomma, mma, mma1, mma2, mma2t1 or mma2t2", force);
+    }
+    // the tensor-core kernels only where the device and the build have them (tca_can_mma); nomma
+    // takes them away, as on a GPU without them
+    const bool   can_mma = tca_can_mma(cc, k->type) && !(force && strcmp(force, "nomma") == 0);
     // TCA_CUDA_VEC=0: FFMA instead of the vector kernel for f16 decode (A/B and fallback)
     static const bool vec_on = [] { const char * e = getenv("TCA_CUDA_VEC"); return !e || atoi(e) != 0; }();
     const bool   can_vec = k->type == GGML_TYPE_F16;
@@ -169,7 +227,7 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     if (force && strcmp(force, "ffma") == 0) {
         mma = vec = false;
     } else if (force && strncmp(force, "mma", 3) == 0) {  // mma, mma1, mma2, mma2t1, mma2t2
-        mma = can_mma;
+        mma = can_mma;  // FFMA where the device has no tensor-core path
         vec = false;
     } else if (force && strcmp(force, "vec") == 0) {
         vec = can_vec;
@@ -183,7 +241,7 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
         const int mt = force && strcmp(force, "mma2t1") == 0 ? 1 : force && strcmp(force, "mma2t2") == 0 ? 2 : 0;
         mk = mt == 2 || (mt == 0 && G*T >= 2*tca_mma_cfg<64>::NQ) ? TCA_MMA2_T2 : TCA_MMA2_T1;
     }
-    const int NQ = mma ? tca_mma_cfg<64>::NQ*(mk == TCA_MMA2_T2 ? 2 : 1) : vec ? tca_vec_nq(G*T) : tca_ffma_nq(G*T, (int) D);
+    const int NQ = mma ? tca_mma_cfg<64>::NQ*(mk == TCA_MMA2_T2 ? 2 : 1) : vec ? tca_vec_nq(G*T) : tca_ffma_nq(G*T, (int) D, smpbo);
     // rows a split should hold at least twice: an mma/FFMA chunk, or one round of the vector kernel's warps
     int C = mma ? (mk == TCA_MMA2_T2 ? 32 : 64) : 32;
     if (vec) {

@@ -3,7 +3,9 @@
 # scripts/gpu/make_devbin.sh: cuBLAS headers + libraries from the nvidia-cublas wheel (PyPI), and a link
 # stub for libcuda (soname libcuda.so.1, the driver symbols ggml-cuda's VMM pool uses; the GPU
 # machine brings the real driver). Everything goes under .cache/cuda-link (git-ignored); then
-# build/cuda is configured for sm_90a with the patched llama-bench.
+# build/cuda is configured for sm_90a with the patched llama-bench. CUDA_ARCHS picks the architectures:
+# unset = 90a (the lent H100/H200), "default" = no CMAKE_CUDA_ARCHITECTURES (upstream's default list),
+# anything else is passed as is (e.g. "80-virtual": PTX for sm_80 only, JIT-compiled on any newer GPU).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 D=$PWD/.cache/cuda-link
@@ -22,7 +24,9 @@ syms="cuDeviceGet cuDeviceGetAttribute cuGetErrorString cuMemAddressFree cuMemAd
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$D/stub/libcuda.so" "$D/stub/stub.c"
 ln -sf libcuda.so "$D/stub/libcuda.so.1"
 I=$D/cublas/nvidia/cu13/include L=$D/cublas/nvidia/cu13/lib
-cmake -S . -B "${BUILD:-build/cuda}" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90a \
+ARCHS=${CUDA_ARCHS:-90a}
+arch_arg=(); [ "$ARCHS" != default ] && arch_arg=("-DCMAKE_CUDA_ARCHITECTURES=$ARCHS")
+cmake -S . -B "${BUILD:-build/cuda}" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=on "${arch_arg[@]}" \
     -DTCA_GGML_BUILD_TOOLS=ON -DGGML_CUDA_NCCL=OFF -DCUDA_cublas_LIBRARY=$L/libcublas.so \
     -DCUDA_cublasLt_LIBRARY=$L/libcublasLt.so -DCUDA_cuda_driver_LIBRARY=$D/stub/libcuda.so \
     "-DCMAKE_CUDA_FLAGS=-I$I" "-DCMAKE_CXX_FLAGS=-I$I" > /dev/null

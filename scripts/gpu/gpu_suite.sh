@@ -6,7 +6,7 @@
 # Here:   bash scripts/gpu/make_devcarry.sh        (pinned+patched upstream, cffi wheels -> .devcarry/)
 # There:  bash scripts/gpu/gpu_suite.sh build test (first call, ~6 min)
 #         bash scripts/gpu/gpu_suite.sh bench8b    (later calls; the build stays while the machine is warm)
-# Steps: build, test, bench1b, bench8b, benchq8 (8B with q8_0 K/V), smoke (a quick 1B/8K check), kern (the
+# Steps: build, test, e2e, e2e_ffma / e2e_nomma (the e2e test with a forced kernel), archinfo, bench1b, bench8b, benchq8 (8B with q8_0 K/V), smoke (a quick 1B/8K check), kern (the
 # attention kernels alone vs flash attention), curve (the kernel-level forced-density curve), vprof (ncu of the
 # decode attention kernels: the op alone and a real 1B token at 128K), and the rest below.
 set -u
@@ -32,18 +32,28 @@ for w in glob.glob(".devcarry/wheels/*.whl"):
 PY
 export PYTHONPATH=$PWD/python:/tmp/pydeps
 export TCA_GGML_LIB=$PWD/build/cuda/libtca_ggml.so
+# a library carrying PTX only (e.g. 80-virtual, the sm_80 path) is JIT-compiled by the driver at first use:
+# one cache for every process of the call, large enough for all of ggml-cuda
+export CUDA_CACHE_PATH=${CUDA_CACHE_PATH:-/tmp/nvjit} CUDA_CACHE_MAXSIZE=${CUDA_CACHE_MAXSIZE:-4294967296}
 
 if [ -f .devbin/bin.tgz ] && [[ " $steps " != *" build "* ]]; then
-    # prebuilt here with the same nvcc (13.0) for sm_90a: bash scripts/gpu/make_devbin.sh
-    mkdir -p build/cuda && tar xzf .devbin/bin.tgz -C build/cuda && say "== prebuilt library ($(cat .devbin/REV 2>/dev/null))"
+    # prebuilt here with the same nvcc (13.0) for sm_90a (or .devbin/ARCHS): bash scripts/gpu/make_devbin.sh
+    mkdir -p build/cuda && tar xzf .devbin/bin.tgz -C build/cuda && \
+        say "== prebuilt library ($(cat .devbin/REV 2>/dev/null)) $(cat .devbin/ARCHS 2>/dev/null | head -1)"
 fi
 if [[ " $steps " == *" build "* ]]; then
     mkdir -p /tmp/up && tar xzf .devcarry/upstream.tgz -C /tmp/up
     if [ ! -f build/cuda/CMakeCache.txt ]; then
+        # CUDA_ARCHS: 90a (default; the lent H100/H200), "default" (upstream's default list: no
+        # CMAKE_CUDA_ARCHITECTURES), or a list as is, e.g. 80-virtual (PTX for sm_80 only: the sm_80 path,
+        # JIT-compiled by the driver on this GPU)
+        arch_arg=-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90a}; [ "${CUDA_ARCHS:-}" = default ] && arch_arg=
         cmake -S . -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DTCA_UPSTREAM_DIR=/tmp/up -DGGML_CUDA=on \
-              -DCMAKE_CUDA_ARCHITECTURES=90a -DTCA_GGML_BUILD_TOOLS=ON > /tmp/cmake.log 2>&1 || { tail -40 /tmp/cmake.log | tee -a $LOG; exit 1; }
+              $arch_arg -DTCA_GGML_BUILD_TOOLS=ON > /tmp/cmake.log 2>&1 || { tail -40 /tmp/cmake.log | tee -a $LOG; exit 1; }
+        grep -E "Using CMAKE_CUDA_ARCHITECTURES" /tmp/cmake.log | tee -a $LOG
     fi
-    timeout ${BUILD_LIMIT:-420} ninja -C build/cuda -k 0 -j16 tca_ggml tca_ggml_test tca-llama-bench > $OUT/build.log 2>&1
+    # BUILD_TARGETS: the tests need only the two libraries (tca-llama-bench: the bench steps)
+    timeout ${BUILD_LIMIT:-420} ninja -C build/cuda -k 0 -j16 ${BUILD_TARGETS:-tca_ggml tca_ggml_test tca-llama-bench} > $OUT/build.log 2>&1
     rc=$?
     say "== build rc=$rc at $(el) s"
     if [ $rc -ne 0 ]; then grep -E -A8 "error|FAILED" $OUT/build.log | head -80 | tee -a $LOG; exit 1; fi
@@ -52,26 +62,46 @@ if [[ " $steps " == *" pack "* ]]; then
     # the built library back to this machine (16 MiB a file comes back): here, cat bin.tgz.part-* >
     # .devbin/bin.tgz, and the next call carries .devbin instead of building (no build persists
     # between calls once the machine is given back)
-    mkdir -p /tmp/devbin
+    # (parts under $OUT/bin: the archive of logs at the end leaves that folder alone)
+    mkdir -p /tmp/devbin $OUT/bin
     strip --strip-unneeded -o /tmp/devbin/libtca_ggml.so build/cuda/libtca_ggml.so
     strip --strip-unneeded -o /tmp/devbin/libtca_ggml_test.so build/cuda/libtca_ggml_test.so
-    strip -o /tmp/devbin/tca-llama-bench build/cuda/tca-llama-bench
-    tar czf /tmp/bin.tgz -C /tmp/devbin libtca_ggml.so libtca_ggml_test.so tca-llama-bench
-    split -b 15M /tmp/bin.tgz $OUT/bin.tgz.part-
-    say "== packed $(stat -c %s /tmp/bin.tgz) bytes at $(el) s"
+    files="libtca_ggml.so libtca_ggml_test.so"
+    if [ -f build/cuda/tca-llama-bench ]; then strip -o /tmp/devbin/tca-llama-bench build/cuda/tca-llama-bench; files="$files tca-llama-bench"; fi
+    tar czf /tmp/bin.tgz -C /tmp/devbin $files
+    split -b 15M /tmp/bin.tgz $OUT/bin/bin.tgz.part-
+    say "== packed $(stat -c %s /tmp/bin.tgz) bytes ($files) at $(el) s"
 fi
 
+if [[ " $steps " == *" archinfo "* ]]; then  # what the library carries (PTX / SASS per architecture), the device's cc
+    say "== $(nvidia-smi --query-gpu=compute_cap --format=csv,noheader) compute capability; in libtca_ggml.so: $(cuobjdump --list-ptx --list-elf \
+        build/cuda/libtca_ggml.so 2>/dev/null | grep -oE '(sm|compute)_[0-9]+a?' | sort | uniq -c | tr '\n' ' ')"
+fi
 if [[ " $steps " == *" test "* ]]; then
     say "== CUDA op tests at $(el) s"
     timeout ${OPS_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_op_tca_attn_cuda.py tests/test_op_tca_score.py \
         tests/test_op_tca_select.py > $OUT/ops.log 2>&1
     grep -E "passed|failed|Error|^E " $OUT/ops.log | tail -12 | tee -a $LOG
 fi
+# DEADLINE (seconds from the start): the e2e steps stop by then (what is left of a call's time limit)
+lim() { local l=$1; [ -n "${DEADLINE:-}" ] && l=$(( DEADLINE - $(el) < l ? DEADLINE - $(el) : l )); echo $(( l > 1 ? l : 1 )); }
 if [[ " $steps " == *" e2e "* ]]; then
     say "== end-to-end TCA CUDA vs CPU at $(el) s"
-    timeout ${E2E_LIMIT:-300} python3 -X faulthandler -m pytest -q -s -p no:cacheprovider tests/test_tca_cuda_e2e.py ${E2E_K:+-k "$E2E_K"} > $OUT/e2e.log 2>&1
+    timeout $(lim ${E2E_LIMIT:-300}) python3 -X faulthandler -m pytest -q -s -p no:cacheprovider tests/test_tca_cuda_e2e.py ${E2E_K:+-k "$E2E_K"} > $OUT/e2e.log 2>&1
     grep -E "NMSE|passed|failed|Error|error|assert|File" $OUT/e2e.log | tail -40 | tee -a $LOG
 fi
+# the end-to-end test with the attention kernel forced (docs/design.md "CUDA kernels by GPU architecture"):
+# e2e_ffma = the FFMA kernel for every TCA attention call, e2e_nomma = the dispatch of a GPU without the
+# tensor-core path (sm_75: vector kernel for f16 decode, FFMA otherwise, 64 KiB of shared memory a block)
+for mode in ffma nomma; do
+    if [[ " $steps " == *" e2e_$mode "* ]]; then
+        say "== end-to-end TCA CUDA vs CPU, TCA_CUDA_ATTN=$mode, at $(el) s"
+        smpbo=; [ $mode = nomma ] && smpbo=65536
+        TCA_CUDA_ATTN=$mode TCA_CUDA_SMPBO=$smpbo timeout $(lim ${E2E_LIMIT:-300}) python3 -X faulthandler -m pytest -q -s \
+            -p no:cacheprovider tests/test_tca_cuda_e2e.py ${E2E_K:+-k "$E2E_K"} > $OUT/e2e_$mode.log 2>&1
+        grep -E "NMSE|passed|failed|Error|error|assert|File" $OUT/e2e_$mode.log | tail -40 | tee -a $LOG
+    fi
+done
 
 BENCH=build/cuda/tca-llama-bench
 mk() {  # shape n_layer file

@@ -84,10 +84,19 @@ static size_t tca_ffma_smem(const int D, const int NQ) {
     }
 }
 
+// TCA_CUDA_ATTN (read per call: the op tests force each kernel case by case in one process), null when unset
+static const char * tca_force_env() {
+    const char * e = getenv("TCA_CUDA_ATTN");
+    return e && *e ? e : nullptr;
+}
+
 // whether the tensor-core kernels can run for this K/V type on device compute capability cc: sm_80+
-// (mma.sync m16n8k16 f16 and cp.async) and compiled for an architecture <= cc that has them
+// (mma.sync m16n8k16 f16 and cp.async) and compiled for an architecture <= cc that has them; never with
+// TCA_CUDA_ATTN=nomma (as on a GPU without them: supports_op and the dispatch alike)
 static bool tca_can_mma(const int cc, const ggml_type type) {
-    return (type == GGML_TYPE_F16 || type == GGML_TYPE_Q8_0) && ampere_mma_available(cc);
+    const char * force = tca_force_env();
+    return (type == GGML_TYPE_F16 || type == GGML_TYPE_Q8_0) && ampere_mma_available(cc) &&
+           !(force && strcmp(force, "nomma") == 0);
 }
 
 // largest shared memory any kernel the dispatcher may pick for (D, type) on this device asks for; the
@@ -207,18 +216,15 @@ void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
 
     // TCA_CUDA_ATTN=ffma|mma|mma1|mma2|mma2t1|mma2t2|vec|nomma forces a kernel (A/B, tests); read per
     // call, since the op tests force each kernel case by case in one process (a getenv per op call)
-    const char * force = getenv("TCA_CUDA_ATTN");
-    if (force && !*force) {
-        force = nullptr;
-    }
+    const char * force = tca_force_env();
     if (force && strcmp(force, "ffma") != 0 && strcmp(force, "vec") != 0 && strcmp(force, "nomma") != 0 &&
         strcmp(force, "mma") != 0 && strcmp(force, "mma1") != 0 && strcmp(force, "mma2") != 0 &&
         strcmp(force, "mma2t1") != 0 && strcmp(force, "mma2t2") != 0) {
         GGML_ABORT("TCA_CUDA_ATTN=%s: expected ffma, vec, nomma, mma, mma1, mma2, mma2t1 or mma2t2", force);
     }
-    // the tensor-core kernels only where the device and the build have them (tca_can_mma); nomma
-    // takes them away, as on a GPU without them
-    const bool   can_mma = tca_can_mma(cc, k->type) && !(force && strcmp(force, "nomma") == 0);
+    // the tensor-core kernels only where the device and the build have them (tca_can_mma; nomma
+    // takes them away, as on a GPU without them)
+    const bool   can_mma = tca_can_mma(cc, k->type);
     // TCA_CUDA_VEC=0: FFMA instead of the vector kernel for f16 decode (A/B and fallback)
     static const bool vec_on = [] { const char * e = getenv("TCA_CUDA_VEC"); return !e || atoi(e) != 0; }();
     const bool   can_vec = k->type == GGML_TYPE_F16;

@@ -21,7 +21,7 @@ namespace {
 class llm_graph_input_attn_tca : public llm_graph_input_attn_kv {
 public:
     llm_graph_input_attn_tca(const llama_hparams & hp, const llama_cparams & cp, const llama_tca_memory_context * t)
-        : llm_graph_input_attn_kv(hp, cp, nullptr), tctx(t) {}
+        : llm_graph_input_attn_kv(hp, cp, nullptr), tctx(t), tmem(t->memory()), tfull(t->full()) {}
 
     struct per_layer { int32_t il; ggml_tensor * pnew; ggml_tensor * meta; ggml_tensor * idx; };
 
@@ -127,14 +127,17 @@ public:
     // same memory is reused (decode: no rebuild per token, CUDA graphs stay captured)
     bool can_reuse(const llm_graph_params & params) override {
         const auto * t = dynamic_cast<const llama_tca_memory_context *>(params.mctx);
-        if (!t || !tctx || t->memory() != tctx->memory() || t->full() != tctx->full()) return false;
+        // (tctx is the previous decode's memory context, freed since: compare with what it held)
+        if (!t || t->memory() != tmem || t->full() != tfull) return false;
         if (!qpos || qpos->ne[0] != (int64_t) params.ubatch.n_tokens) return false;
         if (final != (t->memory()->is_cur_final() && !t->full())) return false;  // HOLD: another graph
         tctx = t;
         return true;
     }
 
-    const llama_tca_memory_context * tctx;
+    const llama_tca_memory_context * tctx;  // valid during this ubatch only (set again by can_reuse)
+    const llama_tca_memory * tmem;           // the memory and the kind of context the graph was built for
+    bool tfull;
     ggml_tensor * qpos = nullptr;
     std::vector<per_layer> layers;
     // host layers: one graph input tensor of each kind for all of them (views per layer)

@@ -390,13 +390,17 @@ def test_decode_compresses_only_the_block_leaving_the_window(tmp_path):
     assert kt == 19  # a mix of 16 and 32 (t = 19.2): not a power of two
     with Llama(str(path), n_ctx=2048, n_batch=512, n_threads=2, verbose=False, tca=True, tca_density=d,
                tca_window=W, tca_block=B) as llm:
-        llm.eval_prompt(toks)
+        # the generator's first token comes from the prompt's logits, before any decode step: the
+        # state then is the prefill's (eval_prompt before generate_tokens would re-evaluate the
+        # prompt's last ubatch, the same prompt again, one more prompt-end selection)
+        n_gen = 3 * B + 5
+        gen = llm.generate_tokens(toks, n_gen, temperature=0)
+        out = [next(gen)]
         st0 = llm.tca_stats()
         heads = list(zip(st0["layer"].tolist(), st0["kv_head"].tolist()))
         before = {h: llm.tca_retained_positions(*h) for h in heads}
         F0 = st0["frontier"]
-        n_gen = 3 * B + 5
-        out = list(llm.generate_tokens(toks, n_gen, temperature=0))
+        out += list(gen)
         st1 = llm.tca_stats()
         F1 = st1["frontier"]
         assert F1 == F0 + 3 * B and st1["n_compactions"] == st0["n_compactions"] + 3

@@ -246,10 +246,33 @@ def test_same_prompt_twice_gives_the_same_answer(smol_model, doc_tokens, n_promp
     with Llama(smol_model, **KW) as llm:
         first = list(llm.generate_tokens(p, 12, temperature=0))
         reused = llm.eval_prompt(p)                     # a fresh evaluation's last ubatch again
-        assert reused == (n_prompt - 1) // 256 * 256
+        assert reused == min((n_prompt - 1) // 256 * 256, n_prompt - 32)   # >= n_obs queries at the end
         logits_again = llm._logits_last()
         second = list(llm.generate_tokens(p, 12, temperature=0))
     with Llama(smol_model, **KW) as fresh:
         logits_fresh = fresh.eval_logits(p)
     assert second == first
     np.testing.assert_allclose(logits_again, logits_fresh, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_prompt", [1281, 1290, 1400, 20])
+def test_prompt_end_has_n_obs_queries(smol_model, doc_tokens, n_prompt):
+    """The final selection is made by the prompt's last n_obs queries: a prompt whose last ubatch
+    would be shorter (1281 = 5 x 256 + 1: one query) is cut so that it has n_obs tokens; a follow-up
+    of 3 new tokens re-evaluates cached ones to have them too. A prompt shorter than n_obs has all
+    its tokens."""
+    p = doc_tokens[:n_prompt]
+    with Llama(smol_model, **dict(KW, n_ctx=2048)) as llm:
+        llm.eval_prompt(p)
+        st = llm.tca_stats()
+        want = min(32, n_prompt)
+        if st["frontier"]:   # a selection ran (the prompt reaches past the window)
+            assert st["n_obs_last"] == want and st["n_final"] == 1
+        q = doc_tokens[:n_prompt + 3]
+        assert llm.eval_prompt(q) == max(0, len(q) - 32)
+        st = llm.tca_stats()
+        if st["frontier"]:
+            assert st["n_obs_last"] == min(32, len(q))
+    with Llama(smol_model, **dict(KW, tca_obs=64)) as llm:
+        llm.eval_prompt(doc_tokens[:1281])
+        assert llm.tca_stats()["n_obs_last"] == 64

@@ -115,7 +115,11 @@ struct tca_config {
     int32_t  prefill;    // PREFILL: hold: what a prompt's ubatches attend, TCA_PREFILL_SPARSE,
                          //   TCA_PREFILL_DENSE or TCA_PREFILL_EARLY [EARLY with hold, SPARSE with
                          //   stream; TCA_GGML_PREFILL=sparse|dense|early picks one, for tools]
+    int64_t  n_hold_decode; // HOLD_DECODE: hold: the first decode steps after a prompt's end that
+                         //   attend every held row (the answer's start), [0, 1048576]
+                         //   [TCA_HOLD_DECODE_DEFAULT; TCA_GGML_HOLD_DECODE=N, for tools]
 };
+#define TCA_HOLD_DECODE_DEFAULT 32
 #define TCA_SET_DENSITY   1
 #define TCA_SET_BLOCK     2
 #define TCA_SET_WINDOW    4
@@ -126,6 +130,7 @@ struct tca_config {
 #define TCA_SET_N_WHOLE   128
 #define TCA_SET_TYPE_HOLD 256
 #define TCA_SET_PREFILL   512
+#define TCA_SET_HOLD_DECODE 1024
 // Retention policies (docs/design.md "Retention"): HOLD keeps every row of the sequence in a
 // second tier until a prompt's last ubatch (the one that asks for logits) has been seen, attends
 // it there, and selects what stays by that ubatch's last n_obs queries; STREAM evicts for good
@@ -182,6 +187,7 @@ struct tca_stats {
     uint64_t n_final;          // final selections (prompt ends) from the hold tier
     uint64_t bytes_resident;   // of the fast tier, the bytes of the rows held now (K + V + position):
                                // what attention reads after a prompt; bytes_alloc - bytes_hold is its peak
+    uint32_t n_obs_last;       // observation queries (the prompt's last ones) of the last final selection
 };
 TCA_API int tca_get_stats(const struct llama_context * ctx, struct tca_stats * out);  // 1 active, 0 not
 // per (layer, KV head): retained rows, capacity, coverage of q_last at the last compaction.

@@ -131,6 +131,7 @@ public:
         if (!t || t->memory() != tmem || t->full() != tfull) return false;
         if (!qpos || qpos->ne[0] != (int64_t) params.ubatch.n_tokens) return false;
         if (final != (t->memory()->is_cur_final() && !t->full())) return false;  // HOLD: another graph
+        if (hold_decode != (t->memory()->is_cur_hold_decode() && !t->full())) return false;
         tctx = t;
         return true;
     }
@@ -147,6 +148,7 @@ public:
     ggml_tensor * hidx_all = nullptr;     // HOLD: [sum nkv * n_tokens] i64 hold-tier rows
     ggml_tensor * hmeta_all = nullptr;    // HOLD: [sum 2 nkv] i32 hold-tier head ranges
     bool final = false;                   // HOLD: a prompt's last ubatch (attends the hold tier)
+    bool hold_decode = false;             // HOLD: a decode step that attends the hold tier
     std::vector<slot_t> slots;            // per layer (memory's layer order)
 };
 }  // namespace
@@ -197,6 +199,7 @@ llm_graph_input_attn_kv * llama_tca_build_attn_inp(const llm_graph_context & g) 
         ggml_set_name(inp->hmeta_all, "tca_hmeta");
     }
     inp->final = mem->is_cur_final() && !t->full();
+    inp->hold_decode = mem->is_cur_hold_decode() && !t->full();
     return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
 }
 
@@ -266,7 +269,12 @@ ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_
         // TCA_PREFILL_DENSE: every multi-token ubatch attends the hold tier too (the prompt's rows
         // are dense's; the budgets apply from the prompt's end); TCA_GGML_PREFILL_LAYERS: only
         // those layers do (experiment)
-        if (inp->final || (n_tokens > 1 && mem->get_config().prefill_dense_layer(il))) {
+        if (inp->hold_decode) {
+            att_k = hk_all;
+            att_v = hv_all;
+            att_p = ggml_reshape_1d(ctx0, L->hkpos, ggml_nelements(L->hkpos));
+            att_meta = hmeta;
+        } else if (inp->final || (n_tokens > 1 && mem->get_config().prefill_dense_layer(il))) {
             att_k = hk_all;
             att_v = hv_all;
             att_p = ggml_reshape_1d(ctx0, L->hkpos, ggml_nelements(L->hkpos));

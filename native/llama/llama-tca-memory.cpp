@@ -348,6 +348,11 @@ bool llama_tca_memory::reserve_ubatch(const llama_ubatch & ub) {
     const bool out_last = ub.output && ub.output[ub.n_tokens - 1];
     cur_final = cfg.hold && out_last && (ub.n_tokens > 1 || prev_prefill);
     prev_prefill = ub.n_tokens > 1 && !cur_final;
+    // HOLD: the first hold_decode decode steps after a prompt end attend the hold tier too
+    cur_hold_decode = cfg.hold && !cur_final && ub.n_tokens == 1 && n_decode_after_final < cfg.hold_decode;
+    if (cur_final) n_decode_after_final = 0;
+    else if (ub.n_tokens == 1) n_decode_after_final += n_decode_after_final < cfg.hold_decode;
+    else n_decode_after_final = cfg.hold_decode;
     if (cur_final) {
         n_obs_valid = std::min<uint32_t>(std::max<uint32_t>(1, cfg.n_obs), ub.n_tokens);
         pending_final = true;
@@ -401,6 +406,7 @@ void llama_tca_memory::compact_pending(bool prompt_continues) {
         frontier = F;
         ++n_compactions;
         ++n_final;
+        n_obs_last = n_obs_valid;
         t_compact_us += (double) (ggml_time_us() - t0);
         return;
     }
@@ -718,6 +724,8 @@ void llama_tca_memory::clear(bool data) {
     pending = false;
     pending_final = false;
     cur_final = false;
+    cur_hold_decode = false;
+    n_decode_after_final = cfg.hold_decode;
     prev_prefill = false;
 }
 

@@ -44,6 +44,7 @@ struct llama_tca_config {
     bool hold = true;                 // retention HOLD (docs/design.md "Retention"); false: STREAM
     uint32_t n_obs = 32;              // HOLD: queries at the prompt's end that score the final selection
     uint32_t n_whole = 4;             // HOLD: top-ranked blocks of the final selection kept whole
+    uint32_t hold_decode = 0;         // HOLD: decode steps after a prompt's end that attend the hold tier
     int32_t type_hold = -1;           // HOLD: ggml_type of the hold tier (-1: the cache's)
     bool dense_prefill = false;       // HOLD: every prefill ubatch attends the hold tier (TCA_PREFILL_DENSE)
     int32_t dense_prefill_lo = -1;    // HOLD, sparse prefill: layers lo..hi attend the hold tier in prefill
@@ -196,11 +197,13 @@ public:
     uint32_t get_n_ctx() const { return n_ctx; }
     uint32_t get_n_seen() const { return n_seen; }   // tokens of the sequence held (positions 0 .. n_seen-1)
     uint32_t get_frontier() const { return frontier; }
-    bool is_cur_final() const { return cur_final; }  // HOLD: the ubatch being built is a prompt's last
+    bool is_cur_final() const { return cur_final; }
+    bool is_cur_hold_decode() const { return cur_hold_decode; }  // HOLD: a decode step that attends the hold tier  // HOLD: the ubatch being built is a prompt's last
     uint64_t get_bytes_dense() const { return bytes_dense; }
     uint64_t get_bytes_hold() const { return bytes_hold; }
     uint64_t get_n_compactions() const { return n_compactions; }
     uint64_t get_n_final() const { return n_final; }
+    uint32_t get_n_obs_last() const { return n_obs_last; }
     double get_t_compact_us() const { return t_compact_us; }
 
 private:
@@ -225,10 +228,13 @@ private:
     // HOLD: the ubatch being built/computed is a prompt's last (its last token asks for logits):
     // it attends the hold tier, and the compaction after it selects from the hold tier
     bool cur_final = false;
+    bool cur_hold_decode = false;
+    uint32_t n_decode_after_final = 0; // decode steps since the last prompt end
     bool pending_final = false;   // a final ubatch ran since the last compaction
     bool prev_prefill = false;    // the previous ubatch was a non-final multi-token ubatch
     uint32_t n_obs_valid = 0;     // queries in q_obs (min(n_obs, the final ubatch's tokens))
     uint64_t n_final = 0;         // final selections from the hold tier
+    uint32_t n_obs_last = 0;      // observation queries of the last final selection
     uint64_t n_final_deferred = 0; // prompt ends followed by more of the prompt (no selection there)
     uint64_t bytes_hold = 0;      // hold tier allocation
     uint32_t frontier = 0;        // F: blocks before it have been selected

@@ -63,7 +63,8 @@ static int tca_config_check_impl(const tca_config * c, char * err, size_t n) {
     if (!c) return fail(err, n, "tca config is NULL");
     const uint32_t s = c->set;
     if (s & ~(uint32_t) (TCA_SET_DENSITY | TCA_SET_BLOCK | TCA_SET_WINDOW | TCA_SET_ALPHA | TCA_SET_N_SINK |
-                         TCA_SET_RETENTION | TCA_SET_N_OBS | TCA_SET_N_WHOLE | TCA_SET_TYPE_HOLD | TCA_SET_PREFILL))
+                         TCA_SET_RETENTION | TCA_SET_N_OBS | TCA_SET_N_WHOLE | TCA_SET_TYPE_HOLD | TCA_SET_PREFILL |
+                         TCA_SET_HOLD_DECODE))
         return fail(err, n, "tca config: unknown TCA_SET_* bits " + std::to_string(s));
     if ((s & TCA_SET_RETENTION) && c->retention != TCA_RETENTION_HOLD && c->retention != TCA_RETENTION_STREAM)
         return fail(err, n, "tca_retention must be TCA_RETENTION_HOLD (0, 'hold') or TCA_RETENTION_STREAM (1, 'stream'), got " +
@@ -77,6 +78,10 @@ static int tca_config_check_impl(const tca_config * c, char * err, size_t n) {
         return fail(err, n, "tca_prefill='dense'/'early' needs tca_retention='hold' (a stream retention holds no rows to attend)");
     if ((s & TCA_SET_N_OBS) && (c->n_obs < 1 || c->n_obs > 4096))
         return fail(err, n, "tca_obs must be in [1, 4096], got " + std::to_string(c->n_obs));
+    if ((s & TCA_SET_HOLD_DECODE) && (c->n_hold_decode < 0 || c->n_hold_decode > (1 << 20)))
+        return fail(err, n, "tca_hold_decode must be in [0, 1048576], got " + std::to_string(c->n_hold_decode));
+    if ((s & TCA_SET_HOLD_DECODE) && c->n_hold_decode > 0 && (s & TCA_SET_RETENTION) && c->retention == TCA_RETENTION_STREAM)
+        return fail(err, n, "tca_hold_decode needs tca_retention='hold' (a stream retention holds no rows to attend)");
     if ((s & TCA_SET_N_WHOLE) && (c->n_whole < 0 || c->n_whole > 65536))
         return fail(err, n, "tca_whole must be in [0, 65536], got " + std::to_string(c->n_whole));
     if ((s & TCA_SET_TYPE_HOLD) && c->type_hold != GGML_TYPE_F32 && c->type_hold != GGML_TYPE_F16 && c->type_hold != GGML_TYPE_Q8_0)
@@ -199,11 +204,24 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
     cfg.n_obs = (s & TCA_SET_N_OBS) ? (uint32_t) c.n_obs : 32u;
     cfg.n_whole = (s & TCA_SET_N_WHOLE) ? (uint32_t) c.n_whole : 4u;
     cfg.type_hold = (s & TCA_SET_TYPE_HOLD) ? c.type_hold : -1;
+    if (s & TCA_SET_HOLD_DECODE) {
+        cfg.hold_decode = (uint32_t) c.n_hold_decode;
+    } else if (const char * e = getenv("TCA_GGML_HOLD_DECODE"); e && *e) {
+        char * end = nullptr;
+        const long v = strtol(e, &end, 10);
+        if (*end || v < 0 || v > (1 << 20))
+            return fail(err, n, std::string("TCA_GGML_HOLD_DECODE must be an integer in [0, 1048576], got '") + e + "'");
+        cfg.hold_decode = (uint32_t) v;   // tools without Python (tca-llama-bench)
+    } else {
+        cfg.hold_decode = TCA_HOLD_DECODE_DEFAULT;
+    }
+    if (!cfg.hold) cfg.hold_decode = 0;
     read_knobs(cfg);
 
     out = tca_config{};
     out.set = TCA_SET_BLOCK | TCA_SET_WINDOW | TCA_SET_ALPHA | TCA_SET_N_SINK | TCA_SET_RETENTION | TCA_SET_N_OBS |
-              TCA_SET_N_WHOLE | TCA_SET_TYPE_HOLD | TCA_SET_PREFILL | (forced ? TCA_SET_DENSITY : 0);
+              TCA_SET_N_WHOLE | TCA_SET_TYPE_HOLD | TCA_SET_PREFILL | TCA_SET_HOLD_DECODE |
+              (forced ? TCA_SET_DENSITY : 0);
     out.density = forced ? c.density : 0.0;
     out.block = cfg.block;
     out.window = cfg.window;
@@ -214,6 +232,7 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
     out.n_whole = cfg.n_whole;
     out.type_hold = cfg.type_hold;
     out.prefill = prefill;
+    out.n_hold_decode = cfg.hold_decode;
     return 0;
 }
 

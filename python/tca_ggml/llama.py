@@ -178,7 +178,7 @@ PREFILLS = {"sparse": 0, "dense": 1, "early": 2}
 _TCA_FIELDS = (("density", "density", "TCA_SET_DENSITY"), ("block", "block", "TCA_SET_BLOCK"),
                ("window", "window", "TCA_SET_WINDOW"), ("alpha", "alpha", "TCA_SET_ALPHA"),
                ("obs", "n_obs", "TCA_SET_N_OBS"), ("whole", "n_whole", "TCA_SET_N_WHOLE"),
-               ("hold_type", "type_hold", "TCA_SET_TYPE_HOLD"))
+               ("hold_type", "type_hold", "TCA_SET_TYPE_HOLD"), ("hold_decode", "n_hold_decode", "TCA_SET_HOLD_DECODE"))
 
 
 def _tca_config_struct(c: Dict[str, Any]):
@@ -284,6 +284,7 @@ class Llama:
         tca_whole: Optional[int] = None,
         tca_hold_type: Optional[int] = None,
         tca_prefill: Optional[str] = None,
+        tca_hold_decode: Optional[int] = None,
         eval_callback: Optional[Callable[[Any, bool], bool]] = None,
         _share_model: Optional["Llama"] = None,   # Llama.fork: that Llama's model, not loaded again
     ):
@@ -326,7 +327,7 @@ class Llama:
             raise TypeError("chat_format must be a str or None")
         self.chat_format = chat_format
         self.tca_config = self._tca_config(tca, tca_density, tca_block, tca_window, tca_alpha, tca_retention, tca_obs,
-                                           tca_whole, tca_hold_type, tca_prefill)
+                                           tca_whole, tca_hold_type, tca_prefill, tca_hold_decode)
 
         # ---- the file, before upstream sees it ----
         if not os.path.exists(self.model_path):
@@ -477,7 +478,7 @@ class Llama:
     # ------------------------------------------------------------------ TCA switches
     @staticmethod
     def _tca_config(tca, density, block, window, alpha, retention=None, obs=None, whole=None, hold_type=None,
-                    prefill=None):
+                    prefill=None, hold_decode=None):
         """The TCA switches as given. Python types are checked here; the values by the native owner
         of the TCA configuration (tca_config_check now, for an error before the model loads, and
         tca_context_create with the model and its budgets)."""
@@ -488,21 +489,22 @@ class Llama:
         if prefill is not None and prefill not in PREFILLS:
             raise ValueError(f"tca_prefill must be one of {sorted(PREFILLS)}, got {prefill!r}")
         for name, v in (("tca_block", block), ("tca_window", window), ("tca_obs", obs), ("tca_whole", whole),
-                        ("tca_hold_type", hold_type)):
+                        ("tca_hold_type", hold_type), ("tca_hold_decode", hold_decode)):
             if v is not None:
                 _check_int(name, v)
         for name, v in (("tca_density", density), ("tca_alpha", alpha)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise TypeError(f"{name} must be a number, got {type(v).__name__}")
         c = {"enabled": tca, "density": density, "block": block, "window": window, "alpha": alpha,
-             "retention": retention or "hold", "obs": obs, "whole": whole, "hold_type": hold_type, "prefill": prefill}
+             "retention": retention or "hold", "obs": obs, "whole": whole, "hold_type": hold_type, "prefill": prefill,
+             "hold_decode": hold_decode}
         err = _native.ffi.new("char[512]")
         if _native.lib().tca_config_check(_tca_config_struct(c), err, 512) != 0:
             raise TCAConfigError(_native.err_text(err))
         if not tca and any(v is not None for v in (density, block, window, alpha, retention, obs, whole, hold_type,
-                                                   prefill)):
+                                                   prefill, hold_decode)):
             raise TCAConfigError("tca_density/tca_block/tca_window/tca_alpha/tca_retention/tca_obs/tca_whole/"
-                                 "tca_hold_type/tca_prefill need tca=True")
+                                 "tca_hold_type/tca_prefill/tca_hold_decode need tca=True")
         return c
 
     def _tca_context(self, model, cp):
@@ -591,7 +593,9 @@ class Llama:
                 "prefill": ({v: k for k, v in PREFILLS.items()}.get(int(self._tp.prefill), "?")
                             if st.active and self._tp is not None else None),
                 "bytes_hold": int(st.bytes_hold), "bytes_fast": int(st.bytes_alloc) - int(st.bytes_hold),
-                "rows_held": int(st.rows_held), "n_final": int(st.n_final), "bytes_resident": int(st.bytes_resident),
+                "rows_held": int(st.rows_held), "n_final": int(st.n_final),
+                "n_obs_last": int(st.n_obs_last),
+                "hold_decode": int(self._tp.n_hold_decode) if st.active and self._tp is not None else None, "bytes_resident": int(st.bytes_resident),
                 "layer": layer, "kv_head": head, "retained": ln, "capacity": cap, "coverage": cov}
 
     # ------------------------------------------------------------------ lifecycle
@@ -858,17 +862,39 @@ class Llama:
         self._tokens = []
 
     @_locked
+    def _n_obs_min(self) -> int:
+        """The fewest queries a TCA prompt's last ubatch has (its final selection's observation
+        window): the resolved n_obs, at most one ubatch."""
+        return max(1, min(int(self._tp.n_obs), self.n_ubatch))
+
+    def _prompt_end_start(self, n: int) -> int:
+        """Where a TCA prompt of n tokens starts its last ubatch, as a fresh evaluation cuts it
+        (_decode): at the last multiple of n_ubatch before n, moved back so that the last ubatch has
+        at least n_obs queries (a prompt of 8193 tokens would otherwise be selected by its one
+        last query)."""
+        ub = self.n_ubatch if self.n_batch % self.n_ubatch == 0 else self.n_batch
+        s = ((n - 1) // ub) * ub
+        return max(0, min(s, n - self._n_obs_min()))
+
     def _decode(self, tokens: List[int], start_pos: int, want_last_logits: bool = True) -> None:
         L, ffi = self._L, self._ffi
         ctx = self._live()
         b = self._batch
         # TCA: batches start at multiples of n_ubatch (absolute positions), so a prompt is cut into
         # the same ubatches whatever prefix was reused: the sparse prefill's compactions run at the
-        # same places and a prompt re-evaluated after a cache truncation gives what a fresh one gives
+        # same places and a prompt re-evaluated after a cache truncation gives what a fresh one gives.
+        # The prompt's last ubatch starts at _prompt_end_start (>= n_obs queries: the final
+        # selection's observation window).
         ub = self.n_ubatch if self.tca_config is not None and self.n_batch % self.n_ubatch == 0 else 0
+        end_cut = self._prompt_end_start(start_pos + len(tokens)) \
+            if (ub and want_last_logits and self._tp is not None) else -1
         off = 0
         while off < len(tokens):
             n_max = self.n_batch - ((start_pos + off) % ub if ub else 0)
+            if start_pos + off < end_cut:
+                n_max = min(n_max, end_cut - (start_pos + off))
+            elif start_pos + off == end_cut:
+                n_max = len(tokens) - off   # the prompt's last ubatch (<= n_ubatch tokens)
             chunk = tokens[off: off + n_max]
             n = len(chunk)
             b.n_tokens = n
@@ -950,8 +976,13 @@ class Llama:
             # (scripts/soak.py interrupt; test_same_prompt_twice_gives_the_same_answer). So the
             # prompt's last ubatch, as a fresh evaluation cuts it (_decode), is evaluated again: the
             # same queries, the same final selection.
-            n, ub = len(tokens), (self.n_ubatch if self.n_batch % self.n_ubatch == 0 else self.n_batch)
-            n_common = min(n_common, ((n - 1) // ub) * ub)
+            n_common = min(n_common, self._prompt_end_start(len(tokens)))
+        elif self._tp is not None and len(tokens) > 1:
+            # TCA, a prompt that continues the cache (a chat follow-up): its last ubatch is its
+            # observation window (the final selection's queries), so it re-evaluates cached tokens
+            # if it has fewer than n_obs new ones -- a 3-token follow-up is selected by more than
+            # its own 3 queries
+            n_common = min(n_common, max(0, len(tokens) - self._n_obs_min()))
         n_common = min(n_common, len(tokens) - 1)  # always re-evaluate the last token for its logits
         if n_common < len(self._tokens):
             mem = L.llama_get_memory(ctx)

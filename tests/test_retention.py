@@ -276,3 +276,43 @@ def test_prompt_end_has_n_obs_queries(smol_model, doc_tokens, n_prompt):
     with Llama(smol_model, **dict(KW, tca_obs=64)) as llm:
         llm.eval_prompt(doc_tokens[:1281])
         assert llm.tca_stats()["n_obs_last"] == 64
+
+
+def test_hold_decode_attends_every_row_for_the_first_steps(smol_model, doc_tokens):
+    """tca_hold_decode=N: the first N decode steps after a prompt's end attend every held row (the
+    answer's start copies from the prompt), later ones the kept rows. With a dense prefill the
+    reference is TCA at density 1.0 (nothing evicted, same kernel): equal up to rounding for N
+    steps, then not; with N = 0 the first step already differs."""
+    toks = doc_tokens[:1200]
+    N = 6
+
+    def nmse(a, b):
+        return float(np.mean((a - b) ** 2) / np.mean(b ** 2))
+
+    def steps(llm, n):   # the logits of n greedy decode steps after the prompt
+        llm.eval_prompt(toks)
+        out, tok = [], int(llm._logits_last().argmax())
+        for _ in range(n):
+            llm._decode([tok], len(llm._tokens))
+            lg = np.asarray(llm._logits_last(), dtype=np.float64)
+            out.append(lg)
+            tok = int(lg.argmax())
+        return out
+
+    with Llama(smol_model, **dict(KW, tca_density=1.0, tca_prefill="dense")) as llm:
+        full = steps(llm, N + 4)
+    with Llama(smol_model, **dict(KW, tca_density=0.05, tca_prefill="dense", tca_hold_decode=N)) as llm:
+        hd = steps(llm, N + 4)
+        st = llm.tca_stats()
+        assert st["hold_decode"] == N and st["rows_kept"] < 0.75 * st["rows_held"]   # evicted
+    with Llama(smol_model, **dict(KW, tca_density=0.05, tca_prefill="dense", tca_hold_decode=0)) as llm:
+        h0 = steps(llm, 2)
+    for i in range(N):
+        assert nmse(hd[i], full[i]) < 1e-10, (i, nmse(hd[i], full[i]))
+    for i in range(N, N + 4):
+        assert nmse(hd[i], full[i]) > 1e-7, i
+    assert nmse(h0[0], full[0]) > 1e-7
+    with Llama(smol_model, **KW) as llm:
+        assert llm.tca_stats()["hold_decode"] == 32            # the default
+    with pytest.raises(TCAConfigError, match="tca_hold_decode"):
+        Llama(smol_model, **dict(KW, tca_hold_decode=-1))

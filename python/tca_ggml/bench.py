@@ -68,9 +68,12 @@ def _worker(a) -> dict:
         td = time.perf_counter()
         tok = int(llm._logits_last().argmax())
         t_first = 0.0
+        step_s = []
         for _ in range(a.gen):
+            ts = time.perf_counter()
             llm._decode([tok], len(llm._tokens))
             tok = int(llm._logits_last().argmax())
+            step_s.append(time.perf_counter() - ts)
             gen += 1
             if gen == 1:
                 # hold retention: the final selection after the prompt runs before this first step
@@ -87,7 +90,7 @@ def _worker(a) -> dict:
                 "kv_fast_bytes": st["bytes_fast"] if st["active"] else mem["kv"],
                 "kv_hold_bytes": st["bytes_hold"] if st["active"] else 0,
                 "kv_resident_bytes": st["bytes_resident"] if st["active"] else mem["kv"],
-                "retention": st.get("retention"),
+                "retention": st.get("retention"), "hold_decode": st.get("hold_decode") or 0, "step_s": step_s,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "n_ctx": llm.n_ctx(), "threads": llm.n_threads}
     finally:
@@ -152,6 +155,13 @@ def run(a) -> list:
                "dense_peak_rss": max(x["peak_rss_bytes"] for x in d), "tca_peak_rss": max(x["peak_rss_bytes"] for x in t),
                "tca_compact_ms": _median([x["t_compact_ms"] for x in t]), "threads": d[0]["threads"],
                "dense_fa": bool(a.dense_fa)}
+        # retention hold: the first hold_decode steps attend every held row (the answer's start);
+        # decode after them, both arms over the same steps
+        nh = int(t[0].get("hold_decode") or 0)
+        after = lambda xs: _median([(len(x["step_s"]) - nh - 1) / sum(x["step_s"][nh + 1:])  # noqa: E731
+                                    if len(x["step_s"]) > nh + 1 else 0.0 for x in xs])
+        row.update({"tca_hold_decode": nh, "dense_after_tps": after(d), "tca_after_tps": after(t)})
+        row["after_ratio"] = row["tca_after_tps"] / row["dense_after_tps"] if row["dense_after_tps"] else 0.0
         row["prefill_ratio"] = row["tca_prefill_tps"] / row["dense_prefill_tps"]
         row["decode_ratio"] = row["tca_decode_tps"] / row["dense_decode_tps"] if row["dense_decode_tps"] else 0.0
         row["steady_ratio"] = row["tca_steady_tps"] / row["dense_steady_tps"] if row["dense_steady_tps"] else 0.0
@@ -192,15 +202,18 @@ def to_markdown(rows, model) -> str:
            f"its peak; resident = the rows it holds after the prompt and the generated tokens; "
            f"hold = the tier holding every row until a prompt's end, 0 with retention 'stream'; decode t/s over all "
            f"generated tokens; the 1st step holds the final selection after the prompt (retention 'hold'), the "
-           f"steady ratio leaves it out)",
+           f"steady ratio leaves it out; the first {rows[0].get('tca_hold_decode', 0) if rows else 0} steps attend every "
+           f"held row (tca_hold_decode): 'after' = decode t/s of both arms over the steps after those)",
            "",
-           "| p | depth | dense prefill t/s | TCA prefill t/s | ratio | dense TTFT s | TCA TTFT s | dense decode t/s | TCA decode t/s | ratio | TCA 1st step s | steady ratio | dense KV MiB | TCA KV MiB | KV ratio | TCA resident MiB | resident ratio | TCA hold MiB | dense peak RSS MiB | TCA peak RSS MiB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| p | depth | dense prefill t/s | TCA prefill t/s | ratio | dense TTFT s | TCA TTFT s | dense decode t/s | TCA decode t/s | ratio | TCA 1st step s | steady ratio | dense after t/s | TCA after t/s | after ratio | dense KV MiB | TCA KV MiB | KV ratio | TCA resident MiB | resident ratio | TCA hold MiB | dense peak RSS MiB | TCA peak RSS MiB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['prompt']} | {r['depth']} | {r['dense_prefill_tps']:.1f} | {r['tca_prefill_tps']:.1f} | "
                    f"**{r['prefill_ratio']:.2f}x** | {r['dense_ttft_s']:.1f} | {r['tca_ttft_s']:.1f} | "
                    f"{r['dense_decode_tps']:.2f} | {r['tca_decode_tps']:.2f} | **{r['decode_ratio']:.2f}x** | "
                    f"{r.get('tca_first_step_s', 0.0):.2f} | {r.get('steady_ratio', 0.0):.2f}x | "
+                   f"{r.get('dense_after_tps', 0.0):.2f} | {r.get('tca_after_tps', 0.0):.2f} | "
+                   f"**{r.get('after_ratio', 0.0):.2f}x** | "
                    f"{r['dense_kv_bytes'] / mib:.0f} | {r['tca_kv_bytes'] / mib:.0f} | {r['kv_ratio']:.2f} | "
                    f"{r['tca_resident_bytes'] / mib:.0f} | {r['resident_ratio']:.2f} | "
                    f"{r.get('tca_hold_bytes', 0) / mib:.0f} | "

@@ -564,3 +564,30 @@ def test_pooled_ranking_keeps_neighbours_of_what_the_query_reads():
     assert not keep[28]                                # the middling one lost its seat (k = 8: 7 + 1 more)
     # the vectorised form agrees
     assert np.array_equal(keep, CAL._select_keep_vec(pos, s, _onehot(k, 8), k, b, w, n_sink, n_seen, 0.5))
+
+
+def test_hold_decode_steps_attend_every_held_row():
+    """retention="hold" with hold_decode=N: the N decode steps after a prompt's final ubatch attend
+    every row (dense attention over the sequence so far), the ones after them the kept rows; a new
+    prompt end starts the count again; non-final prefill ubatches do not."""
+    b, w, n_sink, N = 16, 32, 4, 5
+    k = _k(b)
+    Q, K, V = _qkv(260, 4, 2, 8, seed=21, qscale=2.0)
+    p = R.log_gaussian_p(k, 0.5, 1.0)
+    st = R.TCALayerState(4, 2, 8, p, k, b, w, n_sink, 0.5, retention="hold", hold_decode=N)
+    st.prefill_ubatch(Q[:100], K[:100], V[:100])
+    st.prefill_ubatch(Q[100:200], K[100:200], V[100:200], final=True)
+    assert sum(len(x) for x in st.kept_positions()) < 2 * 200   # the final selection evicted
+    for i in range(200, 200 + N + 3):
+        out = st.decode_step(Q[i], K[i], V[i])
+        dense = R.dense_attention(Q[:i + 1], K[:i + 1], V[:i + 1], 2)[-1]
+        if i < 200 + N:
+            np.testing.assert_allclose(out, dense, rtol=0, atol=1e-12)
+        else:
+            assert np.abs(out - dense).max() > 1e-6, i
+    st.prefill_ubatch(Q[208:230], K[208:230], V[208:230], final=True)   # a new prompt end
+    np.testing.assert_allclose(st.decode_step(Q[230], K[230], V[230]),
+                               R.dense_attention(Q[:231], K[:231], V[:231], 2)[-1], rtol=0, atol=1e-12)
+    st.prefill_ubatch(Q[231:240], K[231:240], V[231:240])               # a prompt that goes on
+    out = st.decode_step(Q[240], K[240], V[240])
+    assert np.abs(out - R.dense_attention(Q[:241], K[:241], V[:241], 2)[-1]).max() > 1e-6

@@ -423,19 +423,24 @@ class TCALayerState:
     importance of the ubatch's last ``n_obs`` queries, with the top ``n_whole`` ranked blocks
     kept whole (``whole_budget``). Other ubatches and decode steps behave as in "stream",
     except that with ``prefill="dense"`` (hold only: ``tca_prefill="dense"``, and the early
-    layers of ``"early"``) every prefill ubatch attends the hold list, as the final one does.
+    layers of ``"early"``) every prefill ubatch attends the hold list, as the final one does,
+    and the first ``hold_decode`` decode steps after a final ubatch attend the hold list too
+    (``tca_hold_decode``: the answer's start; 0 = the kept rows from the first step).
     """
 
     def __init__(self, n_head: int, n_head_kv: int, head_dim: int, p_per_head, k_values,
                  block_size: int, window: int, n_sink: int, alpha: float,
                  scale: Optional[float] = None, v_dim: Optional[int] = None,
-                 retention: str = "stream", n_obs: int = 32, n_whole: int = 4, prefill: str = "sparse"):
+                 retention: str = "stream", n_obs: int = 32, n_whole: int = 4, prefill: str = "sparse",
+                 hold_decode: int = 0):
         if retention not in ("stream", "hold"):
             raise ValueError(f"retention must be 'stream' or 'hold', got {retention!r}")
         if prefill not in ("sparse", "dense") or (prefill == "dense" and retention != "hold"):
             raise ValueError(f"prefill must be 'sparse' or 'dense' (dense with retention='hold'), got {prefill!r}")
         self.dense_prefill = prefill == "dense"
         self.retention, self.n_obs, self.n_whole = retention, int(n_obs), int(n_whole)
+        self.hold_decode = int(hold_decode) if retention == "hold" else 0
+        self.n_decode_after_final = self.hold_decode   # no prompt end yet
         self.n_head, self.n_head_kv = int(n_head), int(n_head_kv)
         self.G = _group_size(self.n_head, self.n_head_kv)
         self.k_values = np.asarray(k_values)
@@ -458,6 +463,13 @@ class TCALayerState:
         n_aged = n_aged_blocks(self.n_seen, self.block_size, self.window)
         compact = n_aged > 0 if always else n_aged * self.block_size > self.frontier
         final = bool(final) and self.held is not None
+        hold_step = not always and not final and self.n_decode_after_final < self.hold_decode
+        if final:
+            self.n_decode_after_final = 0
+        elif not always:
+            self.n_decode_after_final += hold_step
+        else:
+            self.n_decode_after_final = self.hold_decode
         out = np.zeros((u, self.n_head, V.shape[-1]), dtype=np.float64)
         for g, st in enumerate(self.heads):
             hs = slice(g * self.G, (g + 1) * self.G)
@@ -477,7 +489,7 @@ class TCALayerState:
                     st.coverage = float(1.0 - s[~keep].sum())
                     st.n_compactions += 1
                 continue
-            if self.dense_prefill and always:
+            if (self.dense_prefill and always) or hold_step:
                 out[:, hs] = self.held[g].attend(Q[:, hs], pos, self.scale)
             else:
                 out[:, hs] = st.attend(Q[:, hs], pos, self.scale)

@@ -5,7 +5,12 @@ Each target runs in a subprocess (libFuzzer through atheris): a native abort, an
 Python exception or a broken property ends it with a nonzero exit status and a crash report,
 which fails the test with the report's tail. atheris is installed by scripts/setup.sh (the
 optional extra `fuzz` of pyproject.toml).
+
+No GGUF is committed: the micro models (the gguf target's seeds, the model of the others) are
+written at run time into .cache/fuzz/micro/ with a sha256 check, and the GGUF regression inputs
+are named mutations of micro.tca.gguf (scripts/fuzz/common.py: ensure_models, GGUF_MUTATIONS).
 """
+import importlib.util
 import os
 import re
 import subprocess
@@ -18,6 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 FUZZ = REPO / "scripts" / "fuzz"
 CORPUS = REPO / "tests" / "fuzz_corpus"
 TARGETS = ("gguf", "tokenize", "state")
+
+_spec = importlib.util.spec_from_file_location("tca_fuzz_common", FUZZ / "common.py")
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
 
 def _atheris():
@@ -37,24 +46,34 @@ def run_target(target: str, args, timeout: float, cwd) -> subprocess.CompletedPr
 
 
 def regression_files():
+    """The committed regression files (tests/fuzz_corpus/regressions/)."""
     return sorted((CORPUS / "regressions").iterdir())
 
 
 def test_regression_corpus_is_small_and_covers_every_target():
     files = regression_files()
-    for t in TARGETS:
-        assert any(f.name.startswith(t + "-") for f in files), f"no regression file for the {t} target"
     assert all(f.name.split("-")[0] in TARGETS for f in files), [f.name for f in files]
-    total = sum(f.stat().st_size for f in CORPUS.rglob("*") if f.is_file())
-    assert total < 200_000, f"tests/fuzz_corpus holds {total} bytes (keep it under 200 KB)"
+    for t in TARGETS:
+        inputs = common.regression_inputs(t)
+        assert inputs, f"no regression input for the {t} target"
+        assert all(f.name.startswith(t + "-") for f in inputs), [f.name for f in inputs]
+    assert sorted(f.name for f in common.write_gguf_regressions()) == sorted(common.GGUF_MUTATIONS)
+    committed = [f for f in CORPUS.rglob("*") if f.is_file()]
+    ggufs = [str(f.relative_to(REPO)) for f in committed if f.suffix == ".gguf" or f.read_bytes()[:4] == b"GGUF"]
+    assert not ggufs, f"model files in tests/fuzz_corpus (no GGUF in git: make them at run time): {ggufs}"
+    total = sum(f.stat().st_size for f in committed)
+    assert total < 100_000, f"tests/fuzz_corpus holds {total} bytes (keep it under 100 KB)"
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_regression_files_replay_without_a_crash(target, tmp_path):
-    """Each file of tests/fuzz_corpus/regressions/<target>-* crashed (or was accepted silently)
-    before the fix named in docs/reliability.md; libFuzzer runs each once ("Running: FILE")."""
+    """Each regression input of a target -- the files tests/fuzz_corpus/regressions/<target>-*
+    and, for gguf, the mutations of micro.tca.gguf (common.GGUF_MUTATIONS, each checked byte for
+    byte against the input that crashed) -- crashed (or was accepted silently) before the fix named
+    in docs/reliability.md; libFuzzer runs each once ("Running: FILE")."""
     _atheris()
-    files = [f for f in regression_files() if f.name.startswith(target + "-")]
+    files = common.regression_inputs(target)
+    assert files, f"no regression input for the {target} target"
     r = run_target(target, [f"-artifact_prefix={tmp_path}/", *files], 300, tmp_path)
     out = r.stdout + r.stderr
     for f in files:
@@ -70,7 +89,7 @@ def test_short_fuzz_run_finds_nothing(target, tmp_path):
     work = tmp_path / "corpus"
     work.mkdir()
     r = run_target(target, ["-max_total_time=30", "-seed=17", "-timeout=30", "-print_final_stats=1",
-                            f"-artifact_prefix={tmp_path}/", work, CORPUS / target], 240, tmp_path)
+                            f"-artifact_prefix={tmp_path}/", work, common.seed_dir(target)], 240, tmp_path)
     out = r.stdout + r.stderr
     m = re.search(r"Done (\d+) runs in (\d+) second", out)
     assert m and int(m.group(1)) >= 200, f"too few executions\n{out[-3000:]}"

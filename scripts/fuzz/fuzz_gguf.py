@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Fuzz target: a GGUF file (with or without tca.* keys) through every reader a user's file meets.
 
-Each input is the bytes of a GGUF (seeds: the micro model with and without tca.* keys,
-tests/fuzz_corpus/gguf/). It is written to a scratch file and read by:
+Each input is the bytes of a GGUF (seeds: the micro model with and without tca.* keys, written
+at run time into .cache/fuzz/micro/ by common.ensure_models; no GGUF is committed). It is written
+to a scratch file and read by:
 - tca_ggml.gguf_meta: read_kv, list_tca_keys, read_model_shape, read_budgets (the Python parsers);
 - the native tca_gguf_check and tca_budgets_read;
 - Llama(path, tca=True, ...) and, when it loads, two greedy tokens; with forced density when the
@@ -15,6 +16,7 @@ abort or crash (libFuzzer's deadly-signal report), a hang (-timeout), and the tw
 budget readers disagreeing on a file both parse (docs/reliability.md).
 
     .venv/bin/python scripts/fuzz/fuzz_gguf.py -runs=100000 [-seed=N] [CORPUS_DIR ...]
+    .venv/bin/python scripts/fuzz/fuzz_gguf.py --regressions   # replay common.GGUF_MUTATIONS' inputs
 """
 import os
 import random
@@ -135,7 +137,7 @@ def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
 
 
 def main():
-    models = common.ensure_models()
+    common.ensure_models()
     common.fuzz("gguf", sys.argv, one_input, custom_mutator)
 
 

@@ -5,7 +5,9 @@ Input layout (seeds: tests/fuzz_corpus/state/, written by ``--make-seeds``): one
 context (even: TCA, forced density 0.25, block 16, window 32, n_ctx 128, so that the states hold
 compacted heads; odd: dense), a little-endian u16 n and n u16 token ids (LlamaState.input_ids),
 then the state bytes (save_state's envelope + upstream's state). The model is the micro model
-(tests/fuzz_corpus/gguf/micro.tca.gguf): the envelope records its sha256.
+(micro.tca.gguf, written into .cache/fuzz/micro/ by common.ensure_models): the envelope records its
+sha256, so the seeds stay valid only while that file is byte for byte the same (common.MICRO_SHA256,
+checked on every run; after an intended change, remake the seeds with --make-seeds).
 Mutations: libFuzzer's, and mostly edits of the state after save_state's envelope, which is
 kept so that the edit reaches upstream's reader and the TCA memory (``custom_mutator``).
 Allowed outcomes: the state loads, or ContextError (TypeError/TokenizeError for ids out of
@@ -14,6 +16,7 @@ that is not empty or a context that cannot evaluate a fresh prompt; after an acc
 context that cannot evaluate one more token on top of it.
 
     .venv/bin/python scripts/fuzz/fuzz_state.py -runs=100000 [-seed=N] [CORPUS_DIR ...]
+    .venv/bin/python scripts/fuzz/fuzz_state.py --regressions   # replay tests/fuzz_corpus/regressions/state-*
     .venv/bin/python scripts/fuzz/fuzz_state.py --make-seeds
 """
 import os

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -44,12 +45,15 @@ def log(msg: str) -> None:
     print(f"[tca_ggml upstream] {msg}", file=sys.stderr, flush=True)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _package_digest():
+    # the package's sha256 helper, by path: this script runs before tca_ggml is installed
+    spec = importlib.util.spec_from_file_location("_tca_ggml_digest", REPO / "python" / "tca_ggml" / "digest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.sha256_file
+
+
+sha256_file = _package_digest()
 
 
 def cache_dir() -> Path:

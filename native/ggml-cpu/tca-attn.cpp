@@ -88,8 +88,10 @@ tca_units tca_make_units(int64_t G, int64_t T, int64_t n_head_kv, int nth) {
     return u;
 }
 
-// the SIMD vector of the kernels below (tca_simd): W floats; loads, stores, broadcast, mul, fma,
-// and the steps of an in-register W x W transpose. The ops that AVX-512 and AVX2 spell alike but
+// the SIMD vector of the kernels below (tca_simd): W floats; loads, stores, broadcast, arithmetic,
+// the steps of an in-register W x W transpose and, where ggml has a vector expf (TCA_SIMD_EXP), the
+// pieces of a chunk's softmax: horizontal max / sum, exp, and hide() (-inf where a row is past nc or
+// its position kp is after the query's qp). The ops that AVX-512 and AVX2 spell alike but
 // for the prefix (_mm512 / _mm256):
 #define TCA_SIMD_OPS(pfx) \
     static vec  zero ()                       { return pfx##_setzero_ps(); } \
@@ -98,6 +100,9 @@ tca_units tca_make_units(int64_t G, int64_t T, int64_t n_head_kv, int nth) {
     static vec  set1 (float x)                { return pfx##_set1_ps(x); } \
     static vec  mul  (vec a, vec b)           { return pfx##_mul_ps(a, b); } \
     static vec  fmadd(vec a, vec b, vec c)    { return pfx##_fmadd_ps(a, b, c); } \
+    static vec  add  (vec a, vec b)           { return pfx##_add_ps(a, b); } \
+    static vec  sub  (vec a, vec b)           { return pfx##_sub_ps(a, b); } \
+    static vec  max  (vec a, vec b)           { return pfx##_max_ps(a, b); } \
     static vec  unpacklo(vec a, vec b)        { return pfx##_unpacklo_ps(a, b); } \
     static vec  unpackhi(vec a, vec b)        { return pfx##_unpackhi_ps(a, b); } \
     template <int imm> static vec shuffle(vec a, vec b) { return pfx##_shuffle_ps(a, b, imm); }
@@ -121,6 +126,18 @@ struct tca_simd {
             r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
         }
     }
+#if defined(__AVX512DQ__)
+#define TCA_SIMD_EXP 1
+    static float hmax(vec a) { return _mm512_reduce_max_ps(a); }
+    static float hsum(vec a) { return _mm512_reduce_add_ps(a); }
+    static vec   exp (vec a) { return ggml_v_expf(a); }
+    static vec   hide(vec x, const int32_t * kp, int64_t j0, int64_t nc, int32_t qp) {
+        const int64_t   nv    = std::min<int64_t>(std::max<int64_t>(nc - j0, 0), W);
+        const __mmask16 valid = (__mmask16) ((1u << nv) - 1u);
+        const __mmask16 m     = _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(kp), _mm512_set1_epi32(qp)) | (__mmask16) ~valid;
+        return _mm512_mask_mov_ps(x, m, _mm512_set1_ps(-INFINITY));
+    }
+#endif
 };
 #define TCA_SIMD 1
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -138,8 +155,63 @@ struct tca_simd {
             r[i] = t[i];
         }
     }
+#define TCA_SIMD_EXP 1
+    static float hmax(vec a) {
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    }
+    static float hsum(vec a) {
+        __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+        return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+    }
+    static vec   exp (vec a) { return ggml_v_expf(a); }
+    static vec   hide(vec x, const int32_t * kp, int64_t j0, int64_t nc, int32_t qp) {
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i past = _mm256_cmpgt_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32((int) j0)),
+                                                _mm256_set1_epi32((int) nc - 1));
+        const __m256i m    = _mm256_or_si256(_mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *) kp),
+                                                                _mm256_set1_epi32(qp)), past);
+        return _mm256_blendv_ps(x, _mm256_set1_ps(-INFINITY), _mm256_castsi256_ps(m));
+    }
 };
 #define TCA_SIMD 1
+#endif
+
+#if defined(TCA_SIMD_EXP)
+// One query's softmax step over a chunk of TCA_C scores s: x = scale*s, -inf where a row is past nc
+// or (need_mask) its position kpad[j] is after the query's qp; Mn = max(M, max x), s <- exp(x - Mn),
+// sum = its sum. false (s and the state unchanged) when no row of the chunk is visible.
+bool tca_chunk_softmax(float * s, float scale, bool need_mask, const int32_t * kpad, int64_t nc, int32_t qp,
+                       float M, float & Mn, float & sum) {
+    using S = tca_simd;
+    constexpr int NB = (int) (TCA_C / S::W);
+    static_assert(TCA_C % S::W == 0, "a chunk is whole vectors");
+    S::vec x[NB];
+    S::vec vmax = S::set1(-INFINITY);
+    for (int b = 0; b < NB; ++b) {
+        x[b] = S::mul(S::load(s + S::W*b), S::set1(scale));
+        if (need_mask) {
+            x[b] = S::hide(x[b], kpad + S::W*b, S::W*b, nc, qp);
+        }
+        vmax = S::max(vmax, x[b]);
+    }
+    const float mc = S::hmax(vmax);
+    if (mc == -INFINITY) {
+        return false;
+    }
+    Mn = std::max(M, mc);
+    const S::vec vM = S::set1(Mn);
+    S::vec vsum = S::zero();
+    for (int b = 0; b < NB; ++b) {
+        const S::vec e = S::exp(S::sub(x[b], vM));  // exp(-inf) = 0
+        S::store(s + S::W*b, e);
+        vsum = S::add(vsum, e);
+    }
+    sum = S::hsum(vsum);
+    return true;
+}
 #endif
 
 // KT[k][j] = Kc[j][k] for j < TCA_C, k < d (Kc: TCA_C rows of d floats, row stride ldk)
@@ -488,74 +560,10 @@ extern "C" void ggml_compute_forward_tca_attn(const struct ggml_compute_params *
                 const int32_t qpi = qp[t0 + i % nt];
                 float sum;
                 float Mn;
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-                static_assert(TCA_C == 64, "the AVX-512 softmax assumes 64 rows per chunk");
-                const __m512  vscale = _mm512_set1_ps(scale);
-                const __m512  vninf  = _mm512_set1_ps(-INFINITY);
-                const __m512i vqp    = _mm512_set1_epi32(qpi);
-                __m512 x[4];
-                __m512 vmax = vninf;
-                for (int b = 0; b < 4; ++b) {
-                    x[b] = _mm512_mul_ps(_mm512_loadu_ps(s + 16*b), vscale);
-                    if (need_mask) {
-                        const int64_t   nv = std::min<int64_t>(std::max<int64_t>(nc - 16*b, 0), 16);
-                        const __mmask16 valid = (__mmask16) ((1u << nv) - 1u);
-                        const __mmask16 m = _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(kpad + 16*b), vqp) | (__mmask16) ~valid;
-                        x[b] = _mm512_mask_mov_ps(x[b], m, vninf);
-                    }
-                    vmax = _mm512_max_ps(vmax, x[b]);
-                }
-                const float mc = _mm512_reduce_max_ps(vmax);
-                if (mc == -INFINITY) {
+#if defined(TCA_SIMD_EXP)
+                if (!tca_chunk_softmax(s, scale, need_mask, kpad, nc, qpi, M[i], Mn, sum)) {
                     continue;  // nothing visible in this chunk: the state is unchanged
                 }
-                Mn = std::max(M[i], mc);
-                const __m512 vM = _mm512_set1_ps(Mn);
-                __m512 vsum = _mm512_setzero_ps();
-                for (int b = 0; b < 4; ++b) {
-                    const __m512 e = ggml_v_expf(_mm512_sub_ps(x[b], vM));  // exp(-inf) = 0
-                    _mm512_storeu_ps(s + 16*b, e);
-                    vsum = _mm512_add_ps(vsum, e);
-                }
-                sum = _mm512_reduce_add_ps(vsum);
-#elif defined(__AVX2__) && defined(__FMA__)
-                static_assert(TCA_C == 64, "the AVX2 softmax assumes 64 rows per chunk");
-                const __m256  vscale = _mm256_set1_ps(scale);
-                const __m256  vninf  = _mm256_set1_ps(-INFINITY);
-                const __m256i vqp    = _mm256_set1_epi32(qpi);
-                const __m256i lane   = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-                __m256 x[8];
-                __m256 vmax = vninf;
-                for (int b = 0; b < 8; ++b) {
-                    x[b] = _mm256_mul_ps(_mm256_loadu_ps(s + 8*b), vscale);
-                    if (need_mask) {
-                        const __m256i kv   = _mm256_loadu_si256((const __m256i *) (kpad + 8*b));
-                        const __m256i past = _mm256_cmpgt_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(8*b)),
-                                                                _mm256_set1_epi32((int) nc - 1));
-                        const __m256i m    = _mm256_or_si256(_mm256_cmpgt_epi32(kv, vqp), past);
-                        x[b] = _mm256_blendv_ps(x[b], vninf, _mm256_castsi256_ps(m));
-                    }
-                    vmax = _mm256_max_ps(vmax, x[b]);
-                }
-                __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-                m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-                m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-                const float mc = _mm_cvtss_f32(m4);
-                if (mc == -INFINITY) {
-                    continue;  // nothing visible in this chunk: the state is unchanged
-                }
-                Mn = std::max(M[i], mc);
-                const __m256 vM = _mm256_set1_ps(Mn);
-                __m256 vsum = _mm256_setzero_ps();
-                for (int b = 0; b < 8; ++b) {
-                    const __m256 e = ggml_v_expf(_mm256_sub_ps(x[b], vM));
-                    _mm256_storeu_ps(s + 8*b, e);
-                    vsum = _mm256_add_ps(vsum, e);
-                }
-                __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
-                s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-                s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-                sum = _mm_cvtss_f32(s4);
 #else
                 float mc = -INFINITY;
                 for (int64_t j = 0; j < TCA_C; ++j) {

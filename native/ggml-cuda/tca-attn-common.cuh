@@ -124,6 +124,17 @@ __device__ __forceinline__ void tca_split_chunks(int len, int C, int nsplit, int
     c1 = min(nchunk, c0 + per);
 }
 
+// the head's rows [off, off + len) and this split's chunks [ch0, ch1) of C rows
+__device__ __forceinline__ void tca_split_rows(const tca_args & a, int g, int C, int & off, int & len, int & ch0, int & ch1) {
+    tca_head_rows(a, g, off, len);
+    tca_split_chunks(len, C, a.nsplit, ch0, ch1);
+}
+
+// the position of row i of chunk ch, INT_MAX past the split's chunks [.., ch1) or the head's rows
+__device__ __forceinline__ int tca_chunk_kp(const tca_args & a, int off, int len, int ch1, int C, int ch, int i) {
+    return (ch < ch1 && i < len - ch*C) ? tca_kp(a, off + ch*C + i) : INT_MAX;
+}
+
 // One chunk of C rows of K or V: every global load of the chunk is issued first (load()), then
 // converted and written to shared memory (store_f32 / store_f16), so that a chunk costs one
 // memory round trip. Units of 16 bytes (f32: 4 values, f16: 8 values) or, for q8_0, pairs of
@@ -176,21 +187,33 @@ struct tca_tile {
         }
     }
 
-    // -> f32 rows of stride DP floats
-    template <int DP>
-    __device__ __forceinline__ void store_f32(float * __restrict__ dst) const {
+    // f(it, r, c) for each unit this thread holds: unit c of chunk row r
+    template <typename F>
+    __device__ __forceinline__ void for_each_unit(F && f) const {
 #pragma unroll
         for (int it = 0; it < IT; ++it) {
             const int e = threadIdx.x + it*TCA_NT;
             if (NU % TCA_NT != 0 && e >= NU) {
                 continue;
             }
-            const int r = e / UPR;
-            const int c = e % UPR;
+            f(it, e / UPR, e % UPR);
+        }
+    }
+
+    // the scales of a q8_0 unit's two blocks (each block: f16 scale, 32 int8)
+    __device__ __forceinline__ float2 q8_scales(const int it) const {
+        return make_float2(__half2float(__ushort_as_half((unsigned short) (w[it][0] & 0xffffu))),
+                           __half2float(__ushort_as_half((unsigned short) (w[it][8] >> 16))));
+    }
+
+    // -> f32 rows of stride DP floats
+    template <int DP>
+    __device__ __forceinline__ void store_f32(float * __restrict__ dst) const {
+        for_each_unit([&](const int it, const int r, const int c) {
             if constexpr (Q8) {
                 float * o = dst + r*DP + c*2*QK8_0;
-                const float d0 = __half2float(__ushort_as_half((unsigned short) (w[it][0] & 0xffffu)));
-                const float d1 = __half2float(__ushort_as_half((unsigned short) (w[it][8] >> 16)));
+                const float d0 = q8_scales(it).x;
+                const float d1 = q8_scales(it).y;
 #pragma unroll
                 for (int m = 0; m < QK8_0/4; ++m) {
                     *(float4 *) (o + 4*m) = make_float4(d0*tca_q8_val(w[it], 2 + 4*m + 0), d0*tca_q8_val(w[it], 2 + 4*m + 1),
@@ -212,24 +235,17 @@ struct tca_tile {
                 *(float4 *) (dst + r*DP + c*8 + 0) = make_float4(f[0], f[1], f[2], f[3]);
                 *(float4 *) (dst + r*DP + c*8 + 4) = make_float4(f[4], f[5], f[6], f[7]);
             }
-        }
+        });
     }
 
     // -> f16 rows of stride DH halves (f16 / q8_0)
     template <int DH>
     __device__ __forceinline__ void store_f16(half * __restrict__ dst) const {
-#pragma unroll
-        for (int it = 0; it < IT; ++it) {
-            const int e = threadIdx.x + it*TCA_NT;
-            if (NU % TCA_NT != 0 && e >= NU) {
-                continue;
-            }
-            const int r = e / UPR;
-            const int c = e % UPR;
+        for_each_unit([&](const int it, const int r, const int c) {
             if constexpr (Q8) {
                 uint4 * o = (uint4 *) (dst + r*DH + c*2*QK8_0);
-                const float d0 = __half2float(__ushort_as_half((unsigned short) (w[it][0] & 0xffffu)));
-                const float d1 = __half2float(__ushort_as_half((unsigned short) (w[it][8] >> 16)));
+                const float d0 = q8_scales(it).x;
+                const float d1 = q8_scales(it).y;
 #pragma unroll
                 for (int m = 0; m < QK8_0/8; ++m) {
                     uint4 x;
@@ -248,7 +264,18 @@ struct tca_tile {
                 static_assert(Q8 || TYPE == GGML_TYPE_F16, "f16 tiles: f16 or q8_0 K/V");
                 *(uint4 *) (dst + r*DH + c*8) = make_uint4(w[it][0], w[it][1], w[it][2], w[it][3]);
             }
-        }
+        });
+    }
+};
+
+// one chunk of K and V: rows [r, r + nc) of the head's slots, the loads of both issued before any store
+template <int D, int TYPE, int C>
+struct tca_kv_tiles {
+    tca_tile<D, TYPE, C> k, v;
+
+    __device__ __forceinline__ void load(const tca_args & a, const int r, const int nc) {
+        k.load(a.k + (size_t) r*a.k_nb1, a.k_nb1, nc);
+        v.load(a.v + (size_t) r*a.v_nb1, a.v_nb1, nc);
     }
 };
 

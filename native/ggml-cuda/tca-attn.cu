@@ -150,10 +150,6 @@ static int tca_ffma_nq(const int64_t nq_head, const int D, const size_t smpbo) {
 } // namespace
 
 bool ggml_cuda_op_tca_attn_supported(int device, const ggml_tensor * op) {
-#if defined(GGML_USE_HIP) || defined(GGML_USE_MUSA)
-    GGML_UNUSED_VARS(device, op);
-    return false;
-#else
     for (int i = 0; i < 6; ++i) {
         if (!op->src[i]) {
             return false;
@@ -198,7 +194,6 @@ bool ggml_cuda_op_tca_attn_supported(int device, const ggml_tensor * op) {
         return false;
     }
     return tca_smpbo(device) >= tca_max_smem((int) D, k->type, ggml_cuda_info().devices[device].cc);
-#endif
 }
 
 void ggml_cuda_op_tca_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {

@@ -3,6 +3,8 @@
 // CMakeLists.txt; native/patches/0003-ggml-cuda-tca-attn.patch includes this header and dispatches
 // to them. GGML_OP_TCA_ATTN: tca-attn.cu (kernels in tca-attn-*.cuh); GGML_OP_TCA_SCORE /
 // TCA_SELECT / TCA_COMPACT: tca-select.cu (declared in tca-select.cuh, included below).
+// CUDA only: CMakeLists.txt adds these files to ggml-cuda (GGML_CUDA); a HIP or MUSA build of
+// upstream does not compile them and is not supported with TCA.
 #pragma once
 
 #include "common.cuh"

@@ -281,10 +281,6 @@ void tca_score_launch(const tca_score_args & a, ggml_type type, cudaStream_t str
 } // namespace
 
 bool ggml_cuda_op_tca_score_supported(int device, const ggml_tensor * op) {
-#if defined(GGML_USE_HIP) || defined(GGML_USE_MUSA)
-    GGML_UNUSED_VARS(device, op);
-    return false;
-#else
     const ggml_tensor * q    = op->src[0];
     const ggml_tensor * k    = op->src[1];
     const ggml_tensor * meta = op->src[2];
@@ -314,7 +310,6 @@ bool ggml_cuda_op_tca_score_supported(int device, const ggml_tensor * op) {
         return false;
     }
     return (size_t) ggml_cuda_info().devices[device].smpbo >= (size_t) (n_head*D*sizeof(float));
-#endif
 }
 
 void ggml_cuda_op_tca_score(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
@@ -689,10 +684,6 @@ __global__ void __launch_bounds__(256) tca_compact_copy(char * a, char * tmp, co
 } // namespace
 
 bool ggml_cuda_op_tca_select_supported(int device, const ggml_tensor * op) {
-#if defined(GGML_USE_HIP) || defined(GGML_USE_MUSA)
-    GGML_UNUSED_VARS(device, op);
-    return false;
-#else
     if (op->op == GGML_OP_TCA_COMPACT) {
         const ggml_tensor * a = op->src[0], * sel = op->src[1];
         if (!a || !sel || sel->type != GGML_TYPE_I32 || !ggml_is_contiguous(a) || !ggml_is_contiguous(sel)) return false;
@@ -709,7 +700,6 @@ bool ggml_cuda_op_tca_select_supported(int device, const ggml_tensor * op) {
     const int64_t block = ggml_get_op_params_i32(op, 1);
     GGML_UNUSED(device);
     return ggml_nelements(s) <= INT_MAX/2 && block > 0 && block <= 4096;
-#endif
 }
 
 void ggml_cuda_op_tca_select(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {

@@ -79,14 +79,6 @@ def models_dir() -> Path:
     return Path.home() / ".cache" / "tca_ggml" / "models"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def path(name: str = DEFAULT_MODEL) -> Path:
     spec = _spec(name)
     return models_dir() / spec.filename

@@ -31,6 +31,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from .._fsutil import replace_when_done
+from ..digest import sha256_file
 
 CACHE_VERSION = 1
 
@@ -115,11 +116,7 @@ def build_id(strict: bool = False) -> Dict[str, str]:
          "native": _native.ffi.string(L.tca_version()).decode(),
          "upstream": _native.ffi.string(L.tca_upstream_version()).decode()}
     if strict:
-        h = hashlib.sha256()
-        with open(_native._lib_path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        b["library_sha256"] = h.hexdigest()
+        b["library_sha256"] = sha256_file(_native._lib_path)
     return b
 
 

@@ -113,7 +113,6 @@ def main_cli(a) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tca_ggml.server", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    return main_cli(ap.parse_args(argv))
+    """`python -m tca_ggml.server ARGS` is `tca-ggml serve ARGS`: one parser, one error path."""
+    from ..cli import main as cli_main
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])

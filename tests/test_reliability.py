@@ -257,6 +257,11 @@ HOSTILE = {
     "rope_base_inf": (set_scalar("llama.rope.freq_base", np.inf), "rope.freq_base"),
     "rope_base_zero": (set_scalar("llama.rope.freq_base", 0.0), "rope.freq_base"),
     "rope_base_negative": (set_scalar("llama.rope.freq_base", -10000.0), "rope.freq_base"),
+    # fuzzing found this one: the K/V cache was sized from it (~21 GB) before anything failed
+    "head_count_kv_huge": (set_scalar("llama.attention.head_count_kv", 0x20000001), "head_count_kv"),
+    "head_count_kv_above_head_count": (set_scalar("llama.attention.head_count_kv", 1 << 12), "head_count_kv"),
+    "head_count_huge": (set_scalar("llama.attention.head_count", 1 << 24), "attention.head_count"),
+    "embedding_length_huge": (set_scalar("llama.embedding_length", 1 << 30), "embedding_length"),
 }
 
 

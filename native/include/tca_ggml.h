@@ -41,7 +41,9 @@ TCA_API int tca_gguf_check(const char * path, char * err, size_t err_len);
 //
 // tca_gguf_check also refuses what upstream's loader would assert on (abort) or compute garbage
 // from: a path that is not a regular file (FIFO, directory, device), <arch>.block_count outside
-// [1, 512], a negative or non-finite <arch>.attention.layer_norm_(rms_)epsilon, a non-finite or
+// [1, 512], <arch>.embedding_length above 2^20, <arch>.attention.head_count above the embedding length,
+// <arch>.attention.head_count_kv above head_count (scalars; per-layer arrays are upstream's to check),
+// a negative or non-finite <arch>.attention.layer_norm_(rms_)epsilon, a non-finite or
 // non-positive <arch>.rope.freq_base(_swa), a duplicated string in tokenizer.ggml.tokens. Linear in
 // the file's tensor and token counts.
 

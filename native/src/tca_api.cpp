@@ -126,6 +126,19 @@ std::string check_model_metadata(const gguf_context * g) {
     const std::string kbc = arch + ".block_count";
     if (kv_int(g, kbc, n) && (n < 1 || n > 512))
         return kbc + ": " + std::to_string((long long) n) + " layers, must be in [1, 512]";
+    // the attention heads size the K/V cache (n_head_kv x head size a row) before any tensor is read:
+    // a head_count_kv of 2^29 asked for ~21 GB before failing (fuzzing, session 15). A model has at
+    // most as many KV heads as heads and at most as many heads as embedding dimensions.
+    long double n_embd = 0, n_head = 0, n_head_kv = 0;
+    const std::string kne = arch + ".embedding_length", knh = arch + ".attention.head_count",
+                      knk = arch + ".attention.head_count_kv";
+    const bool has_embd = kv_int(g, kne, n_embd), has_head = kv_int(g, knh, n_head), has_kv = kv_int(g, knk, n_head_kv);
+    if (has_embd && (n_embd < 0 || n_embd > (1 << 20)))
+        return kne + ": " + std::to_string((long long) n_embd) + ", must be in [0, 1048576]";
+    if (has_head && (n_head < 0 || (has_embd && n_head > std::max<long double>(n_embd, 1))))
+        return knh + ": " + std::to_string((long long) n_head) + ", must be in [0, " + kne + "]";
+    if (has_kv && (n_head_kv < 0 || (has_head && n_head_kv > n_head) || (has_embd && n_head_kv > std::max<long double>(n_embd, 1))))
+        return knk + ": " + std::to_string((long long) n_head_kv) + ", must be in [0, " + knh + "]";
     // ggml_rms_norm / ggml_norm: GGML_ASSERT(eps >= 0.0f) at the first decode
     for (const char * suffix : { ".attention.layer_norm_rms_epsilon", ".attention.layer_norm_epsilon" }) {
         double v = 0;

@@ -169,6 +169,19 @@ def mutate_block_count_0(data: bytes) -> bytes:
     return bytes(b)
 
 
+def mutate_head_count_kv_huge(data: bytes) -> bytes:
+    """llama.attention.head_count_kv (u32, 1) set to 0x20000001: found by the gguf target (session 15,
+    one byte of micro.gguf). Before, Llama(..., tca=True) sized the K/V cache from it and reached
+    ~21 GB (libFuzzer: out of memory) before failing; now tca_gguf_check refuses it (ModelLoadError:
+    invalid model metadata: llama.attention.head_count_kv)."""
+    t, at = _gguf_kv_offsets(data)["llama.attention.head_count_kv"]
+    if t != _GGUF_U32:
+        raise ValueError(f"llama.attention.head_count_kv has type {t}, expected u32")
+    b = bytearray(data)
+    b[at:at + 4] = struct.pack("<I", 0x20000001)
+    return bytes(b)
+
+
 def mutate_duplicate_token(data: bytes, token: int = 98, copy_of: int = 97) -> bytes:
     """tokenizer.ggml.tokens[98] ("b") overwritten by token 97's string ("a"), same length, so the
     vocabulary holds "a" twice. Before issue 17 upstream's loader aborted on it (SIGABRT:
@@ -195,11 +208,13 @@ def mutate_duplicate_token(data: bytes, token: int = 98, copy_of: int = 97) -> b
 GGUF_MUTATIONS = {
     "gguf-block-count-0.gguf": mutate_block_count_0,
     "gguf-duplicate-token.gguf": mutate_duplicate_token,
+    "gguf-head-count-kv-huge.gguf": mutate_head_count_kv_huge,
 }
 # sha256 of each mutated file: the exact inputs that crashed (once committed as files of these names)
 GGUF_REGRESSION_SHA256 = {
     "gguf-block-count-0.gguf": "e61edc87032b1cdeb821a6587fdc29b549cca1bb980cecfe6ec9163375a62b71",
     "gguf-duplicate-token.gguf": "be99e645ee8d6f77af03e6917d7e05eba16f927ad155e8f7446d05a1310b9249",
+    "gguf-head-count-kv-huge.gguf": "9cdbd396b9ff57340e53aaefcc2ec40b8f290f81d233b7c36c6ed3999139da38",
 }
 
 

@@ -124,17 +124,6 @@ __device__ __forceinline__ void tca_split_chunks(int len, int C, int nsplit, int
     c1 = min(nchunk, c0 + per);
 }
 
-// the head's rows [off, off + len) and this split's chunks [ch0, ch1) of C rows
-__device__ __forceinline__ void tca_split_rows(const tca_args & a, int g, int C, int & off, int & len, int & ch0, int & ch1) {
-    tca_head_rows(a, g, off, len);
-    tca_split_chunks(len, C, a.nsplit, ch0, ch1);
-}
-
-// the position of row i of chunk ch, INT_MAX past the split's chunks [.., ch1) or the head's rows
-__device__ __forceinline__ int tca_chunk_kp(const tca_args & a, int off, int len, int ch1, int C, int ch, int i) {
-    return (ch < ch1 && i < len - ch*C) ? tca_kp(a, off + ch*C + i) : INT_MAX;
-}
-
 // One chunk of C rows of K or V: every global load of the chunk is issued first (load()), then
 // converted and written to shared memory (store_f32 / store_f16), so that a chunk costs one
 // memory round trip. Units of 16 bytes (f32: 4 values, f16: 8 values) or, for q8_0, pairs of
@@ -265,17 +254,6 @@ struct tca_tile {
                 *(uint4 *) (dst + r*DH + c*8) = make_uint4(w[it][0], w[it][1], w[it][2], w[it][3]);
             }
         });
-    }
-};
-
-// one chunk of K and V: rows [r, r + nc) of the head's slots, the loads of both issued before any store
-template <int D, int TYPE, int C>
-struct tca_kv_tiles {
-    tca_tile<D, TYPE, C> k, v;
-
-    __device__ __forceinline__ void load(const tca_args & a, const int r, const int nc) {
-        k.load(a.k + (size_t) r*a.k_nb1, a.k_nb1, nc);
-        v.load(a.v + (size_t) r*a.v_nb1, a.v_nb1, nc);
     }
 };
 

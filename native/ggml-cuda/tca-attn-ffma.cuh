@@ -67,9 +67,11 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_ffma(const tca_args a) {
     const tca_cta cta = tca_cta_of(a);
 
     // the head's rows, this split's chunks, the first chunk's positions (loads issued early)
-    int off, len, ch0, ch1;
-    tca_split_rows(a, cta.g, C, off, len, ch0, ch1);
-    int kp_cur = tca_chunk_kp(a, off, len, ch1, C, ch0, lane);
+    int off, len;
+    tca_head_rows(a, cta.g, off, len);
+    int ch0, ch1;
+    tca_split_chunks(len, C, a.nsplit, ch0, ch1);
+    int kp_cur = (ch0 < ch1 && lane < len - ch0*C) ? tca_kp(a, off + ch0*C + lane) : INT_MAX;
 
     // queries -> shared memory
     tca_load_q<NQ, D, DP, false>(a, cta, Qs);
@@ -115,7 +117,7 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_ffma(const tca_args a) {
         const int r0 = ch*C;
         const int nc = min(C, len - r0);
         // the next chunk's positions, one chunk ahead
-        kp_nxt = tca_chunk_kp(a, off, len, ch1, C, ch + 1, lane);
+        kp_nxt = (ch + 1 < ch1 && lane < len - r0 - C) ? tca_kp(a, off + r0 + C + lane) : INT_MAX;
 
         // every warp has the chunk's positions: CTA-uniform skip without a barrier
         const int kp   = kp_cur;
@@ -127,10 +129,11 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_ffma(const tca_args a) {
             kps[lane] = kp;
         }
         {
-            tca_kv_tiles<D, TYPE, C> t;
-            t.load(a, off + r0, nc);
-            t.k.template store_f32<DP>(Ks);
-            t.v.template store_f32<DP>(Vs);
+            tca_tile<D, TYPE, C> tk, tv;
+            tk.load(a.k + (size_t) (off + r0)*a.k_nb1, a.k_nb1, nc);
+            tv.load(a.v + (size_t) (off + r0)*a.v_nb1, a.v_nb1, nc);
+            tk.template store_f32<DP>(Ks);
+            tv.template store_f32<DP>(Vs);
         }
         __syncthreads();
 

@@ -223,10 +223,12 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
     const tca_cta cta = tca_cta_of(a);
 
     // the head's rows, this split's chunks, the first chunk's positions (loads issued early)
-    int off, len, ch0, ch1;
-    tca_split_rows(a, cta.g, C, off, len, ch0, ch1);
-    int ka_cur = tca_chunk_kp(a, off, len, ch1, C, ch0, lane);
-    int kb_cur = C > 32 ? tca_chunk_kp(a, off, len, ch1, C, ch0, lane + 32) : INT_MAX;
+    int off, len;
+    tca_head_rows(a, cta.g, off, len);
+    int ch0, ch1;
+    tca_split_chunks(len, C, a.nsplit, ch0, ch1);
+    int ka_cur = (ch0 < ch1 && lane < len - ch0*C) ? tca_kp(a, off + ch0*C + lane) : INT_MAX;
+    int kb_cur = (C > 32 && ch0 < ch1 && lane + 32 < len - ch0*C) ? tca_kp(a, off + ch0*C + lane + 32) : INT_MAX;
 
     // queries -> f16 shared memory (zero for the padding queries)
     tca_load_q<NQ, D, DH, true>(a, cta, Qh);
@@ -260,8 +262,8 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
         const int r0 = ch*C;
         const int nc = min(C, len - r0);
         // the next chunk's positions, one chunk ahead
-        ka_nxt = tca_chunk_kp(a, off, len, ch1, C, ch + 1, lane);
-        kb_nxt = C > 32 ? tca_chunk_kp(a, off, len, ch1, C, ch + 1, lane + 32) : INT_MAX;
+        ka_nxt = (ch + 1 < ch1 && lane < len - r0 - C) ? tca_kp(a, off + r0 + C + lane) : INT_MAX;
+        kb_nxt = (C > 32 && ch + 1 < ch1 && lane + 32 < len - r0 - C) ? tca_kp(a, off + r0 + C + lane + 32) : INT_MAX;
 
         const int ka = ka_cur;
         const int kb = kb_cur;
@@ -277,10 +279,11 @@ __global__ void __launch_bounds__(TCA_NT) tca_attn_mma(const tca_args a) {
             }
         }
         {
-            tca_kv_tiles<D, TYPE, C> t;
-            t.load(a, off + r0, nc);
-            t.k.template store_f16<DH>(Kh);
-            t.v.template store_f16<DH>(Vh);
+            tca_tile<D, TYPE, C> tk, tv;
+            tk.load(a.k + (size_t) (off + r0)*a.k_nb1, a.k_nb1, nc);
+            tv.load(a.v + (size_t) (off + r0)*a.v_nb1, a.v_nb1, nc);
+            tk.template store_f16<DH>(Kh);
+            tv.template store_f16<DH>(Vh);
         }
         __syncthreads();
 
@@ -377,12 +380,14 @@ __global__ void __launch_bounds__(TCA_NT, tca_mma2_cfg<D, C_, MT_>::MINB) tca_at
 
     const tca_cta cta = tca_cta_of(a);
 
-    int off, len, ch0, ch1;
-    tca_split_rows(a, cta.g, C, off, len, ch0, ch1);
+    int off, len;
+    tca_head_rows(a, cta.g, off, len);
+    int ch0, ch1;
+    tca_split_chunks(len, C, a.nsplit, ch0, ch1);
     // positions of chunk c: lanes hold rows c*C + lane and c*C + lane + 32 (INT_MAX past the end)
     auto kp_of = [&](const int c, int & x, int & y) {
-        x = tca_chunk_kp(a, off, len, ch1, C, c, lane);
-        y = C > 32 ? tca_chunk_kp(a, off, len, ch1, C, c, lane + 32) : INT_MAX;
+        x = (c < ch1 && lane < len - c*C) ? tca_kp(a, off + c*C + lane) : INT_MAX;
+        y = (C > 32 && c < ch1 && lane + 32 < len - c*C) ? tca_kp(a, off + c*C + lane + 32) : INT_MAX;
     };
     int ka_cur, kb_cur, ka_nxt, kb_nxt;
     kp_of(ch0, ka_cur, kb_cur);

@@ -157,16 +157,21 @@ def _gguf_kv_offsets(data: bytes) -> dict:
     return out
 
 
+def _set_u32(data: bytes, key: str, value: int) -> bytes:
+    """The GGUF bytes with the u32 value of `key` replaced (same length)."""
+    t, at = _gguf_kv_offsets(data)[key]
+    if t != _GGUF_U32:
+        raise ValueError(f"{key} has type {t}, expected u32")
+    b = bytearray(data)
+    b[at:at + 4] = struct.pack("<I", value)
+    return bytes(b)
+
+
 def mutate_block_count_0(data: bytes) -> bytes:
     """llama.block_count (u32, 1) set to 0. Before issue 17 upstream's loader aborted on it
     (SIGABRT: GGML_ASSERT(n_layer_all > 0 && ... <= LLAMA_MAX_LAYERS)); now tca_gguf_check refuses
     it (ModelLoadError: invalid model metadata: llama.block_count)."""
-    t, at = _gguf_kv_offsets(data)["llama.block_count"]
-    if t != _GGUF_U32:
-        raise ValueError(f"llama.block_count has type {t}, expected u32")
-    b = bytearray(data)
-    b[at:at + 4] = struct.pack("<I", 0)
-    return bytes(b)
+    return _set_u32(data, "llama.block_count", 0)
 
 
 def mutate_head_count_kv_huge(data: bytes) -> bytes:
@@ -174,12 +179,7 @@ def mutate_head_count_kv_huge(data: bytes) -> bytes:
     one byte of micro.gguf). Before, Llama(..., tca=True) sized the K/V cache from it and reached
     ~21 GB (libFuzzer: out of memory) before failing; now tca_gguf_check refuses it (ModelLoadError:
     invalid model metadata: llama.attention.head_count_kv)."""
-    t, at = _gguf_kv_offsets(data)["llama.attention.head_count_kv"]
-    if t != _GGUF_U32:
-        raise ValueError(f"llama.attention.head_count_kv has type {t}, expected u32")
-    b = bytearray(data)
-    b[at:at + 4] = struct.pack("<I", 0x20000001)
-    return bytes(b)
+    return _set_u32(data, "llama.attention.head_count_kv", 0x20000001)
 
 
 def mutate_duplicate_token(data: bytes, token: int = 98, copy_of: int = 97) -> bytes:

@@ -619,7 +619,7 @@ def test_native_budget_reader_refuses_what_the_python_validator_refuses(tiny, tm
 
 
 def test_a_token_whose_text_is_longer_than_64_bytes_detokenizes(smol_model):
-    """Found by scripts/fuzz/fuzz_tokenize.py (regression file tokenize-piece-longer-than-64-bytes.bin):
+    """Found by scripts/fuzz/fuzz_tokenize.py (regression file tokenize-piece-longer-than-64-bytes.input):
     a piece longer than the first 64-byte buffer was never retried with the size upstream asked
     for (`not err[0]` is always false: a cffi char is a one-byte bytes), so SmolLM2's token 39910
     (76 '#') raised TokenizeError. After: it detokenizes, alone and after other tokens."""
@@ -636,7 +636,7 @@ def test_a_token_whose_text_is_longer_than_64_bytes_detokenizes(smol_model):
 
 
 def test_a_state_with_a_huge_architecture_length_is_refused_at_once(tiny):
-    """Found by scripts/fuzz/fuzz_state.py (regression file state-arch-length-4gib.bin): upstream's
+    """Found by scripts/fuzz/fuzz_state.py (regression file state-arch-length-4gib.input): upstream's
     state reader allocates the length of the architecture's name (a u32 at the start of its
     state) before it checks it against the buffer: a corrupted length made load_state take 7 s
     and 3 GB before failing. After: load_state checks that header first; the state is refused in

@@ -12,7 +12,7 @@ committed, read-only; for the gguf target the generated micro models, below) and
 finds to a work corpus under .cache/fuzz/<target>/ (libFuzzer writes new inputs into the first
 directory it is given). A crash (a Python exception other than the documented errors, or a native
 abort) writes crash-<sha1> into the current directory (-artifact_prefix=DIR/ elsewhere); copy it to
-tests/fuzz_corpus/regressions/ as <target>-<what>.bin -- unless it is a GGUF: no model file is
+tests/fuzz_corpus/regressions/ as <target>-<what>.input -- unless it is a GGUF: no model file is
 committed, so a GGUF finding becomes a named mutation of micro.tca.gguf in GGUF_MUTATIONS below.
 tests/test_fuzz.py replays every regression input (``regression_inputs``).
 
@@ -43,7 +43,7 @@ GENERATED_REGRESSIONS = WORK / "regressions"   # the GGUF regression inputs, mad
 SMOL = "smollm2-135m"
 
 # sha256 of the files write_models makes (the same bytes as the GGUF seeds committed until the
-# GGUFs left git); tests/fuzz_corpus/state/*.bin were saved from this micro.tca.gguf
+# GGUFs left git); tests/fuzz_corpus/state/*.input were saved from this micro.tca.gguf
 MICRO_SHA256 = {
     "micro.gguf": "697153b8c38faa9a5ff36db51cf5f661127eacd7b633dbfc1f767a1e932f7ad6",
     "micro.tca.gguf": "d55a63c050d68802ee9cafb003a792c375a85ccd5cd740d49b884653a5cf6554",

@@ -131,7 +131,7 @@ def make_seeds(out=common.CORPUS / "state") -> None:
             llm.reset()
             llm.eval_prompt(toks)
             st = llm.save_state()
-            name = f"{'tca' if which == 0 else 'dense'}-{len(toks)}.bin"
+            name = f"{'tca' if which == 0 else 'dense'}-{len(toks)}.input"
             (out / name).write_bytes(encode(which, st))
             print(name, st.llama_state_size, llm.tca_stats()["active"], llm.tca_stats()["n_compactions"])
 

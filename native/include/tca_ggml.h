@@ -192,12 +192,18 @@ struct tca_stats {
     uint32_t n_obs_last;       // observation queries (the prompt's last ones) of the last final selection
 };
 TCA_API int tca_get_stats(const struct llama_context * ctx, struct tca_stats * out);  // 1 active, 0 not
+// A context of several sequences (n_seq_max > 1: one retention memory a sequence, n_ctx / n_seq_max
+// tokens each): tca_get_stats sums them (frontier, n_obs_last: the largest); this is one sequence's.
+// Returns 1, 0 (no TCA, or no such sequence), -1 (seq_id < 0, or an error).
+TCA_API int tca_get_seq_stats(const struct llama_context * ctx, int32_t seq_id, struct tca_stats * out);
 // per (layer, KV head): retained rows, capacity, coverage of q_last at the last compaction.
-// Returns the number of heads (fills at most n_max entries; any pointer may be NULL).
+// Returns the number of heads (fills at most n_max entries; any pointer may be NULL; several
+// sequences: sequence 0's heads, then sequence 1's, ...).
 TCA_API int64_t tca_get_head_stats(const struct llama_context * ctx, int32_t * layer, uint32_t * kv_head,
                                    uint32_t * len, uint32_t * cap, float * coverage, int64_t n_max);
 
-// retained positions of one (layer, KV head), ascending; returns their count (-1: no such head / no TCA)
+// retained positions of one (layer, KV head), ascending; returns their count (-1: no such head / no TCA);
+// several sequences: sequence 0's
 TCA_API int64_t tca_get_head_positions(const struct llama_context * ctx, int32_t il, uint32_t kv_head, int32_t * pos, int64_t n_max);
 
 // llama_model_quantize (= llama-quantize) with the common knobs; 0 on success.

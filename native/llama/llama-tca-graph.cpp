@@ -20,8 +20,12 @@
 namespace {
 class llm_graph_input_attn_tca : public llm_graph_input_attn_kv {
 public:
-    llm_graph_input_attn_tca(const llama_hparams & hp, const llama_cparams & cp, const llama_tca_memory_context * t)
-        : llm_graph_input_attn_kv(hp, cp, nullptr), tctx(t), tmem(t->memory()), tfull(t->full()) {}
+    // the rows of one memory: tokens [tok0, tok0 + n_tok) of each ubatch the graph computes, placed in m
+    // (stream -1: the context's one memory, every token; stream i >= 0: the i-th sequence run of a
+    // ubatch of a many-sequence context, llama-tca-seqs.h)
+    llm_graph_input_attn_tca(const llama_hparams & hp, const llama_cparams & cp, llama_tca_memory * m, bool full,
+                             int32_t stream_, uint32_t tok0_, uint32_t n_tok_)
+        : llm_graph_input_attn_kv(hp, cp, nullptr), tmem(m), tfull(full), stream(stream_), tok0(tok0_), n_tok(n_tok_) {}
 
     struct per_layer { int32_t il; ggml_tensor * pnew; ggml_tensor * meta; ggml_tensor * idx; };
 
@@ -31,11 +35,13 @@ public:
                     int64_t o_meta = 0, o_rows = 0; };
 
     void set_input(const llama_ubatch * ub) override {
-        const llama_tca_memory * mem = tctx->memory();
+        const llama_tca_memory * mem = tmem;
+        GGML_ASSERT(tok0 + n_tok <= ub->n_tokens);
+        const llama_pos * upos = ub->pos + tok0;  // this stream's positions
         if (qpos) {
             GGML_ASSERT(ggml_backend_buffer_is_host(qpos->buffer));
             int32_t * d = (int32_t *) qpos->data;
-            for (uint32_t i = 0; i < ub->n_tokens; ++i) d[i] = ub->pos[i];
+            for (uint32_t i = 0; i < n_tok; ++i) d[i] = upos[i];
         }
         // staging for the device-resident inputs, per buffer type
         struct stage { std::vector<float> pn; std::vector<int64_t> ix, hix; std::vector<int32_t> mt, hmt; };
@@ -50,11 +56,11 @@ public:
             if (sl.io) {
                 stage & S = st[sl.buft];
                 if (S.mt.empty()) {
-                    S.pn.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0.0f);
-                    S.ix.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0);
+                    S.pn.assign((size_t) sl.io->rows_per_token * n_tok, 0.0f);
+                    S.ix.assign((size_t) sl.io->rows_per_token * n_tok, 0);
                     S.mt.assign((size_t) sl.io->n_meta, 0);
                     if (hold) {
-                        S.hix.assign((size_t) sl.io->rows_per_token * ub->n_tokens, 0);
+                        S.hix.assign((size_t) sl.io->rows_per_token * n_tok, 0);
                         S.hmt.assign((size_t) sl.io->n_meta, 0);
                     }
                 }
@@ -87,20 +93,20 @@ public:
             for (uint32_t g = 0; g < L->n_head_kv; ++g) {
                 const auto & h = L->heads[g];
                 // during graph reserve nothing was placed: pretend the ubatch lands at the start
-                const uint32_t before = tctx->full() ? 0 : L->len_before[g];
-                const uint32_t len = tctx->full() ? std::min<uint32_t>(h.cap, ub->n_tokens) : h.len;
+                const uint32_t before = tfull ? 0 : L->len_before[g];
+                const uint32_t len = tfull ? std::min<uint32_t>(h.cap, n_tok) : h.len;
                 mt[2 * g] = (int32_t) h.off;
                 mt[2 * g + 1] = (int32_t) len;
-                for (uint32_t t = 0; t < ub->n_tokens; ++t) {
+                for (uint32_t t = 0; t < n_tok; ++t) {
                     ix[(size_t) t * L->n_head_kv + g] = (int64_t) h.off + std::min<uint32_t>(before + t, h.cap - 1);
-                    pn[(size_t) t * L->n_head_kv + g] = (float) ub->pos[t];
+                    pn[(size_t) t * L->n_head_kv + g] = (float) upos[t];
                 }
                 if (hold) {
                     const uint32_t base = g * mem->get_n_ctx();
                     hmt[2 * g] = (int32_t) base;
-                    hmt[2 * g + 1] = tctx->full() ? (int32_t) std::min<uint32_t>(mem->get_n_ctx(), ub->n_tokens) : (int32_t) mem->get_n_seen();
-                    for (uint32_t t = 0; t < ub->n_tokens; ++t) {
-                        const uint32_t p = tctx->full() ? t : (uint32_t) ub->pos[t];
+                    hmt[2 * g + 1] = tfull ? (int32_t) std::min<uint32_t>(mem->get_n_ctx(), n_tok) : (int32_t) mem->get_n_seen();
+                    for (uint32_t t = 0; t < n_tok; ++t) {
+                        const uint32_t p = tfull ? t : (uint32_t) upos[t];
                         hix[(size_t) t * L->n_head_kv + g] = (int64_t) base + std::min<uint32_t>(p, mem->get_n_ctx() - 1);
                     }
                 }
@@ -126,19 +132,35 @@ public:
     // head lengths and row indices are input values), so a graph of the same ubatch size over the
     // same memory is reused (decode: no rebuild per token, CUDA graphs stay captured)
     bool can_reuse(const llm_graph_params & params) override {
-        const auto * t = dynamic_cast<const llama_tca_memory_context *>(params.mctx);
-        // (tctx is the previous decode's memory context, freed since: compare with what it held)
-        if (!t || t->memory() != tmem || t->full() != tfull) return false;
-        if (!qpos || qpos->ne[0] != (int64_t) params.ubatch.n_tokens) return false;
-        if (final != (t->memory()->is_cur_final() && !t->full())) return false;  // HOLD: another graph
-        if (hold_decode != (t->memory()->is_cur_hold_decode() && !t->full())) return false;
-        tctx = t;
+        // (the memory context the graph was built with is freed by now: compare with what it held)
+        const llama_tca_memory * m = nullptr;
+        bool full = false;
+        if (stream < 0) {
+            const auto * t = dynamic_cast<const llama_tca_memory_context *>(params.mctx);
+            if (!t || params.ubatch.n_tokens != n_tok) return false;
+            m = t->memory();
+            full = t->full();
+        } else {
+            const auto * t = dynamic_cast<const llama_tca_memory_seqs_context *>(params.mctx);
+            if (!t) return false;
+            const auto streams = llama_tca_streams(*t, params.ubatch);
+            if ((size_t) stream >= streams.size() || streams[stream].tok0 != tok0 || streams[stream].n_tok != n_tok) {
+                return false;
+            }
+            m = streams[stream].mem;
+            full = t->full();
+        }
+        if (m != tmem || full != tfull) return false;
+        if (!qpos || qpos->ne[0] != (int64_t) n_tok) return false;
+        if (final != (m->is_cur_final() && !full)) return false;  // HOLD: another graph
+        if (hold_decode != (m->is_cur_hold_decode() && !full)) return false;
         return true;
     }
 
-    const llama_tca_memory_context * tctx;  // valid during this ubatch only (set again by can_reuse)
-    const llama_tca_memory * tmem;           // the memory and the kind of context the graph was built for
+    llama_tca_memory * tmem;  // the memory and the kind of context the graph was built for
     bool tfull;
+    int32_t stream;           // -1: the context's one memory; else the stream's index in the ubatch
+    uint32_t tok0, n_tok;     // the stream's tokens in each ubatch
     ggml_tensor * qpos = nullptr;
     std::vector<per_layer> layers;
     // host layers: one graph input tensor of each kind for all of them (views per layer)
@@ -151,18 +173,29 @@ public:
     bool hold_decode = false;             // HOLD: a decode step that attends the hold tier
     std::vector<slot_t> slots;            // per layer (memory's layer order)
 };
-}  // namespace
 
-llm_graph_input_attn_kv * llama_tca_build_attn_inp(const llm_graph_context & g) {
-    const auto * t = dynamic_cast<const llama_tca_memory_context *>(g.mctx);
-    if (!t) return nullptr;
-    auto inp = std::make_unique<llm_graph_input_attn_tca>(g.hparams, g.cparams, t);
-    inp->qpos = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, g.n_tokens);
+// Many sequences (llama-tca-seqs.h): the attention input of a ubatch cut by sequence, one
+// llm_graph_input_attn_tca a stream (each registered as a graph input of its own, setting its inputs)
+class llm_graph_input_attn_tca_seqs : public llm_graph_input_attn_kv {
+public:
+    llm_graph_input_attn_tca_seqs(const llama_hparams & hp, const llama_cparams & cp) : llm_graph_input_attn_kv(hp, cp, nullptr) {}
+    void set_input(const llama_ubatch * ub) override { GGML_UNUSED(ub); }
+    bool can_reuse(const llm_graph_params & params) override {
+        const auto * t = dynamic_cast<const llama_tca_memory_seqs_context *>(params.mctx);
+        return t && llama_tca_streams(*t, params.ubatch).size() == streams.size();  // each stream checks itself
+    }
+    std::vector<llm_graph_input_attn_tca *> streams;
+};
+
+// the graph inputs of one memory's stream of tokens
+llm_graph_input_attn_tca * tca_stream_input(const llm_graph_context & g, llama_tca_memory * mem, bool full,
+                                            int32_t stream, uint32_t tok0, uint32_t n_tok) {
+    auto inp = std::make_unique<llm_graph_input_attn_tca>(g.hparams, g.cparams, mem, full, stream, tok0, n_tok);
+    inp->qpos = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, n_tok);
     ggml_set_input(inp->qpos);
     ggml_set_name(inp->qpos, "tca_qpos");
     int64_t n_meta = 0, n_rows = 0;
     std::map<ggml_backend_buffer_type_t, std::pair<int64_t, int64_t>> dev_off;  // per device: meta, rows
-    const llama_tca_memory * mem = t->memory();
     for (const auto & L : mem->get_layers()) {
         llm_graph_input_attn_tca::slot_t sl;
         if (const auto * io = mem->get_io(L.buft)) {
@@ -172,12 +205,12 @@ llm_graph_input_attn_kv * llama_tca_build_attn_inp(const llm_graph_context & g) 
             sl.o_meta = d.first;
             sl.o_rows = d.second;
             d.first += 2 * (int64_t) L.n_head_kv;
-            d.second += (int64_t) L.n_head_kv * g.n_tokens;
+            d.second += (int64_t) L.n_head_kv * n_tok;
         } else {
             sl.o_meta = n_meta;
             sl.o_rows = n_rows;
             n_meta += 2 * (int64_t) L.n_head_kv;
-            n_rows += (int64_t) L.n_head_kv * g.n_tokens;
+            n_rows += (int64_t) L.n_head_kv * n_tok;
         }
         inp->slots.push_back(sl);
     }
@@ -198,21 +231,17 @@ llm_graph_input_attn_kv * llama_tca_build_attn_inp(const llm_graph_context & g) 
         ggml_set_name(inp->hidx_all, "tca_hidx");
         ggml_set_name(inp->hmeta_all, "tca_hmeta");
     }
-    inp->final = mem->is_cur_final() && !t->full();
-    inp->hold_decode = mem->is_cur_hold_decode() && !t->full();
-    return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
+    inp->final = mem->is_cur_final() && !full;
+    inp->hold_decode = mem->is_cur_hold_decode() && !full;
+    return (llm_graph_input_attn_tca *) g.res->add_input(std::move(inp));
 }
 
-ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_attn_kv * inp_base,
-                                   ggml_tensor * wo, ggml_tensor * wo_b, ggml_tensor * wo_s,
-                                   ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
-                                   ggml_tensor * kq_b, ggml_tensor * sinks, float kq_scale, int il) {
-    auto * inp = dynamic_cast<llm_graph_input_attn_tca *>(inp_base);
-    if (!inp) return nullptr;
-    if (kq_b || sinks) {
-        throw std::runtime_error("TCA: attention with a KQ bias or sinks is not supported by TCA");
-    }
-    llama_tca_memory * mem = inp->tctx->memory();
+// One stream's attention in layer il: its K/V rows placed in its memory, GGML_OP_TCA_ATTN of its
+// queries over the rows its memory holds; q_cur/k_cur/v_cur are the stream's tokens only.
+// Returns [d_v * n_head, n_tok].
+ggml_tensor * tca_attn_stream(const llm_graph_context & g, llm_graph_input_attn_tca * inp, ggml_tensor * q_cur,
+                              ggml_tensor * k_cur, ggml_tensor * v_cur, float kq_scale, int il) {
+    llama_tca_memory * mem = inp->tmem;
     const auto * L = mem->layer(il);
     if (!L) throw std::runtime_error("TCA: layer " + std::to_string(il) + " has no retention cache");
     mem->set_kq_scale(il, kq_scale);
@@ -297,13 +326,64 @@ ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_
     if (q->type != GGML_TYPE_F32) q = ggml_cast(ctx0, q, GGML_TYPE_F32);
     ggml_tensor * cur = ggml_tca_attn(ctx0, q, att_k, att_v, att_p, att_meta, inp->qpos, (int) nkv, kq_scale);
     g.cb(cur, "kqv_out", il);
-    cur = ggml_reshape_2d(ctx0, cur, cur->ne[0] * cur->ne[1], cur->ne[2]);
+    return ggml_reshape_2d(ctx0, cur, cur->ne[0] * cur->ne[1], cur->ne[2]);
+}
+}  // namespace
 
+llm_graph_input_attn_kv * llama_tca_build_attn_inp(const llm_graph_context & g) {
+    if (const auto * t = dynamic_cast<const llama_tca_memory_context *>(g.mctx)) {
+        return tca_stream_input(g, t->memory(), t->full(), -1, 0, (uint32_t) g.n_tokens);
+    }
+    const auto * ts = dynamic_cast<const llama_tca_memory_seqs_context *>(g.mctx);
+    if (!ts) return nullptr;
+    const auto streams = llama_tca_streams(*ts, g.ubatch);
+    if (streams.empty()) throw std::runtime_error("TCA: a ubatch of several sequences that is not cut by sequence");
+    auto multi = std::make_unique<llm_graph_input_attn_tca_seqs>(g.hparams, g.cparams);
+    for (size_t i = 0; i < streams.size(); ++i) {
+        multi->streams.push_back(tca_stream_input(g, streams[i].mem, ts->full(), (int32_t) i, streams[i].tok0,
+                                                  streams[i].n_tok));
+    }
+    return (llm_graph_input_attn_kv *) g.res->add_input(std::move(multi));
+}
+
+ggml_tensor * llama_tca_build_attn(const llm_graph_context & g, llm_graph_input_attn_kv * inp_base,
+                                   ggml_tensor * wo, ggml_tensor * wo_b, ggml_tensor * wo_s,
+                                   ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
+                                   ggml_tensor * kq_b, ggml_tensor * sinks, float kq_scale, int il) {
+    auto * one = dynamic_cast<llm_graph_input_attn_tca *>(inp_base);
+    auto * multi = one ? nullptr : dynamic_cast<llm_graph_input_attn_tca_seqs *>(inp_base);
+    if (!one && !multi) return nullptr;
+    if (kq_b || sinks) {
+        throw std::runtime_error("TCA: attention with a KQ bias or sinks is not supported by TCA");
+    }
+    ggml_tensor * cur = nullptr;
+    if (one) {
+        cur = tca_attn_stream(g, one, q_cur, k_cur, v_cur, kq_scale, il);
+    } else {
+        // several sequences: each stream's tokens (a contiguous run, split_equal) attend their own
+        // sequence's rows, in one graph; the outputs are concatenated back in token order
+        for (auto * st : multi->streams) {
+            auto slice = [&](ggml_tensor * t) {
+                return ggml_view_3d(g.ctx0, t, t->ne[0], t->ne[1], st->n_tok, t->nb[1], t->nb[2], (size_t) st->tok0 * t->nb[2]);
+            };
+            ggml_tensor * o = tca_attn_stream(g, st, slice(q_cur), slice(k_cur), slice(v_cur), kq_scale, il);
+            cur = cur ? ggml_concat(g.ctx0, cur, o, 1) : o;
+        }
+    }
     if (wo) {
         cur = g.build_lora_mm(wo, cur, wo_s);
     }
     if (wo_b) {
-        cur = ggml_add(ctx0, cur, wo_b);
+        cur = ggml_add(g.ctx0, cur, wo_b);
     }
     return cur;
+}
+
+uint32_t llama_tca_graph_nodes(const llama_memory_i * mem) {
+    const auto * ms = dynamic_cast<const llama_tca_memory_seqs *>(mem);
+    if (!ms) return 0;
+    // per stream and layer: the slices, K/V/position stores (main and hold tier), query copies,
+    // the permute/cont/cast, the attention, its reshape and the concatenation, with their views
+    const uint32_t n_layer = (uint32_t) ms->seq(0)->get_layers().size();
+    return ms->n_seq() * n_layer * 48u;
 }

@@ -1,5 +1,6 @@
 // tca_ggml — the TCA retention memory (see llama-tca-memory.h, docs/design.md §3).
 #include "llama-tca-memory.h"
+#include "llama-tca-seqs.h"
 
 #include "llama-batch.h"
 #include "llama-cparams.h"
@@ -35,8 +36,9 @@ llama_memory_i * llama_tca_memory_create(const llama_model & model, const llama_
     if (!cfg) {
         return nullptr;
     }
-    if (cparams.n_seq_max != 1) {
-        throw std::runtime_error("TCA: only one sequence per context is supported (n_seq_max = 1)");
+    if (cparams.n_seq_max > 1 && cparams.kv_unified) {
+        throw std::runtime_error("TCA: several sequences need one retention memory each (n_seq_max > 1 with "
+                                 "kv_unified = false: each sequence holds n_ctx / n_seq_max tokens)");
     }
     if (!cparams.causal_attn) {
         throw std::runtime_error("TCA: non-causal attention cannot use TCA");
@@ -64,8 +66,17 @@ llama_memory_i * llama_tca_memory_create(const llama_model & model, const llama_
             return nullptr;
         }
     }
-    return new llama_tca_memory(model, *cfg, params.type_k, params.type_v, cparams.n_ctx_seq, cparams.n_ubatch,
-                                cparams.offload_kqv);
+    if (cparams.n_seq_max <= 1) {
+        return new llama_tca_memory(model, *cfg, params.type_k, params.type_v, cparams.n_ctx_seq, cparams.n_ubatch,
+                                    cparams.offload_kqv);
+    }
+    // many sequences (llama-tca-seqs.h): one retention memory a sequence, each of n_ctx_seq tokens
+    std::vector<std::unique_ptr<llama_tca_memory>> seqs;
+    for (uint32_t s = 0; s < cparams.n_seq_max; ++s) {
+        seqs.emplace_back(new llama_tca_memory(model, *cfg, params.type_k, params.type_v, cparams.n_ctx_seq,
+                                               cparams.n_ubatch, cparams.offload_kqv));
+    }
+    return new llama_tca_memory_seqs(std::move(seqs));
 }
 
 // ------------------------------------------------------------------------ memory

@@ -205,6 +205,9 @@ public:
     uint64_t get_n_final() const { return n_final; }
     uint32_t get_n_obs_last() const { return n_obs_last; }
     double get_t_compact_us() const { return t_compact_us; }
+    // HOLD: decode steps since the last prompt end (what a state does not carry; a sequence copy does)
+    uint32_t get_n_decode_after_final() const { return n_decode_after_final; }
+    void set_n_decode_after_final(uint32_t n) { n_decode_after_final = n; }
 
 private:
     layer_t * layer_mut(int32_t il) { auto it = map_il.find(il); return it == map_il.end() ? nullptr : &layers[it->second]; }

@@ -9,7 +9,7 @@
 #include "llama.h"
 #include "llama-context.h"
 #include "llama-model.h"
-#include "llama-tca-memory.h"
+#include "llama-tca-seqs.h"
 #include "ggml.h"
 
 #include <cmath>
@@ -312,7 +312,7 @@ static llama_context * tca_context_create_impl(llama_model * model, llama_contex
     }
     llama_tca_set_pending(nullptr);
     if (ctx) {
-        if (auto * m = dynamic_cast<llama_tca_memory *>(llama_get_memory(ctx))) {
+        for (llama_tca_memory * m : llama_tca_memories(llama_get_memory(ctx))) {
             m->set_sched(ctx->get_sched());
         }
     }

@@ -260,6 +260,7 @@ class Llama:
         n_ctx: int = 512,
         n_batch: int = 512,
         n_ubatch: int = 512,
+        n_seq_max: int = 1,
         n_threads: Optional[int] = None,
         n_threads_batch: Optional[int] = None,
         rope_freq_base: float = 0.0,
@@ -309,6 +310,7 @@ class Llama:
         _check_int("n_ctx", n_ctx, 0, 1 << 24)
         _check_int("n_batch", n_batch, 1, 1 << 24)
         _check_int("n_ubatch", n_ubatch, 1, 1 << 24)
+        _check_int("n_seq_max", n_seq_max, 1, 256)  # LLAMA_MAX_SEQ
         _check_int("n_gpu_layers", n_gpu_layers, -1)
         _check_int("seed", seed, 0, 0xFFFFFFFF)
         _check_int("last_n_tokens_size", last_n_tokens_size, 0)
@@ -380,7 +382,8 @@ class Llama:
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self._metadata = None
         if vocab_only:
-            self._n_ctx = 0
+            self._n_ctx = self._n_ctx_seq = 0
+            self.n_seq_max = n_seq_max
             return
 
         # ---- context ----
@@ -390,6 +393,10 @@ class Llama:
         cp.n_ctx = n_ctx
         cp.n_batch = n_batch
         cp.n_ubatch = min(n_ubatch, n_batch)
+        # several sequences (generate_batch): each holds n_ctx / n_seq_max tokens (kv_unified off; TCA:
+        # one retention memory a sequence)
+        cp.n_seq_max = n_seq_max
+        cp.kv_unified = False
         cp.n_threads = self.n_threads
         cp.n_threads_batch = self.n_threads_batch
         cp.rope_freq_base = rope_freq_base
@@ -420,6 +427,8 @@ class Llama:
                           f"type_k={type_k}, type_v={type_v})")
         self._ctx = ctx
         self._n_ctx = L.llama_n_ctx(ctx)
+        self.n_seq_max = n_seq_max
+        self._n_ctx_seq = L.llama_n_ctx_seq(ctx)   # what one sequence holds (n_ctx / n_seq_max)
         self.n_batch = L.llama_n_batch(ctx)
         self.n_ubatch = L.llama_n_ubatch(ctx)
         self._seed = seed
@@ -567,13 +576,25 @@ class Llama:
         return out
 
     @_locked
-    def tca_stats(self) -> Dict[str, Any]:
+    def tca_stats(self, seq: Optional[int] = None) -> Dict[str, Any]:
         """TCA statistics of this context: whether TCA is active, retained rows per (layer,
-        KV head), bytes allocated vs dense, and the coverage of the last compaction's query."""
+        KV head), bytes allocated vs dense, and the coverage of the last compaction's query.
+        With n_seq_max > 1 the totals are summed over the sequences and the per-head arrays hold
+        sequence 0's heads, then sequence 1's, ...; seq=i: sequence i's totals only."""
         import numpy as np
         L, ffi = self._L, self._ffi
         ctx = self._live()
         st = ffi.new("struct tca_stats *")
+        if seq is not None:
+            _check_int("seq", seq, 0, self.n_seq_max - 1)
+            rc = self._scope.call(L.tca_get_seq_stats, ctx, seq, st)
+            self._scope.check(rc >= 0, ContextError, "cannot read the TCA statistics")
+            return {"active": bool(st.active), "n_seen": int(st.n_seen), "frontier": int(st.frontier),
+                    "bytes_alloc": int(st.bytes_alloc), "bytes_dense": int(st.bytes_dense),
+                    "bytes_hold": int(st.bytes_hold), "bytes_fast": int(st.bytes_alloc) - int(st.bytes_hold),
+                    "bytes_resident": int(st.bytes_resident), "rows_kept": int(st.rows_kept),
+                    "rows_cap": int(st.rows_cap), "rows_held": int(st.rows_held),
+                    "n_compactions": int(st.n_compactions), "n_final": int(st.n_final)}
         rc = self._scope.call(L.tca_get_stats, ctx, st)
         self._scope.check(rc >= 0, ContextError, "cannot read the TCA statistics")
         n = self._scope.call(L.tca_get_head_stats, ctx, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 0)
@@ -815,7 +836,7 @@ class Llama:
         data = bytes(state.llama_state)
         if not data:
             raise ContextError("the state is empty (0 bytes): nothing to load")
-        if len(data) != state.llama_state_size or state.n_tokens != len(state.input_ids) or state.n_tokens > self._n_ctx:
+        if len(data) != state.llama_state_size or state.n_tokens != len(state.input_ids) or state.n_tokens > self._n_ctx_seq:
             raise ContextError("inconsistent LlamaState: llama_state_size, n_tokens and input_ids disagree "
                                "(or more tokens than n_ctx)")
         input_ids = _check_tokens(state.input_ids, self._n_vocab, "LlamaState.input_ids")
@@ -876,7 +897,8 @@ class Llama:
         s = ((n - 1) // ub) * ub
         return max(0, min(s, n - self._n_obs_min()))
 
-    def _decode(self, tokens: List[int], start_pos: int, want_last_logits: bool = True) -> None:
+    def _decode(self, tokens: List[int], start_pos: int, want_last_logits: bool = True, seq_id: int = 0,
+                mirror: bool = True) -> None:
         L, ffi = self._L, self._ffi
         ctx = self._live()
         b = self._batch
@@ -902,7 +924,7 @@ class Llama:
                 b.token[i] = t
                 b.pos[i] = start_pos + off + i
                 b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
+                b.seq_id[i][0] = seq_id
                 b.logits[i] = 0
             if want_last_logits and off + n == len(tokens):
                 b.logits[n - 1] = 1
@@ -910,7 +932,7 @@ class Llama:
             try:
                 # tca_decode: llama_decode with an exception caught (INT32_MIN, the message in err)
                 rc = self._scope.call(L.tca_decode, ctx, ffi.addressof(b), err, 512)
-                if rc != 0 or self._scope.pending:
+                if mirror and (rc != 0 or self._scope.pending):
                     # keep our token mirror consistent with what the cache holds
                     self._sync_tokens_after_failure(chunk)
                 if rc == L.TCA_DECODE_RPC_LOST:
@@ -919,11 +941,13 @@ class Llama:
                 if rc != 0:
                     self._rpc_check()  # lost before this call (a read-back between decodes)
                 self._scope.check(rc == 0, DecodeError, f"llama_decode failed with code {rc}", _native.err_text(err))
-                self._tokens.extend(chunk)
+                if mirror:
+                    self._tokens.extend(chunk)
             except BaseException:
                 # a KeyboardInterrupt (Ctrl-C) lands between bytecodes: after the native call,
                 # before the mirror was extended -- the cache may hold the chunk
-                self._sync_tokens_after_failure(chunk)
+                if mirror:
+                    self._sync_tokens_after_failure(chunk)
                 raise
             off += n
 
@@ -959,9 +983,9 @@ class Llama:
         tokens = _check_tokens(tokens, self._n_vocab)
         if not tokens:
             raise ValueError("empty prompt")
-        if len(tokens) > self._n_ctx:
+        if len(tokens) > self._n_ctx_seq:
             raise ContextOverflowError(
-                f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
+                f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx_seq}")
         self._resync_tokens()
         n_common = 0
         for a, b in zip(self._tokens, tokens):
@@ -1062,7 +1086,7 @@ class Llama:
         cached = self.eval_prompt(list(tokens))
         t1 = time.perf_counter()
         self.timings = Timings(prompt_tokens=len(tokens) - cached, prompt_cached=cached, prefill_s=t1 - t0)
-        limit = self._n_ctx - len(tokens)
+        limit = self._n_ctx_seq - len(tokens)
         if max_tokens is not None and max_tokens > 0:
             limit = min(limit, max_tokens)
         smpl = self._make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
@@ -1081,13 +1105,82 @@ class Llama:
                     return
                 n += 1
                 yield tok
-                if n >= limit or len(self._tokens) >= self._n_ctx:
+                if n >= limit or len(self._tokens) >= self._n_ctx_seq:
                     return
                 self._decode([tok], len(self._tokens))
                 self.timings.decode_tokens = n
                 self.timings.decode_s = time.perf_counter() - td
         finally:
             L.llama_sampler_free(smpl)
+
+    @_locked
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> List[List[int]]:
+        """Greedy continuations of several prompts decoded together, one sequence each (needs
+        n_seq_max >= len(prompts); each sequence holds n_ctx / n_seq_max tokens). Every prompt is
+        prefilled in its own sequence, as eval_prompt prefills one (TCA: its last ubatch is its
+        prompt end); then each llama_decode carries one token of every unfinished sequence -- one
+        graph, with TCA one attention node a sequence over that sequence's retained rows. A sequence
+        stops at an end-of-generation token or after max_tokens tokens. The context is cleared after, the sequences stay (tca_stats(seq=i) reads sequence i's memory) until the next
+        call or reset(). Returns the generated token ids of each prompt."""
+        import numpy as np
+        L, ffi = self._L, self._ffi
+        ctx = self._live()
+        prompts = [_check_tokens(p, self._n_vocab, f"prompt {i}") for i, p in enumerate(prompts)]
+        _check_int("max_tokens", max_tokens, 1)
+        if not prompts:
+            return []
+        if len(prompts) > self.n_seq_max:
+            raise ValueError(f"{len(prompts)} prompts but n_seq_max={self.n_seq_max}")
+        if len(prompts) > self.n_batch:
+            raise ValueError(f"{len(prompts)} prompts exceed n_batch={self.n_batch} (one token each per step)")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + max_tokens > self._n_ctx_seq:
+                raise ContextOverflowError(f"prompt {i}: {len(p)} tokens + max_tokens {max_tokens} exceed a "
+                                           f"sequence's context of {self._n_ctx_seq} (n_ctx / n_seq_max)")
+        mem = L.llama_get_memory(ctx)
+        L.llama_memory_clear(mem, True)
+        self._tokens = []
+        n_vocab = self._n_vocab
+        outs: List[List[int]] = [[] for _ in prompts]
+        try:
+            nxt = []
+            for s, p in enumerate(prompts):
+                self._decode(list(p), 0, seq_id=s, mirror=False)
+                logits = np.frombuffer(ffi.buffer(L.llama_get_logits_ith(ctx, -1), 4 * n_vocab), np.float32)
+                nxt.append(int(np.argmax(logits)))
+            live = list(range(len(prompts)))
+            pos = [len(p) for p in prompts]
+            b = self._batch
+            while True:
+                for s in list(live):
+                    t = nxt[s]
+                    if L.llama_vocab_is_eog(self._vocab, t):
+                        live.remove(s)
+                        continue
+                    outs[s].append(t)
+                    if len(outs[s]) >= max_tokens:
+                        live.remove(s)
+                if not live:
+                    return outs
+                b.n_tokens = len(live)
+                for i, s in enumerate(live):
+                    b.token[i] = nxt[s]
+                    b.pos[i] = pos[s]
+                    b.n_seq_id[i] = 1
+                    b.seq_id[i][0] = s
+                    b.logits[i] = 1
+                err = ffi.new("char[512]")
+                rc = self._scope.call(L.tca_decode, ctx, ffi.addressof(b), err, 512)
+                self._scope.check(rc == 0, DecodeError, f"llama_decode failed with code {rc}", _native.err_text(err))
+                for i, s in enumerate(live):
+                    pos[s] += 1
+                    logits = np.frombuffer(ffi.buffer(L.llama_get_logits_ith(ctx, i), 4 * n_vocab), np.float32)
+                    nxt[s] = int(np.argmax(logits))
+        except BaseException:
+            L.llama_memory_clear(mem, True)
+            raise
 
     # ------------------------------------------------------------------ completions
     @_locked
@@ -1131,9 +1224,9 @@ class Llama:
             raise TypeError("prompt must be a str or a list of token ids")
         if not tokens:
             raise ValueError("empty prompt")
-        if len(tokens) > self._n_ctx:
+        if len(tokens) > self._n_ctx_seq:
             raise ContextOverflowError(
-                f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
+                f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx_seq}")
         cid = f"cmpl-{uuid.uuid4()}"
         created = int(time.time())
         model_name = model or self.model_path

@@ -151,3 +151,72 @@ def test_cuda_dense_prefill_matches_cpu(model):
     assert same / total >= 0.95
     assert nmse(tg, dense_gpu) <= 4 * band + 1e-6   # the prompt attended densely on the device
     assert nmse(tg, tc) <= 4 * band + 1e-6
+
+
+_MULTI = r"""
+import json, sys
+import numpy as np
+from tca_ggml import Llama
+model, prompts, kw, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+n = len(prompts)
+
+def step(llm, seqs, toks, pos):
+    b = llm._batch
+    b.n_tokens = len(seqs)
+    for i, s in enumerate(seqs):
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = toks[i], pos[i], 1, 1
+        b.seq_id[i][0] = s
+    assert llm._L.llama_decode(llm._ctx, b) == 0
+    nv = llm.n_vocab()
+    return [np.frombuffer(llm._ffi.buffer(llm._L.llama_get_logits_ith(llm._ctx, i), 4 * nv), np.float32).copy()
+            for i in range(len(seqs))]
+
+common = dict(n_batch=512, n_ubatch=512, n_gpu_layers=-1, n_threads=4, verbose=False, **kw)
+res = {"alone": [], "rows_alone": [], "together": None, "rows_together": []}
+for p in prompts:
+    with Llama(model, n_ctx=4096, **common) as llm:
+        llm._decode(p, 0)
+        res["rows_alone"].append(llm.tca_stats()["rows_kept"])
+        res["alone"].append(step(llm, [0], [77], [len(p)])[0])
+with Llama(model, n_ctx=n * 4096, n_seq_max=n, **common) as llm:
+    for s, p in enumerate(prompts):
+        llm._decode(p, 0, seq_id=s, mirror=False)
+    res["rows_together"] = [llm.tca_stats(seq=s)["rows_kept"] for s in range(n)]
+    dev = llm.tca_stats()
+    tog = step(llm, list(range(n)), [77] * n, [len(p) for p in prompts])
+np.save(out, np.stack(res["alone"] + tog))
+json.dump({"rows_alone": res["rows_alone"], "rows_together": res["rows_together"], "active": dev["active"],
+           "bytes_device": dev["bytes_device"], "bytes_alloc": dev["bytes_alloc"]}, open(out + ".json", "w"))
+"""
+
+
+def test_cuda_sequences_together_match_each_alone(model):
+    """Several sequences in one context on the GPU (issue 16): each prefilled in its own sequence, then
+    one decode step of all of them in one graph (one TCA attention node a sequence on the device): the
+    same retained rows as each alone, and logits within upstream's own band of a batched vs a
+    one-token step (the dense arm, same procedure)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    rng = np.random.default_rng(3)
+    prompts = [[1] + rng.integers(300, 5000, size=n - 1).tolist() for n in (1500, 2200, 1800)]
+    env = dict(os.environ, TCA_GGML_GPU_MIN_CTX="0")
+    got = {}
+    for arm, kw in (("dense", dict(flash_attn=True)),
+                    ("tca", dict(flash_attn=True, tca=True, tca_density=0.25, tca_window=W, tca_block=B))):
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "lg.npy")
+            subprocess.run([sys.executable, "-c", _MULTI, model, json.dumps(prompts), json.dumps(kw), out],
+                           env=env, check=True, timeout=600)
+            got[arm] = (np.load(out), json.load(open(out + ".json")))
+    n = len(prompts)
+    dl, _ = got["dense"]
+    band = max(nmse(dl[n + i], dl[i]) for i in range(n))
+    tl, st = got["tca"]
+    assert st["active"] and st["bytes_device"] == st["bytes_alloc"] > 0
+    assert st["rows_together"] == st["rows_alone"]
+    worst = max(nmse(tl[n + i], tl[i]) for i in range(n))
+    print(f"{Path(model).name} {n} sequences: TCA together vs alone NMSE {worst:.2e} (dense {band:.2e}), "
+          f"rows {st['rows_together']}")
+    assert worst <= 4 * band + 1e-6

@@ -57,3 +57,23 @@ def test_bench_bad_input(default_model, tmp_path, capsys):
     assert bench.main_cli(_args(default_model, **{"--density": "1.5"})) == 2
     with pytest.raises(SystemExit):
         _args(default_model, **{"-p": "abc"})
+
+
+@pytest.mark.slow
+def test_bench_parallel_mode(smol_model, capsys):
+    """--parallel: aggregate decode t/s of N sequences decoded together, both arms, one row per N;
+    KV of all sequences (TCA: each sequence's budgeted fast tier)."""
+    a = _args(smol_model, **{"-p": "1500", "-n": "3", "--density": "0.2", "--tca-window": "256", "--tca-block": "64",
+                             "--batch": "256", "--threads": "2", "-o": "json", "--parallel": "1,3"})
+    assert bench.main_cli(a) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["n_seq"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["prompt"] == 1500 and r["dense_agg_tps"] > 0 and r["tca_agg_tps"] > 0
+        assert r["ratio"] == pytest.approx(r["tca_agg_tps"] / r["dense_agg_tps"])
+        # three sequences, each ~1500 + the decoded rows: TCA keeps a fraction of each
+        assert 0 < r["tca_resident_bytes"] < 0.7 * r["dense_kv_bytes"]
+    md = bench.parallel_markdown(rows, smol_model)
+    assert "| 1500 | 3 |" in md and "3 sequences" in md
+    assert bench.main_cli(_args(smol_model, **{"--density": "0.2", "--parallel": "2", "-d": "100"})) == 2
+    assert "--parallel" in capsys.readouterr().err

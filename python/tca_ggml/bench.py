@@ -2,6 +2,7 @@
 
     tca-ggml bench -m MODEL [-p 4096,8192] [-n 32] [-d 0] [-r 1] [-o md|json]
                    [--density X] [--tca-window W] [--tca-block B] [--threads N] [--dense-fa 1]
+                   [--parallel 1,4,8]
 
 llama-bench conventions: -p prompt lengths (prefill, time to first token), -n generated
 tokens (decode), -d depth (tokens already in the context before the timed prompt), -r
@@ -27,10 +28,7 @@ import sys
 import time
 
 
-def _worker(a) -> dict:
-    import resource
-    from . import texts
-    from .llama import Llama
+def _arm_kwargs(a) -> dict:
     kw = {}
     if a.arm in ("tca", "forced", "prefill2"):
         kw = dict(tca=True)
@@ -48,6 +46,16 @@ def _worker(a) -> dict:
             kw["tca_prefill"] = a.prefill
         if a.arm == "prefill2":
             kw["tca_prefill"] = a.also_prefill
+    return kw
+
+
+def _worker(a) -> dict:
+    import resource
+    from . import texts
+    from .llama import Llama
+    kw = _arm_kwargs(a)
+    if a.parallel:
+        return _worker_parallel(a, kw)
     n_ctx = a.depth + a.prompt + a.gen + 8
     # both arms use the dense arm's flash-attention setting: a TCA context that falls back to the
     # dense cache (n_ctx <= w + b) is then exactly the dense arm; an active TCA context ignores it
@@ -97,6 +105,113 @@ def _worker(a) -> dict:
         llm.close()
 
 
+def _worker_parallel(a, kw) -> dict:
+    """Parallel mode (--parallel 1,4,8): aggregate decode speed of N sequences decoded together, each
+    at depth `prompt`. One context of max(N) sequences (n_ctx / n_seq_max each); the prompt is
+    prefilled once in sequence 0 and copied whole to the others (llama_memory_seq_cp: the same rows,
+    on the dense cache as on TCA's), then every sequence runs its hold-decode steps (TCA: the steps
+    after a prompt that attend every held row) and one more, untimed; then for each N, `gen` steps
+    of sequences 0..N-1 together (one llama_decode, one graph a step) are timed."""
+    import resource
+    import numpy as np
+    from . import texts
+    from .llama import Llama
+    ns = sorted(set(a.parallel))
+    nmax = ns[-1]
+    hd = 32 if kw.get("tca") else 0   # refined below from the context's resolved configuration
+    n_ctx_seq = a.prompt + a.gen * len(ns) + 64 + 8
+    n_ctx_seq = (n_ctx_seq + 255) // 256 * 256
+    llm = Llama(a.model, n_ctx=nmax * n_ctx_seq, n_seq_max=nmax, n_batch=max(a.batch, nmax), n_ubatch=a.batch,
+                n_threads=a.threads, n_threads_batch=a.threads, flash_attn=bool(a.dense_fa), verbose=False, **kw)
+    try:
+        L, ffi = llm._L, llm._ffi
+        toks = llm.tokenize(texts.haystack(a.prompt * 6).encode(), add_bos=True)[: a.prompt]
+        if len(toks) < a.prompt:
+            raise SystemExit("error: not enough text for the requested length")
+        t0 = time.perf_counter()
+        llm._decode(toks, 0, seq_id=0, mirror=False)
+        ttft = time.perf_counter() - t0
+        nv = llm.n_vocab()
+        first = int(np.argmax(np.frombuffer(ffi.buffer(L.llama_get_logits_ith(llm._ctx, -1), 4 * nv), np.float32)))
+        mem = L.llama_get_memory(llm._ctx)
+        for s in range(1, nmax):
+            L.llama_memory_seq_cp(mem, 0, s, -1, -1)
+            if L.llama_memory_seq_pos_max(mem, s) != a.prompt - 1:
+                raise RuntimeError(f"sequence copy 0 -> {s} failed")
+        st = llm.tca_stats()
+        if st["active"]:
+            hd = int(st.get("hold_decode") or 0)
+        pos, cur = [a.prompt] * nmax, [first] * nmax
+        b = llm._batch
+
+        def steps(seqs, n):
+            t = time.perf_counter()
+            for _ in range(n):
+                b.n_tokens = len(seqs)
+                for i, s in enumerate(seqs):
+                    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = cur[s], pos[s], 1, 1
+                    b.seq_id[i][0] = s
+                if L.llama_decode(llm._ctx, b) != 0:
+                    raise RuntimeError("llama_decode failed in the parallel decode")
+                for i, s in enumerate(seqs):
+                    pos[s] += 1
+                    cur[s] = int(np.argmax(np.frombuffer(ffi.buffer(L.llama_get_logits_ith(llm._ctx, i), 4 * nv),
+                                                         np.float32)))
+            return time.perf_counter() - t
+
+        steps(list(range(nmax)), hd + 1)   # untimed: the hold-decode steps and the first after them
+        agg = {}
+        for n in ns:
+            agg[str(n)] = n * a.gen / steps(list(range(n)), a.gen)
+        st = llm.tca_stats()
+        m = llm.memory_bytes()
+        return {"arm": a.arm, "label": llm.tca_label, "active": st["active"], "prompt": a.prompt, "gen": a.gen,
+                "parallel": ns, "agg_decode_tps": agg, "ttft_s": ttft, "hold_decode": hd,
+                "kv_bytes": m["kv"], "kv_dense_bytes": st["bytes_dense"] if st["active"] else m["kv"],
+                "kv_fast_bytes": st["bytes_fast"] if st["active"] else m["kv"],
+                "kv_hold_bytes": st["bytes_hold"] if st["active"] else 0,
+                "kv_resident_bytes": st["bytes_resident"] if st["active"] else m["kv"],
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "threads": llm.n_threads}
+    finally:
+        llm.close()
+
+
+def run_parallel(a) -> list:
+    rows = []
+    for p in a.p:
+        res = {arm: _run_arm(a, arm, p) for arm in ("dense", "tca")}
+        d, t = res["dense"], res["tca"]
+        for n in d["parallel"]:
+            dn, tn = d["agg_decode_tps"][str(n)], t["agg_decode_tps"][str(n)]
+            rows.append({"prompt": p, "n_seq": n, "gen": a.n, "tca_label": t["label"], "threads": d["threads"],
+                         "dense_fa": bool(a.dense_fa), "dense_agg_tps": dn, "tca_agg_tps": tn,
+                         "ratio": tn / dn if dn else 0.0, "dense_kv_bytes": d["kv_bytes"],
+                         "tca_kv_bytes": t["kv_fast_bytes"], "tca_hold_bytes": t["kv_hold_bytes"],
+                         "tca_resident_bytes": t["kv_resident_bytes"], "n_seq_max": max(d["parallel"]),
+                         "hold_decode": t["hold_decode"]})
+            print(f"[bench] p={p} x {n} sequences: dense {dn:.2f} t/s, TCA {tn:.2f} t/s", file=sys.stderr)
+    return rows
+
+
+def parallel_markdown(rows, model) -> str:
+    mib = 1 << 20
+    r0 = rows[0] if rows else {}
+    out = [f"model: {os.path.basename(model)}; TCA: {r0.get('tca_label', '')}; dense: upstream "
+           f"{'flash' if r0.get('dense_fa') else 'non-flash'} attention; threads {r0.get('threads', '')}; parallel "
+           f"decode: one context of {r0.get('n_seq_max', '')} sequences, the prompt prefilled once and copied to "
+           f"each; aggregate t/s = N x {r0.get('gen', '')} steps / time, after every sequence's "
+           f"{r0.get('hold_decode', 0)} hold-decode steps; KV: all sequences, allocated (TCA fast tier) / resident",
+           "",
+           "| p (each) | sequences | dense t/s | TCA t/s | ratio | dense KV MiB | TCA KV MiB | TCA resident MiB | TCA hold MiB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['prompt']} | {r['n_seq']} | {r['dense_agg_tps']:.2f} | {r['tca_agg_tps']:.2f} | "
+                   f"**{r['ratio']:.2f}x** | {r['dense_kv_bytes'] / mib:.0f} | {r['tca_kv_bytes'] / mib:.0f} | "
+                   f"{r['tca_resident_bytes'] / mib:.0f} | {r['tca_hold_bytes'] / mib:.0f} |")
+    return "\n".join(out)
+
+
 def _run_arm(a, arm, prompt) -> dict:
     cmd = [sys.executable, "-m", "tca_ggml.bench", "--worker", "--arm", arm, "-m", a.model, "--prompt", str(prompt),
            "--gen", str(a.n), "--depth", str(a.d), "--batch", str(a.batch), "--dense-fa", str(a.dense_fa)]
@@ -116,6 +231,8 @@ def _run_arm(a, arm, prompt) -> dict:
         cmd += ["--prefill", a.prefill]
     if a.also_prefill is not None:
         cmd += ["--also-prefill", a.also_prefill]
+    if a.parallel:
+        cmd += ["--parallel", ",".join(str(x) for x in a.parallel)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{arm} arm failed at p={prompt}: {r.stderr.strip()[-800:]}")
@@ -271,6 +388,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--dense-fa", type=int, default=1, choices=[0, 1], help="dense arm with flash attention (upstream's faster CPU path)")
+    ap.add_argument("--parallel", type=_ints, default=None,
+                    help="parallel mode: aggregate decode t/s of N sequences decoded together (e.g. 1,4,8), "
+                         "each at depth -p, one context of max(N) sequences; -n steps each")
 
 
 def main_cli(a) -> int:
@@ -301,15 +421,21 @@ def main_cli(a) -> int:
         print(f"error: {a.model} is not calibrated; run `tca-ggml calibrate` or pass --density X (forced)",
               file=sys.stderr)
         return 2
+    if a.parallel and (a.d or a.also_density is not None or a.also_prefill is not None or a.r != 1 or a.n < 1):
+        print("error: --parallel takes -p, -n >= 1 and the TCA options (no -d, -r, --also-*)", file=sys.stderr)
+        return 2
+    if a.parallel and max(a.parallel) > 256:
+        print("error: --parallel: at most 256 sequences", file=sys.stderr)
+        return 2
     try:
-        rows = run(a)
+        rows = run_parallel(a) if a.parallel else run(a)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if a.o == "json":
         print(json.dumps({"model": a.model, "rows": rows}, indent=1))
     else:
-        print(to_markdown(rows, a.model))
+        print(parallel_markdown(rows, a.model) if a.parallel else to_markdown(rows, a.model))
     return 0
 
 

@@ -232,8 +232,15 @@ def test_stop_and_seed(client):
 
 def test_parallel_streams_equal_each_alone(server, client):
     """8 concurrent streaming requests over 4 slots (4 wait in the queue) all complete, and with
-    greedy sampling each gives the text it gives alone."""
+    greedy sampling each gives the text it gives alone. The slots are sequences of one context:
+    their decode steps ran batched (more than one token a llama_decode on average)."""
     alone = [_complete(client, p, max_tokens=16)[0] for p in PROMPTS]
+
+    def batched():
+        m = _get(server + "/metrics")[1]
+        v = {ln.split()[0]: float(ln.split()[1]) for ln in m.splitlines() if ln.startswith("tca_ggml_batched")}
+        return v["tca_ggml_batched_steps_total"], v["tca_ggml_batched_step_tokens_total"]
+    s0, t0 = batched()
     got, errors = [None] * len(PROMPTS), []
 
     def run(i):
@@ -251,6 +258,8 @@ def test_parallel_streams_equal_each_alone(server, client):
     assert all(g[1] == "length" and g[2]["active"] and g[2]["kept_share"] < 1 for g in got)
     assert len({g[2]["slot"] for g in got}) > 1   # spread over the slots
     assert json.loads(_get(server + "/health")[1])["slots_processing"] == 0
+    s1, t1 = batched()
+    assert s1 > s0 and (t1 - t0) / (s1 - s0) > 1.2, (s1 - s0, t1 - t0)
 
 
 # ------------------------------------------------------------------ bad requests leave it serving

@@ -5,6 +5,7 @@ keyword arguments raise `TypeError` (llama-cpp-python swallows them silently).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -292,6 +293,9 @@ class Llama:
         # Llama.fork copies these (every argument but the model path)
         self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "model_path", "_share_model")}
         self._lock = threading.RLock()  # serialises every use of the native context (_locked)
+        # a view of one sequence of a shared context (Llama.sequence): its id, the batcher of the
+        # context's decode steps, the logits of its last decode (a copy)
+        self._seq, self._view, self._batcher, self._last_logits, self._views = 0, False, None, None, []
         self._model = None
         self._model_handle: Optional[_ModelHandle] = None  # the reference to _model this Llama holds
         self._ctx = None
@@ -580,7 +584,12 @@ class Llama:
         """TCA statistics of this context: whether TCA is active, retained rows per (layer,
         KV head), bytes allocated vs dense, and the coverage of the last compaction's query.
         With n_seq_max > 1 the totals are summed over the sequences and the per-head arrays hold
-        sequence 0's heads, then sequence 1's, ...; seq=i: sequence i's totals only."""
+        sequence 0's heads, then sequence 1's, ...; seq=i (a sequence view: its own sequence):
+        sequence i's totals and heads only."""
+        with self._ctx_guard():
+            return self._tca_stats(self._seq if (seq is None and self._view) else seq)
+
+    def _tca_stats(self, seq: Optional[int]) -> Dict[str, Any]:
         import numpy as np
         L, ffi = self._L, self._ffi
         ctx = self._live()
@@ -588,14 +597,8 @@ class Llama:
         if seq is not None:
             _check_int("seq", seq, 0, self.n_seq_max - 1)
             rc = self._scope.call(L.tca_get_seq_stats, ctx, seq, st)
-            self._scope.check(rc >= 0, ContextError, "cannot read the TCA statistics")
-            return {"active": bool(st.active), "n_seen": int(st.n_seen), "frontier": int(st.frontier),
-                    "bytes_alloc": int(st.bytes_alloc), "bytes_dense": int(st.bytes_dense),
-                    "bytes_hold": int(st.bytes_hold), "bytes_fast": int(st.bytes_alloc) - int(st.bytes_hold),
-                    "bytes_resident": int(st.bytes_resident), "rows_kept": int(st.rows_kept),
-                    "rows_cap": int(st.rows_cap), "rows_held": int(st.rows_held),
-                    "n_compactions": int(st.n_compactions), "n_final": int(st.n_final)}
-        rc = self._scope.call(L.tca_get_stats, ctx, st)
+        else:
+            rc = self._scope.call(L.tca_get_stats, ctx, st)
         self._scope.check(rc >= 0, ContextError, "cannot read the TCA statistics")
         n = self._scope.call(L.tca_get_head_stats, ctx, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 0)
         self._scope.check(n >= 0, ContextError, "cannot read the TCA statistics")
@@ -605,6 +608,9 @@ class Llama:
             L.tca_get_head_stats(ctx, ffi.cast("int32_t *", layer.ctypes.data), ffi.cast("uint32_t *", head.ctypes.data),
                                  ffi.cast("uint32_t *", ln.ctypes.data), ffi.cast("uint32_t *", cap.ctypes.data),
                                  ffi.cast("float *", cov.ctypes.data), n)
+        if seq is not None and self.n_seq_max > 1 and n:
+            k = n // self.n_seq_max   # the heads of each sequence, one sequence after the other
+            layer, head, ln, cap, cov = (x[seq * k:(seq + 1) * k] for x in (layer, head, ln, cap, cov))
         return {"active": bool(st.active), "label": self.tca_label, "n_seen": int(st.n_seen),
                 "frontier": int(st.frontier), "bytes_alloc": int(st.bytes_alloc), "bytes_dense": int(st.bytes_dense),
                 "rows_kept": int(st.rows_kept), "rows_cap": int(st.rows_cap),
@@ -627,6 +633,15 @@ class Llama:
             return
         self._closed = True
         L, ffi = self._L, self._ffi
+        if self._view:   # a sequence view: its sequence emptied; the context is its owner's
+            if not self._owner._closed:
+                with self._batcher.ctx_lock:
+                    self._clear_seq()
+            return
+        for v in self._views:
+            v.close()
+        if self._batcher is not None:
+            self._batcher.close()
         if self._batch is not None:
             L.llama_batch_free(self._batch)
             self._batch = None
@@ -719,7 +734,8 @@ class Llama:
         """Bytes held now: model weights, context memory (KV cache), compute buffers."""
         ffi = self._ffi
         m, c, k = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        self._L.tca_context_memory(self._live(), m, c, k)
+        with self._ctx_guard():
+            self._L.tca_context_memory(self._live(), m, c, k)
         return {"model": int(m[0]), "kv": int(c[0]), "compute": int(k[0])}
 
     # ------------------------------------------------------------------ tokens
@@ -800,6 +816,8 @@ class Llama:
         """Snapshot of the cache (llama-cpp-python's ``save_state``)."""
         L, ffi = self._L, self._ffi
         ctx = self._live()
+        if self._view:
+            raise ContextError("save_state of a sequence view: save the context's owner")
         size = self._scope.call(L.llama_state_get_size, ctx)
         buf = ffi.new("uint8_t[]", max(int(size), 1))
         n = self._scope.call(L.llama_state_get_data, ctx, buf, size)
@@ -831,6 +849,8 @@ class Llama:
         not hold it) raises ContextError and leaves the cache empty."""
         L, ffi = self._L, self._ffi
         ctx = self._live()
+        if self._view:
+            raise ContextError("load_state into a sequence view: load into the context's owner")
         if not isinstance(state, LlamaState):
             raise TypeError("load_state expects a LlamaState from save_state()")
         data = bytes(state.llama_state)
@@ -877,10 +897,78 @@ class Llama:
 
     @_locked
     def reset(self) -> None:
-        """Forget the KV cache."""
-        ctx = self._live()
-        self._L.llama_memory_clear(self._L.llama_get_memory(ctx), True)
+        """Forget the KV cache (a sequence view: its sequence)."""
+        self._live()
+        with self._ctx_guard():
+            self._clear_seq()
         self._tokens = []
+
+    # ------------------------------------------------------------------ sequences of one context
+    def _ctx_guard(self):
+        """The lock every native use of a shared context takes (a sequence view); else nothing."""
+        return self._batcher.ctx_lock if self._view else contextlib.nullcontext()
+
+    def _clear_seq(self) -> None:
+        """Empty this Llama's sequence: the whole cache, or a view's own sequence."""
+        L = self._L
+        mem = L.llama_get_memory(self._ctx)
+        if self._view:
+            L.llama_memory_seq_rm(mem, self._seq, -1, -1)
+        else:
+            L.llama_memory_clear(mem, True)
+
+    def _sample(self, smpl) -> int:
+        """The next token by the sampler chain (which accepts it): from the context's last logits,
+        or, for a sequence view, from its copy of its own."""
+        L, ffi = self._L, self._ffi
+        if not self._view:
+            return L.llama_sampler_sample(smpl, self._ctx, -1)
+        import numpy as np
+        n = self._n_vocab
+        cur = np.empty(n, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        cur["id"] = np.arange(n, dtype=np.int32)
+        cur["logit"] = self._last_logits
+        cur["p"] = 0.0
+        arr = ffi.new("llama_token_data_array *")
+        arr.data = ffi.cast("llama_token_data *", cur.ctypes.data)
+        arr.size = n
+        arr.selected = -1
+        arr.sorted = False
+        L.llama_sampler_apply(smpl, arr)
+        if not 0 <= arr.selected < arr.size:
+            raise DecodeError("the sampler selected no token")
+        tok = int(arr.data[arr.selected].id)
+        L.llama_sampler_accept(smpl, tok)
+        return tok
+
+    @_locked
+    def sequence(self, seq_id: int) -> "Llama":
+        """A view of sequence `seq_id` of this context (n_seq_max > 1): the single-sequence API
+        (eval_prompt, generate_tokens, create_completion, create_chat_completion, tca_stats, reset)
+        on that sequence (n_ctx / n_seq_max tokens), with its own prefix cache, timings and lock, for
+        one thread each. Decode steps of views generating at the same time are batched into one
+        llama_decode (continuous batching: tca_ggml.batching); a prompt is decoded alone, between
+        steps. Use the views, not this Llama, while they generate. Closing a view empties its
+        sequence; the context is freed with this Llama (which closes its views)."""
+        self._live()
+        _check_int("seq_id", seq_id, 0, self.n_seq_max - 1)
+        if self.n_seq_max < 2:
+            raise ValueError("sequence views need a context of several sequences (n_seq_max > 1)")
+        if any(v._seq == seq_id and not v._closed for v in self._views):
+            raise ValueError(f"sequence {seq_id} already has an open view")
+        if self._batcher is None:
+            from .batching import Batcher
+            self._batcher = Batcher(self)
+        v = object.__new__(Llama)
+        v.__dict__.update(self.__dict__)
+        v._seq, v._view, v._views, v._owner = seq_id, True, [], self
+        v._lock = threading.RLock()
+        v._tokens, v._last_logits, v.timings = [], None, Timings()
+        v._scope = _native.Scope(self.verbose)
+        with self._batcher.ctx_lock:
+            v._clear_seq()
+        self._views.append(v)
+        return v
 
     @_locked
     def _n_obs_min(self) -> int:
@@ -897,8 +985,32 @@ class Llama:
         s = ((n - 1) // ub) * ub
         return max(0, min(s, n - self._n_obs_min()))
 
-    def _decode(self, tokens: List[int], start_pos: int, want_last_logits: bool = True, seq_id: int = 0,
+    def _decode(self, tokens: List[int], start_pos: int, want_last_logits: bool = True, seq_id: Optional[int] = None,
                 mirror: bool = True) -> None:
+        seq_id = self._seq if seq_id is None else seq_id
+        if self._view:
+            if len(tokens) == 1 and want_last_logits:
+                # a decode step: batched with the other sequences' steps (batching.Batcher)
+                try:
+                    self._last_logits = self._batcher.decode_one(seq_id, tokens[0], start_pos)
+                except BaseException:
+                    if mirror:
+                        self._sync_tokens_after_failure(tokens)
+                    raise
+                if mirror:
+                    self._tokens.extend(tokens)
+                return
+            with self._batcher.ctx_lock:   # a prompt: alone, holding the context, between steps
+                self._decode_chunks(tokens, start_pos, want_last_logits, seq_id, mirror)
+                if want_last_logits:
+                    import numpy as np
+                    ptr = self._L.llama_get_logits_ith(self._ctx, -1)
+                    self._last_logits = np.frombuffer(self._ffi.buffer(ptr, 4 * self._n_vocab), np.float32).copy()
+            return
+        self._decode_chunks(tokens, start_pos, want_last_logits, seq_id, mirror)
+
+    def _decode_chunks(self, tokens: List[int], start_pos: int, want_last_logits: bool, seq_id: int,
+                       mirror: bool) -> None:
         L, ffi = self._L, self._ffi
         ctx = self._live()
         b = self._batch
@@ -955,7 +1067,8 @@ class Llama:
         """Make the token mirror what the cache holds: the mirror, then a prefix of `pending` (the
         chunk being decoded), cut at the cache's length."""
         L = self._L
-        pmax = L.llama_memory_seq_pos_max(L.llama_get_memory(self._ctx), 0)
+        with self._ctx_guard():
+            pmax = L.llama_memory_seq_pos_max(L.llama_get_memory(self._ctx), self._seq)
         held = self._tokens if len(self._tokens) > pmax else self._tokens + list(pending)
         self._tokens = held[: max(pmax + 1, 0)]
 
@@ -963,16 +1076,17 @@ class Llama:
         """Before an evaluation: if the mirror and the cache disagree in length (an interrupt
         between a cache change and the mirror's update), cut both to what they share."""
         L = self._L
-        mem = L.llama_get_memory(self._ctx)
-        n_cached = L.llama_memory_seq_pos_max(mem, 0) + 1
-        if n_cached == len(self._tokens):
-            return
-        if n_cached > len(self._tokens):
-            if not self._scope.call(L.llama_memory_seq_rm, mem, 0, len(self._tokens), -1):
-                L.llama_memory_clear(mem, True)
-                self._tokens = []
-        else:
-            self._tokens = self._tokens[:max(n_cached, 0)]
+        with self._ctx_guard():
+            mem = L.llama_get_memory(self._ctx)
+            n_cached = L.llama_memory_seq_pos_max(mem, self._seq) + 1
+            if n_cached == len(self._tokens):
+                return
+            if n_cached > len(self._tokens):
+                if not self._scope.call(L.llama_memory_seq_rm, mem, self._seq, len(self._tokens), -1):
+                    self._clear_seq()
+                    self._tokens = []
+            else:
+                self._tokens = self._tokens[:max(n_cached, 0)]
 
     @_locked
     def eval_prompt(self, tokens: List[int]) -> int:
@@ -1009,10 +1123,11 @@ class Llama:
             n_common = min(n_common, max(0, len(tokens) - self._n_obs_min()))
         n_common = min(n_common, len(tokens) - 1)  # always re-evaluate the last token for its logits
         if n_common < len(self._tokens):
-            mem = L.llama_get_memory(ctx)
-            if not self._scope.call(L.llama_memory_seq_rm, mem, 0, n_common, -1):
-                L.llama_memory_clear(mem, True)
-                n_common = 0
+            with self._ctx_guard():
+                mem = L.llama_get_memory(ctx)
+                if not self._scope.call(L.llama_memory_seq_rm, mem, self._seq, n_common, -1):
+                    self._clear_seq()
+                    n_common = 0
             self._tokens = self._tokens[:n_common]
         self._decode(tokens[n_common:], n_common)
         return n_common
@@ -1020,6 +1135,8 @@ class Llama:
     @_locked
     def _logits_last(self):
         import numpy as np
+        if self._view:
+            return self._last_logits
         ptr = self._L.llama_get_logits_ith(self._ctx, -1)
         if ptr == self._ffi.NULL:
             raise DecodeError("no logits available")
@@ -1073,7 +1190,7 @@ class Llama:
 
     def _generate_tokens(self, tokens, max_tokens, temperature, top_k, top_p, min_p, typical_p,
                          repeat_penalty, frequency_penalty, presence_penalty, seed) -> Iterator[int]:
-        with self._lock:
+        with self._lock, (self._batcher.generating() if self._view else contextlib.nullcontext()):
             yield from self._generate_tokens_locked(tokens, max_tokens, temperature, top_k, top_p, min_p,
                                                     typical_p, repeat_penalty, frequency_penalty,
                                                     presence_penalty, seed)
@@ -1098,8 +1215,8 @@ class Llama:
             self._stop_reason = "length"
             td = time.perf_counter()
             while n < limit:
-                tok = L.llama_sampler_sample(smpl, ctx, -1)
-                L.llama_sampler_accept(smpl, tok)
+                # (llama_sampler_sample accepts the token into the chain itself: penalties count it once)
+                tok = self._sample(smpl)
                 if L.llama_vocab_is_eog(self._vocab, tok):
                     self._stop_reason = "eog"
                     return

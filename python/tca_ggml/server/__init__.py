@@ -4,8 +4,9 @@
                    [--tca | --tca-density X] [--n-gpu-layers N] [--threads N] [--alias NAME]
                    [--chat-format chatml] [--api-key KEY]
 
-The model is loaded once; each of the N parallel slots is a context of its own over it (native
-TCA serves one sequence per context), with its own worker thread and prefix cache; requests
+The model is loaded once into one context of N sequences: each of the N parallel slots is a
+sequence (with TCA, its own budgeted retention memory), with its own worker thread and prefix
+cache; the slots' decode steps are batched into one llama_decode (continuous batching); requests
 beyond N wait in a FIFO queue. Endpoints: /v1/models, /v1/completions, /v1/chat/completions
 (SSE streaming), /health, /metrics. Needs the `server` extra: pip install 'tca_ggml[server]'.
 See docs/serving.md.
@@ -49,8 +50,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("-np", "--parallel", type=int, default=1,
-                    help="parallel slots: contexts over the one loaded model (each --n-ctx tokens; by default "
-                         "each gets 1/N of the cores: -t cores/2/N, -tb cores/N)")
+                    help="parallel slots: sequences of one context (each --n-ctx tokens), their decode steps "
+                         "batched into one graph")
     ap.add_argument("-a", "--alias", default=None, help="the model's name in the API (default: the file's stem)")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
 
@@ -89,13 +90,7 @@ def main_cli(a) -> int:
         print("error: --parallel must be >= 1 and --port in [0, 65535]", file=sys.stderr)
         return 2
     from ..errors import TCAError
-    # each slot is a context with a thread pool of its own: share the cores among them by default
-    # (Llama's defaults, half the cores to decode and all of them to prefill, divided by N)
-    cores = os.cpu_count() or 1
-    if a.threads is None:
-        a.threads = max(1, cores // 2 // a.parallel)
-    if a.threads_batch is None:
-        a.threads_batch = max(1, cores // a.parallel)
+    # one context for all slots: Llama's defaults (half the cores to decode, all of them to prefill)
     try:
         engine = Engine(a.model, parallel=a.parallel, alias=a.alias, **llama_kwargs(a))
     except (TCAError, ValueError, TypeError, OSError) as e:

@@ -1,10 +1,10 @@
 """The server's engine: one loaded model, N slots, a FIFO queue; no web framework here.
 
-A slot is a ``Llama`` context over the shared model (``Llama.fork``): native TCA serves one
-sequence per context (n_seq_max = 1), so N parallel requests are N contexts, each with its own
-retention memory and prefix cache, each driven by its own worker thread (the event loop never
-runs native code). When multi-sequence TCA lands, a slot becomes a sequence id of one context
-and the workers one batching loop; ``SlotPool`` and the event stream of ``Engine.generate`` stay.
+A slot is a sequence of one context (``Llama(n_seq_max=N).sequence(i)``; with TCA each sequence
+has its own budgeted retention memory), with its own prefix cache, driven by its own worker thread
+(the event loop never runs native code). The slots' decode steps are batched into one
+``llama_decode`` a step (``tca_ggml.batching``: continuous batching -- a request joins and leaves
+between steps; a prompt is decoded alone between steps). One slot (N = 1) is a plain context.
 
 Threads: the pool and the queue live on the event loop (no locks); a job runs in its slot's
 worker thread and hands its events to the loop (``call_soon_threadsafe``); a consumer that goes
@@ -37,7 +37,7 @@ class Job:
 
 
 class Slot:
-    """A context of the shared model, the worker thread that drives it, and what it holds."""
+    """A sequence of the shared context, the worker thread that drives it, and what it holds."""
 
     def __init__(self, sid: int, llm: Llama):
         self.id = sid
@@ -112,10 +112,11 @@ def _finite(v: float) -> Optional[float]:
 
 
 class Engine:
-    """The model loaded once, `parallel` slots over it, a context-less tokenizer, and counters.
+    """The model loaded once, one context of `parallel` sequences (the slots), a context-less
+    tokenizer, and counters.
 
-    `llama_kwargs` are Llama's (n_ctx is per slot). The first slot loads the model; the others
-    and the tokenizer are its forks."""
+    `llama_kwargs` are Llama's; n_ctx is per slot (the context holds parallel x n_ctx; 0: the
+    model's training context, per slot)."""
 
     def __init__(self, model_path: str, parallel: int = 1, alias: Optional[str] = None, **llama_kwargs):
         if parallel < 1:
@@ -123,20 +124,25 @@ class Engine:
         self.model_path = model_path
         self.alias = alias or os.path.splitext(os.path.basename(model_path))[0]
         self.created = int(time.time())
-        first = Llama(model_path, **llama_kwargs)
-        llms = [first]
+        kw = dict(llama_kwargs)
+        if parallel > 1:
+            n_ctx = int(kw.get("n_ctx", 512) or 0)
+            if n_ctx == 0:   # the model's training context, for each slot
+                from ..gguf_meta import read_kv
+                md = read_kv(model_path)
+                n_ctx = int(md.get(f"{md.get('general.architecture')}.context_length", 0) or 4096)
+            kw.update(n_ctx=parallel * n_ctx, n_seq_max=parallel, n_batch=max(int(kw.get("n_batch", 512)), parallel))
+        self.owner = Llama(model_path, **kw)
         try:
-            for _ in range(parallel - 1):
-                llms.append(first.fork())
-            self.tokenizer = first.fork(vocab_only=True)
+            llms = [self.owner.sequence(i) for i in range(parallel)] if parallel > 1 else [self.owner]
+            self.tokenizer = self.owner.fork(vocab_only=True)
         except BaseException:
-            for llm in llms:
-                llm.close()
+            self.owner.close()
             raise
         self.slots = [Slot(i, llm) for i, llm in enumerate(llms)]
         self.pool = SlotPool(self.slots)
-        self.n_ctx = first.n_ctx()
-        self.tca_label = first.tca_label
+        self.n_ctx = self.owner._n_ctx_seq   # what one slot (sequence) holds
+        self.tca_label = self.owner.tca_label
         self.chat_format = llama_kwargs.get("chat_format")
         self._bos = self.tokenizer.tokenize(b"", add_bos=True, special=True)  # [bos] when the vocab adds one
         self._cancels: "set[threading.Event]" = set()
@@ -304,7 +310,12 @@ class Engine:
                             ("tokens_predicted_seconds_total", "Generation time.")):
             v = c.get(name, 0)
             metric(name, "counter", help_, [({}, float(v) if "seconds" in name else int(v))])
-        metric("slots", "gauge", "Parallel slots (contexts over the one loaded model).", [({}, len(self.slots))])
+        metric("slots", "gauge", "Parallel slots (sequences of the one context).", [({}, len(self.slots))])
+        b = self.owner._batcher
+        metric("batched_steps_total", "counter", "Decode steps (one llama_decode each) of the slots' sequences.",
+               [({}, b.n_steps if b else 0)])
+        metric("batched_step_tokens_total", "counter", "Tokens decoded in those steps (tokens/steps: the batch size).",
+               [({}, b.n_step_tokens if b else 0)])
         metric("requests_processing", "gauge", "Requests holding a slot.", [({}, self.pool.n_busy)])
         metric("requests_deferred", "gauge", "Requests waiting for a slot.", [({}, self.pool.n_waiting)])
         last = [(s, s.last_tca) for s in self.slots if s.last_tca is not None]
@@ -326,6 +337,5 @@ class Engine:
             ev.set()
         for s in self.slots:
             s.worker.shutdown(wait=True)
-        for s in self.slots:
-            s.llm.close()
+        self.owner.close()   # its sequence views too
         self.tokenizer.close()

@@ -316,3 +316,47 @@ def test_hold_decode_attends_every_row_for_the_first_steps(smol_model, doc_token
         assert llm.tca_stats()["hold_decode"] == 32            # the default
     with pytest.raises(TCAConfigError, match="tca_hold_decode"):
         Llama(smol_model, **dict(KW, tca_hold_decode=-1))
+
+
+def test_refresh_after_the_hold_decode_steps_is_their_final_selection(smol_model, doc_tokens, monkeypatch):
+    """After the last hold-decode step the kept set is selected again from every held row, by the
+    queries of the hold-decode steps (TCA_GGML_REFRESH=1, an experiment: off by default). Reference: the prompt end a
+    prompt of the same tokens makes -- the document, then the tokens those steps decoded, its last
+    n_obs queries being theirs -- with every prefill ubatch attending every row (tca_prefill="dense"),
+    so that both compute the same K/V and queries: the same kept rows (up to near-ties of the
+    batched vs one-token arithmetic). Off, there is no second selection."""
+    toks = doc_tokens[:1200]
+    N = 8
+    kw = dict(KW, tca_density=0.1, tca_prefill="dense", tca_hold_decode=N, tca_obs=N)
+    monkeypatch.setenv("TCA_GGML_REFRESH", "1")
+
+    def kept(llm):
+        st = llm.tca_stats()
+        return st, {(l, g): set(llm.tca_retained_positions(l, g).tolist())
+                    for l, g in zip(st["layer"].tolist(), st["kv_head"].tolist())}
+
+    with Llama(smol_model, **kw) as llm:
+        llm.eval_prompt(toks)
+        fed, tok = [], int(llm._logits_last().argmax())
+        for _ in range(N):
+            fed.append(tok)
+            llm._decode([tok], len(llm._tokens))
+            tok = int(llm._logits_last().argmax())
+        st1, p1 = kept(llm)
+    assert st1["n_refresh"] == 1 and st1["n_final"] == 1 and st1["n_seen"] == len(toks) + N
+    with Llama(smol_model, **kw) as llm:
+        llm.eval_prompt(toks + fed)
+        st2, p2 = kept(llm)
+    assert st2["n_refresh"] == 0 and st2["n_final"] == 1 and st2["n_seen"] == st1["n_seen"]
+    same = sum(len(p1[h] & p2[h]) for h in p1)
+    total = sum(len(p2[h]) for h in p2)
+    assert same / total >= 0.97, same / total
+    monkeypatch.delenv("TCA_GGML_REFRESH")   # the default: off
+    with Llama(smol_model, **kw) as llm:
+        llm.eval_prompt(toks)
+        for t in fed:
+            llm._decode([t], len(llm._tokens))
+        st3, p3 = kept(llm)
+    assert st3["n_refresh"] == 0
+    # without it the rows after the prompt are the prompt's selection: not the reference's
+    assert sum(len(p3[h] & p2[h]) for h in p2) / total < same / total

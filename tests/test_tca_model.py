@@ -376,11 +376,13 @@ def test_quantized_kv_cache(tmp_path):
 
 
 @pytest.mark.slow
-def test_decode_compresses_only_the_block_leaving_the_window(tmp_path):
+def test_decode_compresses_only_the_block_leaving_the_window(tmp_path, monkeypatch):
     """TCA-SPEC's decode rule, in C: during decode a compaction touches only the block(s) that
     just left the window, each cut to floor(t) tokens (t = the head's expected tokens per block);
-    every older block keeps exactly what the prefill's last selection left it."""
+    every older block keeps exactly what the prefill's last selection left it. (The refresh after
+    the hold-decode steps, a selection of its own, is switched off here: test_retention.py.)"""
     import math
+    monkeypatch.setenv("TCA_GGML_REFRESH", "0")
     from tca_ggml.random_model import write_random_gguf
     path = tmp_path / "rm.gguf"
     write_random_gguf(path, "llama-3.2-1b", "q8_0", seed=5, n_layer=2)

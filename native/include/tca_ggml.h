@@ -190,6 +190,7 @@ struct tca_stats {
     uint64_t bytes_resident;   // of the fast tier, the bytes of the rows held now (K + V + position):
                                // what attention reads after a prompt; bytes_alloc - bytes_hold is its peak
     uint32_t n_obs_last;       // observation queries (the prompt's last ones) of the last final selection
+    uint64_t n_refresh;        // selections from the hold tier after the hold-decode steps (TCA_GGML_REFRESH)
 };
 TCA_API int tca_get_stats(const struct llama_context * ctx, struct tca_stats * out);  // 1 active, 0 not
 // A context of several sequences (n_seq_max > 1: one retention memory a sequence, n_ctx / n_seq_max

@@ -43,6 +43,10 @@ public:
             int32_t * d = (int32_t *) qpos->data;
             for (uint32_t i = 0; i < n_tok; ++i) d[i] = upos[i];
         }
+        if (obs_idx) {   // refresh: the hold-decode step's q_obs slot
+            GGML_ASSERT(ggml_backend_buffer_is_host(obs_idx->buffer));
+            *(int64_t *) obs_idx->data = std::max<int32_t>(0, mem->get_obs_slot());
+        }
         // staging for the device-resident inputs, per buffer type
         struct stage { std::vector<float> pn; std::vector<int64_t> ix, hix; std::vector<int32_t> mt, hmt; };
         std::vector<int32_t> scratch, scratch_m;
@@ -154,6 +158,7 @@ public:
         if (!qpos || qpos->ne[0] != (int64_t) n_tok) return false;
         if (final != (m->is_cur_final() && !full)) return false;  // HOLD: another graph
         if (hold_decode != (m->is_cur_hold_decode() && !full)) return false;
+        if ((obs_idx != nullptr) != (m->get_obs_slot() >= 0 && !full)) return false;
         return true;
     }
 
@@ -162,6 +167,7 @@ public:
     int32_t stream;           // -1: the context's one memory; else the stream's index in the ubatch
     uint32_t tok0, n_tok;     // the stream's tokens in each ubatch
     ggml_tensor * qpos = nullptr;
+    ggml_tensor * obs_idx = nullptr;      // HOLD, refresh: [1] i64, the q_obs slot of a hold-decode step
     std::vector<per_layer> layers;
     // host layers: one graph input tensor of each kind for all of them (views per layer)
     ggml_tensor * pnew_all = nullptr;     // [1, sum nkv * n_tokens] f32
@@ -233,6 +239,11 @@ llm_graph_input_attn_tca * tca_stream_input(const llm_graph_context & g, llama_t
     }
     inp->final = mem->is_cur_final() && !full;
     inp->hold_decode = mem->is_cur_hold_decode() && !full;
+    if (mem->get_obs_slot() >= 0 && !full) {
+        inp->obs_idx = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, 1);
+        ggml_set_input(inp->obs_idx);
+        ggml_set_name(inp->obs_idx, "tca_obs_idx");
+    }
     return (llm_graph_input_attn_tca *) g.res->add_input(std::move(inp));
 }
 
@@ -303,6 +314,15 @@ ggml_tensor * tca_attn_stream(const llm_graph_context & g, llm_graph_input_attn_
             att_v = hv_all;
             att_p = ggml_reshape_1d(ctx0, L->hkpos, ggml_nelements(L->hkpos));
             att_meta = hmeta;
+            if (inp->obs_idx) {
+                // refresh: this step's query into its q_obs slot (the selection after the last
+                // hold-decode step is made by them)
+                ggml_tensor * qs = ggml_cont(ctx0, q_cur);
+                if (qs->type != GGML_TYPE_F32) qs = ggml_cast(ctx0, qs, GGML_TYPE_F32);
+                qs = ggml_reshape_2d(ctx0, qs, L->d_k * L->n_head, 1);
+                ggml_tensor * dst = ggml_reshape_2d(ctx0, L->q_obs, L->d_k * L->n_head, L->q_obs->ne[2]);
+                ggml_build_forward_expand(gf, ggml_set_rows(ctx0, dst, qs, inp->obs_idx));
+            }
         } else if (inp->final || (n_tokens > 1 && mem->get_config().prefill_dense_layer(il))) {
             att_k = hk_all;
             att_v = hv_all;

@@ -361,9 +361,14 @@ bool llama_tca_memory::reserve_ubatch(const llama_ubatch & ub) {
     prev_prefill = ub.n_tokens > 1 && !cur_final;
     // HOLD: the first hold_decode decode steps after a prompt end attend the hold tier too
     cur_hold_decode = cfg.hold && !cur_final && ub.n_tokens == 1 && n_decode_after_final < cfg.hold_decode;
+    // refresh: the hold-decode steps keep their queries (step k in q_obs slot k mod n_obs); after the
+    // last one, the kept set is selected again from the hold tier by them (compact_pending)
+    cur_obs_slot = (cur_hold_decode && cfg.refresh) ? (int32_t) (n_decode_after_final % std::max<uint32_t>(1, cfg.n_obs)) : -1;
     if (cur_final) n_decode_after_final = 0;
     else if (ub.n_tokens == 1) n_decode_after_final += n_decode_after_final < cfg.hold_decode;
     else n_decode_after_final = cfg.hold_decode;
+    if (cur_final || ub.n_tokens > 1) pending_refresh = false;
+    if (cur_obs_slot >= 0 && n_decode_after_final == cfg.hold_decode) pending_refresh = true;
     if (cur_final) {
         n_obs_valid = std::min<uint32_t>(std::max<uint32_t>(1, cfg.n_obs), ub.n_tokens);
         pending_final = true;
@@ -405,7 +410,24 @@ void llama_tca_memory::compact_pending(bool prompt_continues) {
     if (pending_final && prompt_continues) ++n_final_deferred;
     pending_final = false;
     const uint32_t F = llama_tca_aged_frontier(n_seen, cfg.window, cfg.block);
+    const bool refresh = pending_refresh && !fin;
+    pending_refresh = false;
     if (F == 0) return;
+    if (refresh) {
+        // HOLD, after the last hold-decode step (docs/design.md "Refresh"): the kept set selected
+        // again from every held row, by the queries of the answer's first steps (q_obs)
+        n_obs_valid = std::min<uint32_t>(std::max<uint32_t>(1, cfg.n_obs), cfg.hold_decode);
+        if (sched) ggml_backend_sched_synchronize(sched);
+        const int64_t t0 = ggml_time_us();
+        std::map<ggml_backend_buffer_type_t, std::vector<layer_t *>> groups;
+        for (auto & L : layers) groups[L.buft].push_back(&L);
+        for (auto & kv : groups) compact_final(kv.second);
+        frontier = F;
+        ++n_compactions;
+        ++n_refresh;
+        t_compact_us += (double) (ggml_time_us() - t0);
+        return;
+    }
     if (fin) {
         // HOLD, after a prompt's last ubatch: what stays is selected from every row of the
         // sequence (the hold tier) by the prompt's last queries
@@ -738,6 +760,8 @@ void llama_tca_memory::clear(bool data) {
     cur_hold_decode = false;
     n_decode_after_final = cfg.hold_decode;
     prev_prefill = false;
+    pending_refresh = false;
+    cur_obs_slot = -1;
 }
 
 bool llama_tca_memory::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
@@ -762,6 +786,7 @@ bool llama_tca_memory::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
         n_seen = (uint32_t) pending_first_pos;
         pending = false;
         pending_final = false;
+        pending_refresh = false;
     } else {
         try {
             compact_pending();

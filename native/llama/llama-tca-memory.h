@@ -59,6 +59,8 @@ struct llama_tca_config {
     int pool_radius = 3;              // TCA_GGML_POOL: within-block ranking radius (0 = plain scores)
     bool score_per_query = false;     // TCA_GGML_SCORE_PER_QUERY: the final selection's CPU score as one node a query (A/B)
     bool stats_on_exit = false;       // TCA_GGML_STATS: one line of compaction statistics on stderr at the end
+    bool refresh = false;             // TCA_GGML_REFRESH=1 (experiment): HOLD, after the hold-decode steps the
+                                      // kept set is selected again from the hold tier by those steps' queries
 };
 
 // The aged frontier: blocks entirely more than `window` tokens behind the n_seen-th token are
@@ -198,7 +200,10 @@ public:
     uint32_t get_n_seen() const { return n_seen; }   // tokens of the sequence held (positions 0 .. n_seen-1)
     uint32_t get_frontier() const { return frontier; }
     bool is_cur_final() const { return cur_final; }
-    bool is_cur_hold_decode() const { return cur_hold_decode; }  // HOLD: a decode step that attends the hold tier  // HOLD: the ubatch being built is a prompt's last
+    bool is_cur_hold_decode() const { return cur_hold_decode; }
+    // HOLD, refresh: the q_obs slot the hold-decode step being built writes its query to (-1: none)
+    int32_t get_obs_slot() const { return cur_obs_slot; }
+    uint64_t get_n_refresh() const { return n_refresh; }  // HOLD: a decode step that attends the hold tier  // HOLD: the ubatch being built is a prompt's last
     uint64_t get_bytes_dense() const { return bytes_dense; }
     uint64_t get_bytes_hold() const { return bytes_hold; }
     uint64_t get_n_compactions() const { return n_compactions; }
@@ -233,6 +238,9 @@ private:
     bool cur_final = false;
     bool cur_hold_decode = false;
     uint32_t n_decode_after_final = 0; // decode steps since the last prompt end
+    int32_t cur_obs_slot = -1;    // refresh: the hold-decode step's q_obs slot
+    bool pending_refresh = false; // refresh: the last hold-decode step ran; the selection follows it
+    uint64_t n_refresh = 0;       // refresh selections made
     bool pending_final = false;   // a final ubatch ran since the last compaction
     bool prev_prefill = false;    // the previous ubatch was a non-final multi-token ubatch
     uint32_t n_obs_valid = 0;     // queries in q_obs (min(n_obs, the final ubatch's tokens))

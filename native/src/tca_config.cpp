@@ -111,6 +111,7 @@ static void read_knobs(llama_tca_config & cfg) {
     cfg.lazy        = env_int("TCA_GGML_LAZY", 0) != 0;
     cfg.pool_radius = std::max(0, env_int("TCA_GGML_POOL", 3));
     cfg.score_per_query = env_int("TCA_GGML_SCORE_PER_QUERY", 0) != 0;
+    cfg.refresh     = env_int("TCA_GGML_REFRESH", 0) != 0;
     const char * st = getenv("TCA_GGML_STATS");
     cfg.stats_on_exit = st && *st && strcmp(st, "0") != 0;
 }

@@ -621,7 +621,7 @@ class Llama:
                             if st.active and self._tp is not None else None),
                 "bytes_hold": int(st.bytes_hold), "bytes_fast": int(st.bytes_alloc) - int(st.bytes_hold),
                 "rows_held": int(st.rows_held), "n_final": int(st.n_final),
-                "n_obs_last": int(st.n_obs_last),
+                "n_obs_last": int(st.n_obs_last), "n_refresh": int(st.n_refresh),
                 "hold_decode": int(self._tp.n_hold_decode) if st.active and self._tp is not None else None, "bytes_resident": int(st.bytes_resident),
                 "layer": layer, "kv_head": head, "retained": ln, "capacity": cap, "coverage": cov}
 

@@ -413,24 +413,11 @@ void llama_tca_memory::compact_pending(bool prompt_continues) {
     const bool refresh = pending_refresh && !fin;
     pending_refresh = false;
     if (F == 0) return;
-    if (refresh) {
-        // HOLD, after the last hold-decode step (docs/design.md "Refresh"): the kept set selected
-        // again from every held row, by the queries of the answer's first steps (q_obs)
-        n_obs_valid = std::min<uint32_t>(std::max<uint32_t>(1, cfg.n_obs), cfg.hold_decode);
-        if (sched) ggml_backend_sched_synchronize(sched);
-        const int64_t t0 = ggml_time_us();
-        std::map<ggml_backend_buffer_type_t, std::vector<layer_t *>> groups;
-        for (auto & L : layers) groups[L.buft].push_back(&L);
-        for (auto & kv : groups) compact_final(kv.second);
-        frontier = F;
-        ++n_compactions;
-        ++n_refresh;
-        t_compact_us += (double) (ggml_time_us() - t0);
-        return;
-    }
-    if (fin) {
+    if (fin || refresh) {
         // HOLD, after a prompt's last ubatch: what stays is selected from every row of the
-        // sequence (the hold tier) by the prompt's last queries
+        // sequence (the hold tier) by the prompt's last queries. Refresh (TCA_GGML_REFRESH), after
+        // the last hold-decode step: the same, by the queries of the answer's first steps (q_obs)
+        if (refresh) n_obs_valid = std::min<uint32_t>(std::max<uint32_t>(1, cfg.n_obs), cfg.hold_decode);
         if (sched) ggml_backend_sched_synchronize(sched);
         const int64_t t0 = ggml_time_us();
         std::map<ggml_backend_buffer_type_t, std::vector<layer_t *>> groups;
@@ -438,8 +425,12 @@ void llama_tca_memory::compact_pending(bool prompt_continues) {
         for (auto & kv : groups) compact_final(kv.second);
         frontier = F;
         ++n_compactions;
-        ++n_final;
-        n_obs_last = n_obs_valid;
+        if (refresh) {
+            ++n_refresh;
+        } else {
+            ++n_final;
+            n_obs_last = n_obs_valid;
+        }
         t_compact_us += (double) (ggml_time_us() - t0);
         return;
     }

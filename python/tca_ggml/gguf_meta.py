@@ -802,6 +802,11 @@ def _read_key(f, layout: _Layout, key: str, vtype, sub, path):
         raise TCAMetadataError(key, f"array of {kv.count} elements exceeds the limit {MAX_ARRAY_LEN}", path=path)
     val = _read_value(f, layout, kv)
     if vtype == VT.STRING:
+        # GGUF strings are length-prefixed, but llama.cpp hands them out as C strings
+        # (gguf_get_val_str): the library -- and the native budget reader -- sees a string up to its
+        # first NUL. Read the same, so that both readers take or refuse the same file (fuzz find:
+        # b"t\0\0\0\x80..." was "t" natively and invalid UTF-8 here)
+        val = val.split(b"\x00", 1)[0]
         try:
             return val.decode("utf-8")
         except UnicodeDecodeError as e:

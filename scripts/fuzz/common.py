@@ -204,17 +204,33 @@ def mutate_duplicate_token(data: bytes, token: int = 98, copy_of: int = 97) -> b
     return bytes(b)
 
 
+def mutate_tool_embedded_nul(data: bytes) -> bytes:
+    """tca.calib.tool's string (same length) made b"t\\0\\x80" + the rest: found by the gguf target
+    (session 16). The native budget reader saw "t" (llama.cpp hands GGUF strings out as C strings),
+    the Python reader the whole bytes -- invalid UTF-8 -- so one took the file and the other refused
+    it (the target's check that both readers agree). Now Python reads up to the first NUL too."""
+    t, at = _gguf_kv_offsets(data)["tca.calib.tool"]
+    (n,) = struct.unpack_from("<Q", data, at)
+    if t != _GGUF_STRING or n < 3:
+        raise ValueError("tca.calib.tool is not a string of 3 bytes or more")
+    b = bytearray(data)
+    b[at + 9:at + 11] = b"\x00\x80"
+    return bytes(b)
+
+
 # file name -> mutation of micro.tca.gguf's bytes (the target is the name's prefix: gguf)
 GGUF_MUTATIONS = {
     "gguf-block-count-0.gguf": mutate_block_count_0,
     "gguf-duplicate-token.gguf": mutate_duplicate_token,
     "gguf-head-count-kv-huge.gguf": mutate_head_count_kv_huge,
+    "gguf-tool-embedded-nul.gguf": mutate_tool_embedded_nul,
 }
 # sha256 of each mutated file: the exact inputs that crashed (once committed as files of these names)
 GGUF_REGRESSION_SHA256 = {
     "gguf-block-count-0.gguf": "e61edc87032b1cdeb821a6587fdc29b549cca1bb980cecfe6ec9163375a62b71",
     "gguf-duplicate-token.gguf": "be99e645ee8d6f77af03e6917d7e05eba16f927ad155e8f7446d05a1310b9249",
     "gguf-head-count-kv-huge.gguf": "9cdbd396b9ff57340e53aaefcc2ec40b8f290f81d233b7c36c6ed3999139da38",
+    "gguf-tool-embedded-nul.gguf": "5da02c150f6f9ab2f4b877d24971bcd892a8f5fd6ad9597b5afaef209fcec0ea",
 }
 
 

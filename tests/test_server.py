@@ -274,7 +274,7 @@ def test_bad_requests_are_openai_errors(server, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=4)
     assert e.value.code == "model_not_found"
-    for kw in (dict(temperature=7), dict(max_tokens=0), dict(n=2), dict(logprobs=2), dict(top_p="x"),
+    for kw in (dict(temperature=7), dict(max_tokens=0), dict(n=2), dict(logprobs=21), dict(top_p="x"),
                dict(suffix="tail"), dict(stop=5)):
         args = dict(model="tiny", prompt="hi", max_tokens=4)
         args.update(kw)
@@ -283,9 +283,9 @@ def test_bad_requests_are_openai_errors(server, client):
         assert e.value.status_code == 400 and e.value.param is not None, kw
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[], max_tokens=4)
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], logprobs=True)
-    assert e.value.param == "logprobs"
+    with pytest.raises(openai.BadRequestError) as e:   # (logprobs, response_format: tests/test_api_logprobs_grammar.py)
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], top_logprobs=2)
+    assert e.value.param == "top_logprobs"
     assert _metric(server, "requests_rejected_total") >= 12
     text, finish, _, _ = _complete(client, PROMPTS[4])   # still serving
     assert text and finish == "length"

@@ -128,6 +128,24 @@ def _locked(method):
     return wrapper
 
 
+def _logprobs(row, tok: int, n_top: int):
+    """(log-probability of `tok`, [(id, log-probability)] of the `n_top` most likely tokens, most
+    likely first, ties by id): the log-softmax of a raw logits row (float64 arithmetic)."""
+    import numpy as np
+    x = np.asarray(row, dtype=np.float64)
+    m = float(np.max(x))
+    if not math.isfinite(m):
+        m = 0.0
+    lse = m + math.log(float(np.sum(np.exp(x - m))))
+    top = []
+    k = min(int(n_top), x.size)
+    if k > 0:
+        idx = np.argpartition(-x, k - 1)[:k] if k < x.size else np.arange(x.size)
+        idx = idx[np.lexsort((idx, -x[idx]))]
+        top = [(int(i), float(x[i] - lse)) for i in idx]
+    return float(x[tok] - lse), top
+
+
 # save_state's envelope: magic, then the identity of the model the state belongs to, then
 # upstream's state bytes (llama_state_get_data). load_state checks the identity first.
 _STATE_MAGIC = b"tca_ggml.state\x00\x01"
@@ -917,17 +935,26 @@ class Llama:
         else:
             L.llama_memory_clear(mem, True)
 
-    def _sample(self, smpl) -> int:
-        """The next token by the sampler chain (which accepts it): from the context's last logits,
-        or, for a sequence view, from its copy of its own."""
-        L, ffi = self._L, self._ffi
-        if not self._view:
-            return L.llama_sampler_sample(smpl, self._ctx, -1)
+    def _sample(self, smpl, guarded: bool = False):
+        """The next token by the sampler chain, which accepts it (once), and the raw logits row it was
+        sampled from (numpy float32: the context's last logits, valid until the next decode, or a
+        sequence view's copy of its own row). The chain is applied to a candidate array built from
+        that row, as llama_sampler_sample does, then the token is accepted: in between, with a grammar
+        in the chain (`guarded`), a pick the chain had excluded (-inf: the grammar allows no token
+        here) is refused -- llama.cpp's grammar would throw through the C API on accepting it."""
         import numpy as np
+        L, ffi = self._L, self._ffi
         n = self._n_vocab
+        if self._view:
+            row = self._last_logits
+        else:
+            ptr = L.llama_get_logits_ith(self._ctx, -1)
+            if ptr == ffi.NULL:
+                raise DecodeError("no logits available")
+            row = np.frombuffer(ffi.buffer(ptr, 4 * n), np.float32)
         cur = np.empty(n, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
         cur["id"] = np.arange(n, dtype=np.int32)
-        cur["logit"] = self._last_logits
+        cur["logit"] = row
         cur["p"] = 0.0
         arr = ffi.new("llama_token_data_array *")
         arr.data = ffi.cast("llama_token_data *", cur.ctypes.data)
@@ -938,8 +965,12 @@ class Llama:
         if not 0 <= arr.selected < arr.size:
             raise DecodeError("the sampler selected no token")
         tok = int(arr.data[arr.selected].id)
+        if guarded and not arr.data[arr.selected].logit > -math.inf:
+            from .grammar import GrammarError
+            raise GrammarError("the grammar allows no token after the text generated so far (no token of this "
+                               "vocabulary continues it)")
         L.llama_sampler_accept(smpl, tok)
-        return tok
+        return tok, row
 
     @_locked
     def sequence(self, seq_id: int) -> "Llama":
@@ -1149,12 +1180,40 @@ class Llama:
         self.eval_prompt(tokens)
         return self._logits_last()
 
-    def _make_sampler(self, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
-                      frequency_penalty, presence_penalty, seed):
+    def _grammar_sampler(self, grammar):
+        """llama.cpp's grammar sampler of `grammar` (GBNF text, or a LlamaGrammar: tca_ggml.grammar),
+        or GrammarError when its parser refuses the grammar (llama_sampler_init_grammar: NULL)."""
+        from .grammar import GrammarError, grammar_text
+        text, root = grammar_text(grammar)
         L, ffi = self._L, self._ffi
+        smpl = self._scope.call(L.llama_sampler_init_grammar, self._vocab, text.encode("utf-8"), root.encode("utf-8"))
+        if smpl == ffi.NULL:
+            reason = self._scope.take_errors() or "refused"
+            raise GrammarError(f"invalid grammar: llama.cpp's parser: {reason} (its detailed message is on stderr)")
+        return smpl
+
+    @_locked
+    def check_grammar(self, grammar) -> None:
+        """GrammarError (a ValueError) if llama.cpp's GBNF parser refuses `grammar` (a GBNF string or a
+        LlamaGrammar), for this model's vocabulary; works on a vocab_only Llama too."""
+        self._check_open()
+        self._L.llama_sampler_free(self._grammar_sampler(grammar))
+
+    def _make_sampler(self, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
+                      frequency_penalty, presence_penalty, seed, history=(), grammar=None):
+        """The sampler chain, llama-cpp-python's order: penalties (which have seen `history`, the
+        prompt's last tokens), the grammar (if any), then greedy / top-k ... dist. The history goes
+        to the penalties only: the grammar constrains the generated text, never the prompt."""
+        L = self._L
+        gram = self._grammar_sampler(grammar) if grammar is not None else None   # first: it may raise
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
-            self._n_vocab, self.last_n_tokens_size, repeat_penalty, frequency_penalty, presence_penalty))
+        pen = L.llama_sampler_init_penalties(self._n_vocab, self.last_n_tokens_size, repeat_penalty,
+                                             frequency_penalty, presence_penalty)
+        for t in history:
+            L.llama_sampler_accept(pen, t)
+        L.llama_sampler_chain_add(chain, pen)
+        if gram is not None:
+            L.llama_sampler_chain_add(chain, gram)
         seed = self._seed if seed is None else seed
         if temperature < 0.0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
@@ -1173,9 +1232,10 @@ class Llama:
                         top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                         typical_p: float = 1.0, repeat_penalty: float = 1.0,
                         frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                        seed: Optional[int] = None) -> Iterator[int]:
+                        seed: Optional[int] = None, grammar=None) -> Iterator[int]:
         """Yield sampled token ids after `tokens` until EOG or `max_tokens` (<= 0: until the
-        context is full). The prompt must fit in the context.
+        context is full). The prompt must fit in the context. `grammar`: GBNF text (or a
+        LlamaGrammar) that the generated text must follow (tca_ggml.grammar).
 
         The generator holds the instance's lock from its first step until it ends (or is closed):
         another thread's call on this Llama waits for it, never interleaves with it."""
@@ -1185,43 +1245,50 @@ class Llama:
             _check_int("max_tokens", max_tokens)
         _check_sampling(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
                         presence_penalty, seed)
-        return self._generate_tokens(tokens, max_tokens, temperature, top_k, top_p, min_p, typical_p,
-                                     repeat_penalty, frequency_penalty, presence_penalty, seed)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                        repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                        presence_penalty=presence_penalty, seed=seed)
+        return self._generate_tokens(tokens, max_tokens, sampling, grammar)
 
-    def _generate_tokens(self, tokens, max_tokens, temperature, top_k, top_p, min_p, typical_p,
-                         repeat_penalty, frequency_penalty, presence_penalty, seed) -> Iterator[int]:
+    def _generate_tokens(self, tokens, max_tokens, sampling, grammar=None) -> Iterator[int]:
+        with self._lock, contextlib.closing(self._generate(tokens, max_tokens, sampling, grammar)) as gen:
+            for tok, _ in gen:
+                yield tok
+
+    def _generate(self, tokens, max_tokens, sampling, grammar=None, n_logprobs=None):
+        """(token, logprobs) pairs, generate_tokens's loop holding the lock (and, for a sequence view,
+        inside the batcher's generating section). logprobs, when n_logprobs is not None: (the token's
+        log-probability, [(id, log-probability)] of the n_logprobs most likely tokens, most likely
+        first), the log-softmax of the raw logits row the token was sampled from (before penalties,
+        grammar and temperature, as llama-cpp-python reports them); else None."""
         with self._lock, (self._batcher.generating() if self._view else contextlib.nullcontext()):
-            yield from self._generate_tokens_locked(tokens, max_tokens, temperature, top_k, top_p, min_p,
-                                                    typical_p, repeat_penalty, frequency_penalty,
-                                                    presence_penalty, seed)
+            yield from self._generate_locked(tokens, max_tokens, sampling, grammar, n_logprobs)
 
-    def _generate_tokens_locked(self, tokens, max_tokens, temperature, top_k, top_p, min_p, typical_p,
-                                repeat_penalty, frequency_penalty, presence_penalty, seed) -> Iterator[int]:
+    def _generate_locked(self, tokens, max_tokens, sampling, grammar, n_logprobs):
         L = self._L
-        ctx = self._live()
-        t0 = time.perf_counter()
-        cached = self.eval_prompt(list(tokens))
-        t1 = time.perf_counter()
-        self.timings = Timings(prompt_tokens=len(tokens) - cached, prompt_cached=cached, prefill_s=t1 - t0)
-        limit = self._n_ctx_seq - len(tokens)
-        if max_tokens is not None and max_tokens > 0:
-            limit = min(limit, max_tokens)
-        smpl = self._make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
-                                  frequency_penalty, presence_penalty, seed)
+        self._live()
+        history = tokens[-self.last_n_tokens_size:] if self.last_n_tokens_size else []
+        # built before the prompt is evaluated: an invalid grammar costs no prefill
+        smpl = self._make_sampler(history=history, grammar=grammar, **sampling)
         try:
-            for t in self._tokens[-self.last_n_tokens_size:] if self.last_n_tokens_size else []:
-                L.llama_sampler_accept(smpl, t)
+            t0 = time.perf_counter()
+            cached = self.eval_prompt(list(tokens))
+            t1 = time.perf_counter()
+            self.timings = Timings(prompt_tokens=len(tokens) - cached, prompt_cached=cached, prefill_s=t1 - t0)
+            limit = self._n_ctx_seq - len(tokens)
+            if max_tokens is not None and max_tokens > 0:
+                limit = min(limit, max_tokens)
             n = 0
             self._stop_reason = "length"
             td = time.perf_counter()
             while n < limit:
-                # (llama_sampler_sample accepts the token into the chain itself: penalties count it once)
-                tok = self._sample(smpl)
+                # (the chain accepts the token in _sample: penalties and grammar see it once)
+                tok, row = self._sample(smpl, guarded=grammar is not None)
                 if L.llama_vocab_is_eog(self._vocab, tok):
                     self._stop_reason = "eog"
                     return
                 n += 1
-                yield tok
+                yield tok, (None if n_logprobs is None else _logprobs(row, tok, n_logprobs))
                 if n >= limit or len(self._tokens) >= self._n_ctx_seq:
                     return
                 self._decode([tok], len(self._tokens))
@@ -1320,17 +1387,51 @@ class Llama:
         stream: bool = False,
         seed: Optional[int] = None,
         model: Optional[str] = None,
+        grammar: Any = None,
     ):
-        """Generate text from a prompt; OpenAI-style dict, or an iterator of chunks if stream."""
+        """Generate text from a prompt; OpenAI-style dict, or an iterator of chunks if stream.
+
+        logprobs=N (an int >= 0): ``choices[0]["logprobs"]`` in llama-cpp-python's (OpenAI's legacy)
+        shape, for the generated tokens: ``tokens`` (each token's text), ``text_offset`` (where it
+        starts in prompt + completion text), ``token_logprobs`` and ``top_logprobs`` (a dict text ->
+        log-probability of the N most likely tokens, plus the sampled one); a stream's chunks carry
+        their own tokens. Log-probabilities are the log-softmax of the model's raw logits at each
+        step (before penalties, grammar and temperature). Not with echo=True (the prompt's tokens
+        have no logits here).
+
+        grammar: a GBNF grammar the generated text must follow (llama.cpp's grammar sampler), as a
+        string or an object with llama-cpp-python's LlamaGrammar attributes (``_grammar``,
+        ``_root``; tca_ggml.grammar.LlamaGrammar); a grammar llama.cpp's parser refuses raises
+        tca_ggml.grammar.GrammarError (a ValueError)."""
+        return self._completion(prompt, suffix=suffix, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                min_p=min_p, typical_p=typical_p, logprobs=logprobs, echo=echo, stop=stop,
+                                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                                repeat_penalty=repeat_penalty, top_k=top_k, stream=stream, seed=seed, model=model,
+                                grammar=grammar, logprobs_format="completion")
+
+    @_locked
+    def _completion(self, prompt, *, suffix=None, max_tokens=16, temperature=0.8, top_p=0.95, min_p=0.05,
+                    typical_p=1.0, logprobs=None, echo=False, stop=None, frequency_penalty=0.0, presence_penalty=0.0,
+                    repeat_penalty=1.0, top_k=40, stream=False, seed=None, model=None, grammar=None,
+                    logprobs_format="completion"):
+        """create_completion, with ``choices[0]["logprobs"]`` in `logprobs_format`: "completion"
+        (llama-cpp-python's text-completion shape) or "chat" (OpenAI's chat shape: ``{"content":
+        [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], "refusal": None}``, the
+        N most likely tokens exactly). create_chat_completion and the server's slots use "chat"."""
         self._live()
         if suffix is not None:
             raise ValueError("suffix (infill) is not supported by tca_ggml")
         if logprobs is not None:
-            raise ValueError("logprobs is not supported by tca_ggml")
+            _check_int("logprobs", logprobs, 0)
+            if echo:
+                raise ValueError("logprobs with echo=True is not supported by tca_ggml (the prompt's tokens "
+                                 "have no logits: only a prompt's last token is computed)")
         if max_tokens is not None:
             _check_int("max_tokens", max_tokens)
         _check_sampling(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
                         presence_penalty, seed)
+        if grammar is not None:
+            self.check_grammar(grammar)   # now, not at the stream's first step
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stops = [s for s in stops if s]
         if isinstance(prompt, str):
@@ -1350,39 +1451,95 @@ class Llama:
         gen = self._completion_text(tokens, max_tokens, stops, dict(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
             repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty, seed=seed))
+            presence_penalty=presence_penalty, seed=seed), grammar, logprobs)
         prompt_text = self.detokenize(tokens).decode("utf-8", "replace") if echo else ""
+        fmt = None
+        if logprobs is not None:
+            # text_offset counts from the prompt's start, as llama-cpp-python's (len of a str prompt)
+            base = len(prompt) if isinstance(prompt, str) else len(self.detokenize(tokens).decode("utf-8", "ignore"))
+            fmt = functools.partial(self._format_logprobs, chat=logprobs_format == "chat", base=base)
 
-        def chunk(text, finish):
+        def chunk(text, finish, entries):
             return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"text": text, "index": 0, "logprobs": fmt(entries) if fmt else None,
+                                 "finish_reason": finish}]}
 
         if stream:
             def _stream():
                 if echo:
-                    yield chunk(prompt_text, None)
-                for piece, finish in gen:
-                    yield chunk(piece, finish)
+                    yield chunk(prompt_text, None, [])
+                for piece, finish, entries in gen:
+                    yield chunk(piece, finish, entries)
             return _stream()
-        text, finish, n_gen = "", None, 0
-        for piece, fin in gen:
+        text, finish, every = "", None, []
+        for piece, fin, entries in gen:
             text += piece
             finish = fin or finish
-        out = chunk(prompt_text + text, finish)
+            every += entries
+        out = chunk(prompt_text + text, finish, every)
         out["usage"] = {"prompt_tokens": len(tokens), "completion_tokens": self._last_n_generated,
                         "total_tokens": len(tokens) + self._last_n_generated}
         return out
 
-    def _completion_text(self, tokens, max_tokens, stops, sampling):
-        """Yield (text_delta, finish_reason) pairs; text is released only when it is complete
-        UTF-8 and cannot be the start of a stop string. The last pair carries the reason."""
+    def _format_logprobs(self, entries, chat: bool, base: int) -> Dict[str, Any]:
+        """The logprobs object of `entries` (_completion_text's): llama-cpp-python's text-completion
+        shape, or OpenAI's chat shape (`chat`)."""
+        pieces: Dict[int, bytes] = {}
+
+        def piece(t):
+            if t not in pieces:
+                pieces[t] = self._piece(t)
+            return pieces[t]
+
+        if chat:
+            content = []
+            for e in entries:
+                content.append({"token": e["piece"].decode("utf-8", "ignore"), "logprob": e["logprob"],
+                                "bytes": list(e["piece"]),
+                                "top_logprobs": [{"token": piece(i).decode("utf-8", "ignore"), "logprob": lp,
+                                                  "bytes": list(piece(i))} for i, lp in e["top"]]})
+            return {"content": content, "refusal": None}
+        out: Dict[str, Any] = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+        for e in entries:
+            s = e["piece"].decode("utf-8", "ignore")
+            top: Dict[str, float] = {}
+            for i, lp in e["top"]:
+                top.setdefault(piece(i).decode("utf-8", "ignore"), lp)
+            top[s] = e["logprob"]   # the sampled token is always there (OpenAI: up to N + 1 entries)
+            out["tokens"].append(s)
+            out["text_offset"].append(base + e["offset"])
+            out["token_logprobs"].append(e["logprob"])
+            out["top_logprobs"].append(top)
+        return out
+
+    def _completion_text(self, tokens, max_tokens, stops, sampling, grammar=None, n_logprobs=None):
+        """Yield (text_delta, finish_reason, entries) triples; text is released only when it is
+        complete UTF-8 and cannot be the start of a stop string. The last triple carries the reason.
+        entries (empty unless n_logprobs is not None): the generated tokens whose text starts in
+        this delta, each {"id", "piece" (its bytes), "offset" (where its text starts in the
+        completion, in characters), "logprob", "top" ([(id, logprob)], most likely first)}; tokens
+        after a stop string are dropped with their text."""
         self._last_n_generated = 0
         pending = b""     # bytes not yet valid UTF-8
         held = ""         # decoded text held back because it may start a stop string
         finish = "length"
-        for tok in self.generate_tokens(tokens, max_tokens, **sampling):
+        decoded = emitted = 0   # characters decoded so far (emitted + held), and handed out
+        queue: List[Dict[str, Any]] = []   # entries not handed out yet
+        cut_by_stop = False
+
+        def release(upto):
+            nonlocal queue
+            k = 0
+            while k < len(queue) and queue[k]["offset"] < upto:
+                k += 1
+            out, queue = queue[:k], queue[k:]
+            return out
+
+        for tok, lp in self._generate(tokens, max_tokens, sampling, grammar, n_logprobs):
             self._last_n_generated += 1
-            pending += self._piece(tok)
+            piece = self._piece(tok)
+            before, start = pending, decoded
+            pending += piece
             try:
                 new = pending.decode("utf-8")
                 pending = b""
@@ -1391,12 +1548,21 @@ class Llama:
                     new, pending = pending[:e.start].decode("utf-8"), pending[e.start:]
                 else:
                     new, pending = pending.decode("utf-8", "replace"), b""
+            decoded += len(new)
             held += new
+            if lp is not None:
+                # where the token's text starts: after the characters of the bytes before it -- an
+                # unfinished sequence it does not complete becomes U+FFFD before it; one it completes
+                # is the character it starts in (its offset is that character's)
+                if before and new.startswith(before.decode("utf-8", "replace")):
+                    start += len(before.decode("utf-8", "replace"))
+                queue.append({"id": tok, "piece": piece, "offset": start, "logprob": lp[0], "top": lp[1]})
             cut = min((held.find(s) for s in stops if s in held), default=-1)
             if cut >= 0:
                 if held[:cut]:
-                    yield held[:cut], None
-                held, finish = "", "stop"
+                    emitted += cut
+                    yield held[:cut], None, release(emitted)
+                held, finish, cut_by_stop = "", "stop", True
                 break
             keep = 0
             for s in stops:
@@ -1405,14 +1571,16 @@ class Llama:
                         keep = max(keep, k)
                         break
             if len(held) > keep:
-                yield held[:len(held) - keep], None
+                emitted += len(held) - keep
+                yield held[:len(held) - keep], None, release(emitted)
                 held = held[len(held) - keep:]
         else:
             finish = "stop" if self._stop_reason == "eog" else "length"
         tail = held + (pending.decode("utf-8", "replace") if pending else "")
         if finish == "stop" and held == "" and not pending:
             tail = ""
-        yield tail, finish
+        emitted += len(tail)
+        yield tail, finish, (release(emitted) if cut_by_stop else queue)
 
     def __call__(self, prompt, **kwargs):
         return self.create_completion(prompt, **kwargs)
@@ -1464,19 +1632,42 @@ class Llama:
                                stop: Optional[Union[str, List[str]]] = None, seed: Optional[int] = None,
                                max_tokens: Optional[int] = None, presence_penalty: float = 0.0,
                                frequency_penalty: float = 0.0, repeat_penalty: float = 1.0,
-                               model: Optional[str] = None):
+                               model: Optional[str] = None, response_format: Optional[Dict[str, Any]] = None,
+                               grammar: Any = None, logprobs: Optional[bool] = None,
+                               top_logprobs: Optional[int] = None):
+        """A chat turn with the GGUF's chat template; OpenAI-style dict, or chunks if stream.
+
+        logprobs=True (top_logprobs=N, default 0): ``choices[0]["logprobs"]`` in OpenAI's chat shape,
+        ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [N x {"token", "logprob",
+        "bytes"}]}], "refusal": None}`` (a stream's chunks carry their own tokens); log-softmax of the
+        raw logits, as create_completion's. response_format: ``{"type": "json_object"}`` (llama-cpp-
+        python's ``"schema"`` key beside it honoured) or ``{"type": "json_schema", "json_schema":
+        {"schema": {...}}}`` constrains the answer with a grammar (tca_ggml.grammar; an unsupported
+        schema keyword raises GrammarError, a ValueError); grammar: GBNF text, as create_completion's."""
         _check_sampling(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
                         presence_penalty, seed)
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise TypeError(f"logprobs must be a bool, got {type(logprobs).__name__}")
+        if top_logprobs is not None:
+            _check_int("top_logprobs", top_logprobs, 0)
+            if not logprobs:
+                raise ValueError("top_logprobs needs logprobs=True")
+        from .grammar import response_format_grammar
+        fmt_grammar = response_format_grammar(response_format)
+        if fmt_grammar is not None:
+            if grammar is not None:
+                raise ValueError("give response_format or grammar, not both")
+            grammar = fmt_grammar
         prompt = self.apply_chat_template(messages, add_generation_prompt=True)
         tokens = self.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         bos = self.token_bos()
         if self._L.llama_vocab_get_add_bos(self._vocab) and (not tokens or tokens[0] != bos):
             tokens = [bos] + tokens
-        res = self.create_completion(tokens, max_tokens=max_tokens, temperature=temperature,
-                                     top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
-                                     stop=stop, stream=stream, seed=seed, presence_penalty=presence_penalty,
-                                     frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
-                                     model=model)
+        res = self._completion(tokens, suffix=None, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                               top_k=top_k, min_p=min_p, typical_p=typical_p, logprobs=(top_logprobs or 0) if logprobs
+                               else None, echo=False, stop=stop, stream=stream, seed=seed,
+                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                               repeat_penalty=repeat_penalty, model=model, grammar=grammar, logprobs_format="chat")
         cid = f"chatcmpl-{uuid.uuid4()}"
         if stream:
             def _stream():
@@ -1487,13 +1678,13 @@ class Llama:
                     first = False
                     yield {"id": cid, "object": "chat.completion.chunk", "created": ch["created"],
                            "model": ch["model"], "choices": [{"index": 0, "delta": delta,
-                                                               "logprobs": None,
+                                                               "logprobs": c["logprobs"],
                                                                "finish_reason": c["finish_reason"]}]}
             return _stream()
         c = res["choices"][0]
         return {"id": cid, "object": "chat.completion", "created": res["created"], "model": res["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": c["text"]},
-                             "logprobs": None, "finish_reason": c["finish_reason"]}],
+                             "logprobs": c["logprobs"], "finish_reason": c["finish_reason"]}],
                 "usage": res["usage"]}
 
     # ------------------------------------------------------------------ progress

@@ -167,6 +167,9 @@ struct llama_sampler * llama_sampler_init_typical(float p, size_t min_keep);
 struct llama_sampler * llama_sampler_init_temp(float t);
 struct llama_sampler * llama_sampler_init_penalties(int32_t n_vocab, int32_t penalty_last_n,
                                                     float penalty_repeat, float penalty_freq, float penalty_present);
+/* NULL when grammar_str does not parse (an empty string: a sampler that allows everything) */
+struct llama_sampler * llama_sampler_init_grammar(const struct llama_vocab * vocab, const char * grammar_str,
+                                                  const char * grammar_root);
 llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx);
 void llama_sampler_accept(struct llama_sampler * smpl, llama_token token);
 typedef struct llama_token_data { llama_token id; float logit; float p; } llama_token_data;

@@ -10,10 +10,12 @@ Every completion (the last chunk of a stream) carries ``"tca": {...}``: the requ
 figures from its slot's context (kept share, coverage, KV bytes, timings; docs/serving.md).
 Errors are OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for a
 bad request (malformed JSON, bad parameters, unknown model, a prompt over the context).
-Parameters the API defines but this server does not implement (n > 1, logprobs, logit_bias,
-suffix, tools, response_format other than text) are a 400 naming the parameter; parameters it
-does not know are ignored (as llama-server does); llama.cpp's top_k, min_p, typical_p and
-repeat_penalty are accepted as extensions.
+Parameters the API defines but this server does not implement (n > 1, logit_bias, suffix,
+tools, logprobs with echo) are a 400 naming the parameter; parameters it does not know are
+ignored (as llama-server does); llama.cpp's top_k, min_p, typical_p and repeat_penalty, and
+llama-cpp-python's ``grammar`` (GBNF text), are accepted as extensions. ``logprobs`` (completions:
+the top-N, N <= 20; chat: logprobs / top_logprobs <= 20) and ``response_format`` (json_object,
+json_schema: llama.cpp's grammar sampler, tca_ggml.grammar) follow OpenAI's shapes.
 """
 from __future__ import annotations
 
@@ -29,7 +31,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..grammar import GrammarError, UnsupportedSchemaError, response_format_grammar
 from .engine import Engine, Job
+
+MAX_LOGPROBS = 20   # OpenAI's bound of top_logprobs (and here of a completion's logprobs)
 
 
 class APIError(Exception):
@@ -102,6 +107,50 @@ def _common_unsupported(body: Dict[str, Any]) -> None:
     _unsupported(body, "n", lambda v: v is None or v == 1)
     _unsupported(body, "best_of", lambda v: v is None or v == 1)
     _unsupported(body, "logit_bias", lambda v: not v)
+
+
+def _completion_logprobs(body: Dict[str, Any]) -> Optional[int]:
+    """/v1/completions' logprobs: the number of most likely tokens reported with each token."""
+    v = body.get("logprobs")
+    if v is None or v is False:
+        return None
+    n = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    if body.get("echo"):
+        raise _bad("logprobs", "'logprobs' with 'echo' is not supported by this server (the prompt's tokens "
+                               "have no log-probabilities here)", "unsupported_parameter")
+    return n
+
+
+def _chat_logprobs(body: Dict[str, Any]) -> Optional[int]:
+    """/v1/chat/completions' logprobs (a boolean) and top_logprobs: the N of each token's top list,
+    or None when logprobs is off."""
+    lp = body.get("logprobs")
+    if lp is not None and not isinstance(lp, bool):
+        raise _bad("logprobs", "'logprobs' must be a boolean", "invalid_type")
+    n = _number(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    if n is not None and not lp:
+        raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    return (n or 0) if lp else None
+
+
+def _grammar_of(body: Dict[str, Any], chat: bool) -> Optional[str]:
+    """The GBNF of a request: its response_format (chat) or its grammar (llama-cpp-python's
+    extension), or None. Schema errors are 400s naming the parameter."""
+    g = body.get("grammar")
+    if g is not None and not isinstance(g, str):
+        raise _bad("grammar", "'grammar' must be a string (GBNF)", "invalid_type")
+    if chat and body.get("response_format") is not None:
+        try:
+            fmt = response_format_grammar(body["response_format"])
+        except UnsupportedSchemaError as e:
+            raise _bad("response_format", str(e), "unsupported_parameter")
+        except GrammarError as e:
+            raise _bad("response_format", str(e))
+        if fmt is not None:
+            if g is not None:
+                raise _bad("grammar", "give 'response_format' or 'grammar', not both")
+            return fmt
+    return g or None
 
 
 def _max_tokens(body: Dict[str, Any], default: Optional[int], *names: str) -> Optional[int]:
@@ -186,6 +235,15 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> FastAPI:
             raise _bad("stream_options", "'stream_options' must be an object", "invalid_type")
         return body
 
+    async def _check_grammar(grammar: Optional[str], param: str) -> None:
+        """llama.cpp's parser over the grammar (the tokenizer's vocabulary), before a slot is taken."""
+        if grammar is None:
+            return
+        try:
+            await asyncio.to_thread(engine.tokenizer.check_grammar, grammar)
+        except GrammarError as e:
+            raise _bad(param, str(e))
+
     def _check_fits(tokens: List[int], param: str) -> None:
         if not tokens:
             raise _bad(param, "the prompt is empty")
@@ -216,7 +274,6 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> FastAPI:
         body = await _body(request)
         _common_unsupported(body)
         _unsupported(body, "suffix", lambda v: not v)
-        _unsupported(body, "logprobs", lambda v: v is None or v is False)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]   # a batch of one
@@ -238,19 +295,21 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> FastAPI:
         echo = body.get("echo", False)
         if not isinstance(echo, bool):
             raise _bad("echo", "'echo' must be a boolean", "invalid_type")
+        logprobs = _completion_logprobs(body)
+        grammar = _grammar_of(body, chat=False)
         job = Job(tokens=tokens, max_tokens=_max_tokens(body, 16, "max_tokens"), sampling=_sampling(body, 0.8),
-                  stop=_stop(body), echo=echo)
+                  stop=_stop(body), echo=echo, logprobs=logprobs, grammar=grammar)
+        await _check_grammar(grammar, "grammar")
         return await _respond(request, body, job, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _body(request)
         _common_unsupported(body)
-        _unsupported(body, "logprobs", lambda v: v is None or v is False)
-        _unsupported(body, "top_logprobs", lambda v: v is None)
         _unsupported(body, "tools", lambda v: not v)
         _unsupported(body, "functions", lambda v: not v)
-        _unsupported(body, "response_format", lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
+        logprobs = _chat_logprobs(body)
+        grammar = _grammar_of(body, chat=True)
         messages = _messages(body)
         try:
             tokens = await asyncio.to_thread(engine.chat_tokens, messages)
@@ -258,7 +317,8 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> FastAPI:
             raise _bad("messages", str(e), "chat_template_error")
         _check_fits(tokens, "messages")
         job = Job(tokens=tokens, max_tokens=_max_tokens(body, None, "max_completion_tokens", "max_tokens"),
-                  sampling=_sampling(body, 0.2), stop=_stop(body))
+                  sampling=_sampling(body, 0.2), stop=_stop(body), logprobs=logprobs, chat=True, grammar=grammar)
+        await _check_grammar(grammar, "grammar" if body.get("grammar") is not None else "response_format")
         return await _respond(request, body, job, chat=True)
 
     async def _respond(request: Request, body: Dict[str, Any], job: Job, chat: bool):
@@ -272,28 +332,39 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> FastAPI:
             return {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
                     "total_tokens": info["prompt_tokens"] + info["completion_tokens"]}
 
+        def merged(parts):
+            """The logprobs of several pieces as one (None when the request asked for none)."""
+            if job.logprobs is None:
+                return None
+            parts = [p for p in parts if p]
+            if chat:
+                return {"content": [e for p in parts for e in p["content"]], "refusal": None}
+            return {k: [x for p in parts for x in p[k]] for k in ("tokens", "text_offset", "token_logprobs",
+                                                                 "top_logprobs")}
+
         if body.get("stream"):
-            def chunk(text, finish, first=False):
+            def chunk(text, finish, first=False, lp=None):
+                lp = merged([lp])
                 if chat:
                     delta = ({"role": "assistant", "content": text} if first else
                              ({"content": text} if text or finish is None else {}))
-                    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                    choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
                     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                             "choices": [choice]}
                 return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                        "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}]}
 
             async def events():
                 first, last = True, None
                 async for kind, p in engine.generate(job):
                     if kind == "text":
-                        text, finish = p
+                        text, finish, lp = p
                         if finish is not None:   # held until "done": the last chunk carries the figures
-                            last = chunk(text, finish, first)
+                            last = chunk(text, finish, first, lp)
                             continue
-                        if not text and not first:
+                        if not text and not first and not lp:
                             continue
-                        yield json.dumps(chunk(text, None, first))
+                        yield json.dumps(chunk(text, None, first, lp))
                         first = False
                     elif kind == "done":
                         last = last or chunk("", "length", first)
@@ -311,13 +382,14 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> FastAPI:
 
         # not streamed: collected here, stopped if the client goes away meanwhile
         async def collect():
-            text, finish = [], None
+            text, finish, lps = [], None, []
             async for kind, p in engine.generate(job):
                 if kind == "text":
                     text.append(p[0])
                     finish = p[1] or finish
+                    lps.append(p[2])
                 elif kind == "done":
-                    return "".join(text), finish or "length", p
+                    return "".join(text), finish or "length", merged(lps), p
                 elif kind == "error":
                     raise p
             raise RuntimeError("the generation ended without a result")
@@ -342,18 +414,18 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> FastAPI:
                 pass
             raise APIError(499, "client closed the request", code="client_closed")
         try:
-            text, finish, info = task.result()
+            text, finish, lp, info = task.result()
         except APIError:
             raise
         except Exception as e:  # noqa: BLE001
             raise APIError(500, f"generation failed: {type(e).__name__}: {e}")
         if chat:
             out = {"id": rid, "object": obj, "created": created, "model": model,
-                   "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                                 "finish_reason": finish}]}
         else:
             out = {"id": rid, "object": obj, "created": created, "model": model,
-                   "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                   "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}]}
         out["usage"] = usage(info)
         out["tca"] = info["tca"]
         return out

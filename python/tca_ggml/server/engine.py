@@ -34,6 +34,9 @@ class Job:
     sampling: Dict[str, Any]           # create_completion's temperature, top_p, top_k, ..., seed
     stop: List[str] = field(default_factory=list)
     echo: bool = False
+    logprobs: Optional[int] = None     # the top-N of each token's log-probabilities (None: none)
+    chat: bool = False                 # logprobs in OpenAI's chat shape (else the text-completion one)
+    grammar: Optional[str] = None      # GBNF the text must follow (response_format, grammar)
 
 
 class Slot:
@@ -168,9 +171,10 @@ class Engine:
 
     # ------------------------------------------------------------------ generation (event loop)
     async def generate(self, job: Job) -> AsyncIterator[Tuple[str, Any]]:
-        """Events of one job: ("slot", id) once it has a slot, ("text", (delta, finish_reason))
-        per piece, then ("done", info) or ("error", exception). Closing the iterator early (the
-        client went away) stops the generation after the current token and frees the slot."""
+        """Events of one job: ("slot", id) once it has a slot, ("text", (delta, finish_reason,
+        logprobs of the piece's tokens or None)) per piece, then ("done", info) or ("error",
+        exception). Closing the iterator early (the client went away) stops the generation after the
+        current token and frees the slot."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -213,14 +217,15 @@ class Engine:
                 self._count("requests_cancelled_total")
                 put("error", RuntimeError("cancelled before it started"))
                 return
-            gen = llm.create_completion(job.tokens, max_tokens=job.max_tokens, stop=job.stop or None,
-                                        stream=True, echo=job.echo, **job.sampling)
+            gen = llm._completion(job.tokens, max_tokens=job.max_tokens, stop=job.stop or None, stream=True,
+                                  echo=job.echo, logprobs=job.logprobs, grammar=job.grammar,
+                                  logprobs_format="chat" if job.chat else "completion", **job.sampling)
             finish, cancelled = None, False
             try:
                 for ch in gen:
                     c = ch["choices"][0]
                     finish = c["finish_reason"] or finish
-                    put("text", (c["text"], c["finish_reason"]))
+                    put("text", (c["text"], c["finish_reason"], c["logprobs"]))
                     if cancel.is_set() and finish is None:
                         cancelled = True
                         break

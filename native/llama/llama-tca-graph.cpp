@@ -309,7 +309,7 @@ ggml_tensor * tca_attn_stream(const llm_graph_context & g, llm_graph_input_attn_
         // TCA_PREFILL_DENSE: every multi-token ubatch attends the hold tier too (the prompt's rows
         // are dense's; the budgets apply from the prompt's end); TCA_GGML_PREFILL_LAYERS: only
         // those layers do (experiment)
-        if (inp->hold_decode) {
+        if (inp->hold_decode || (n_tokens == 1 && !inp->final && mem->get_config().decode_hold_layer(il))) {
             att_k = hk_all;
             att_v = hv_all;
             att_p = ggml_reshape_1d(ctx0, L->hkpos, ggml_nelements(L->hkpos));

@@ -52,6 +52,11 @@ struct llama_tca_config {
     bool prefill_dense_layer(int32_t il) const {
         return dense_prefill || (il >= dense_prefill_lo && il <= dense_prefill_hi);
     }
+    std::vector<bool> decode_hold_layers;  // HOLD: layers whose every decode step attends the hold tier
+                                           // (TCA_GGML_DECODE_HOLD_LAYERS, experiment); empty: none
+    bool decode_hold_layer(int32_t il) const {
+        return il >= 0 && (size_t) il < decode_hold_layers.size() && decode_hold_layers[il];
+    }
     // knobs (environment, read once at context creation)
     uint32_t gpu_min_ctx = 8192;      // TCA_GGML_GPU_MIN_CTX: layers on a GPU and n_ctx <= this: dense cache
     bool io_on_host = false;          // TCA_GGML_IO: device-resident graph inputs for host layers too (tests)

@@ -202,6 +202,23 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
         cfg.dense_prefill_lo = lo;   // experiment (docs/design.md "Knobs")
         cfg.dense_prefill_hi = hi;
     }
+    if (const char * e = getenv("TCA_GGML_DECODE_HOLD_LAYERS"); e && *e && cfg.hold) {
+        // experiment: "lo-hi,l,..." layers that attend the hold tier at every decode step
+        cfg.decode_hold_layers.assign(n_layer, false);
+        for (const char * q = e; *q;) {
+            int lo = -1, hi = -1, used = 0;
+            if (sscanf(q, "%d-%d%n", &lo, &hi, &used) == 2) {
+            } else if (sscanf(q, "%d%n", &lo, &used) == 1) {
+                hi = lo;
+            } else {
+                lo = -1;
+            }
+            if (lo < 0 || hi < lo || hi >= (int) n_layer || (q[used] && q[used] != ','))
+                return fail(err, n, std::string("TCA_GGML_DECODE_HOLD_LAYERS must be a list of layers or 'lo-hi' ranges, got '") + e + "'");
+            for (int l = lo; l <= hi; ++l) cfg.decode_hold_layers[l] = true;
+            q += used + (q[used] == ',');
+        }
+    }
     cfg.n_obs = (s & TCA_SET_N_OBS) ? (uint32_t) c.n_obs : 32u;
     cfg.n_whole = (s & TCA_SET_N_WHOLE) ? (uint32_t) c.n_whole : 4u;
     cfg.type_hold = (s & TCA_SET_TYPE_HOLD) ? c.type_hold : -1;

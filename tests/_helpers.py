@@ -213,3 +213,11 @@ def stored(ops, kv_type, x, meta):
         if ln:
             y[off:off + ln] = dequant(ops, kv_type, x[off:off + ln])
     return y
+
+
+def tiny_gguf(tmp_path_factory, tag: str, seed: int, **kw) -> str:
+    """A tiny random-weight f32 GGUF (tca_ggml.random_model's "tiny" shape) in a fresh temp folder."""
+    from tca_ggml.random_model import write_random_gguf
+    path = str(tmp_path_factory.mktemp(tag) / "tiny.gguf")
+    write_random_gguf(path, "tiny", "f32", seed=seed, **kw)
+    return path

@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 import pytest
+from _helpers import tiny_gguf
 
 N_CTX = 512
 BOOL_SCHEMA = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}
@@ -28,10 +29,7 @@ PROMPT = "7 " + " ".join(f"w{(k * 13) % 31}" for k in range(12))
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tca_ggml.random_model import write_random_gguf
-    model = str(tmp_path_factory.mktemp("lpg") / "tiny.gguf")
-    write_random_gguf(model, "tiny", "f32", seed=5)
-    return model
+    return tiny_gguf(tmp_path_factory, "lpg", seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from _helpers import tiny_gguf
 
 N_CTX = 1024
 TCA_ARGS = ["--tca-density", "0.25", "--tca-window", "64", "--tca-block", "16"]
@@ -20,10 +21,7 @@ PROMPT = "9 " + " ".join(f"w{(k * 13) % 89}" for k in range(60))
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tca_ggml.random_model import write_random_gguf
-    p = str(tmp_path_factory.mktemp("cli") / "tiny.gguf")
-    write_random_gguf(p, "tiny", "f32", seed=11)
-    return p
+    return tiny_gguf(tmp_path_factory, "cli", seed=11)
 
 
 def _cli(*args, stdin=None, timeout=120):

@@ -19,6 +19,7 @@ import time
 import urllib.request
 
 import pytest
+from _helpers import tiny_gguf
 
 
 def _need_server_packages():
@@ -72,10 +73,7 @@ def start_server(model: str, log_path, extra=()) -> tuple:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tca_ggml.random_model import write_random_gguf
-    model = str(tmp_path_factory.mktemp("server") / "tiny.gguf")
-    write_random_gguf(model, "tiny", "f32", seed=5)
-    return model
+    return tiny_gguf(tmp_path_factory, "server", seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -41,12 +41,21 @@ static int64_t tca_score_chunk_heads(int64_t n_head, int64_t n_slots) {
     return std::min(n_head, per);
 }
 
+// op_params[2] == 1 (set by the graph's decode recall, llama-tca-graph.cpp): with f16 K, each dot is
+// ggml_vec_dot_f16 of the K row as stored and the query rounded to f16 (as ggml's flash attention
+// on the CPU), not an f32 dot of the converted row: for a ranking, ~3x faster; the final selection
+// (op_params[2] == 0) keeps the f32 dots its float64 reference checks
+static bool tca_score_f16_dots(const ggml_tensor * node) {
+    return ggml_get_op_params_i32(node, 2) == 1 && node->src[1]->type == GGML_TYPE_F16;
+}
+
 extern "C" size_t ggml_compute_forward_tca_score_work_size(const struct ggml_tensor * node, int n_tasks) {
     const int64_t n_head  = node->src[0]->ne[1];
     const int64_t n_slots = node->src[1]->ne[1];
     const int64_t d       = node->src[0]->ne[0];
+    const int64_t per_thread = tca_score_f16_dots(node) ? (n_head*d + 1)/2 : d;   // floats: krow, or q in f16
     return sizeof(float)*(size_t) (tca_score_chunk_heads(n_head, n_slots)*n_slots) + sizeof(double)*(size_t) n_head
-         + sizeof(float)*(size_t) (d + CACHE_LINE_SIZE_F32)*(size_t) n_tasks;
+         + sizeof(float)*(size_t) (per_thread + CACHE_LINE_SIZE_F32)*(size_t) n_tasks;
 }
 
 extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
@@ -72,10 +81,14 @@ extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params 
     const int nth = params->nth;
 
     const int64_t HC = tca_score_chunk_heads(n_head, n_slots);
+    const bool f16_dots = tca_score_f16_dots(dst);
+    const int64_t per_thread = f16_dots ? (n_head*d + 1)/2 : d;
     float  * logit = (float *) params->wdata;                      // [HC][n_slots]: head h0 + i at i*n_slots
     double * inv   = (double *) (logit + HC*n_slots);              // [n_head]: 1 / softmax sum
-    float  * krow  = (float *) (inv + n_head) + ith*(d + CACHE_LINE_SIZE_F32);
+    float  * krow  = (float *) (inv + n_head) + ith*(per_thread + CACHE_LINE_SIZE_F32);
+    ggml_fp16_t * q16 = (ggml_fp16_t *) krow;                      // f16_dots: this thread's queries in f16
     float  * out   = (float *) dst->data;
+    if (f16_dots) ggml_cpu_fp32_to_fp16((const float *) q->data, q16, n_head*d);
 
     const int64_t per = (n_slots + nth - 1)/nth;
     const int64_t r_lo = std::min(n_slots, ith*per), r_hi = std::min(n_slots, r_lo + per);
@@ -89,6 +102,15 @@ extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params 
             const int64_t a = std::max(r_lo, off), b = std::min(r_hi, off + len);
             const int64_t ha = std::max(h0, g*G), hb = std::min(h1, (g + 1)*G);
             for (int64_t r = a; r < b; ++r) {
+                if (f16_dots) {
+                    ggml_fp16_t * kr = (ggml_fp16_t *) ((const char *) k->data + r*k->nb[1]);
+                    for (int64_t h = ha; h < hb; ++h) {
+                        float dot;
+                        ggml_vec_dot_f16((int) d, &dot, 0, kr, 0, q16 + h*d, 0, 1);
+                        logit[(h - h0)*n_slots + r] = dot*scale;
+                    }
+                    continue;
+                }
                 tca_to_f32(k->type, (const char *) k->data + r*k->nb[1], krow, d);
                 for (int64_t h = ha; h < hb; ++h) {
                     float dot;

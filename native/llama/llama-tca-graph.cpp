@@ -18,6 +18,19 @@
 #include <vector>
 
 namespace {
+// HOLD, recall (TCA_GGML_RECALL=r, experiment): a decode step after the hold-decode steps that also
+// attends the r held rows outside the fast tier that its own query scores highest, per KV head
+bool tca_recall_step(const llama_tca_memory * m, bool full, uint32_t n_tok) {
+    const auto & c = m->get_config();
+    return c.hold && c.recall > 0 && !full && n_tok == 1 && !m->is_cur_final() && !m->is_cur_hold_decode();
+}
+
+// recall: a recalled row the mask excludes (already in the fast tier, or not yet written) gets this
+// position, after every query's: the attention never sees it (exact in f32)
+constexpr float TCA_POS_NEVER = 16777215.0f;
+// recall: the score bias of a row that may not be recalled (scores are pooled probabilities, in [0, G])
+constexpr float TCA_RECALL_OUT = -1e4f;
+
 class llm_graph_input_attn_tca : public llm_graph_input_attn_kv {
 public:
     // the rows of one memory: tokens [tok0, tok0 + n_tok) of each ubatch the graph computes, placed in m
@@ -32,7 +45,8 @@ public:
     // where layer li's inputs live: host layers in this graph's input tensors (*_all), device layers
     // in the memory's device-resident io tensors of their buffer type; offsets in elements
     struct slot_t { const llama_tca_memory::io_t * io = nullptr; ggml_backend_buffer_type_t buft = nullptr;
-                    int64_t o_meta = 0, o_rows = 0; };
+                    int64_t o_meta = 0, o_rows = 0;
+                    int64_t o_kv = 0; };  // recall: KV heads of the layers before it (offset into r*_all)
 
     void set_input(const llama_ubatch * ub) override {
         const llama_tca_memory * mem = tmem;
@@ -116,6 +130,7 @@ public:
                 }
             }
         }
+        if (recall) set_recall_inputs(upos[0]);
         if (!st.empty() && mem->get_sched()) {
             // the previous ubatch's graph may still be reading them
             ggml_backend_sched_synchronize(mem->get_sched());
@@ -128,6 +143,42 @@ public:
             if (!kv.second.hix.empty()) {
                 ggml_backend_tensor_set(o.hidx, kv.second.hix.data(), 0, kv.second.hix.size() * sizeof(int64_t));
                 ggml_backend_tensor_set(o.hmeta, kv.second.hmt.data(), 0, kv.second.hmt.size() * sizeof(int32_t));
+            }
+        }
+    }
+
+    // recall: per layer and KV head g, over the hold tier's rows: a score bias (0 for a row of
+    // position p < the query's not in the fast tier, TCA_RECALL_OUT otherwise) and the position a
+    // recalled row takes (p, or TCA_POS_NEVER for an excluded one); the r slots after the head's
+    // rows and the head range with them
+    void set_recall_inputs(int32_t qp) {
+        const llama_tca_memory * mem = tmem;
+        const uint32_t n_ctx = mem->get_n_ctx(), r = mem->get_config().recall;
+        GGML_ASSERT(ggml_backend_buffer_is_host(rbias_all->buffer) && ggml_backend_buffer_is_host(rpos_all->buffer) &&
+                    ggml_backend_buffer_is_host(ridx_all->buffer) && ggml_backend_buffer_is_host(rmeta_all->buffer));
+        std::vector<int32_t> pos;
+        const uint32_t lim = (uint32_t) std::min<int64_t>(std::max<int32_t>(qp, 0), n_ctx);
+        for (const auto & pl : layers) {
+            const auto * L = mem->layer(pl.il);
+            const slot_t & sl = slots[mem->layer_index(pl.il)];
+            int64_t * ix = (int64_t *) ridx_all->data + sl.o_kv * r;
+            int32_t * mt = (int32_t *) rmeta_all->data + 2 * sl.o_kv;
+            for (uint32_t g = 0; g < L->n_head_kv; ++g) {
+                const auto & h = L->heads[g];
+                float * bias = (float *) rbias_all->data + (sl.o_kv + g) * n_ctx;
+                float * rp = (float *) rpos_all->data + (sl.o_kv + g) * n_ctx;
+                std::fill(bias, bias + lim, 0.0f);
+                std::fill(bias + lim, bias + n_ctx, TCA_RECALL_OUT);
+                for (uint32_t p = 0; p < lim; ++p) rp[p] = (float) p;
+                std::fill(rp + lim, rp + n_ctx, TCA_POS_NEVER);
+                pos.resize(h.len);
+                const int64_t n = mem->head_positions(pl.il, g, pos.data(), (int64_t) pos.size());
+                for (int64_t i = 0; i < n; ++i) {
+                    if (pos[i] >= 0 && (uint32_t) pos[i] < n_ctx) { bias[pos[i]] = TCA_RECALL_OUT; rp[pos[i]] = TCA_POS_NEVER; }
+                }
+                for (uint32_t j = 0; j < r; ++j) ix[(size_t) g * r + j] = (int64_t) h.off + h.len + j;
+                mt[2 * g] = (int32_t) h.off;
+                mt[2 * g + 1] = (int32_t) (h.len + r);
             }
         }
     }
@@ -159,6 +210,7 @@ public:
         if (final != (m->is_cur_final() && !full)) return false;  // HOLD: another graph
         if (hold_decode != (m->is_cur_hold_decode() && !full)) return false;
         if ((obs_idx != nullptr) != (m->get_obs_slot() >= 0 && !full)) return false;
+        if (recall != tca_recall_step(m, full, n_tok)) return false;
         return true;
     }
 
@@ -177,6 +229,11 @@ public:
     ggml_tensor * hmeta_all = nullptr;    // HOLD: [sum 2 nkv] i32 hold-tier head ranges
     bool final = false;                   // HOLD: a prompt's last ubatch (attends the hold tier)
     bool hold_decode = false;             // HOLD: a decode step that attends the hold tier
+    bool recall = false;                  // HOLD, recall: a decode step that recalls held rows
+    ggml_tensor * rbias_all = nullptr;    // recall: [n_ctx * sum nkv] f32, score bias of each held row
+    ggml_tensor * rpos_all  = nullptr;    // recall: [n_ctx * sum nkv] f32, position a recalled row takes
+    ggml_tensor * ridx_all  = nullptr;    // recall: [r * sum nkv] i64, the fast-tier slots of the recalled rows
+    ggml_tensor * rmeta_all = nullptr;    // recall: [sum 2 nkv] i32, head ranges with the slots
     std::vector<slot_t> slots;            // per layer (memory's layer order)
 };
 
@@ -200,10 +257,12 @@ llm_graph_input_attn_tca * tca_stream_input(const llm_graph_context & g, llama_t
     inp->qpos = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, n_tok);
     ggml_set_input(inp->qpos);
     ggml_set_name(inp->qpos, "tca_qpos");
-    int64_t n_meta = 0, n_rows = 0;
+    int64_t n_meta = 0, n_rows = 0, n_kv = 0;
     std::map<ggml_backend_buffer_type_t, std::pair<int64_t, int64_t>> dev_off;  // per device: meta, rows
     for (const auto & L : mem->get_layers()) {
         llm_graph_input_attn_tca::slot_t sl;
+        sl.o_kv = n_kv;
+        n_kv += L.n_head_kv;
         if (const auto * io = mem->get_io(L.buft)) {
             auto & d = dev_off[L.buft];
             sl.io = io;
@@ -239,6 +298,22 @@ llm_graph_input_attn_tca * tca_stream_input(const llm_graph_context & g, llama_t
     }
     inp->final = mem->is_cur_final() && !full;
     inp->hold_decode = mem->is_cur_hold_decode() && !full;
+    inp->recall = tca_recall_step(mem, full, n_tok);
+    if (inp->recall) {
+        const int64_t r = mem->get_config().recall;
+        inp->rbias_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_F32, (int64_t) mem->get_n_ctx() * n_kv);
+        inp->rpos_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_F32, (int64_t) mem->get_n_ctx() * n_kv);
+        inp->ridx_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, r * n_kv);
+        inp->rmeta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, 2 * n_kv);
+        ggml_set_input(inp->rbias_all);
+        ggml_set_input(inp->rpos_all);
+        ggml_set_input(inp->ridx_all);
+        ggml_set_input(inp->rmeta_all);
+        ggml_set_name(inp->rbias_all, "tca_rbias");
+        ggml_set_name(inp->rpos_all, "tca_rpos");
+        ggml_set_name(inp->ridx_all, "tca_ridx");
+        ggml_set_name(inp->rmeta_all, "tca_rmeta");
+    }
     if (mem->get_obs_slot() >= 0 && !full) {
         inp->obs_idx = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, 1);
         ggml_set_input(inp->obs_idx);
@@ -297,6 +372,7 @@ ggml_tensor * tca_attn_stream(const llm_graph_context & g, llm_graph_input_attn_
     // last ubatch attends the hold tier (every row of the sequence), and its last n_obs queries
     // are kept for the final selection that follows it
     ggml_tensor * att_k = k_all, * att_v = v_all, * att_p = p_all, * att_meta = pl.meta;
+    ggml_tensor * q_att = nullptr;   // the attention's queries when a branch below made them
     if (mem->get_config().hold) {
         ggml_tensor * src_hidx  = sl.io ? sl.io->hidx  : inp->hidx_all;
         ggml_tensor * src_hmeta = sl.io ? sl.io->hmeta : inp->hmeta_all;
@@ -323,6 +399,32 @@ ggml_tensor * tca_attn_stream(const llm_graph_context & g, llm_graph_input_attn_
                 ggml_tensor * dst = ggml_reshape_2d(ctx0, L->q_obs, L->d_k * L->n_head, L->q_obs->ne[2]);
                 ggml_build_forward_expand(gf, ggml_set_rows(ctx0, dst, qs, inp->obs_idx));
             }
+        } else if (inp->recall) {
+            // recall: the step's query scores every held row (GGML_OP_TCA_SCORE: the pooled softmax
+            // of the head's query heads); per KV head the r best rows outside the fast tier (the
+            // bias) are copied into the r slots after the head's rows, and the attention reads them
+            // too. A pick the bias excludes (fewer than r candidates) takes a position no query sees.
+            // 9 compute nodes a layer (each a barrier of the CPU threads: the cost that matters here)
+            const int64_t r = mem->get_config().recall;
+            const int64_t n_ctx = mem->get_n_ctx();
+            const int64_t o_kv = inp->slots[mem->layer_index(il)].o_kv;
+            q_att = ggml_cont(ctx0, ggml_permute(ctx0, q_cur, 0, 2, 1, 3));  // [d, 1, n_head], the attention's too
+            if (q_att->type != GGML_TYPE_F32) q_att = ggml_cast(ctx0, q_att, GGML_TYPE_F32);
+            ggml_tensor * sc = ggml_tca_score(ctx0, ggml_reshape_2d(ctx0, q_att, L->d_k, L->n_head), hk_all, hmeta,
+                                              (int) nkv, kq_scale);                                  // [nkv * n_ctx]
+            sc->op_params[2] = 1;   // a ranking: f16 dots allowed (CPU; native/ggml-cpu/tca-select.cpp)
+            sc = ggml_add(ctx0, sc, ggml_view_1d(ctx0, inp->rbias_all, nkv * n_ctx, o_kv * n_ctx * sizeof(float)));
+            ggml_tensor * top = ggml_top_k(ctx0, ggml_reshape_2d(ctx0, sc, n_ctx, nkv), (int) r);  // [r, nkv] i32
+            ggml_tensor * kr = ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, hk_all, L->d_k, n_ctx, nkv), top);
+            ggml_tensor * vr = ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, hv_all, L->d_v, n_ctx, nkv), top);
+            ggml_tensor * rp = ggml_view_1d(ctx0, inp->rpos_all, nkv * n_ctx, o_kv * n_ctx * sizeof(float));
+            ggml_tensor * pr = ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, rp, 1, n_ctx, nkv), top);
+            ggml_tensor * ridx = ggml_view_1d(ctx0, inp->ridx_all, nkv * r, o_kv * r * sizeof(int64_t));
+            att_k = ggml_set_rows(ctx0, k_all, ggml_reshape_2d(ctx0, kr, L->d_k, nkv * r), ridx);
+            att_v = ggml_set_rows(ctx0, v_all, ggml_reshape_2d(ctx0, vr, L->d_v, nkv * r), ridx);
+            att_p = ggml_reshape_1d(ctx0, ggml_set_rows(ctx0, ggml_reshape_2d(ctx0, p_all, 1, L->cap_total),
+                                                        ggml_reshape_2d(ctx0, pr, 1, nkv * r), ridx), L->cap_total);
+            att_meta = ggml_view_1d(ctx0, inp->rmeta_all, 2 * nkv, o_kv * 2 * sizeof(int32_t));
         } else if (inp->final || (n_tokens > 1 && mem->get_config().prefill_dense_layer(il))) {
             att_k = hk_all;
             att_v = hv_all;
@@ -342,8 +444,11 @@ ggml_tensor * tca_attn_stream(const llm_graph_context & g, llm_graph_input_attn_
                                         (size_t) (n_tokens - 1) * q_cur->nb[2]);
     ggml_build_forward_expand(gf, ggml_cpy(ctx0, q_last, L->q_last));
 
-    ggml_tensor * q = ggml_cont(ctx0, ggml_permute(ctx0, q_cur, 0, 2, 1, 3));  // [d, n_tokens, n_head]
-    if (q->type != GGML_TYPE_F32) q = ggml_cast(ctx0, q, GGML_TYPE_F32);
+    ggml_tensor * q = q_att;
+    if (!q) {
+        q = ggml_cont(ctx0, ggml_permute(ctx0, q_cur, 0, 2, 1, 3));  // [d, n_tokens, n_head]
+        if (q->type != GGML_TYPE_F32) q = ggml_cast(ctx0, q, GGML_TYPE_F32);
+    }
     ggml_tensor * cur = ggml_tca_attn(ctx0, q, att_k, att_v, att_p, att_meta, inp->qpos, (int) nkv, kq_scale);
     g.cb(cur, "kqv_out", il);
     return ggml_reshape_2d(ctx0, cur, cur->ne[0] * cur->ne[1], cur->ne[2]);

@@ -134,7 +134,8 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
             h.cap = head_capacity(h.p, cfg.k_values, cfg.block, cfg.window, cfg.n_sink, n_ctx, n_ubatch,
                                   cfg.hold ? cfg.n_whole : 0);
             h.off = off;
-            off += h.cap;
+            // HOLD, recall: r slots after the head's rows, rewritten by each decode step's recalled rows
+            off += h.cap + (cfg.hold ? cfg.recall : 0);
         }
         L.cap_total = off;
         L.len_before.assign(nkv, 0);
@@ -379,8 +380,10 @@ bool llama_tca_memory::reserve_ubatch(const llama_ubatch & ub) {
             if (!pending) L.len_pending[g] = h.len;
             L.len_before[g] = h.len;
             if (L.pos_valid) for (uint32_t i = 0; i < ub.n_tokens; ++i) h.pos.push_back(ub.pos[i]);
+            else if (L.pos_tail.empty()) { L.tail_from.resize(L.n_head_kv); L.tail_from[g] = h.len; }
             h.len += ub.n_tokens;
         }
+        if (!L.pos_valid) L.pos_tail.insert(L.pos_tail.end(), ub.pos, ub.pos + ub.n_tokens);
     }
     n_seen += ub.n_tokens;
     // a decode-rule compaction only if every ubatch since the last compaction was one token
@@ -560,6 +563,7 @@ void llama_tca_memory::compact_graph(const std::vector<layer_t *> & Ls, int64_t 
             h.pos.clear();
         }
         L.pos_valid = false;
+        L.pos_tail.clear();
     }
     const int64_t t3 = ggml_time_us();
     t_dev_build_us += (double) (t1 - t0);
@@ -691,6 +695,7 @@ void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
                 h.coverage = 1.0f - ev;
             }
             L.pos_valid = true;
+            L.pos_tail.clear();
             if (src.empty()) continue;
             const int64_t n = (int64_t) src.size();
             ggml_tensor * is = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n);
@@ -723,11 +728,19 @@ void llama_tca_memory::ensure_pos(const layer_t & L) const {
     if (L.pos_valid) return;
     if (sched) ggml_backend_sched_synchronize(sched);
     std::vector<float> pf;
-    for (const auto & h : L.heads) {
+    for (size_t g = 0; g < L.heads.size(); ++g) {
+        const auto & h = L.heads[g];
         pf.resize(h.len);
         if (h.len) ggml_backend_tensor_get(L.kpos, pf.data(), (size_t) h.off * sizeof(float), (size_t) h.len * sizeof(float));
         h.pos.assign(pf.begin(), pf.end());
+        // rows reserved but not computed yet (a graph's set_input asks between the two): their
+        // positions are the ubatches', not what their slots still hold
+        for (size_t i = 0; i < L.pos_tail.size(); ++i) {
+            const size_t r = (size_t) L.tail_from[g] + i;
+            if (r < h.len) h.pos[r] = L.pos_tail[i];
+        }
     }
+    L.pos_tail.clear();
     L.pos_valid = true;
 }
 
@@ -735,6 +748,7 @@ void llama_tca_memory::clear(bool data) {
     for (auto & L : layers) {
         for (auto & h : L.heads) { h.len = 0; h.pos.clear(); h.coverage = 1.0f; h.n_evicted = 0; }
         L.pos_valid = true;
+        L.pos_tail.clear();
     }
     if (data) {
         for (auto & b : bufs) ggml_backend_buffer_clear(b.get(), 0);
@@ -773,6 +787,7 @@ bool llama_tca_memory::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
                 h.len = std::min(h.len, L.len_pending[g]);
                 if (L.pos_valid) h.pos.resize(h.len);
             }
+            L.pos_tail.clear();
         }
         n_seen = (uint32_t) pending_first_pos;
         pending = false;

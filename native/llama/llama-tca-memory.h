@@ -64,6 +64,9 @@ struct llama_tca_config {
     int pool_radius = 3;              // TCA_GGML_POOL: within-block ranking radius (0 = plain scores)
     bool score_per_query = false;     // TCA_GGML_SCORE_PER_QUERY: the final selection's CPU score as one node a query (A/B)
     bool stats_on_exit = false;       // TCA_GGML_STATS: one line of compaction statistics on stderr at the end
+    uint32_t recall = 0;              // TCA_GGML_RECALL=r (experiment): HOLD, each decode step after the hold-decode
+                                      // steps also attends, per KV head, the r held rows outside the fast tier that
+                                      // its own query scores highest (exact scores over the hold tier)
     bool refresh = false;             // TCA_GGML_REFRESH=1 (experiment): HOLD, after the hold-decode steps the
                                       // kept set is selected again from the hold tier by those steps' queries
 };
@@ -131,6 +134,10 @@ public:
         bool host = true;          // buffers in host memory
         mutable bool pos_valid = true; // heads[].pos mirror kpos (false after a device compaction:
                                        // ensure_pos() reads them back when needed)
+        // while !pos_valid: positions of the rows reserved since (ubatches not computed yet: their
+        // kpos slots still hold what was there), heads[g] rows from tail_from[g] on
+        mutable std::vector<int32_t> pos_tail;
+        mutable std::vector<uint32_t> tail_from;
         std::vector<head_t> heads;
         std::vector<uint32_t> len_before; // per head, rows before the current ubatch
         std::vector<uint32_t> len_pending; // per head, rows before the ubatches since the last compaction

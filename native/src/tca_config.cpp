@@ -219,6 +219,13 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
             q += used + (q[used] == ',');
         }
     }
+    if (const char * e = getenv("TCA_GGML_RECALL"); e && *e && cfg.hold) {
+        char * end = nullptr;
+        const long v = strtol(e, &end, 10);
+        if (*end || v < 0 || v > 4096)
+            return fail(err, n, std::string("TCA_GGML_RECALL must be an integer in [0, 4096], got '") + e + "'");
+        cfg.recall = (uint32_t) v;   // experiment (docs/design.md "Knobs")
+    }
     cfg.n_obs = (s & TCA_SET_N_OBS) ? (uint32_t) c.n_obs : 32u;
     cfg.n_whole = (s & TCA_SET_N_WHOLE) ? (uint32_t) c.n_whole : 4u;
     cfg.type_hold = (s & TCA_SET_TYPE_HOLD) ? c.type_hold : -1;

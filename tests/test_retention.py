@@ -282,7 +282,7 @@ def test_hold_decode_attends_every_row_for_the_first_steps(smol_model, doc_token
     """tca_hold_decode=N: the first N decode steps after a prompt's end attend every held row (the
     answer's start copies from the prompt), later ones the kept rows. With a dense prefill the
     reference is TCA at density 1.0 (nothing evicted, same kernel): equal up to rounding for N
-    steps, then not; with N = 0 the first step already differs."""
+    steps, then not; with N = 0 the first step already differs; with N = -1 every step is equal."""
     toks = doc_tokens[:1200]
     N = 6
 
@@ -314,8 +314,15 @@ def test_hold_decode_attends_every_row_for_the_first_steps(smol_model, doc_token
     assert nmse(h0[0], full[0]) > 1e-7
     with Llama(smol_model, **KW) as llm:
         assert llm.tca_stats()["hold_decode"] == 32            # the default
-    with pytest.raises(TCAConfigError, match="tca_hold_decode"):
-        Llama(smol_model, **dict(KW, tca_hold_decode=-1))
+    # -1: every decode step attends every held row (decode fidelity first): all steps equal full
+    with Llama(smol_model, **dict(KW, tca_density=0.05, tca_prefill="dense", tca_hold_decode=-1)) as llm:
+        ha = steps(llm, N + 4)
+        assert llm.tca_stats()["hold_decode"] == -1
+    for i in range(N + 4):
+        assert nmse(ha[i], full[i]) < 1e-10, (i, nmse(ha[i], full[i]))
+    for bad in (-2, 1 << 21):
+        with pytest.raises(TCAConfigError, match="tca_hold_decode"):
+            Llama(smol_model, **dict(KW, tca_hold_decode=bad))
 
 
 def test_refresh_after_the_hold_decode_steps_is_their_final_selection(smol_model, doc_tokens, monkeypatch):

@@ -118,10 +118,12 @@ struct tca_config {
                          //   TCA_PREFILL_DENSE or TCA_PREFILL_EARLY [EARLY with hold, SPARSE with
                          //   stream; TCA_GGML_PREFILL=sparse|dense|early picks one, for tools]
     int64_t  n_hold_decode; // HOLD_DECODE: hold: the first decode steps after a prompt's end that
-                         //   attend every held row (the answer's start), [0, 1048576]
+                         //   attend every held row (the answer's start), [0, 1048576], or
+                         //   TCA_HOLD_DECODE_ALL: every decode step (decode fidelity first)
                          //   [TCA_HOLD_DECODE_DEFAULT; TCA_GGML_HOLD_DECODE=N, for tools]
 };
 #define TCA_HOLD_DECODE_DEFAULT 32
+#define TCA_HOLD_DECODE_ALL (-1)
 #define TCA_SET_DENSITY   1
 #define TCA_SET_BLOCK     2
 #define TCA_SET_WINDOW    4

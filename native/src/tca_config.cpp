@@ -78,9 +78,9 @@ static int tca_config_check_impl(const tca_config * c, char * err, size_t n) {
         return fail(err, n, "tca_prefill='dense'/'early' needs tca_retention='hold' (a stream retention holds no rows to attend)");
     if ((s & TCA_SET_N_OBS) && (c->n_obs < 1 || c->n_obs > 4096))
         return fail(err, n, "tca_obs must be in [1, 4096], got " + std::to_string(c->n_obs));
-    if ((s & TCA_SET_HOLD_DECODE) && (c->n_hold_decode < 0 || c->n_hold_decode > (1 << 20)))
-        return fail(err, n, "tca_hold_decode must be in [0, 1048576], got " + std::to_string(c->n_hold_decode));
-    if ((s & TCA_SET_HOLD_DECODE) && c->n_hold_decode > 0 && (s & TCA_SET_RETENTION) && c->retention == TCA_RETENTION_STREAM)
+    if ((s & TCA_SET_HOLD_DECODE) && (c->n_hold_decode < TCA_HOLD_DECODE_ALL || c->n_hold_decode > (1 << 20)))
+        return fail(err, n, "tca_hold_decode must be in [0, 1048576] or -1 (every step), got " + std::to_string(c->n_hold_decode));
+    if ((s & TCA_SET_HOLD_DECODE) && c->n_hold_decode != 0 && (s & TCA_SET_RETENTION) && c->retention == TCA_RETENTION_STREAM)
         return fail(err, n, "tca_hold_decode needs tca_retention='hold' (a stream retention holds no rows to attend)");
     if ((s & TCA_SET_N_WHOLE) && (c->n_whole < 0 || c->n_whole > 65536))
         return fail(err, n, "tca_whole must be in [0, 65536], got " + std::to_string(c->n_whole));
@@ -230,13 +230,13 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
     cfg.n_whole = (s & TCA_SET_N_WHOLE) ? (uint32_t) c.n_whole : 4u;
     cfg.type_hold = (s & TCA_SET_TYPE_HOLD) ? c.type_hold : -1;
     if (s & TCA_SET_HOLD_DECODE) {
-        cfg.hold_decode = (uint32_t) c.n_hold_decode;
+        cfg.hold_decode = c.n_hold_decode == TCA_HOLD_DECODE_ALL ? UINT32_MAX : (uint32_t) c.n_hold_decode;
     } else if (const char * e = getenv("TCA_GGML_HOLD_DECODE"); e && *e) {
         char * end = nullptr;
         const long v = strtol(e, &end, 10);
-        if (*end || v < 0 || v > (1 << 20))
-            return fail(err, n, std::string("TCA_GGML_HOLD_DECODE must be an integer in [0, 1048576], got '") + e + "'");
-        cfg.hold_decode = (uint32_t) v;   // tools without Python (tca-llama-bench)
+        if (*end || v < TCA_HOLD_DECODE_ALL || v > (1 << 20))
+            return fail(err, n, std::string("TCA_GGML_HOLD_DECODE must be an integer in [0, 1048576] or -1, got '") + e + "'");
+        cfg.hold_decode = v == TCA_HOLD_DECODE_ALL ? UINT32_MAX : (uint32_t) v;   // tools without Python (tca-llama-bench)
     } else {
         cfg.hold_decode = TCA_HOLD_DECODE_DEFAULT;
     }
@@ -257,7 +257,7 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
     out.n_whole = cfg.n_whole;
     out.type_hold = cfg.type_hold;
     out.prefill = prefill;
-    out.n_hold_decode = cfg.hold_decode;
+    out.n_hold_decode = cfg.hold_decode == UINT32_MAX ? (int64_t) TCA_HOLD_DECODE_ALL : (int64_t) cfg.hold_decode;
     return 0;
 }
 

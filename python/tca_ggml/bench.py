@@ -142,7 +142,7 @@ def _worker_parallel(a, kw) -> dict:
                                                    np.float32))))
         st = llm.tca_stats()
         if st["active"]:
-            hd = int(st.get("hold_decode") or 0)
+            hd = max(0, int(st.get("hold_decode") or 0))   # -1: every step holds (none is different)
         pos = [a.prompt] * nmax
         b = llm._batch
 
@@ -276,7 +276,7 @@ def run(a) -> list:
                "dense_fa": bool(a.dense_fa)}
         # retention hold: the first hold_decode steps attend every held row (the answer's start);
         # decode after them, both arms over the same steps
-        nh = int(t[0].get("hold_decode") or 0)
+        nh = max(0, int(t[0].get("hold_decode") or 0))   # -1 (every step holds): all steps alike
         after = lambda xs: _median([(len(x["step_s"]) - nh - 1) / sum(x["step_s"][nh + 1:])  # noqa: E731
                                     if len(x["step_s"]) > nh + 1 else 0.0 for x in xs])
         row.update({"tca_hold_decode": nh, "dense_after_tps": after(d), "tca_after_tps": after(t)})

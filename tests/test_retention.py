@@ -380,7 +380,7 @@ def test_decode_recall_brings_the_step_close_to_full_attention(smol_model, doc_t
     the recalled rows are summed after the fast tier's, in score order, and this small model's first
     layers amplify that rounding -- layers 2-29 alone give bit-equal logits, measured); a small r lands
     in between, closer with more rows. Measured (sum of the logits' NMSE over 10 steps): no recall
-    0.068, r=4 0.041, r=16 0.012, every row 0.0096."""
+    0.068, r=4 0.041, r=16 0.012, every row 0.0096; by blocks of 16 rows: 4 blocks 0.027, all 0.012."""
     toks = doc_tokens[:1200]
     N, S = 2, 10
 
@@ -388,9 +388,11 @@ def test_decode_recall_brings_the_step_close_to_full_attention(smol_model, doc_t
         return float(np.mean((a - b) ** 2) / np.mean(b ** 2))
 
     def steps(kw, recall=None, feed=None):
-        if recall is None:
-            monkeypatch.delenv("TCA_GGML_RECALL", raising=False)
-        else:
+        monkeypatch.delenv("TCA_GGML_RECALL", raising=False)
+        monkeypatch.delenv("TCA_GGML_RECALL_BLOCKS", raising=False)
+        if isinstance(recall, str):     # "bK": by blocks of 16 rows, K blocks
+            monkeypatch.setenv("TCA_GGML_RECALL_BLOCKS", recall[1:])
+        elif recall is not None:
             monkeypatch.setenv("TCA_GGML_RECALL", str(recall))
         with Llama(smol_model, **kw) as llm:
             llm.eval_prompt(toks)
@@ -408,7 +410,7 @@ def test_decode_recall_brings_the_step_close_to_full_attention(smol_model, doc_t
     full, fed, _ = steps(dict(KW, tca_density=1.0, tca_prefill="dense"))
     sparse = dict(KW, tca_density=0.05, tca_prefill="dense", tca_hold_decode=N)
     gap = {}
-    for r in (None, 4, 16, 1024):   # 1024 > any head's evicted rows (1200 tokens, window 256)
+    for r in (None, 4, 16, 1024, "b4", "b128"):   # 1024 > any head's evicted rows (1200 tokens, window 256)
         out, _, st = steps(sparse, r, fed)
         assert st["rows_kept"] < 0.6 * st["rows_held"]   # most rows evicted
         for i in range(N):   # the hold-decode steps attend every row, recall or not
@@ -417,6 +419,18 @@ def test_decode_recall_brings_the_step_close_to_full_attention(smol_model, doc_t
     assert gap[1024] < 0.25 * gap[None], gap
     assert gap[16] < 0.5 * gap[None], gap
     assert gap[4] < gap[None], gap
+    # by blocks (TCA_GGML_RECALL_BLOCKS=kb): every block (128 x 16 rows = n_ctx) is every row again;
+    # 4 blocks, ranked by Quest's bound on per-block K summaries, land in between
+    assert gap["b128"] < 0.25 * gap[None], gap
+    assert gap["b4"] < gap[None], gap
     monkeypatch.setenv("TCA_GGML_RECALL", "-1")
     with pytest.raises(TCAConfigError, match="TCA_GGML_RECALL"):
+        Llama(smol_model, **sparse)
+    monkeypatch.setenv("TCA_GGML_RECALL", "8")
+    monkeypatch.setenv("TCA_GGML_RECALL_BLOCKS", "8")
+    with pytest.raises(TCAConfigError, match="exclude each other"):
+        Llama(smol_model, **sparse)
+    monkeypatch.delenv("TCA_GGML_RECALL")
+    monkeypatch.setenv("TCA_GGML_RECALL_BS", "12")
+    with pytest.raises(TCAConfigError, match="power of 2"):
         Llama(smol_model, **sparse)

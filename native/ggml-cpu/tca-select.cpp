@@ -82,6 +82,11 @@ extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params 
 
     const int64_t HC = tca_score_chunk_heads(n_head, n_slots);
     const bool f16_dots = tca_score_f16_dots(dst);
+    // op_params[2] == 2 (the graph's recall by blocks): q = [q | q] (2*dh), K rows f32 [min | max] of a
+    // block's dh dimensions; the logit of a block is scale * sum_i max(q_i min_i, q_i max_i)
+    const bool bound = ggml_get_op_params_i32(dst, 2) == 2;
+    const int64_t dh = d/2;
+    GGML_ASSERT(!bound || (k->type == GGML_TYPE_F32 && d % 2 == 0));
     const int64_t per_thread = f16_dots ? (n_head*d + 1)/2 : d;
     float  * logit = (float *) params->wdata;                      // [HC][n_slots]: head h0 + i at i*n_slots
     double * inv   = (double *) (logit + HC*n_slots);              // [n_head]: 1 / softmax sum
@@ -102,6 +107,17 @@ extern "C" void ggml_compute_forward_tca_score(const struct ggml_compute_params 
             const int64_t a = std::max(r_lo, off), b = std::min(r_hi, off + len);
             const int64_t ha = std::max(h0, g*G), hb = std::min(h1, (g + 1)*G);
             for (int64_t r = a; r < b; ++r) {
+                if (bound) {   // recall by blocks: Quest's bound, K row = [min | max] per dimension
+                    const float * mn = (const float *) ((const char *) k->data + r*k->nb[1]);
+                    const float * mx = mn + dh;
+                    for (int64_t h = ha; h < hb; ++h) {
+                        const float * qh = (const float *) q->data + h*d;
+                        float dot = 0.0f;
+                        for (int64_t i = 0; i < dh; ++i) dot += std::max(qh[i]*mn[i], qh[i]*mx[i]);
+                        logit[(h - h0)*n_slots + r] = dot*scale;
+                    }
+                    continue;
+                }
                 if (f16_dots) {
                     ggml_fp16_t * kr = (ggml_fp16_t *) ((const char *) k->data + r*k->nb[1]);
                     for (int64_t h = ha; h < hb; ++h) {

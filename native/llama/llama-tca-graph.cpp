@@ -22,7 +22,7 @@ namespace {
 // attends the r held rows outside the fast tier that its own query scores highest, per KV head
 bool tca_recall_step(const llama_tca_memory * m, bool full, uint32_t n_tok) {
     const auto & c = m->get_config();
-    return c.hold && c.recall > 0 && !full && n_tok == 1 && !m->is_cur_final() && !m->is_cur_hold_decode();
+    return c.hold && c.recall_slots() > 0 && !full && n_tok == 1 && !m->is_cur_final() && !m->is_cur_hold_decode();
 }
 
 // recall: a recalled row the mask excludes (already in the fast tier, or not yet written) gets this
@@ -153,7 +153,10 @@ public:
     // rows and the head range with them
     void set_recall_inputs(int32_t qp) {
         const llama_tca_memory * mem = tmem;
-        const uint32_t n_ctx = mem->get_n_ctx(), r = mem->get_config().recall;
+        const uint32_t n_ctx = mem->get_n_ctx(), r = mem->get_config().recall_slots();
+        const uint32_t bs = mem->get_config().recall_bs, nblk = mem->get_n_blk();   // by blocks: nblk > 0
+        if (nblk) mem->update_summaries((uint32_t) std::max<int32_t>(qp, 0));
+        GGML_ASSERT(!nblk || ggml_backend_buffer_is_host(rsmeta_all->buffer));
         GGML_ASSERT(ggml_backend_buffer_is_host(rbias_all->buffer) && ggml_backend_buffer_is_host(rpos_all->buffer) &&
                     ggml_backend_buffer_is_host(ridx_all->buffer) && ggml_backend_buffer_is_host(rmeta_all->buffer));
         std::vector<int32_t> pos;
@@ -165,7 +168,8 @@ public:
             int32_t * mt = (int32_t *) rmeta_all->data + 2 * sl.o_kv;
             for (uint32_t g = 0; g < L->n_head_kv; ++g) {
                 const auto & h = L->heads[g];
-                float * bias = (float *) rbias_all->data + (sl.o_kv + g) * n_ctx;
+                std::vector<float> bias_blk;   // by blocks: the row bias is only a scratch
+                float * bias = nblk ? (bias_blk.resize(n_ctx), bias_blk.data()) : (float *) rbias_all->data + (sl.o_kv + g) * n_ctx;
                 float * rp = (float *) rpos_all->data + (sl.o_kv + g) * n_ctx;
                 std::fill(bias, bias + lim, 0.0f);
                 std::fill(bias + lim, bias + n_ctx, TCA_RECALL_OUT);
@@ -175,6 +179,17 @@ public:
                 const int64_t n = mem->head_positions(pl.il, g, pos.data(), (int64_t) pos.size());
                 for (int64_t i = 0; i < n; ++i) {
                     if (pos[i] >= 0 && (uint32_t) pos[i] < n_ctx) { bias[pos[i]] = TCA_RECALL_OUT; rp[pos[i]] = TCA_POS_NEVER; }
+                }
+                if (nblk) {   // a block may be recalled while it has a row the step may read
+                    float * bb = (float *) rbias_all->data + (sl.o_kv + g) * nblk;
+                    int32_t * sm = (int32_t *) rsmeta_all->data + 2 * (sl.o_kv + g);
+                    for (uint32_t b = 0; b < nblk; ++b) {
+                        bool any = false;
+                        for (uint32_t t = 0; t < bs && !any; ++t) any = rp[b * bs + t] < TCA_POS_NEVER;
+                        bb[b] = any ? 0.0f : TCA_RECALL_OUT;
+                    }
+                    sm[0] = (int32_t) (g * nblk);
+                    sm[1] = (int32_t) ((lim + bs - 1) / bs);
                 }
                 for (uint32_t j = 0; j < r; ++j) ix[(size_t) g * r + j] = (int64_t) h.off + h.len + j;
                 mt[2 * g] = (int32_t) h.off;
@@ -234,6 +249,8 @@ public:
     ggml_tensor * rpos_all  = nullptr;    // recall: [n_ctx * sum nkv] f32, position a recalled row takes
     ggml_tensor * ridx_all  = nullptr;    // recall: [r * sum nkv] i64, the fast-tier slots of the recalled rows
     ggml_tensor * rmeta_all = nullptr;    // recall: [sum 2 nkv] i32, head ranges with the slots
+    ggml_tensor * rsmeta_all = nullptr;   // recall by blocks: [sum 2 nkv] i32, the summaries' head ranges
+                                          // (rbias_all is then [n_blk * sum nkv], a bias a block)
     std::vector<slot_t> slots;            // per layer (memory's layer order)
 };
 
@@ -300,8 +317,14 @@ llm_graph_input_attn_tca * tca_stream_input(const llm_graph_context & g, llama_t
     inp->hold_decode = mem->is_cur_hold_decode() && !full;
     inp->recall = tca_recall_step(mem, full, n_tok);
     if (inp->recall) {
-        const int64_t r = mem->get_config().recall;
-        inp->rbias_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_F32, (int64_t) mem->get_n_ctx() * n_kv);
+        const int64_t r = mem->get_config().recall_slots();
+        const int64_t nblk = mem->get_n_blk();
+        inp->rbias_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_F32, (nblk ? nblk : (int64_t) mem->get_n_ctx()) * n_kv);
+        if (nblk) {
+            inp->rsmeta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, 2 * n_kv);
+            ggml_set_input(inp->rsmeta_all);
+            ggml_set_name(inp->rsmeta_all, "tca_rsmeta");
+        }
         inp->rpos_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_F32, (int64_t) mem->get_n_ctx() * n_kv);
         inp->ridx_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, r * n_kv);
         inp->rmeta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, 2 * n_kv);
@@ -399,26 +422,42 @@ ggml_tensor * tca_attn_stream(const llm_graph_context & g, llm_graph_input_attn_
                 ggml_tensor * dst = ggml_reshape_2d(ctx0, L->q_obs, L->d_k * L->n_head, L->q_obs->ne[2]);
                 ggml_build_forward_expand(gf, ggml_set_rows(ctx0, dst, qs, inp->obs_idx));
             }
-        } else if (inp->recall) {
+        } else if (inp->recall && (!inp->rsmeta_all || L->ksum)) {   // by blocks: host layers only
             // recall: the step's query scores every held row (GGML_OP_TCA_SCORE: the pooled softmax
             // of the head's query heads); per KV head the r best rows outside the fast tier (the
             // bias) are copied into the r slots after the head's rows, and the attention reads them
             // too. A pick the bias excludes (fewer than r candidates) takes a position no query sees.
             // 9 compute nodes a layer (each a barrier of the CPU threads: the cost that matters here)
-            const int64_t r = mem->get_config().recall;
+            const int64_t r = mem->get_config().recall_slots();
             const int64_t n_ctx = mem->get_n_ctx();
             const int64_t o_kv = inp->slots[mem->layer_index(il)].o_kv;
             q_att = ggml_cont(ctx0, ggml_permute(ctx0, q_cur, 0, 2, 1, 3));  // [d, 1, n_head], the attention's too
             if (q_att->type != GGML_TYPE_F32) q_att = ggml_cast(ctx0, q_att, GGML_TYPE_F32);
-            ggml_tensor * sc = ggml_tca_score(ctx0, ggml_reshape_2d(ctx0, q_att, L->d_k, L->n_head), hk_all, hmeta,
-                                              (int) nkv, kq_scale);                                  // [nkv * n_ctx]
-            sc->op_params[2] = 1;   // a ranking: f16 dots allowed (CPU; native/ggml-cpu/tca-select.cpp)
-            sc = ggml_add(ctx0, sc, ggml_view_1d(ctx0, inp->rbias_all, nkv * n_ctx, o_kv * n_ctx * sizeof(float)));
-            ggml_tensor * top = ggml_top_k(ctx0, ggml_reshape_2d(ctx0, sc, n_ctx, nkv), (int) r);  // [r, nkv] i32
-            ggml_tensor * kr = ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, hk_all, L->d_k, n_ctx, nkv), top);
-            ggml_tensor * vr = ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, hv_all, L->d_v, n_ctx, nkv), top);
+            ggml_tensor * q2 = ggml_reshape_2d(ctx0, q_att, L->d_k, L->n_head);
             ggml_tensor * rp = ggml_view_1d(ctx0, inp->rpos_all, nkv * n_ctx, o_kv * n_ctx * sizeof(float));
-            ggml_tensor * pr = ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, rp, 1, n_ctx, nkv), top);
+            ggml_tensor * kr, * vr, * pr;
+            if (inp->rsmeta_all) {
+                // by blocks: Quest's bound of every block of recall_bs held rows (its K summary), the
+                // kb best blocks whose rows the step may read, their rows whole
+                const int64_t bs = mem->get_config().recall_bs, nblk = mem->get_n_blk();
+                const int64_t kb = mem->get_config().recall_blocks;
+                ggml_tensor * smeta = ggml_view_1d(ctx0, inp->rsmeta_all, 2 * nkv, o_kv * 2 * sizeof(int32_t));
+                ggml_tensor * sc = ggml_tca_score(ctx0, ggml_concat(ctx0, q2, q2, 0), L->ksum, smeta, (int) nkv, kq_scale);
+                sc->op_params[2] = 2;   // the bound (native/ggml-cpu/tca-select.cpp)
+                sc = ggml_add(ctx0, sc, ggml_view_1d(ctx0, inp->rbias_all, nkv * nblk, o_kv * nblk * sizeof(float)));
+                ggml_tensor * top = ggml_top_k(ctx0, ggml_reshape_2d(ctx0, sc, nblk, nkv), (int) kb);  // [kb, nkv]
+                kr = ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, hk_all, L->d_k * bs, nblk, nkv), top);
+                vr = ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, hv_all, L->d_v * bs, nblk, nkv), top);
+                pr = ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, rp, bs, nblk, nkv), top);
+            } else {
+                ggml_tensor * sc = ggml_tca_score(ctx0, q2, hk_all, hmeta, (int) nkv, kq_scale);   // [nkv * n_ctx]
+                sc->op_params[2] = 1;   // a ranking: f16 dots allowed (CPU; native/ggml-cpu/tca-select.cpp)
+                sc = ggml_add(ctx0, sc, ggml_view_1d(ctx0, inp->rbias_all, nkv * n_ctx, o_kv * n_ctx * sizeof(float)));
+                ggml_tensor * top = ggml_top_k(ctx0, ggml_reshape_2d(ctx0, sc, n_ctx, nkv), (int) r);  // [r, nkv] i32
+                kr = ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, hk_all, L->d_k, n_ctx, nkv), top);
+                vr = ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, hv_all, L->d_v, n_ctx, nkv), top);
+                pr = ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, rp, 1, n_ctx, nkv), top);
+            }
             ggml_tensor * ridx = ggml_view_1d(ctx0, inp->ridx_all, nkv * r, o_kv * r * sizeof(int64_t));
             att_k = ggml_set_rows(ctx0, k_all, ggml_reshape_2d(ctx0, kr, L->d_k, nkv * r), ridx);
             att_v = ggml_set_rows(ctx0, v_all, ggml_reshape_2d(ctx0, vr, L->d_v, nkv * r), ridx);

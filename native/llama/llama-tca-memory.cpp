@@ -135,7 +135,7 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
                                   cfg.hold ? cfg.n_whole : 0);
             h.off = off;
             // HOLD, recall: r slots after the head's rows, rewritten by each decode step's recalled rows
-            off += h.cap + (cfg.hold ? cfg.recall : 0);
+            off += h.cap + (cfg.hold ? cfg.recall_slots() : 0);
         }
         L.cap_total = off;
         L.len_before.assign(nkv, 0);
@@ -179,7 +179,7 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
         if (cfg.hold) {
             // the hold tier: every row of the sequence until a prompt's end has been seen (and
             // after, for the next prompt's final selection), in the layer's buffer type
-            ggml_init_params hp_ = { 4 * ggml_tensor_overhead(), nullptr, true };
+            ggml_init_params hp_ = { 5 * ggml_tensor_overhead(), nullptr, true };
             ggml_context * hctx = ggml_init(hp_);
             if (!hctx) throw std::runtime_error("TCA: ggml_init failed");
             ctxs.emplace_back(hctx);
@@ -196,6 +196,14 @@ llama_tca_memory::llama_tca_memory(const llama_model & model, const llama_tca_co
             ggml_format_name(L.hk, "tca_hk_l%d", il);
             ggml_format_name(L.hv, "tca_hv_l%d", il);
             ggml_format_name(L.hkpos, "tca_hkpos_l%d", il);
+            if (cfg.recall_blocks && L.host) {
+                if (n_ctx % cfg.recall_bs) {
+                    throw std::runtime_error("TCA: TCA_GGML_RECALL_BS=" + std::to_string(cfg.recall_bs) +
+                                             " does not divide n_ctx " + std::to_string(n_ctx));
+                }
+                L.ksum = ggml_new_tensor_2d(hctx, GGML_TYPE_F32, 2 * (int64_t) L.d_k, (int64_t) nkv * (n_ctx / cfg.recall_bs));
+                ggml_format_name(L.ksum, "tca_ksum_l%d", il);
+            }
             ggml_backend_buffer_t hbuf = ggml_backend_alloc_ctx_tensors_from_buft(hctx, buft);
             if (!hbuf) throw std::runtime_error("TCA: failed to allocate the hold tier for layer " + std::to_string(il) +
                                                 " (tca_retention='stream' needs none)");
@@ -758,6 +766,7 @@ void llama_tca_memory::clear(bool data) {
         }
     }
     n_seen = 0;
+    for (auto & Lr : layers) Lr.n_sum = std::min(Lr.n_sum, n_seen / std::max<uint32_t>(1, cfg.recall_bs) * cfg.recall_bs);
     frontier = 0;
     pending = false;
     pending_final = false;
@@ -790,6 +799,7 @@ bool llama_tca_memory::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
             L.pos_tail.clear();
         }
         n_seen = (uint32_t) pending_first_pos;
+        for (auto & Lr : layers) Lr.n_sum = std::min(Lr.n_sum, n_seen / std::max<uint32_t>(1, cfg.recall_bs) * cfg.recall_bs);
         pending = false;
         pending_final = false;
         pending_refresh = false;
@@ -813,6 +823,7 @@ bool llama_tca_memory::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
         }
     }
     n_seen = (uint32_t) p0;
+    for (auto & Lr : layers) Lr.n_sum = std::min(Lr.n_sum, n_seen / std::max<uint32_t>(1, cfg.recall_bs) * cfg.recall_bs);
     frontier = std::min(frontier, llama_tca_aged_frontier(n_seen, cfg.window, cfg.block));
     return true;
 }
@@ -951,7 +962,40 @@ void llama_tca_memory::state_read(llama_io_read_i & io, llama_seq_id seq_id, lla
         }
     }
     n_seen = seen;
+    for (auto & Lr : layers) Lr.n_sum = 0;   // a loaded hold tier: summaries made anew
     frontier = fr;
+}
+
+void llama_tca_memory::update_summaries(uint32_t upto) const {
+    if (!cfg.recall_blocks) return;
+    const uint32_t bs = cfg.recall_bs, nb = n_ctx / bs;
+    upto = std::min(upto, n_ctx);
+    bool synced = false;
+    std::vector<float> row;
+    for (const auto & L : layers) {
+        if (!L.ksum) continue;
+        if (L.n_sum > upto) L.n_sum = upto / bs * bs;
+        if (L.n_sum == upto) continue;
+        if (!synced && sched) { ggml_backend_sched_synchronize(sched); synced = true; }
+        const auto * tr = ggml_get_type_traits(L.hk->type);
+        const size_t rs = ggml_row_size(L.hk->type, L.d_k);
+        row.resize(L.d_k);
+        for (uint32_t g = 0; g < L.n_head_kv; ++g) {
+            for (uint32_t b = L.n_sum / bs; b * bs < upto; ++b) {
+                float * mn = (float *) L.ksum->data + ((size_t) g * nb + b) * 2 * L.d_k;
+                float * mx = mn + L.d_k;
+                std::fill(mn, mn + L.d_k, INFINITY);
+                std::fill(mx, mx + L.d_k, -INFINITY);
+                for (uint32_t p = b * bs; p < std::min(upto, (b + 1) * bs); ++p) {
+                    const char * src = (const char *) L.hk->data + ((size_t) g * n_ctx + p) * rs;
+                    if (L.hk->type == GGML_TYPE_F32) memcpy(row.data(), src, L.d_k * sizeof(float));
+                    else tr->to_float(src, row.data(), L.d_k);
+                    for (uint32_t i = 0; i < L.d_k; ++i) { mn[i] = std::min(mn[i], row[i]); mx[i] = std::max(mx[i], row[i]); }
+                }
+            }
+        }
+        L.n_sum = upto;
+    }
 }
 
 int64_t llama_tca_memory::head_positions(int32_t il, uint32_t kv_head, int32_t * pos, int64_t n_max) const {

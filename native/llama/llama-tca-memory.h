@@ -67,6 +67,10 @@ struct llama_tca_config {
     uint32_t recall = 0;              // TCA_GGML_RECALL=r (experiment): HOLD, each decode step after the hold-decode
                                       // steps also attends, per KV head, the r held rows outside the fast tier that
                                       // its own query scores highest (exact scores over the hold tier)
+    uint32_t recall_blocks = 0;       // TCA_GGML_RECALL_BLOCKS=kb (experiment): the same by blocks of recall_bs held
+    uint32_t recall_bs = 16;          // rows (TCA_GGML_RECALL_BS), ranked by Quest's bound on per-block K summaries
+                                      // (min/max a dimension, host layers only), the kb best blocks attended
+    uint32_t recall_slots() const { return recall ? recall : recall_blocks * recall_bs; }
     bool refresh = false;             // TCA_GGML_REFRESH=1 (experiment): HOLD, after the hold-decode steps the
                                       // kept set is selected again from the hold tier by those steps' queries
 };
@@ -139,6 +143,11 @@ public:
         mutable std::vector<int32_t> pos_tail;
         mutable std::vector<uint32_t> tail_from;
         std::vector<head_t> heads;
+        // recall by blocks (config recall_blocks, host layers): per KV head g and block b of recall_bs
+        // held rows, row g*n_blk + b = [min of each K dimension, max of each], f32; rows [0, n_sum)
+        // of every head summarized (update_summaries)
+        ggml_tensor * ksum = nullptr;
+        mutable uint32_t n_sum = 0;
         std::vector<uint32_t> len_before; // per head, rows before the current ubatch
         std::vector<uint32_t> len_pending; // per head, rows before the ubatches since the last compaction
         // HOLD tier: every row of the sequence, head g's row of position p at g*n_ctx + p
@@ -213,6 +222,10 @@ public:
     uint32_t get_frontier() const { return frontier; }
     bool is_cur_final() const { return cur_final; }
     bool is_cur_hold_decode() const { return cur_hold_decode; }
+    // recall by blocks: the K summaries of held rows [0, upto) of every host layer, brought up to date
+    // from the hold tier (the graphs that wrote them have finished)
+    void update_summaries(uint32_t upto) const;
+    uint32_t get_n_blk() const { return cfg.recall_blocks ? n_ctx / cfg.recall_bs : 0; }
     // HOLD, refresh: the q_obs slot the hold-decode step being built writes its query to (-1: none)
     int32_t get_obs_slot() const { return cur_obs_slot; }
     uint64_t get_n_refresh() const { return n_refresh; }  // HOLD: a decode step that attends the hold tier  // HOLD: the ubatch being built is a prompt's last

@@ -226,6 +226,21 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
             return fail(err, n, std::string("TCA_GGML_RECALL must be an integer in [0, 4096], got '") + e + "'");
         cfg.recall = (uint32_t) v;   // experiment (docs/design.md "Knobs")
     }
+    if (const char * e = getenv("TCA_GGML_RECALL_BLOCKS"); e && *e && cfg.hold) {
+        char * end = nullptr;
+        const long v = strtol(e, &end, 10);
+        if (*end || v < 0 || v > 1024)
+            return fail(err, n, std::string("TCA_GGML_RECALL_BLOCKS must be an integer in [0, 1024], got '") + e + "'");
+        cfg.recall_blocks = (uint32_t) v;   // experiment (docs/design.md "Knobs")
+        if (const char * b = getenv("TCA_GGML_RECALL_BS"); b && *b) {
+            const long w = strtol(b, &end, 10);
+            if (*end || w < 1 || w > 256 || (w & (w - 1)))
+                return fail(err, n, std::string("TCA_GGML_RECALL_BS must be a power of 2 in [1, 256], got '") + b + "'");
+            cfg.recall_bs = (uint32_t) w;
+        }
+        if (cfg.recall && cfg.recall_blocks)
+            return fail(err, n, "TCA_GGML_RECALL and TCA_GGML_RECALL_BLOCKS exclude each other");
+    }
     cfg.n_obs = (s & TCA_SET_N_OBS) ? (uint32_t) c.n_obs : 32u;
     cfg.n_whole = (s & TCA_SET_N_WHOLE) ? (uint32_t) c.n_whole : 4u;
     cfg.type_hold = (s & TCA_SET_TYPE_HOLD) ? c.type_hold : -1;

@@ -46,7 +46,7 @@ def main():
                 ttft = time.perf_counter() - t0
                 tok = int(llm._logits_last().argmax())
                 hold = 0 if dense else int(llm.tca_stats()["hold_decode"] or 0)
-                hold = min(hold, 32)   # TCA_GGML_HOLD_DECODE=100000 (every step holds): 32 untimed all the same
+                hold = min(max(hold, 0), 32)   # -1 or large (every step holds): all steps alike, none untimed beyond 32
                 for _ in range(hold):      # the hold-decode steps: not timed
                     llm._decode([tok], len(llm._tokens))
                     tok = int(llm._logits_last().argmax())

@@ -123,7 +123,7 @@ struct tca_config {
                          //   [TCA_HOLD_DECODE_DEFAULT; TCA_GGML_HOLD_DECODE=N, for tools]
 };
 #define TCA_HOLD_DECODE_DEFAULT 32
-#define TCA_HOLD_DECODE_ALL (-1)
+#define TCA_HOLD_DECODE_ALL -1
 #define TCA_SET_DENSITY   1
 #define TCA_SET_BLOCK     2
 #define TCA_SET_WINDOW    4

@@ -117,6 +117,20 @@ static void read_knobs(llama_tca_config & cfg) {
 }
 
 // *c (checked) + the budget source + the model -> the configuration the retention memory runs.
+// an integer environment knob in [lo, hi]: 0 (v untouched when unset or empty), 1 (err) when not
+// an integer in range
+static int env_checked(const char * name, long lo, long hi, long & v, char * err, size_t n) {
+    const char * e = getenv(name);
+    if (!e || !*e) return 0;
+    char * end = nullptr;
+    const long x = strtol(e, &end, 10);
+    if (*end || x < lo || x > hi)
+        return fail(err, n, std::string(name) + " must be an integer in [" + std::to_string(lo) + ", " +
+                            std::to_string(hi) + "], got '" + e + "'");
+    v = x;
+    return 0;
+}
+
 static int resolve(const llama_model * model, const tca_budgets * bud, const tca_config & c, llama_tca_config & cfg,
                    tca_config & out, char * err, size_t n) {
     const uint32_t s = c.set;
@@ -219,28 +233,19 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
             q += used + (q[used] == ',');
         }
     }
-    if (const char * e = getenv("TCA_GGML_RECALL"); e && *e && cfg.hold) {
-        char * end = nullptr;
-        const long v = strtol(e, &end, 10);
-        if (*end || v < 0 || v > 4096)
-            return fail(err, n, std::string("TCA_GGML_RECALL must be an integer in [0, 4096], got '") + e + "'");
-        cfg.recall = (uint32_t) v;   // experiment (docs/design.md "Knobs")
-    }
-    if (const char * e = getenv("TCA_GGML_RECALL_BLOCKS"); e && *e && cfg.hold) {
-        char * end = nullptr;
-        const long v = strtol(e, &end, 10);
-        if (*end || v < 0 || v > 1024)
-            return fail(err, n, std::string("TCA_GGML_RECALL_BLOCKS must be an integer in [0, 1024], got '") + e + "'");
-        cfg.recall_blocks = (uint32_t) v;   // experiment (docs/design.md "Knobs")
-        if (const char * b = getenv("TCA_GGML_RECALL_BS"); b && *b) {
-            const long w = strtol(b, &end, 10);
-            if (*end || w < 1 || w > 256 || (w & (w - 1)))
-                return fail(err, n, std::string("TCA_GGML_RECALL_BS must be a power of 2 in [1, 256], got '") + b + "'");
-            cfg.recall_bs = (uint32_t) w;
-        }
-        if (cfg.recall && cfg.recall_blocks)
-            return fail(err, n, "TCA_GGML_RECALL and TCA_GGML_RECALL_BLOCKS exclude each other");
-    }
+    // experiments (docs/design.md "Knobs"): decode recall, exact or by blocks
+    long v = 0;
+    if (cfg.hold && env_checked("TCA_GGML_RECALL", 0, 4096, v, err, n)) return 1;
+    cfg.recall = (uint32_t) v;
+    v = 0;
+    if (cfg.hold && env_checked("TCA_GGML_RECALL_BLOCKS", 0, 1024, v, err, n)) return 1;
+    cfg.recall_blocks = (uint32_t) v;
+    v = cfg.recall_bs;
+    if (cfg.recall_blocks && env_checked("TCA_GGML_RECALL_BS", 1, 256, v, err, n)) return 1;
+    if (v & (v - 1)) return fail(err, n, "TCA_GGML_RECALL_BS must be a power of 2, got " + std::to_string(v));
+    cfg.recall_bs = (uint32_t) v;
+    if (cfg.recall && cfg.recall_blocks)
+        return fail(err, n, "TCA_GGML_RECALL and TCA_GGML_RECALL_BLOCKS exclude each other");
     cfg.n_obs = (s & TCA_SET_N_OBS) ? (uint32_t) c.n_obs : 32u;
     cfg.n_whole = (s & TCA_SET_N_WHOLE) ? (uint32_t) c.n_whole : 4u;
     cfg.type_hold = (s & TCA_SET_TYPE_HOLD) ? c.type_hold : -1;

@@ -160,6 +160,7 @@ public:
         GGML_ASSERT(ggml_backend_buffer_is_host(rbias_all->buffer) && ggml_backend_buffer_is_host(rpos_all->buffer) &&
                     ggml_backend_buffer_is_host(ridx_all->buffer) && ggml_backend_buffer_is_host(rmeta_all->buffer));
         std::vector<int32_t> pos;
+        std::vector<float> bias_blk(nblk ? n_ctx : 0);   // by blocks: the row bias is only a scratch
         const uint32_t lim = (uint32_t) std::min<int64_t>(std::max<int32_t>(qp, 0), n_ctx);
         for (const auto & pl : layers) {
             const auto * L = mem->layer(pl.il);
@@ -168,8 +169,7 @@ public:
             int32_t * mt = (int32_t *) rmeta_all->data + 2 * sl.o_kv;
             for (uint32_t g = 0; g < L->n_head_kv; ++g) {
                 const auto & h = L->heads[g];
-                std::vector<float> bias_blk;   // by blocks: the row bias is only a scratch
-                float * bias = nblk ? (bias_blk.resize(n_ctx), bias_blk.data()) : (float *) rbias_all->data + (sl.o_kv + g) * n_ctx;
+                float * bias = nblk ? bias_blk.data() : (float *) rbias_all->data + (sl.o_kv + g) * n_ctx;
                 float * rp = (float *) rpos_all->data + (sl.o_kv + g) * n_ctx;
                 std::fill(bias, bias + lim, 0.0f);
                 std::fill(bias + lim, bias + n_ctx, TCA_RECALL_OUT);
@@ -296,46 +296,33 @@ llm_graph_input_attn_tca * tca_stream_input(const llm_graph_context & g, llama_t
         }
         inp->slots.push_back(sl);
     }
-    inp->pnew_all = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, 1, std::max<int64_t>(1, n_rows));
-    inp->meta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, std::max<int64_t>(1, n_meta));
-    inp->idx_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, std::max<int64_t>(1, n_rows));
+    // a 1-D graph input of n (at least 1) elements
+    auto input = [&](ggml_type t, int64_t n, const char * name) {
+        ggml_tensor * x = ggml_new_tensor_1d(g.ctx0, t, std::max<int64_t>(1, n));
+        ggml_set_input(x);
+        ggml_set_name(x, name);
+        return x;
+    };
+    inp->pnew_all = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, 1, std::max<int64_t>(1, n_rows));   // [1, rows]
     ggml_set_input(inp->pnew_all);
-    ggml_set_input(inp->meta_all);
-    ggml_set_input(inp->idx_all);
     ggml_set_name(inp->pnew_all, "tca_pnew");
-    ggml_set_name(inp->meta_all, "tca_meta");
-    ggml_set_name(inp->idx_all, "tca_idx");
+    inp->meta_all = input(GGML_TYPE_I32, n_meta, "tca_meta");
+    inp->idx_all  = input(GGML_TYPE_I64, n_rows, "tca_idx");
     if (mem->get_config().hold) {
-        inp->hidx_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, std::max<int64_t>(1, n_rows));
-        inp->hmeta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, std::max<int64_t>(1, n_meta));
-        ggml_set_input(inp->hidx_all);
-        ggml_set_input(inp->hmeta_all);
-        ggml_set_name(inp->hidx_all, "tca_hidx");
-        ggml_set_name(inp->hmeta_all, "tca_hmeta");
+        inp->hidx_all  = input(GGML_TYPE_I64, n_rows, "tca_hidx");
+        inp->hmeta_all = input(GGML_TYPE_I32, n_meta, "tca_hmeta");
     }
     inp->final = mem->is_cur_final() && !full;
     inp->hold_decode = mem->is_cur_hold_decode() && !full;
     inp->recall = tca_recall_step(mem, full, n_tok);
     if (inp->recall) {
         const int64_t r = mem->get_config().recall_slots();
-        const int64_t nblk = mem->get_n_blk();
-        inp->rbias_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_F32, (nblk ? nblk : (int64_t) mem->get_n_ctx()) * n_kv);
-        if (nblk) {
-            inp->rsmeta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, 2 * n_kv);
-            ggml_set_input(inp->rsmeta_all);
-            ggml_set_name(inp->rsmeta_all, "tca_rsmeta");
-        }
-        inp->rpos_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_F32, (int64_t) mem->get_n_ctx() * n_kv);
-        inp->ridx_all  = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, r * n_kv);
-        inp->rmeta_all = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, 2 * n_kv);
-        ggml_set_input(inp->rbias_all);
-        ggml_set_input(inp->rpos_all);
-        ggml_set_input(inp->ridx_all);
-        ggml_set_input(inp->rmeta_all);
-        ggml_set_name(inp->rbias_all, "tca_rbias");
-        ggml_set_name(inp->rpos_all, "tca_rpos");
-        ggml_set_name(inp->ridx_all, "tca_ridx");
-        ggml_set_name(inp->rmeta_all, "tca_rmeta");
+        const int64_t nblk = mem->get_n_blk();   // recall by blocks: a bias a block, the summaries' ranges
+        inp->rbias_all = input(GGML_TYPE_F32, (nblk ? nblk : (int64_t) mem->get_n_ctx()) * n_kv, "tca_rbias");
+        if (nblk) inp->rsmeta_all = input(GGML_TYPE_I32, 2 * n_kv, "tca_rsmeta");
+        inp->rpos_all  = input(GGML_TYPE_F32, (int64_t) mem->get_n_ctx() * n_kv, "tca_rpos");
+        inp->ridx_all  = input(GGML_TYPE_I64, r * n_kv, "tca_ridx");
+        inp->rmeta_all = input(GGML_TYPE_I32, 2 * n_kv, "tca_rmeta");
     }
     if (mem->get_obs_slot() >= 0 && !full) {
         inp->obs_idx = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I64, 1);

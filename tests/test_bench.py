@@ -8,13 +8,13 @@ import pytest
 from tca_ggml import bench
 
 
-def _args(model, **kw):
+def _args(model, *extra, **kw):
     ap = argparse.ArgumentParser()
     bench.add_arguments(ap)
     argv = ["-m", model]
     for k, v in kw.items():
         argv += [k, str(v)]
-    return ap.parse_args(argv)
+    return ap.parse_args(argv + list(extra))
 
 
 @pytest.mark.slow
@@ -47,6 +47,24 @@ def test_bench_runs_both_arms(default_model, capsys):
     assert "forced density 0.25 (uncalibrated)" in md and "| 2000 |" in md and "prefill sparse" in md
 
 
+@pytest.mark.slow
+def test_bench_also_opt_arm(default_model, capsys):
+    """--also-opt: a third arm with the TCA arm's options plus these -- here every decode step
+    attending a q8_0 hold tier (hold_decode=-1, hold_type=8): the hold tier is about half the f16
+    one, the kept set after the prompt is budgeted alike, and 'after' covers every step."""
+    a = _args(default_model, "--also-opt", "hold_decode=-1", "--also-opt", "hold_type=8",
+              **{"-p": "2000", "-n": "3", "--density": "0.25", "--tca-window": "256", "--batch": "128",
+                 "--tca-block": "64", "--threads": "2", "-o": "json"})
+    assert bench.main_cli(a) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["prefill2_opts"] == "hold_decode=-1 hold_type=8" and row["prefill2_hold_decode"] == -1
+    # q8_0: 34 bytes a 32-value block vs f16's 64 (+ the same constant positions)
+    assert 0.45 < row["prefill2_hold_bytes"] / row["tca_hold_bytes"] < 0.6
+    assert row["prefill2_resident_bytes"] == pytest.approx(row["tca_resident_bytes"], rel=0.01)
+    assert row["prefill2_after_tps"] > 0 and row["prefill2_after_ratio"] > 0  # every step counts: none held back
+    assert "hold_decode=-1 hold_type=8" in bench.to_markdown([row], default_model)
+
+
 def test_bench_bad_input(default_model, tmp_path, capsys):
     assert bench.main_cli(_args(str(tmp_path / "missing.gguf"))) == 2
     assert "not found" in capsys.readouterr().err
@@ -55,6 +73,8 @@ def test_bench_bad_input(default_model, tmp_path, capsys):
     assert bench.main_cli(_args(default_model, **{"-p": "1000"})) == 2  # uncalibrated, no --density
     assert "not calibrated" in capsys.readouterr().err
     assert bench.main_cli(_args(default_model, **{"--density": "1.5"})) == 2
+    assert bench.main_cli(_args(default_model, "--also-opt", "hold_decode", **{"--density": "0.2"})) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _args(default_model, **{"-p": "abc"})
 

@@ -137,3 +137,43 @@ def test_parameter_errors(smol_model, prompts):
         assert len(llm.generate_batch(prompts[:1], 3)[0]) <= 3
     with pytest.raises(ValueError):
         Llama(smol_model, n_ctx=512, n_seq_max=0, verbose=False)
+
+
+@pytest.mark.slow
+def test_a_long_prompt_does_not_pause_the_generating_sequences(smol_model, prompts, alone):
+    """A sequence view's prompt is decoded chunk by chunk (n_batch tokens a llama_decode) and the
+    decode steps of the other generating sequences run between its chunks
+    (batching.Batcher.let_steps_through): a sequence keeps producing tokens while another's long
+    prompt is evaluated (llama-server interleaves prompt chunks with the running slots' steps the
+    same way), and both give the tokens they give alone."""
+    import threading
+    import time
+    with Llama(smol_model, n_ctx=2 * N_CTX_SEQ, n_seq_max=2, **KW) as llm:
+        va, vb = llm.sequence(0), llm.sequence(1)
+        stamps, toks_a, started = [], [], threading.Event()
+
+        def run_a():
+            for t in va.generate_tokens(prompts[0], N_GEN, temperature=0):
+                toks_a.append(t)
+                stamps.append(time.monotonic())
+                if len(toks_a) == 2:
+                    started.set()
+                    time.sleep(0.05)   # B's prompt has started before A asks for its next step
+
+        th = threading.Thread(target=run_a)
+        th.start()
+        assert started.wait(120)
+        t0 = time.monotonic()
+        it = vb.generate_tokens(prompts[1], N_GEN, temperature=0)
+        toks_b = [next(it)]                      # B's prompt: 1200 tokens, 5 chunks of <= 256
+        t1 = time.monotonic()
+        toks_b += list(it)
+        th.join(120)
+        during = sum(t0 < s < t1 for s in stamps)
+        n_chunks = -(-len(prompts[1]) // KW["n_batch"])
+        # one step of A between each two of B's chunks (each chunk is ~0.1 s of work; A asks for
+        # its next step within a millisecond of the last)
+        assert during >= n_chunks - 2, (during, n_chunks)
+        assert toks_a == alone[0][0] and toks_b == alone[1][0]
+        va.close()
+        vb.close()

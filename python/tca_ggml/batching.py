@@ -6,7 +6,9 @@ gathers the steps that the generating views ask for at about the same time into 
 ``llama_decode`` -- one graph, with TCA one attention node a sequence over that sequence's rows --
 and hands each view a copy of its logits row, so that a view samples when it likes without holding
 the context (llama-server's continuous batching: sequences join and leave between steps). A prompt
-(several tokens) is decoded alone, holding the context, between steps.
+(several tokens) is decoded chunk by chunk (a llama_decode of at most n_batch tokens each, holding
+the context); between two chunks the steps that are waiting run (``let_steps_through``), so a long
+prompt slows the generating sequences down but does not pause them for its whole length.
 
 Every native use of the shared context goes through ``ctx_lock`` (one thread at a time); the
 batcher's condition variable only guards its queue. A step's leader is the first thread that
@@ -41,11 +43,13 @@ class Batcher:
         self._pending: List[_Req] = []
         self._running = False
         self._n_active = 0                   # views inside a generation loop (they will ask again)
+        self._active = {}                    # their sequences: count
         self.gather_s = gather_s
         L = llm._L
         self._batch = L.llama_batch_init(max(llm.n_seq_max, 1), 0, 1)
         self.n_steps = 0                     # llama_decode calls made for steps, and their tokens
         self.n_step_tokens = 0
+        self.n_steps_done = 0                # steps finished (failed ones too); under _cv
 
     def close(self) -> None:
         if self._batch is not None:
@@ -53,16 +57,20 @@ class Batcher:
             self._batch = None
 
     @contextmanager
-    def generating(self):
+    def generating(self, seq: int = -1):
         """A view's generation loop: the leader of a step waits (gather_s at most) for the tokens
         of every view inside one."""
         with self._cv:
             self._n_active += 1
+            self._active[seq] = self._active.get(seq, 0) + 1
         try:
             yield
         finally:
             with self._cv:
                 self._n_active -= 1
+                self._active[seq] -= 1
+                if not self._active[seq]:
+                    del self._active[seq]
                 self._cv.notify_all()
 
     def decode_one(self, seq: int, token: int, pos: int) -> np.ndarray:
@@ -89,10 +97,30 @@ class Batcher:
                 finally:
                     self._cv.acquire()
                     self._running = False
+                    self.n_steps_done += 1
                     self._cv.notify_all()
         if req.error is not None:
             raise req.error
         return req.logits
+
+    def let_steps_through(self, seq: int, timeout_s: float = 5.0) -> None:
+        """Called by a prompt of sequence `seq` between two of its chunks, not holding ``ctx_lock``:
+        if another sequence is generating, let one decode step run first. A generating view that is
+        between two steps (sampling) asks again within a moment: its request is waited for up to
+        max(gather_s, 5 ms); one that is waiting or running is waited for up to timeout_s."""
+        with self._cv:
+            others = any(s != seq for s in self._active)
+            if not (others or self._pending or self._running):
+                return
+            n0 = self.n_steps_done
+            now = time.monotonic()
+            t_ask, deadline = now + max(self.gather_s, 0.005), now + timeout_s
+            while self.n_steps_done == n0:
+                now = time.monotonic()
+                busy = bool(self._pending or self._running)
+                if now >= deadline or (not busy and now >= t_ask):
+                    break
+                self._cv.wait((deadline if busy else t_ask) - now)
 
     def _step(self, reqs: List[_Req]) -> None:
         llm = self._llm

@@ -44,9 +44,20 @@ def _arm_kwargs(a) -> dict:
             kw["tca_retention"] = a.retention
         if a.prefill is not None:
             kw["tca_prefill"] = a.prefill
+        for k, v in _opts(a.tca_opt).items():
+            kw[f"tca_{k}"] = v
         if a.arm == "prefill2":
-            kw["tca_prefill"] = a.also_prefill
+            if a.also_prefill is not None:
+                kw["tca_prefill"] = a.also_prefill
+            for k, v in _opts(a.also_opt).items():
+                kw[f"tca_{k}"] = v
     return kw
+
+
+def _opts(items) -> dict:
+    """--tca-opt / --also-opt KEY=VALUE items -> {key: value} (as `tca-ggml eval --tca-opt`)."""
+    from .evaluate import parse_tca_opts
+    return parse_tca_opts(items)
 
 
 def _worker(a) -> dict:
@@ -233,6 +244,9 @@ def _run_arm(a, arm, prompt) -> dict:
         cmd += ["--prefill", a.prefill]
     if a.also_prefill is not None:
         cmd += ["--also-prefill", a.also_prefill]
+    for flag, items in (("--tca-opt", a.tca_opt), ("--also-opt", a.also_opt)):
+        for it in items or []:
+            cmd += [flag, it]
     if a.parallel:
         cmd += ["--parallel", ",".join(str(x) for x in a.parallel)]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -250,7 +264,7 @@ def run(a) -> list:
     rows = []
     for p in a.p:
         arms = ("dense", "tca") + (("forced",) if a.also_density is not None else ()) + \
-            (("prefill2",) if a.also_prefill is not None else ())
+            (("prefill2",) if a.also_prefill is not None or a.also_opt else ())
         res = {arm: [] for arm in arms}
         for _ in range(a.r):
             for arm in arms:
@@ -277,8 +291,8 @@ def run(a) -> list:
         # retention hold: the first hold_decode steps attend every held row (the answer's start);
         # decode after them, both arms over the same steps
         nh = max(0, int(t[0].get("hold_decode") or 0))   # -1 (every step holds): all steps alike
-        after = lambda xs: _median([(len(x["step_s"]) - nh - 1) / sum(x["step_s"][nh + 1:])  # noqa: E731
-                                    if len(x["step_s"]) > nh + 1 else 0.0 for x in xs])
+        after = lambda xs, nh=nh: _median([(len(x["step_s"]) - nh - 1) / sum(x["step_s"][nh + 1:])  # noqa: E731
+                                           if len(x["step_s"]) > nh + 1 else 0.0 for x in xs])
         row.update({"tca_hold_decode": nh, "dense_after_tps": after(d), "tca_after_tps": after(t)})
         row["after_ratio"] = row["tca_after_tps"] / row["dense_after_tps"] if row["dense_after_tps"] else 0.0
         row["prefill_ratio"] = row["tca_prefill_tps"] / row["dense_prefill_tps"]
@@ -299,7 +313,14 @@ def run(a) -> list:
             row["forced_kv_ratio"] = row["forced_kv_bytes"] / row["dense_kv_bytes"]
         if "prefill2" in res:
             f = res["prefill2"]
+            nh2 = max(0, int(f[0].get("hold_decode") or 0))
+            dense_after2 = after(d, nh2)
             row.update({"tca_prefill": t[0].get("prefill"), "prefill2": f[0].get("prefill"),
+                        "prefill2_opts": " ".join((["prefill=" + a.also_prefill] if a.also_prefill else []) +
+                                                  list(a.also_opt or [])),
+                        "prefill2_hold_decode": int(f[0].get("hold_decode") or 0),
+                        "prefill2_after_tps": after(f, nh2), "dense_after2_tps": dense_after2,
+                        "prefill2_hold_bytes": f[0]["kv_hold_bytes"],
                         "prefill2_ttft_s": _median([x["ttft_s"] for x in f]),
                         "prefill2_prefill_tps": _median([x["prefill_tps"] for x in f]),
                         "prefill2_decode_tps": _median([x["decode_tps"] for x in f]),
@@ -309,6 +330,7 @@ def run(a) -> list:
             row["prefill2_prefill_ratio"] = row["prefill2_prefill_tps"] / row["dense_prefill_tps"]
             row["prefill2_decode_ratio"] = row["prefill2_decode_tps"] / row["dense_decode_tps"] if row["dense_decode_tps"] else 0.0
             row["prefill2_steady_ratio"] = row["prefill2_steady_tps"] / row["dense_steady_tps"] if row["dense_steady_tps"] else 0.0
+            row["prefill2_after_ratio"] = row["prefill2_after_tps"] / dense_after2 if dense_after2 else 0.0
         rows.append(row)
     return rows
 
@@ -346,15 +368,17 @@ def to_markdown(rows, model) -> str:
                        f"{r['forced_decode_tps']:.2f} | **{r['forced_decode_ratio']:.2f}x** | {r['forced_kv_bytes'] / mib:.0f} | "
                        f"{r['forced_kv_ratio']:.2f} | {r['forced_peak_rss'] / mib:.0f} |")
     if rows and "prefill2" in rows[0]:
-        out += ["", f"TCA arm prefill: {rows[0]['tca_prefill']}; third arm: the same budgets with prefill "
-                    f"{rows[0]['prefill2']}", "",
-                "| p | prefill t/s | TTFT ratio vs dense | TTFT s | decode t/s | decode ratio | 1st step s | steady ratio | resident MiB |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        out += ["", f"TCA arm prefill: {rows[0]['tca_prefill']}; third arm: the same budgets with "
+                    f"{rows[0]['prefill2_opts']} (prefill {rows[0]['prefill2']}, hold-decode steps "
+                    f"{rows[0]['prefill2_hold_decode']}; 'after' against dense over the same steps)", "",
+                "| p | prefill t/s | TTFT ratio vs dense | TTFT s | decode t/s | decode ratio | 1st step s | steady ratio | after t/s | after ratio | resident MiB | hold MiB |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             out.append(f"| {r['prompt']} | {r['prefill2_prefill_tps']:.1f} | **{r['prefill2_prefill_ratio']:.2f}x** | "
                        f"{r['prefill2_ttft_s']:.1f} | {r['prefill2_decode_tps']:.2f} | **{r['prefill2_decode_ratio']:.2f}x** | "
                        f"{r['prefill2_first_step_s']:.2f} | {r['prefill2_steady_ratio']:.2f}x | "
-                       f"{r['prefill2_resident_bytes'] / mib:.0f} |")
+                       f"{r['prefill2_after_tps']:.2f} | **{r['prefill2_after_ratio']:.2f}x** | "
+                       f"{r['prefill2_resident_bytes'] / mib:.0f} | {r['prefill2_hold_bytes'] / mib:.0f} |")
     return "\n".join(out)
 
 
@@ -387,6 +411,11 @@ def add_arguments(ap) -> None:
                          "dense: every row; early: every row in the first half of the layers)")
     ap.add_argument("--also-prefill", choices=["sparse", "dense", "early"], default=None,
                     help="add an arm: the TCA arm's budgets with this prefill mode (hold retention)")
+    ap.add_argument("--tca-opt", action="append", metavar="KEY=VALUE",
+                    help="a TCA option of the TCA arms, passed as tca_KEY=VALUE (e.g. hold_decode=-1); repeatable")
+    ap.add_argument("--also-opt", action="append", metavar="KEY=VALUE",
+                    help="add an arm: the TCA arm's options with these set too (e.g. hold_decode=-1, "
+                         "hold_type=8 for a q8_0 hold tier); repeatable")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--dense-fa", type=int, default=1, choices=[0, 1], help="dense arm with flash attention (upstream's faster CPU path)")
@@ -423,7 +452,13 @@ def main_cli(a) -> int:
         print(f"error: {a.model} is not calibrated; run `tca-ggml calibrate` or pass --density X (forced)",
               file=sys.stderr)
         return 2
-    if a.parallel and (a.d or a.also_density is not None or a.also_prefill is not None or a.r != 1 or a.n < 1):
+    try:
+        _opts(a.tca_opt), _opts(a.also_opt)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.parallel and (a.d or a.also_density is not None or a.also_prefill is not None or a.also_opt
+                       or a.r != 1 or a.n < 1):
         print("error: --parallel takes -p, -n >= 1 and the TCA options (no -d, -r, --also-*)", file=sys.stderr)
         return 2
     if a.parallel and max(a.parallel) > 256:

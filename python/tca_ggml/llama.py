@@ -1031,17 +1031,25 @@ class Llama:
                 if mirror:
                     self._tokens.extend(tokens)
                 return
-            with self._batcher.ctx_lock:   # a prompt: alone, holding the context, between steps
-                self._decode_chunks(tokens, start_pos, want_last_logits, seq_id, mirror)
-                if want_last_logits:
-                    import numpy as np
-                    ptr = self._L.llama_get_logits_ith(self._ctx, -1)
-                    self._last_logits = np.frombuffer(self._ffi.buffer(ptr, 4 * self._n_vocab), np.float32).copy()
+            # a prompt: chunk by chunk, each holding the context; between chunks the other
+            # sequences' waiting decode steps run (a long prompt does not pause them)
+            self._decode_chunks(tokens, start_pos, want_last_logits, seq_id, mirror)
             return
         self._decode_chunks(tokens, start_pos, want_last_logits, seq_id, mirror)
 
     def _decode_chunks(self, tokens: List[int], start_pos: int, want_last_logits: bool, seq_id: int,
                        mirror: bool) -> None:
+        off = 0
+        while off < len(tokens):
+            if off and self._view:
+                self._batcher.let_steps_through(seq_id)
+            with self._ctx_guard():
+                off = self._decode_chunk(tokens, off, start_pos, want_last_logits, seq_id, mirror)
+
+    def _decode_chunk(self, tokens: List[int], off: int, start_pos: int, want_last_logits: bool, seq_id: int,
+                      mirror: bool) -> int:
+        """One llama_decode of the prompt `tokens` from `off` (a view holds the context's lock);
+        where the next chunk starts. A view reads the last chunk's logits before the lock goes."""
         L, ffi = self._L, self._ffi
         ctx = self._live()
         b = self._batch
@@ -1053,46 +1061,48 @@ class Llama:
         ub = self.n_ubatch if self.tca_config is not None and self.n_batch % self.n_ubatch == 0 else 0
         end_cut = self._prompt_end_start(start_pos + len(tokens)) \
             if (ub and want_last_logits and self._tp is not None) else -1
-        off = 0
-        while off < len(tokens):
-            n_max = self.n_batch - ((start_pos + off) % ub if ub else 0)
-            if start_pos + off < end_cut:
-                n_max = min(n_max, end_cut - (start_pos + off))
-            elif start_pos + off == end_cut:
-                n_max = len(tokens) - off   # the prompt's last ubatch (<= n_ubatch tokens)
-            chunk = tokens[off: off + n_max]
-            n = len(chunk)
-            b.n_tokens = n
-            for i, t in enumerate(chunk):
-                b.token[i] = t
-                b.pos[i] = start_pos + off + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = seq_id
-                b.logits[i] = 0
-            if want_last_logits and off + n == len(tokens):
-                b.logits[n - 1] = 1
-            err = ffi.new("char[512]")
-            try:
-                # tca_decode: llama_decode with an exception caught (INT32_MIN, the message in err)
-                rc = self._scope.call(L.tca_decode, ctx, ffi.addressof(b), err, 512)
-                if mirror and (rc != 0 or self._scope.pending):
-                    # keep our token mirror consistent with what the cache holds
-                    self._sync_tokens_after_failure(chunk)
-                if rc == L.TCA_DECODE_RPC_LOST:
-                    self._rpc_lost = f"{_native.err_text(err)} (rpc_servers={','.join(self._rpc_endpoints)})"
-                    raise RPCError(self._rpc_lost)
-                if rc != 0:
-                    self._rpc_check()  # lost before this call (a read-back between decodes)
-                self._scope.check(rc == 0, DecodeError, f"llama_decode failed with code {rc}", _native.err_text(err))
-                if mirror:
-                    self._tokens.extend(chunk)
-            except BaseException:
-                # a KeyboardInterrupt (Ctrl-C) lands between bytecodes: after the native call,
-                # before the mirror was extended -- the cache may hold the chunk
-                if mirror:
-                    self._sync_tokens_after_failure(chunk)
-                raise
-            off += n
+        n_max = self.n_batch - ((start_pos + off) % ub if ub else 0)
+        if start_pos + off < end_cut:
+            n_max = min(n_max, end_cut - (start_pos + off))
+        elif start_pos + off == end_cut:
+            n_max = len(tokens) - off   # the prompt's last ubatch (<= n_ubatch tokens)
+        chunk = tokens[off: off + n_max]
+        n = len(chunk)
+        b.n_tokens = n
+        for i, t in enumerate(chunk):
+            b.token[i] = t
+            b.pos[i] = start_pos + off + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq_id
+            b.logits[i] = 0
+        if want_last_logits and off + n == len(tokens):
+            b.logits[n - 1] = 1
+        err = ffi.new("char[512]")
+        try:
+            # tca_decode: llama_decode with an exception caught (INT32_MIN, the message in err)
+            rc = self._scope.call(L.tca_decode, ctx, ffi.addressof(b), err, 512)
+            if mirror and (rc != 0 or self._scope.pending):
+                # keep our token mirror consistent with what the cache holds
+                self._sync_tokens_after_failure(chunk)
+            if rc == L.TCA_DECODE_RPC_LOST:
+                self._rpc_lost = f"{_native.err_text(err)} (rpc_servers={','.join(self._rpc_endpoints)})"
+                raise RPCError(self._rpc_lost)
+            if rc != 0:
+                self._rpc_check()  # lost before this call (a read-back between decodes)
+            self._scope.check(rc == 0, DecodeError, f"llama_decode failed with code {rc}", _native.err_text(err))
+            if mirror:
+                self._tokens.extend(chunk)
+        except BaseException:
+            # a KeyboardInterrupt (Ctrl-C) lands between bytecodes: after the native call,
+            # before the mirror was extended -- the cache may hold the chunk
+            if mirror:
+                self._sync_tokens_after_failure(chunk)
+            raise
+        if self._view and want_last_logits and off + n == len(tokens):
+            import numpy as np
+            ptr = L.llama_get_logits_ith(ctx, -1)
+            self._last_logits = np.frombuffer(ffi.buffer(ptr, 4 * self._n_vocab), np.float32).copy()
+        return off + n
 
     def _sync_tokens_after_failure(self, pending=()) -> None:
         """Make the token mirror what the cache holds: the mirror, then a prefix of `pending` (the
@@ -1261,7 +1271,7 @@ class Llama:
         log-probability, [(id, log-probability)] of the n_logprobs most likely tokens, most likely
         first), the log-softmax of the raw logits row the token was sampled from (before penalties,
         grammar and temperature, as llama-cpp-python reports them); else None."""
-        with self._lock, (self._batcher.generating() if self._view else contextlib.nullcontext()):
+        with self._lock, (self._batcher.generating(self._seq) if self._view else contextlib.nullcontext()):
             yield from self._generate_locked(tokens, max_tokens, sampling, grammar, n_logprobs)
 
     def _generate_locked(self, tokens, max_tokens, sampling, grammar, n_logprobs):

@@ -72,7 +72,7 @@ def _worker(a) -> dict:
     # dense cache (n_ctx <= w + b) is then exactly the dense arm; an active TCA context ignores it
     flash = bool(a.dense_fa)
     llm = Llama(a.model, n_ctx=n_ctx, n_batch=a.batch, n_ubatch=a.batch, n_threads=a.threads,
-                n_threads_batch=a.threads, flash_attn=flash, verbose=False, **kw)
+                n_threads_batch=a.threads, flash_attn=flash, n_gpu_layers=a.n_gpu_layers, verbose=False, **kw)
     try:
         toks = llm.tokenize(texts.haystack((a.depth + a.prompt) * 6).encode(), add_bos=True)
         if len(toks) < a.depth + a.prompt:
@@ -135,7 +135,8 @@ def _worker_parallel(a, kw) -> dict:
     n_ctx_seq = a.prompt + a.gen * len(ns) + 64 + 8
     n_ctx_seq = (n_ctx_seq + 255) // 256 * 256
     llm = Llama(a.model, n_ctx=nmax * n_ctx_seq, n_seq_max=nmax, n_batch=max(a.batch, nmax), n_ubatch=a.batch,
-                n_threads=a.threads, n_threads_batch=a.threads, flash_attn=bool(a.dense_fa), verbose=False, **kw)
+                n_threads=a.threads, n_threads_batch=a.threads, flash_attn=bool(a.dense_fa),
+                n_gpu_layers=a.n_gpu_layers, verbose=False, **kw)
     try:
         L, ffi = llm._L, llm._ffi
         all_toks = llm.tokenize(texts.haystack(a.prompt * 6 * nmax).encode(), add_bos=False)
@@ -202,7 +203,8 @@ def run_parallel(a) -> list:
                          "ratio": tn / dn if dn else 0.0, "dense_kv_bytes": d["kv_bytes"],
                          "tca_kv_bytes": t["kv_fast_bytes"], "tca_hold_bytes": t["kv_hold_bytes"],
                          "tca_resident_bytes": t["kv_resident_bytes"], "n_seq_max": max(d["parallel"]),
-                         "hold_decode": t["hold_decode"]})
+                         "hold_decode": t["hold_decode"], "n_gpu_layers": a.n_gpu_layers,
+                         "dense_ttft_s": d["ttft_s"], "tca_ttft_s": t["ttft_s"]})
             print(f"[bench] p={p} x {n} sequences: dense {dn:.2f} t/s, TCA {tn:.2f} t/s", file=sys.stderr)
     return rows
 
@@ -211,7 +213,7 @@ def parallel_markdown(rows, model) -> str:
     mib = 1 << 20
     r0 = rows[0] if rows else {}
     out = [f"model: {os.path.basename(model)}; TCA: {r0.get('tca_label', '')}; dense: upstream "
-           f"{'flash' if r0.get('dense_fa') else 'non-flash'} attention; threads {r0.get('threads', '')}; parallel "
+           f"{'flash' if r0.get('dense_fa') else 'non-flash'} attention; threads {r0.get('threads', '')}; GPU layers {r0.get('n_gpu_layers', 0)}; parallel "
            f"decode: one context of {r0.get('n_seq_max', '')} sequences, each prefilled with its own text; "
            f"aggregate t/s = N x {r0.get('gen', '')} steps / time, after every sequence's "
            f"{r0.get('hold_decode', 0)} hold-decode steps; KV: all sequences, allocated (TCA fast tier) / resident",
@@ -230,6 +232,8 @@ def _run_arm(a, arm, prompt) -> dict:
            "--gen", str(a.n), "--depth", str(a.d), "--batch", str(a.batch), "--dense-fa", str(a.dense_fa)]
     if a.threads:
         cmd += ["--threads", str(a.threads)]
+    if a.n_gpu_layers:
+        cmd += ["--n-gpu-layers", str(a.n_gpu_layers)]
     if a.density is not None:
         cmd += ["--density", str(a.density)]
     if a.also_density is not None:
@@ -418,6 +422,8 @@ def add_arguments(ap) -> None:
                          "hold_type=8 for a q8_0 hold tier); repeatable")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
+                    help="layers on the GPU, both arms (-1: all; a CUDA build)")
     ap.add_argument("--dense-fa", type=int, default=1, choices=[0, 1], help="dense arm with flash attention (upstream's faster CPU path)")
     ap.add_argument("--parallel", type=_ints, default=None,
                     help="parallel mode: aggregate decode t/s of N sequences decoded together (e.g. 1,4,8), "

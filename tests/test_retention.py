@@ -313,14 +313,17 @@ def test_hold_decode_attends_every_row_for_the_first_steps(smol_model, doc_token
         assert nmse(hd[i], full[i]) > 1e-7, i
     assert nmse(h0[0], full[0]) > 1e-7
     with Llama(smol_model, **KW) as llm:
-        assert llm.tca_stats()["hold_decode"] == 32            # the default
+        # the default (TCA_HOLD_DECODE_AUTO): every step with the KV cache on the CPU, 32 on a GPU
+        assert llm.tca_stats()["hold_decode"] == -1
+    with Llama(smol_model, **dict(KW, tca_hold_decode=-2)) as llm:   # auto, asked for by name
+        assert llm.tca_stats()["hold_decode"] == -1
     # -1: every decode step attends every held row (decode fidelity first): all steps equal full
     with Llama(smol_model, **dict(KW, tca_density=0.05, tca_prefill="dense", tca_hold_decode=-1)) as llm:
         ha = steps(llm, N + 4)
         assert llm.tca_stats()["hold_decode"] == -1
     for i in range(N + 4):
         assert nmse(ha[i], full[i]) < 1e-10, (i, nmse(ha[i], full[i]))
-    for bad in (-2, 1 << 21):
+    for bad in (-3, 1 << 21):
         with pytest.raises(TCAConfigError, match="tca_hold_decode"):
             Llama(smol_model, **dict(KW, tca_hold_decode=bad))
 

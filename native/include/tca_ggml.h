@@ -119,11 +119,15 @@ struct tca_config {
                          //   stream; TCA_GGML_PREFILL=sparse|dense|early picks one, for tools]
     int64_t  n_hold_decode; // HOLD_DECODE: hold: the first decode steps after a prompt's end that
                          //   attend every held row (the answer's start), [0, 1048576], or
-                         //   TCA_HOLD_DECODE_ALL: every decode step (decode fidelity first)
-                         //   [TCA_HOLD_DECODE_DEFAULT; TCA_GGML_HOLD_DECODE=N, for tools]
+                         //   TCA_HOLD_DECODE_ALL: every decode step (decode fidelity first), or
+                         //   TCA_HOLD_DECODE_AUTO: ALL when the KV cache is on the CPU (there TCA's
+                         //   kernel over every held row still decodes faster than upstream's dense
+                         //   path), TCA_HOLD_DECODE_GPU steps when it is on a GPU
+                         //   [AUTO, resolved at context creation; TCA_GGML_HOLD_DECODE=N, for tools]
 };
-#define TCA_HOLD_DECODE_DEFAULT 32
+#define TCA_HOLD_DECODE_GPU 32
 #define TCA_HOLD_DECODE_ALL -1
+#define TCA_HOLD_DECODE_AUTO -2
 #define TCA_SET_DENSITY   1
 #define TCA_SET_BLOCK     2
 #define TCA_SET_WINDOW    4

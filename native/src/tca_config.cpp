@@ -78,9 +78,10 @@ static int tca_config_check_impl(const tca_config * c, char * err, size_t n) {
         return fail(err, n, "tca_prefill='dense'/'early' needs tca_retention='hold' (a stream retention holds no rows to attend)");
     if ((s & TCA_SET_N_OBS) && (c->n_obs < 1 || c->n_obs > 4096))
         return fail(err, n, "tca_obs must be in [1, 4096], got " + std::to_string(c->n_obs));
-    if ((s & TCA_SET_HOLD_DECODE) && (c->n_hold_decode < TCA_HOLD_DECODE_ALL || c->n_hold_decode > (1 << 20)))
-        return fail(err, n, "tca_hold_decode must be in [0, 1048576] or -1 (every step), got " + std::to_string(c->n_hold_decode));
-    if ((s & TCA_SET_HOLD_DECODE) && c->n_hold_decode != 0 && (s & TCA_SET_RETENTION) && c->retention == TCA_RETENTION_STREAM)
+    if ((s & TCA_SET_HOLD_DECODE) && (c->n_hold_decode < TCA_HOLD_DECODE_AUTO || c->n_hold_decode > (1 << 20)))
+        return fail(err, n, "tca_hold_decode must be in [0, 1048576], -1 (every step) or -2 (auto: -1 with the KV cache "
+                            "on the CPU, 32 on a GPU), got " + std::to_string(c->n_hold_decode));
+    if ((s & TCA_SET_HOLD_DECODE) && c->n_hold_decode != 0 && c->n_hold_decode != TCA_HOLD_DECODE_AUTO && (s & TCA_SET_RETENTION) && c->retention == TCA_RETENTION_STREAM)
         return fail(err, n, "tca_hold_decode needs tca_retention='hold' (a stream retention holds no rows to attend)");
     if ((s & TCA_SET_N_WHOLE) && (c->n_whole < 0 || c->n_whole > 65536))
         return fail(err, n, "tca_whole must be in [0, 65536], got " + std::to_string(c->n_whole));
@@ -131,8 +132,25 @@ static int env_checked(const char * name, long lo, long hi, long & v, char * err
     return 0;
 }
 
-static int resolve(const llama_model * model, const tca_budgets * bud, const tca_config & c, llama_tca_config & cfg,
-                   tca_config & out, char * err, size_t n) {
+// Whether a context of these parameters keeps its KV cache (and so TCA's attention) on a GPU: K/V
+// offloaded and some layer on a non-CPU device (llama-tca-memory.cpp's GPU floor asks the same)
+static bool kv_on_gpu(const llama_model * model, const llama_context_params & params) {
+    if (!params.offload_kqv) return false;
+    for (uint32_t il = 0; il < model->hparams.n_layer(); ++il) {
+        ggml_backend_dev_t dev = model->dev_layer(il);
+        if (dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) return true;
+    }
+    return false;
+}
+
+// TCA_HOLD_DECODE_* (C API) -> llama_tca_config::hold_decode; AUTO by where the KV cache lives
+static uint32_t hold_decode_steps(int64_t v, bool on_gpu) {
+    if (v == TCA_HOLD_DECODE_AUTO) v = on_gpu ? TCA_HOLD_DECODE_GPU : TCA_HOLD_DECODE_ALL;
+    return v == TCA_HOLD_DECODE_ALL ? UINT32_MAX : (uint32_t) v;
+}
+
+static int resolve(const llama_model * model, const tca_budgets * bud, const tca_config & c, bool on_gpu,
+                   llama_tca_config & cfg, tca_config & out, char * err, size_t n) {
     const uint32_t s = c.set;
     const bool forced = s & TCA_SET_DENSITY;
     if (!forced && !bud)
@@ -250,15 +268,15 @@ static int resolve(const llama_model * model, const tca_budgets * bud, const tca
     cfg.n_whole = (s & TCA_SET_N_WHOLE) ? (uint32_t) c.n_whole : 4u;
     cfg.type_hold = (s & TCA_SET_TYPE_HOLD) ? c.type_hold : -1;
     if (s & TCA_SET_HOLD_DECODE) {
-        cfg.hold_decode = c.n_hold_decode == TCA_HOLD_DECODE_ALL ? UINT32_MAX : (uint32_t) c.n_hold_decode;
+        cfg.hold_decode = hold_decode_steps(c.n_hold_decode, on_gpu);
     } else if (const char * e = getenv("TCA_GGML_HOLD_DECODE"); e && *e) {
         char * end = nullptr;
         const long v = strtol(e, &end, 10);
-        if (*end || v < TCA_HOLD_DECODE_ALL || v > (1 << 20))
-            return fail(err, n, std::string("TCA_GGML_HOLD_DECODE must be an integer in [0, 1048576] or -1, got '") + e + "'");
-        cfg.hold_decode = v == TCA_HOLD_DECODE_ALL ? UINT32_MAX : (uint32_t) v;   // tools without Python (tca-llama-bench)
+        if (*end || v < TCA_HOLD_DECODE_AUTO || v > (1 << 20))
+            return fail(err, n, std::string("TCA_GGML_HOLD_DECODE must be an integer in [0, 1048576], -1 or -2, got '") + e + "'");
+        cfg.hold_decode = hold_decode_steps(v, on_gpu);   // tools without Python (tca-llama-bench)
     } else {
-        cfg.hold_decode = TCA_HOLD_DECODE_DEFAULT;
+        cfg.hold_decode = hold_decode_steps(TCA_HOLD_DECODE_AUTO, on_gpu);
     }
     if (!cfg.hold) cfg.hold_decode = 0;
     read_knobs(cfg);
@@ -339,7 +357,7 @@ static llama_context * tca_context_create_impl(llama_model * model, llama_contex
     if (tca_config_check(c, err, err_len)) return nullptr;
     llama_tca_config cfg;
     tca_config out;
-    if (resolve(model, budgets, *c, cfg, out, err, err_len)) return nullptr;
+    if (resolve(model, budgets, *c, kv_on_gpu(model, params), cfg, out, err, err_len)) return nullptr;
     if (resolved) *resolved = out;
     // upstream refuses a quantized V cache without flash attention; TCA's own attention reads
     // quantized V directly, and a context that falls back to the dense cache needs flash

@@ -294,10 +294,11 @@ def run(a) -> list:
                "dense_fa": bool(a.dense_fa)}
         # retention hold: the first hold_decode steps attend every held row (the answer's start);
         # decode after them, both arms over the same steps
-        nh = max(0, int(t[0].get("hold_decode") or 0))   # -1 (every step holds): all steps alike
+        hd_raw = int(t[0].get("hold_decode") or 0)
+        nh = max(0, hd_raw)   # -1 (every step holds, the CPU default): all steps alike
         after = lambda xs, nh=nh: _median([(len(x["step_s"]) - nh - 1) / sum(x["step_s"][nh + 1:])  # noqa: E731
                                            if len(x["step_s"]) > nh + 1 else 0.0 for x in xs])
-        row.update({"tca_hold_decode": nh, "dense_after_tps": after(d), "tca_after_tps": after(t)})
+        row.update({"tca_hold_decode": hd_raw, "dense_after_tps": after(d), "tca_after_tps": after(t)})
         row["after_ratio"] = row["tca_after_tps"] / row["dense_after_tps"] if row["dense_after_tps"] else 0.0
         row["prefill_ratio"] = row["tca_prefill_tps"] / row["dense_prefill_tps"]
         row["decode_ratio"] = row["tca_decode_tps"] / row["dense_decode_tps"] if row["dense_decode_tps"] else 0.0
@@ -339,6 +340,14 @@ def run(a) -> list:
     return rows
 
 
+def _hold_words(hd: int) -> str:
+    if hd < 0:
+        return ("every decode step attends every held row (tca_hold_decode=-1): 'after' = decode t/s of both "
+                "arms over the steps after the first")
+    return (f"the first {hd} steps attend every held row (tca_hold_decode): 'after' = decode t/s of both arms "
+            f"over the steps after those")
+
+
 def to_markdown(rows, model) -> str:
     mib = 1 << 20
     out = [f"model: {os.path.basename(model)}; TCA: {rows[0]['tca_label'] if rows else ''}; dense: upstream "
@@ -347,8 +356,7 @@ def to_markdown(rows, model) -> str:
            f"its peak; resident = the rows it holds after the prompt and the generated tokens; "
            f"hold = the tier holding every row until a prompt's end, 0 with retention 'stream'; decode t/s over all "
            f"generated tokens; the 1st step holds the final selection after the prompt (retention 'hold'), the "
-           f"steady ratio leaves it out; the first {rows[0].get('tca_hold_decode', 0) if rows else 0} steps attend every "
-           f"held row (tca_hold_decode): 'after' = decode t/s of both arms over the steps after those)",
+           f"steady ratio leaves it out; {_hold_words(rows[0].get('tca_hold_decode', 0) if rows else 0)})",
            "",
            "| p | depth | dense prefill t/s | TCA prefill t/s | ratio | dense TTFT s | TCA TTFT s | dense decode t/s | TCA decode t/s | ratio | TCA 1st step s | steady ratio | dense after t/s | TCA after t/s | after ratio | dense KV MiB | TCA KV MiB | KV ratio | TCA resident MiB | resident ratio | TCA hold MiB | dense peak RSS MiB | TCA peak RSS MiB |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -132,13 +132,18 @@ static int env_checked(const char * name, long lo, long hi, long & v, char * err
     return 0;
 }
 
-// Whether a context of these parameters keeps its KV cache (and so TCA's attention) on a GPU: K/V
-// offloaded and some layer on a non-CPU device (llama-tca-memory.cpp's GPU floor asks the same)
+// Whether a context of these parameters keeps its KV cache (and so TCA's attention) on a local GPU:
+// K/V offloaded and some layer on a non-CPU device that is not an RPC device (ggml-rpc reports every
+// remote device as a GPU whatever its backend; a remote layer keeps the CPU's default, so a model
+// gives the same tokens over a CPU rpc-server as locally)
 static bool kv_on_gpu(const llama_model * model, const llama_context_params & params) {
     if (!params.offload_kqv) return false;
     for (uint32_t il = 0; il < model->hparams.n_layer(); ++il) {
         ggml_backend_dev_t dev = model->dev_layer(il);
-        if (dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) return true;
+        if (!dev || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) continue;
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+        if (reg && strncmp(ggml_backend_reg_name(reg), "RPC", 3) == 0) continue;   // "RPC", "RPC[host:port]"
+        return true;
     }
     return false;
 }

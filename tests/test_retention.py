@@ -328,6 +328,49 @@ def test_hold_decode_attends_every_row_for_the_first_steps(smol_model, doc_token
             Llama(smol_model, **dict(KW, tca_hold_decode=bad))
 
 
+def test_final_selection_waits_for_the_ubatch_that_reads_it(smol_model, doc_tokens):
+    """A prompt's final selection (the kept set, from the hold tier) is not read by decode steps
+    that attend the hold tier, so it runs before the first ubatch that reads it: a step after the
+    hold-decode steps, the next prompt, or a flush (statistics). The logits are those of the eager
+    order (statistics after every step force the selection at once), the kept rows after a
+    follow-up prompt too; n_final_lazy counts the deferred selections."""
+    toks, more = doc_tokens[:1200], doc_tokens[1200:1300]
+
+    def run(hold_decode, n, eager):
+        with Llama(smol_model, **dict(KW, tca_density=0.05, tca_hold_decode=hold_decode)) as llm:
+            llm.eval_prompt(toks)
+            if eager:
+                llm.tca_stats()
+            out, tok = [], int(llm._logits_last().argmax())
+            for _ in range(n):
+                llm._decode([tok], len(llm._tokens))
+                lg = np.asarray(llm._logits_last(), dtype=np.float64)
+                out.append(lg)
+                tok = int(lg.argmax())
+                if eager:
+                    llm.tca_stats()
+            st1 = llm.tca_stats()
+            llm.eval_prompt(list(llm._tokens) + more)   # a follow-up prompt on the same context
+            out.append(np.asarray(llm._logits_last(), dtype=np.float64))
+            st2 = llm.tca_stats()
+            n_layer, n_kv = int(max(st2["layer"])) + 1, int(max(st2["kv_head"])) + 1
+            return out, st1, st2, _held_positions(llm, n_layer, n_kv)
+
+    for hd, n in ((-1, 8), (3, 6)):
+        lazy, st1, st2, kept = run(hd, n, eager=False)
+        eager, e1, e2, kept_e = run(hd, n, eager=True)
+        assert st1["n_final"] == 1 and st1["n_final_lazy"] == 1, (hd, st1["n_final_lazy"])
+        assert e1["n_final"] == 1 and e1["n_final_lazy"] == 0
+        assert st2["n_final"] == 2 and st2["n_final_lazy"] == 1 and st2["n_obs_last"] == e2["n_obs_last"]
+        for i, (a, b) in enumerate(zip(lazy, eager)):
+            np.testing.assert_array_equal(a, b, err_msg=f"hold_decode={hd} step {i}")
+        assert kept == kept_e
+        assert st2["rows_kept"] < 0.75 * st2["rows_held"]   # the selection evicted rows
+    # without hold-decode steps the first step reads the kept set: the selection runs before it
+    _, st1, _, _ = run(0, 2, eager=False)
+    assert st1["n_final"] == 1 and st1["n_final_lazy"] == 0
+
+
 def test_refresh_after_the_hold_decode_steps_is_their_final_selection(smol_model, doc_tokens, monkeypatch):
     """After the last hold-decode step the kept set is selected again from every held row, by the
     queries of the hold-decode steps (TCA_GGML_REFRESH=1, an experiment: off by default). Reference: the prompt end a

@@ -197,6 +197,10 @@ struct tca_stats {
                                // what attention reads after a prompt; bytes_alloc - bytes_hold is its peak
     uint32_t n_obs_last;       // observation queries (the prompt's last ones) of the last final selection
     uint64_t n_refresh;        // selections from the hold tier after the hold-decode steps (TCA_GGML_REFRESH)
+    uint64_t n_final_lazy;     // of n_final, those that ran after their prompt's first decode step: deferred
+                               // while every step attended the hold tier (hold_decode), run when a ubatch
+                               // needed the kept set (a prompt, a step after the hold-decode steps, a full
+                               // fast tier) or when flushed (these statistics, a state save, seq_rm)
 };
 TCA_API int tca_get_stats(const struct llama_context * ctx, struct tca_stats * out);  // 1 active, 0 not
 // A context of several sequences (n_seq_max > 1: one retention memory a sequence, n_ctx / n_seq_max

@@ -394,6 +394,7 @@ bool llama_tca_memory::reserve_ubatch(const llama_ubatch & ub) {
         if (!L.pos_valid) L.pos_tail.insert(L.pos_tail.end(), ub.pos, ub.pos + ub.n_tokens);
     }
     n_seen += ub.n_tokens;
+    if (cur_final) n_seen_final = n_seen;
     // a decode-rule compaction only if every ubatch since the last compaction was one token
     pending_decode = (pending ? pending_decode : true) && ub.n_tokens == 1;
     pending = true;
@@ -405,7 +406,10 @@ bool llama_tca_memory::reserve_ubatch(const llama_ubatch & ub) {
 // prompt: the prompt's own last query, as in the paper). Same allocation; more rows are attended
 // until the compaction runs.
 bool llama_tca_memory::fits(const llama_ubatch & ub) const {
-    if (!cfg.lazy) return false;
+    return cfg.lazy && room(ub);
+}
+
+bool llama_tca_memory::room(const llama_ubatch & ub) const {
     for (const auto & L : layers) {
         for (const auto & h : L.heads) {
             if (h.len + ub.n_tokens > h.cap) return false;
@@ -414,13 +418,34 @@ bool llama_tca_memory::fits(const llama_ubatch & ub) const {
     return true;
 }
 
-void llama_tca_memory::compact_pending(bool prompt_continues) {
+void llama_tca_memory::prepare(const llama_ubatch & ub) {
+    if (fits(ub)) return;
+    // HOLD: a decode step that attends the hold tier (n_decode_after_final is counted in
+    // reserve_ubatch: here it is the steps before this one) reads neither the kept set nor its
+    // metadata, so the final selection can wait for the ubatch that does; the refresh experiment
+    // writes its queries over q_obs, so it cannot wait there
+    const bool hold_step = cfg.hold && !cfg.refresh && ub.n_tokens == 1 && n_decode_after_final < cfg.hold_decode;
+    compact_pending(ub.n_tokens > 1, hold_step && (pending_final || final_owed) && room(ub));
+}
+
+void llama_tca_memory::compact_pending(bool prompt_continues, bool defer_final) {
     if (!pending) return;
+    if (defer_final && (pending_final || final_owed)) {
+        // the rows since the last compaction stay pending (the final selection rebuilds the fast
+        // tier from the hold tier, so the steps' rows there need no compaction of their own)
+        final_owed = true;
+        pending_final = false;
+        return;
+    }
     pending = false;
-    const bool fin = pending_final && !prompt_continues;
-    if (pending_final && prompt_continues) ++n_final_deferred;
+    const bool fin = (pending_final && !prompt_continues) || final_owed;
+    if (pending_final && prompt_continues && !final_owed) ++n_final_deferred;
+    if (final_owed) ++n_final_lazy;
     pending_final = false;
-    const uint32_t F = llama_tca_aged_frontier(n_seen, cfg.window, cfg.block);
+    final_owed = false;
+    // a final selection is made as at its prompt's end, also when it was deferred (prepare)
+    const uint32_t n_end = fin ? std::min(n_seen_final, n_seen) : n_seen;
+    const uint32_t F = llama_tca_aged_frontier(n_end, cfg.window, cfg.block);
     const bool refresh = pending_refresh && !fin;
     pending_refresh = false;
     if (F == 0) return;
@@ -433,7 +458,7 @@ void llama_tca_memory::compact_pending(bool prompt_continues) {
         const int64_t t0 = ggml_time_us();
         std::map<ggml_backend_buffer_type_t, std::vector<layer_t *>> groups;
         for (auto & L : layers) groups[L.buft].push_back(&L);
-        for (auto & kv : groups) compact_final(kv.second);
+        for (auto & kv : groups) compact_final(kv.second, n_end);
         frontier = F;
         ++n_compactions;
         if (refresh) {
@@ -592,21 +617,24 @@ void llama_tca_memory::init_hold_pos(layer_t & L) {
 // the mean over the KV head's query heads); GGML_OP_TCA_SELECT picks the rows to keep as after a
 // prefill ubatch (design §3); the kept rows are then gathered from the hold tier into the fast
 // tier (GET_ROWS -> SET_ROWS), which they replace. The hold tier keeps every row.
-void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
+void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls, uint32_t n_end) {
     if (Ls.empty()) return;
     const int64_t t0 = ggml_time_us();
     ggml_backend_t be = backend_for(Ls[0]->buft);  // also makes the buffer type's gallocr
     ggml_gallocr_t galloc = gallocs[Ls[0]->buft].get();
-    const uint32_t F = llama_tca_aged_frontier(n_seen, cfg.window, cfg.block);
+    const uint32_t F = llama_tca_aged_frontier(n_end, cfg.window, cfg.block);
     const uint32_t n_q = std::max<uint32_t>(1, n_obs_valid);
     const bool on_cpu = ggml_backend_is_cpu(be) && !cfg.score_per_query;
     std::vector<std::vector<int32_t>> sel_host(Ls.size());
     {   // 1. scores and selection on the hold tier
         auto [ctx, gf] = tca_new_graph((4 * (size_t) n_q + 8) * Ls.size() + 16);
-        std::vector<ggml_tensor *> metas, sels, buds;
+        std::vector<ggml_tensor *> metas, metas_s, sels, buds;
         for (layer_t * L : Ls) {
             const int nkv = (int) L->n_head_kv;
+            // the scores cover the rows up to the prompt's end (n_end); the selection every row
+            // (the candidates are the rows before F <= n_end - w: the later ones stay)
             ggml_tensor * meta = tca_meta_input(ctx.get(), L);
+            ggml_tensor * meta_s = n_end < n_seen ? tca_meta_input(ctx.get(), L) : meta;
             ggml_tensor * s = nullptr;
             if (on_cpu) {
                 // one node: the window's queries as n_head x n_q query heads, head h's query o at
@@ -615,12 +643,12 @@ void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
                 ggml_tensor * qo = ggml_view_3d(ctx.get(), L->q_obs, L->d_k, L->n_head, n_q, L->q_obs->nb[1], L->q_obs->nb[2], 0);
                 qo = ggml_cont(ctx.get(), ggml_permute(ctx.get(), qo, 0, 2, 1, 3));   // [d, n_q, n_head]
                 qo = ggml_reshape_2d(ctx.get(), qo, L->d_k, (int64_t) n_q * L->n_head);
-                s = ggml_tca_score(ctx.get(), qo, L->hk, meta, nkv, L->scale);
+                s = ggml_tca_score(ctx.get(), qo, L->hk, meta_s, nkv, L->scale);
             } else {
                 // GPU kernels keep a query block and n_head logits a row on chip: one node a query
                 for (uint32_t j = 0; j < n_q; ++j) {
                     ggml_tensor * qj = ggml_view_2d(ctx.get(), L->q_obs, L->d_k, L->n_head, L->q_obs->nb[1], (size_t) j * L->q_obs->nb[2]);
-                    ggml_tensor * sj = ggml_tca_score(ctx.get(), qj, L->hk, meta, nkv, L->scale);
+                    ggml_tensor * sj = ggml_tca_score(ctx.get(), qj, L->hk, meta_s, nkv, L->scale);
                     s = s ? ggml_add(ctx.get(), s, sj) : sj;
                 }
                 if (n_q > 1) s = ggml_scale(ctx.get(), s, 1.0f / (float) n_q);
@@ -633,10 +661,12 @@ void llama_tca_memory::compact_final(const std::vector<layer_t *> & Ls) {
             ggml_set_output(se);
             ggml_build_forward_expand(gf, se);
             metas.push_back(meta);
+            if (meta_s != meta) metas_s.push_back(meta_s);
             sels.push_back(se);
         }
         if (!ggml_gallocr_alloc_graph(galloc, gf)) throw std::runtime_error("TCA: cannot allocate the final selection graph");
         tca_set_meta(Ls, metas, [&](const layer_t &, uint32_t g) { return std::make_pair(g * n_ctx, n_seen); });
+        if (!metas_s.empty()) tca_set_meta(Ls, metas_s, [&](const layer_t &, uint32_t g) { return std::make_pair(g * n_ctx, n_end); });
         for (size_t i = 0; i < Ls.size(); ++i) {
             // the head's budget with its top n_whole ranks at k = b: p'_0 = (W + p_0 (N - W)) / N,
             // p'_i = p_i (N - W) / N over the N aged blocks (every aged block has candidates: the
@@ -770,6 +800,7 @@ void llama_tca_memory::clear(bool data) {
     frontier = 0;
     pending = false;
     pending_final = false;
+    final_owed = false;
     cur_final = false;
     cur_hold_decode = false;
     n_decode_after_final = cfg.hold_decode;
@@ -786,7 +817,7 @@ bool llama_tca_memory::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
         LLAMA_LOG_ERROR("%s: TCA: only truncation (removing [p0, end)) is supported, not [%d, %d)\n", __func__, p0, p1);
         return false;
     }
-    if (pending && p0 <= pending_first_pos) {
+    if (pending && p0 <= pending_first_pos && !final_owed) {
         // the ubatches since the last compaction go whole (a failed decode's cleanup, or a prompt
         // re-evaluating its last token): drop their rows without compacting on them (a failed
         // graph never wrote them); the memory is then as it was after that compaction
@@ -1023,10 +1054,7 @@ bool llama_tca_memory_context::apply() {
     // upstream's llama_decode catches nothing: an exception from a compaction must become this
     // ubatch's failure (llama_decode returns an error, Python raises), never std::terminate
     try {
-        if (!mem->fits(ubatches[i_next])) {
-            // the previous ubatch has been computed by now
-            mem->compact_pending(ubatches[i_next].n_tokens > 1);
-        }
+        mem->prepare(ubatches[i_next]);   // the previous ubatch has been computed by now
         return mem->reserve_ubatch(ubatches[i_next]);
     } catch (const std::exception & e) {
         LLAMA_LOG_ERROR("%s: %s\n", __func__, e.what());

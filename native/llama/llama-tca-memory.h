@@ -194,12 +194,21 @@ public:
     // called by the memory context
     bool reserve_ubatch(const llama_ubatch & ub);   // before a ubatch's graph is built
     bool fits(const llama_ubatch & ub) const;        // TCA_GGML_LAZY: room for ub without compacting
+    bool room(const llama_ubatch & ub) const;        // every head's fast tier has room for ub
     // the compaction that follows a computed ubatch runs lazily (before the next ubatch); the
     // memory context, state saves and the C API's statistics flush it first. prompt_continues:
     // the next ubatch has more than one token, so a prompt end marked by a token asking for logits
     // was not the end (llama-cli / llama-bench ask for the last token of every n_batch chunk): its
     // final selection is left to the real end and the chunk compacts as any prefill ubatch
-    void compact_pending(bool prompt_continues = false);
+    // defer_final: HOLD, a prompt's final selection waits (final_owed) while the steps after the
+    // prompt attend the hold tier (they never read its result, the fast tier); prepare() decides
+    void compact_pending(bool prompt_continues = false, bool defer_final = false);
+    // before a ubatch (the memory contexts' apply): the previous ubatch's compaction, or its
+    // deferral: the final selection runs before the first ubatch that reads the fast tier (a
+    // prompt, a step past the hold-decode steps), when the fast tier has no room for the step,
+    // or when flushed (statistics, state save, seq_rm)
+    void prepare(const llama_ubatch & ub);
+    bool is_final_owed() const { return final_owed; }
 
     // retained positions of one (layer, KV head), ascending (-1: no such head); fills at most n_max
     int64_t head_positions(int32_t il, uint32_t kv_head, int32_t * pos, int64_t n_max) const;
@@ -233,6 +242,7 @@ public:
     uint64_t get_bytes_hold() const { return bytes_hold; }
     uint64_t get_n_compactions() const { return n_compactions; }
     uint64_t get_n_final() const { return n_final; }
+    uint64_t get_n_final_lazy() const { return n_final_lazy; }
     uint32_t get_n_obs_last() const { return n_obs_last; }
     double get_t_compact_us() const { return t_compact_us; }
     // HOLD: decode steps since the last prompt end (what a state does not carry; a sequence copy does)
@@ -248,7 +258,9 @@ private:
     void compact_graph(const std::vector<layer_t *> & Ls, int64_t f0);
     // HOLD: the final selection of the layers of one buffer type, from the hold tier by the
     // observation window's pooled scores; the kept rows are gathered into the fast tier
-    void compact_final(const std::vector<layer_t *> & Ls);
+    // n_end: the rows the selection scores and its frontier (the prompt's end: a deferred final
+    // selection is the one it would have been then; rows after it stay, as the window's)
+    void compact_final(const std::vector<layer_t *> & Ls, uint32_t n_end);
     ggml_backend_t backend_for(ggml_backend_buffer_type_t buft);
 
     const llama_tca_config cfg;
@@ -267,6 +279,9 @@ private:
     bool pending_refresh = false; // refresh: the last hold-decode step ran; the selection follows it
     uint64_t n_refresh = 0;       // refresh selections made
     bool pending_final = false;   // a final ubatch ran since the last compaction
+    bool final_owed = false;      // HOLD: a prompt ended; its final selection is deferred (prepare)
+    uint32_t n_seen_final = 0;    // HOLD: n_seen at the last prompt end (the final ubatch's last row + 1)
+    uint64_t n_final_lazy = 0;    // final selections that ran after their prompt's first step
     bool prev_prefill = false;    // the previous ubatch was a non-final multi-token ubatch
     uint32_t n_obs_valid = 0;     // queries in q_obs (min(n_obs, the final ubatch's tokens))
     uint64_t n_final = 0;         // final selections from the hold tier

@@ -279,7 +279,7 @@ bool llama_tca_memory_seqs_context::apply() {
         if (streams.empty()) return false;
         for (const auto & s : streams) {
             const llama_ubatch sub = llama_tca_sub_ubatch(ub, s.tok0, s.n_tok);
-            if (!s.mem->fits(sub)) s.mem->compact_pending(sub.n_tokens > 1);
+            s.mem->prepare(sub);
             if (!s.mem->reserve_ubatch(sub)) return false;
         }
         return true;

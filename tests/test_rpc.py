@@ -140,7 +140,9 @@ def test_same_tokens_and_rows_as_local(server, tiny, tiny_calibrated, budgets, r
     # block (the selection's read-back), never one per layer and head
     rt.sort()
     assert rt[len(rt) // 2] == 1, rt
-    assert rt[-1] <= 2 + 2 * 4, rt   # the first step after a prompt: its final selection (+ first allocations)
+    # the step that runs the prompt's final selection, where one does (+ first allocations); with every
+    # step holding (an RPC device counts as the CPU: the default) it waits for the statistics at the end
+    assert rt[-1] <= 2 + 2 * 4, rt
     print(f"\n[rpc] {budgets}/{remote}: round trips per decode step: median {rt[len(rt) // 2]}, "
           f"max {rt[-1]}, mean {sum(rt) / len(rt):.2f}")
 

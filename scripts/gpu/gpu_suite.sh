@@ -173,7 +173,7 @@ if [[ " $steps " == *" pp1b "* ]]; then  # 1B: the 8K floor, 32K and 128K
 fi
 if [[ " $steps " == *" tg1b "* ]]; then
     mk llama-3.2-1b 16 /dev/shm/l1b.gguf
-    BENCH_LIMIT=${TG1B_LIMIT:-120} bench tg1b_128k /dev/shm/l1b.gguf -p 0 -n ${TG_N:-64} -d 131072 -tca ${TCA_LIST:-0,0.39,0.2,0.1}
+    BENCH_LIMIT=${TG1B_LIMIT:-120} bench tg1b_128k /dev/shm/l1b.gguf -p 0 -n ${TG_N:-64} -d ${TG_D:-131072} -tca ${TCA_LIST:-0,0.39,0.2,0.1}
 fi
 if [[ " $steps " == *" ceil "* ]]; then  # the model's work besides attention: dense at (almost) no context
     mk llama-3.1-8b 32 /dev/shm/l8b.gguf

@@ -333,7 +333,8 @@ def test_final_selection_waits_for_the_ubatch_that_reads_it(smol_model, doc_toke
     that attend the hold tier, so it runs before the first ubatch that reads it: a step after the
     hold-decode steps, the next prompt, or a flush (statistics). The logits are those of the eager
     order (statistics after every step force the selection at once), the kept rows after a
-    follow-up prompt too; n_final_lazy counts the deferred selections."""
+    follow-up prompt too; n_final_lazy counts the deferred selections. The wait ends at the latest
+    before the step that ages a block after the prompt's end (the fast tier never overflows)."""
     toks, more = doc_tokens[:1200], doc_tokens[1200:1300]
 
     def run(hold_decode, n, eager):
@@ -356,7 +357,9 @@ def test_final_selection_waits_for_the_ubatch_that_reads_it(smol_model, doc_toke
             n_layer, n_kv = int(max(st2["layer"])) + 1, int(max(st2["kv_head"])) + 1
             return out, st1, st2, _held_positions(llm, n_layer, n_kv)
 
-    for hd, n in ((-1, 8), (3, 6)):
+    # -1 over 80 steps: a block ages after the prompt's end (window 256, block 64), so the deferred
+    # selection runs before that step and the decode rule after it, as in the eager order
+    for hd, n in ((-1, 80), (3, 6)):
         lazy, st1, st2, kept = run(hd, n, eager=False)
         eager, e1, e2, kept_e = run(hd, n, eager=True)
         assert st1["n_final"] == 1 and st1["n_final_lazy"] == 1, (hd, st1["n_final_lazy"])

@@ -425,7 +425,12 @@ void llama_tca_memory::prepare(const llama_ubatch & ub) {
     // metadata, so the final selection can wait for the ubatch that does; the refresh experiment
     // writes its queries over q_obs, so it cannot wait there
     const bool hold_step = cfg.hold && !cfg.refresh && ub.n_tokens == 1 && n_decode_after_final < cfg.hold_decode;
-    compact_pending(ub.n_tokens > 1, hold_step && (pending_final || final_owed) && room(ub));
+    // ... but not past the step that ages a block after the prompt's end: the eager order runs the
+    // decode rule on that block after the final selection, so the selection runs now (as at the
+    // prompt's end) and the decode rule after this step, as always; the fast tier never overflows
+    const bool ages = llama_tca_aged_frontier(n_seen + ub.n_tokens, cfg.window, cfg.block) >
+                      llama_tca_aged_frontier(std::min(n_seen_final, n_seen), cfg.window, cfg.block);
+    compact_pending(ub.n_tokens > 1, hold_step && !ages && (pending_final || final_owed) && room(ub));
 }
 
 void llama_tca_memory::compact_pending(bool prompt_continues, bool defer_final) {
